@@ -160,11 +160,13 @@ class SeededSampler(torch.utils.data.Sampler):
 class ImageReader(Dataset):
     """A prepared data set's train or test split as (uint8 image tensor (3, 224, 224), label) pairs.
 
-    Labels are 0..C-1 in class-id order. `backbone_type` is accepted for the seed's interface: the per-backbone
+    Labels are 0..C-1 in class-id order. Given (index, epoch) by a SeededSampler, the augmentation is seeded
+    from (seed, epoch, index). `backbone_type` is accepted for the seed's interface: the per-backbone
     normalisation (ImageNet mean/std, or BN-Inception's BGR 0-255) is the model's first layer, run on the device.
     """
 
-    def __init__(self, data_path, data_name, data_type, backbone_type=None, crop_type='uncropped', seed=0):
+    def __init__(self, data_path, data_name, data_type, backbone_type=None, crop_type='uncropped', seed=0,
+                 augment=None):
         index = load_index(data_path, data_name, crop_type)
         root = os.path.join(data_path, data_name)
         self.images, self.labels = [], []
@@ -173,8 +175,9 @@ class ImageReader(Dataset):
                 self.images.append(os.path.join(root, relative))
                 self.labels.append(label)
         self.num_classes = len(index[data_type])
-        self.train = data_type == 'train'
-        self.transform = train_transform() if self.train else test_transform()
+        # training images are augmented unless augment=False (embedding the training set for the data base)
+        self.transform = train_transform() if (data_type == 'train' if augment is None else augment) \
+            else test_transform()
         self.seed = seed
 
     def __getitem__(self, item):
