@@ -161,9 +161,9 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
     """Convert one raw data set into <data_path>/<data_name>/<crop type>/ and write its train/test index."""
     root = os.path.join(data_path, data_name)
     entries, test_classes = read_annotations(root, data_name)
-    if 'cropped' in crop_types and data_name == 'sop':
-        raise UserError('Stanford Online Products has no bounding boxes, so it has no cropped variant; '
-                        'drop --crop')
+    if data_name == 'sop' and 'cropped' in crop_types:
+        print('sop has no bounding boxes, so only its uncropped variant is written')
+        crop_types = ('uncropped',)
     for crop_type in crop_types:
         folder = os.path.join(root, crop_type)
         os.makedirs(folder, exist_ok=True)

@@ -1,0 +1,103 @@
+"""Fixtures that write small data sets in the exact raw layouts of the downloads (no download ever happens)."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import savemat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_image(path, class_id, k, size=(40, 30), gray=False):
+    """A small JPEG whose colour depends on its class, with some noise; grayscale ('L') when gray."""
+    rng = np.random.default_rng(1000 * class_id + k)
+    base = np.array([(37 * class_id) % 256, (91 * class_id) % 256, (151 * class_id) % 256], dtype=np.float64)
+    pixels = np.clip(base + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    if gray:
+        image = image.convert('L')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, format='JPEG')
+
+
+def make_cub(data_path, num_classes=4, per_class=3, gray_every=4):
+    """<data_path>/cub in CUB-200-2011's layout: images/<class folder>/*.jpg and its four text files."""
+    root = os.path.join(data_path, 'cub')
+    images, labels, boxes, split = [], [], [], []
+    image_id = 0
+    for class_id in range(1, num_classes + 1):
+        folder = f'{class_id:03d}.Bird_{class_id}'
+        for k in range(per_class):
+            image_id += 1
+            relative = f'{folder}/Bird_{class_id}_{k:04d}_{image_id}.jpg'
+            write_image(os.path.join(root, 'images', relative), class_id, k, gray=image_id % gray_every == 0)
+            images.append(f'{image_id} {relative}')
+            labels.append(f'{image_id} {class_id}')
+            boxes.append(f'{image_id} 2.0 3.0 30.0 20.0')
+            split.append(f'{image_id} {k % 2}')
+    for name, rows in (('images.txt', images), ('image_class_labels.txt', labels), ('bounding_boxes.txt', boxes),
+                       ('train_test_split.txt', split)):
+        with open(os.path.join(root, name), 'w') as file:
+            file.write('\n'.join(rows) + '\n')
+    return root
+
+
+def make_car(data_path, num_classes=4, per_class=3, gray_every=4):
+    """<data_path>/car in CARS196's layout: car_ims/*.jpg and cars_annos.mat, a MATLAB struct array."""
+    root = os.path.join(data_path, 'car')
+    fields = ['relative_im_path', 'bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class', 'test']
+    records = []
+    image_id = 0
+    for class_id in range(1, num_classes + 1):
+        for k in range(per_class):
+            image_id += 1
+            relative = f'car_ims/{image_id:06d}.jpg'
+            write_image(os.path.join(root, relative), class_id, k, gray=image_id % gray_every == 0)
+            records.append((relative, 2, 3, 30, 20, class_id, k % 2))
+    annotations = np.zeros((1, len(records)), dtype=[(field, 'O') for field in fields])
+    for i, record in enumerate(records):
+        # the download's types: a string, uint16 box corners, uint8 class and test flag
+        annotations[0, i] = tuple(np.array([v]) if isinstance(v, str) else
+                                  np.array([[v]], dtype=np.uint8 if f in ('class', 'test') else np.uint16)
+                                  for f, v in zip(fields, record))
+    savemat(os.path.join(root, 'cars_annos.mat'),
+            {'annotations': annotations, 'class_names': np.array([[f'Car {c}' for c in range(1, num_classes + 1)]],
+                                                                 dtype=object)})
+    return root
+
+
+def make_sop(data_path, num_classes=6, per_class=2):
+    """<data_path>/sop in Stanford Online Products' layout: *_final/ folders and Ebay_train.txt / Ebay_test.txt."""
+    root = os.path.join(data_path, 'sop')
+    rows = {'train': ['image_id class_id super_class_id path'], 'test': ['image_id class_id super_class_id path']}
+    image_id = 0
+    for class_id in range(1, num_classes + 1):
+        split = 'train' if class_id <= num_classes // 2 else 'test'
+        super_class = 1 + class_id % 2
+        folder = ['bicycle_final', 'chair_final'][super_class - 1]
+        for k in range(per_class):
+            image_id += 1
+            relative = f'{folder}/{111000 + class_id}_{k}.JPG'
+            write_image(os.path.join(root, relative), class_id, k)
+            rows[split].append(f'{image_id} {class_id} {super_class} {relative}')
+    for split, lines in rows.items():
+        with open(os.path.join(root, f'Ebay_{split}.txt'), 'w') as file:
+            file.write('\n'.join(lines) + '\n')
+    return root
+
+
+@pytest.fixture
+def cub_root(tmp_path):
+    """A raw CUB-layout data set of 4 classes x 3 images under tmp_path/cub; returns tmp_path."""
+    make_cub(str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def car_root(tmp_path):
+    """A raw CARS196-layout data set of 4 classes x 3 images under tmp_path/car; returns tmp_path."""
+    make_car(str(tmp_path))
+    return tmp_path
