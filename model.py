@@ -132,3 +132,53 @@ class Model(nn.Module):
     def head_parameters(self):
         """Parameters trained during the warm-up, while the backbone is frozen."""
         return list(self.embedding.parameters()) + list(self.proxies.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the README's network-structure figure: `python model.py`
+
+def draw_structure(path):
+    """Draw the network as a left-to-right block diagram into `path` (PNG)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    from utils import atomic_path
+    blocks = [('image\n3 x 224 x 224', '#e8e8e8'),
+              ('backbone\nResNet-50,\nBN-Inception or\nGoogLeNet', '#cfe2f3'),
+              ('global max\npooling\n2048 | 1024', '#cfe2f3'),
+              ('layer norm\n(no affine)', '#d9ead3'),
+              ('linear\n(no bias)\n-> 512', '#d9ead3'),
+              ('L2 norm\n= embedding', '#d9ead3'),
+              ('ProxyLinear\ncosines to\nC proxies', '#fce5cd'),
+              ('Proxy-Anchor |\nNormalized-\nSoftmax loss', '#f4cccc')]
+    width, gap, height = 1.55, 0.45, 1.3
+    figure, axis = plt.subplots(figsize=(len(blocks) * (width + gap) * 0.72, 2.3))
+    for i, (text, colour) in enumerate(blocks):
+        x = i * (width + gap)
+        axis.add_patch(FancyBboxPatch((x, 0), width, height, boxstyle='round,pad=0.05', facecolor=colour,
+                                      edgecolor='#444444'))
+        axis.text(x + width / 2, height / 2, text, ha='center', va='center', fontsize=8.5)
+        if i:
+            axis.annotate('', xy=(x - 0.05, height / 2), xytext=(x - gap + 0.05, height / 2),
+                          arrowprops={'arrowstyle': '->', 'color': '#444444'})
+    axis.text(5 * (width + gap) + width / 2, -0.35, 'retrieval: cosine nearest neighbours',
+              ha='center', fontsize=8, style='italic')
+    left = 6 * (width + gap) - 0.15  # the proxies and the loss exist only while training
+    axis.add_patch(plt.Rectangle((left, -0.2), 2 * width + gap + 0.3, height + 0.4, fill=False, linestyle='--',
+                                 edgecolor='#888888'))
+    axis.text(left + width + gap / 2 + 0.15, height + 0.3, 'training only', ha='center', fontsize=8,
+              style='italic')
+    axis.set_xlim(-0.2, len(blocks) * (width + gap) - gap + 0.2)
+    axis.set_ylim(-0.6, height + 0.6)
+    axis.axis('off')
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format='png', dpi=150)
+    plt.close(figure)
+
+
+if __name__ == '__main__':
+    draw_structure('results/structure.png')
+    print('wrote results/structure.png')
