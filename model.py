@@ -23,8 +23,11 @@ def resnet50(pretrained):
 
 def googlenet(pretrained):
     """torchvision GoogLeNet (Inception v1) with IMAGENET1K_V1 weights, without the auxiliary heads."""
-    weights = models.GoogLeNet_Weights.IMAGENET1K_V1 if pretrained else None
-    net = models.googlenet(weights=weights, aux_logits=False, init_weights=not pretrained)
+    if pretrained:
+        # torchvision refuses aux_logits=False with weights: it builds the aux heads to load them, then drops them
+        net = models.googlenet(weights=models.GoogLeNet_Weights.IMAGENET1K_V1)
+    else:
+        net = models.googlenet(weights=None, aux_logits=False, init_weights=True)
     net.avgpool, net.dropout, net.fc = nn.AdaptiveMaxPool2d(1), nn.Identity(), nn.Identity()
     return net
 

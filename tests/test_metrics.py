@@ -1,0 +1,189 @@
+"""Recall@K, MAP@R and R-Precision against brute force, a hand-worked example with duplicates, and PML."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+from utils import UserError, recall, retrieval_metrics
+
+
+def brute_force(features, labels, ranks):
+    """Every metric from the full cosine matrix with plain loops: per query, sort the others by similarity."""
+    features = np.asarray(features, dtype=np.float64)
+    features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    labels = list(np.asarray(labels))
+    n = len(labels)
+    sims = features @ features.T
+    hits_at = {k: 0 for k in ranks}
+    average_precisions, r_precisions = [], []
+    for q in range(n):
+        others = sorted((j for j in range(n) if j != q), key=lambda j: -sims[q, j])
+        relevant = [labels[j] == labels[q] for j in others]
+        for k in ranks:
+            hits_at[k] += any(relevant[:k])
+        r = sum(relevant)
+        if r == 0:
+            continue  # no other item of the class: MAP@R and R-Precision are undefined for this query
+        found, precision_sum = 0, 0.0
+        for position in range(1, r + 1):
+            if relevant[position - 1]:
+                found += 1
+                precision_sum += found / position
+        average_precisions.append(precision_sum / r)
+        r_precisions.append(found / r)
+    metrics = {f'recall@{k}': hits_at[k] / n for k in ranks}
+    metrics['map@r'] = float(np.mean(average_precisions)) if average_precisions else math.nan
+    metrics['r_precision'] = float(np.mean(r_precisions)) if r_precisions else math.nan
+    return metrics
+
+
+def clustered(n, num_classes, dim, spread, seed, sizes=None):
+    """Random features around one centre per class; sizes fixes how many items each class has."""
+    rng = np.random.default_rng(seed)
+    if sizes is None:
+        labels = rng.integers(num_classes, size=n)
+    else:
+        labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    centres = rng.normal(size=(labels.max() + 1, dim))
+    features = centres[labels] + spread * rng.normal(size=(len(labels), dim))
+    return torch.tensor(features, dtype=torch.float32), torch.tensor(labels)
+
+
+RANKS = [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize('n, num_classes, dim, spread, seed', [
+    (60, 6, 8, 1.0, 0),
+    (200, 20, 16, 1.5, 1),
+    (37, 30, 4, 0.8, 2),  # many classes of 1 or 2 items
+    (25, 2, 3, 2.0, 3),
+])
+def test_metrics_match_brute_force(n, num_classes, dim, spread, seed):
+    features, labels = clustered(n, num_classes, dim, spread, seed)
+    expected = brute_force(features, labels, RANKS)
+    got = retrieval_metrics(features, labels, RANKS)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-6, nan_ok=True), key
+    assert recall(features, labels, RANKS) == pytest.approx([expected[f'recall@{k}'] for k in RANKS])
+    # not a trivial case: the metrics differ from each other and from 0 and 1
+    assert 0 < expected['recall@1'] < expected['recall@8'] <= 1
+    assert 0 < expected['map@r'] < 1
+
+
+def test_chunking_does_not_change_the_result():
+    """Queries are processed in chunks; chunks of 1 and 7 rows give the answer of a single chunk."""
+    features, labels = clustered(50, 5, 6, 1.2, 4)
+    whole = retrieval_metrics(features, labels, RANKS)
+    for rows in (1, 7):
+        chunked = retrieval_metrics(features, labels, RANKS, chunk_bytes=rows * 4 * len(labels))
+        assert chunked == pytest.approx(whole, abs=1e-6)
+
+
+def test_k_larger_than_the_set():
+    features, labels = clustered(6, 2, 3, 0.5, 5)
+    got = retrieval_metrics(features, labels, [1, 100])
+    assert got == pytest.approx(brute_force(features, labels, [1, 100]), abs=1e-6)
+    assert got['recall@100'] == 1.0  # every class has a second item among the 5 others
+
+
+def angles(*degrees):
+    """Unit vectors in the plane at the given angles: cosine order is angular-distance order."""
+    radians = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([radians.cos(), radians.sin()], dim=1).float()
+
+
+def test_hand_worked_example_with_duplicates():
+    """Eight items on the unit circle; items 0 and 1 are the same image with different labels, 2 and 3 the same
+    image with the same label, item 4 is the only one of its class.
+
+    item:   0    1    2    3    4     5    6    7
+    angle:  0    0   30   30  105   -40  -75  -55
+    label:  0    1    2    2    3     0    1    1
+
+    Neighbours by angular distance (ties only between identical rows, which never straddle a cut used here):
+    q0: 1(L1) {2,3}(L2) 5(L0)        -> hit at 4; R=1, first 1 is L1: AP 0, RP 0
+    q1: 0(L0) {2,3} 5 7(L1) 6 4      -> hit at 5; R=2, first 2 miss: AP 0, RP 0
+        (its duplicate 0 ties with the query itself: an evaluation that drops rank 0 would count q1 a hit at 1)
+    q2: 3(L2) ...                    -> hit at 1; R=1: AP 1, RP 1;  q3 likewise
+    q4: singleton                    -> never a hit; no MAP@R or RP
+    q5: 7(L1) 6(L1) {0,1}            -> hit at 3 or 4; R=1: AP 0, RP 0
+    q6: 7(L1) 5(L0) {0,1}            -> hit at 1; R=2: AP (1/1)/2 = 0.5, RP 1/2
+    q7: 5(L0) 6(L1) {0,1}            -> hit at 2; R=2: AP (1/2)/2 = 0.25, RP 1/2
+    """
+    features = angles(0, 0, 30, 30, 105, -40, -75, -55)
+    labels = torch.tensor([0, 1, 2, 2, 3, 0, 1, 1])
+    got = retrieval_metrics(features, labels, [1, 2, 4])
+    assert got['recall@1'] == pytest.approx(3 / 8)  # q2, q3, q6
+    assert got['recall@2'] == pytest.approx(4 / 8)  # + q7
+    assert got['recall@4'] == pytest.approx(6 / 8)  # + q0, q5
+    assert got['map@r'] == pytest.approx((1 + 1 + 0.5 + 0.25) / 7)  # the singleton q4 is left out
+    assert got['r_precision'] == pytest.approx((1 + 1 + 0.5 + 0.5) / 7)
+    assert got == pytest.approx(brute_force(features, labels, [1, 2, 4]))
+
+
+def test_query_is_excluded_by_position_not_by_rank():
+    """When a duplicate of the query sorts first, dropping rank 0 would keep the query itself as its own hit."""
+    features = angles(0, 0, 150, -160)  # items 0 and 1 are the same image
+    labels = torch.tensor([0, 1, 1, 1])
+    # the naive evaluation sorts each row and drops the first column; a stable sort puts item 0 first in row 1,
+    # so it would answer query 1 with query 1 itself
+    sims = F.normalize(features, dim=-1) @ F.normalize(features, dim=-1).T
+    naive = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, 1]
+    assert naive[1].item() == 1
+    # q0: nearest 1 (L1) miss; q1: nearest 0 (L0) miss; q2 and q3 (50 degrees apart) answer each other: hits
+    assert recall(features, labels, [1, 2]) == pytest.approx([2 / 4, 3 / 4])  # q1 hits item 2 at rank 2
+
+
+def test_identical_duplicates_of_the_same_class_are_hits():
+    features = angles(10, 10, 10, 200, 200)
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    got = retrieval_metrics(features, labels, [1])
+    assert got['recall@1'] == 1.0 and got['map@r'] == 1.0 and got['r_precision'] == 1.0
+
+
+def test_fewer_than_two_items_is_a_user_error():
+    with pytest.raises(UserError):
+        retrieval_metrics(torch.ones(1, 4), torch.tensor([0]), [1])
+
+
+def test_only_singletons_gives_nan_map_and_zero_recall():
+    features, _ = clustered(5, 5, 3, 1.0, 6)
+    got = retrieval_metrics(features, torch.arange(5), [1, 2])
+    assert got['recall@1'] == 0 and got['recall@2'] == 0
+    assert math.isnan(got['map@r']) and math.isnan(got['r_precision'])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pytorch-metric-learning's AccuracyCalculator as a second reference
+
+def brute_force_knn(query, k, reference, ref_includes_query=False):
+    """PML's knn_func interface: (distances, indices) of the k most similar references by cosine; when the
+    reference set includes the queries, each query's own row is removed by position."""
+    sims = F.normalize(query.double(), dim=1) @ F.normalize(reference.double(), dim=1).T  # (Q, N)
+    if ref_includes_query:
+        sims[torch.arange(len(query)), torch.arange(len(query))] = -math.inf
+    values, indices = torch.sort(sims, dim=1, descending=True, stable=True)
+    return values[:, :k].float(), indices[:, :k]
+
+
+@pytest.mark.parametrize('sizes, seed', [
+    ([1, 2, 3, 5, 8, 13, 30], 0),  # very different class sizes, one singleton
+    ([1, 1, 4, 4, 40], 1),  # two singletons and one dominant class
+    ([6, 6, 6, 6, 6], 2),
+])
+def test_metrics_match_pytorch_metric_learning(sizes, seed):
+    features, labels = clustered(None, None, 6, 1.3, seed, sizes=sizes)
+    calculator = AccuracyCalculator(include=('precision_at_1', 'r_precision', 'mean_average_precision_at_r'),
+                                    knn_func=brute_force_knn, device=torch.device('cpu'))
+    reference = calculator.get_accuracy(features, labels)
+    got = retrieval_metrics(features, labels, [1])
+    assert got['map@r'] == pytest.approx(reference['mean_average_precision_at_r'], abs=1e-6)
+    assert got['r_precision'] == pytest.approx(reference['r_precision'], abs=1e-6)
+    # PML leaves the queries of singleton classes out of precision@1 too, while Recall@1 counts them as misses
+    # (the fraction of all queries with a hit, as the reference implementation reports it)
+    n, lone = len(labels), sum(size == 1 for size in sizes)
+    assert got['recall@1'] * n == pytest.approx(reference['precision_at_1'] * (n - lone), abs=1e-6)
