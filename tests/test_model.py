@@ -156,6 +156,4 @@ def test_pretrained_weights_are_loaded(backbone_type, monkeypatch):
         assert torch.equal(loaded[name], state[name].reshape(loaded[name].shape)), name
     if backbone_type == 'googlenet':
         assert net.backbone.aux1 is None and net.backbone.aux2 is None
-    with torch.no_grad():
-        embeddings, _ = net.eval()(torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8))
-    assert embeddings.shape == (1, 8)
+    assert isinstance(net.backbone.fc if backbone_type != 'inception' else net.backbone.last_linear, nn.Identity)
