@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import CROP_TYPES, DATA_NAMES, UserError, atomic_path, atomic_save, index_path, run_main
+from utils import (CROP_TYPES, DATA_NAMES, UserError, atomic_path, atomic_save, index_path, remove_temporaries,
+                   run_main)
 
 # what each data set's download looks like once extracted, and where to get it
 LAYOUTS = {
@@ -167,6 +168,9 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
     for crop_type in crop_types:
         folder = os.path.join(root, crop_type)
         os.makedirs(folder, exist_ok=True)
+        # a run killed mid-write leaves temporary files; its finished images are kept and skipped below
+        remove_temporaries(folder)
+        remove_temporaries(root, f'{crop_type}_data_dicts.pth.')
         tasks = [(source, os.path.join(folder, os.path.basename(source)), box if crop_type == 'cropped' else None)
                  for source, _, box in entries]
         with multiprocessing.Pool(workers or os.cpu_count()) as pool:

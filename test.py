@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from utils import UserError, atomic_dir, read_image, run_main, safe_load, test_transform
+from utils import UserError, atomic_dir, read_image, remove_temporaries, run_main, safe_load, test_transform
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
 
@@ -103,6 +103,11 @@ def main():
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
     data_base_path = find_data_base(args.data_base)
     data_base = safe_load(data_base_path, 'data base')
+    missing = {'test_images', 'test_labels', 'test_features', 'proxies', 'args'} - set(
+        data_base if isinstance(data_base, dict) else ())
+    if missing:
+        raise UserError(f'{data_base_path} is not a data base train.py wrote (it has no {", ".join(sorted(missing))}); '
+                        f'pass a results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth file')
     images, labels, features = data_base['test_images'], data_base['test_labels'], data_base['test_features']
     index = find_query(args.query_img_name, images)
     if index is None:
@@ -124,6 +129,7 @@ def main():
     for rank, (similarity, position) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
         correct = None if query_label is None else labels[position].item() == query_label
         results.append((framed(images[position], correct), rank, similarity, correct))
+    remove_temporaries('results', f'{name}.')  # left by a run killed while writing this query's folder
     with atomic_dir(os.path.join('results', name)) as folder:
         query_image = framed(query_path, border=False)
         query_image.save(os.path.join(folder, 'query_img.jpg'))

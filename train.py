@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from model import BACKBONES, Model
 from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, SeededSampler, UserError, atomic_path, atomic_save,
-                   parse_ranks, retrieval_metrics, run_main, safe_load, set_seed)
+                   parse_ranks, remove_temporaries, retrieval_metrics, run_main, safe_load, set_seed)
 
 # flags that change what a run computes: a resumed run must use the same ones
 RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pretrained', 'loss_name', 'batch_size',
@@ -253,6 +253,11 @@ def prefix_of(args):
 def load_checkpoint(path, args):
     """The checkpoint of an interrupted run of the same configuration."""
     checkpoint = safe_load(path, 'checkpoint')
+    missing = {'model', 'optimizer', 'scheduler', 'epoch', 'args', 'rng', 'statistics'} - set(
+        checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        raise UserError(f'{path} is not a checkpoint train.py wrote (it has no {", ".join(sorted(missing))}); move '
+                        f'it away and start afresh without --resume')
     for flag in RECIPE_FLAGS:
         if checkpoint['args'].get(flag) != getattr(args, flag):
             raise UserError(f'{path} was trained with --{flag} {checkpoint["args"].get(flag)}, not '
@@ -315,6 +320,8 @@ def train(args, ranks, device, rank, world):
                                                                                         'test_r_precision']
     statistics, start_epoch = {column: [] for column in columns}, 1
     checkpoint_path = f'results/{prefix}_checkpoint.pth'
+    if rank == 0:  # what a run of this configuration killed mid-write left behind
+        remove_temporaries('results', f'{prefix}_')
     if args.resume and os.path.exists(checkpoint_path):
         checkpoint = load_checkpoint(checkpoint_path, args)
         model.load_state_dict(checkpoint['model'])

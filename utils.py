@@ -31,11 +31,21 @@ def run_main(main):
     try:
         main()
     except UserError as error:
-        sys.stderr.write(f'error: {error}\n')
+        message = str(error)
+        if '\nOriginal Traceback' in message:  # raised in a DataLoader worker, which prepends its traceback
+            message = message.rstrip().rsplit(f'{UserError.__name__}: ', 1)[-1]
+        sys.stderr.write(f'error: {message}\n')
         sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write('interrupted\n')
         sys.exit(130)
+
+
+def umask():
+    """This process's umask; reading it means setting it, so it is set straight back."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -44,6 +54,7 @@ def atomic_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would hide results from the rest of a shared group
     os.close(fd)
     try:
         yield tmp
@@ -60,6 +71,7 @@ def atomic_dir(path):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    os.chmod(tmp, 0o777 & ~umask())  # not mkdtemp's 0700
     try:
         yield tmp
         old = None
@@ -72,6 +84,19 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_temporaries(folder, prefix=''):
+    """Delete what atomic_path and atomic_dir left in `folder` for names starting with `prefix` when killed."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(folder):
+            if name.startswith(f'.{prefix}') and name.endswith(('.tmp', '.old')):
+                path = os.path.join(folder, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
 
 
 def atomic_save(obj, path):

@@ -1,0 +1,61 @@
+"""Run a top-level script's main() in this process as its command line would, and read what it printed.
+
+In-process runs skip the seconds of importing torch that a subprocess costs; they go through the same
+utils.run_main as `python <script>.py`, so an exception other than UserError still fails the test loudly.
+"""
+import importlib.util
+import os
+import re
+import sys
+
+import pytest
+
+import utils
+from conftest import ROOT
+
+PROGRESS = re.compile(r'\d+%\|')  # a tqdm progress bar, which stderr may hold besides the error
+
+
+def load_script(name):
+    """The module of ROOT/<name>.py, loaded under its own name (`test` would otherwise be the standard library's)."""
+    key = f'pp_script_{name}'
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, f'{name}.py'))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture
+def script(capsys, monkeypatch):
+    """script(name, *flags, cwd=...) -> (exit status, stdout, stderr) of `python <name>.py flags` run in cwd."""
+    def run(name, *flags, cwd):
+        module = load_script(name)
+        monkeypatch.setattr(sys, 'argv', [f'{name}.py', *map(str, flags)])
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            utils.run_main(module.main)
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code
+        out, err = capsys.readouterr()
+        return status, out, err
+    return run
+
+
+def error_sentence(status, stderr):
+    """Check a failed run: exit status 1, no traceback, and stderr one 'error: ' line (besides progress bars)."""
+    assert status == 1, stderr
+    assert 'Traceback' not in stderr
+    lines = [line for line in re.split(r'[\r\n]', stderr) if line.strip() and not PROGRESS.search(line)]
+    assert len(lines) == 1 and lines[0].startswith('error: '), stderr
+    assert stderr.endswith('\n')
+    return lines[0]
+
+
+def temporaries(folder):
+    """Temporary files or folders atomic_path/atomic_dir left anywhere under `folder`."""
+    return [os.path.join(parent, name) for parent, folders, files in os.walk(folder)
+            for name in folders + files if name.startswith('.') and name.endswith('.tmp')]
