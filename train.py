@@ -149,8 +149,10 @@ def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device
         with scaler_ctx():
             loss, cosines, labels = batch_loss(model, images, labels, loss_criterion)
         if not torch.isfinite(loss):
-            raise UserError(f'the loss became {loss.item()} at epoch {epoch}, step {step}; the last good checkpoint '
-                            f'is kept, so lower the learning rate or check the data, then run again with --resume')
+            kept = (f'the checkpoint of epoch {epoch - 1} is kept, so lower the learning rate or check the data, '
+                    f'then run again with --resume' if epoch > 1 else
+                    'no checkpoint was written yet, so lower the learning rate or check the data and run again')
+            raise UserError(f'the loss became {loss.item()} at epoch {epoch}, step {step}; {kept}')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
