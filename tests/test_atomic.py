@@ -17,25 +17,24 @@ from conftest import ROOT, make_cub, write_image
 from script_runner import temporaries
 
 
-def writer(folder):
-    """Child process: rewrite a 4 MB tensor file and a CSV, version after version, until killed."""
-    version = 0
-    while True:
-        version += 1
-        utils.atomic_save({'version': version, 'values': torch.full((1_000_000,), float(version))},
-                          os.path.join(folder, 'big.pth'))
-        with utils.atomic_path(os.path.join(folder, 'table.csv')) as tmp:
-            pd.DataFrame({'version': [version] * 20_000}).to_csv(tmp)
+def write(folder, version):
+    """One version of a 4 MB tensor file and of a 20,000-row CSV."""
+    utils.atomic_save({'version': version, 'values': torch.full((1_000_000,), float(version))},
+                      os.path.join(folder, 'big.pth'))
+    with utils.atomic_path(os.path.join(folder, 'table.csv')) as tmp:
+        pd.DataFrame({'version': [version] * 20_000}).to_csv(tmp)
 
 
 def test_sigkill_leaves_the_old_or_the_new_file_whole(tmp_path):
     rng, versions, interrupted = random.Random(0), [], 0
+    write(str(tmp_path), 0)  # the old files, complete
     for _ in range(12):
         pid = os.fork()
         if pid == 0:  # the child writes until the parent kills it; it never returns into pytest
             try:
                 torch.set_num_threads(1)  # as in a DataLoader worker: no OpenMP pool inherited through fork
-                writer(str(tmp_path))
+                for version in range(1, 10 ** 6):  # new versions until killed
+                    write(str(tmp_path), version)
             finally:
                 os._exit(1)
         time.sleep(rng.uniform(0.05, 0.4))

@@ -61,7 +61,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_path, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # the checkpoint is renamed into place whole, after epoch 1's other outputs: once it exists, epoch 2 runs
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
     finally:
