@@ -27,6 +27,12 @@ RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pr
                 'warm_up', 'seed', 'amp')
 
 
+def default_workers():
+    """min(8, this process's share of the cores): torchrun's processes on one machine share its cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, min(8, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+
+
 def get_args_parser():
     """The command-line flags of train.py; the seed's names and defaults are the public interface."""
     parser = argparse.ArgumentParser(description='Train a proxy-based deep metric learning model',
@@ -36,6 +42,9 @@ def get_args_parser():
     parser.add_argument('--data_name', default='car', type=str, choices=DATA_NAMES, help='dataset name')
     parser.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
                         help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)')
+    parser.add_argument('--cache_images', action='store_true',
+                        help='decode every image once into memory (3 x H x W bytes each, per process), so that '
+                             'epochs after the first only crop, resize and flip: several times faster input')
     # model
     parser.add_argument('--backbone_type', default='resnet50', type=str, choices=list(BACKBONES),
                         help='backbone network type')
@@ -50,7 +59,8 @@ def get_args_parser():
     parser.add_argument('--warm_up', default=2, type=int, help='warm up number: epochs with a frozen backbone')
     parser.add_argument('--seed', default=1, type=int, help='random seed')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast and channels_last on CUDA')
-    parser.add_argument('--num_workers', default=min(8, os.cpu_count()), type=int, help='data loading processes')
+    parser.add_argument('--num_workers', default=default_workers(), type=int,
+                        help='data loading processes per training process: min(8, cores / processes on this machine)')
     parser.add_argument('--resume', action='store_true',
                         help="continue this configuration's interrupted run from results/<name>_checkpoint.pth")
     # evaluation
@@ -126,6 +136,20 @@ def batch_loss(model, images, labels, loss_criterion):
 # ----------------------------------------------------------------------------------------------------------------------
 # one epoch of training, and evaluation
 
+class ChannelsLastAdamP(AdamP):
+    """AdamP that also steps channels_last weights (--amp): its per-channel views become reshapes.
+
+    AdamP flattens each weight with .view(), which channels_last strides do not allow; .reshape() gives the same
+    values (a copy only for channels_last), so the update is AdamP's exactly.
+    """
+
+    def _channel_view(self, x):
+        return x.reshape(x.size(0), -1)
+
+    def _layer_view(self, x):
+        return x.reshape(1, -1)
+
+
 def set_backbone_trainable(model, trainable):
     """Freeze or unfreeze the backbone (the warm-up trains only the embedding layer and the proxies)."""
     for parameter in model.backbone.parameters():
@@ -167,12 +191,19 @@ def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device
             'images_per_second': total_num / seconds}
 
 
+def worker_context(dataset, num_workers):
+    """'fork' for DataLoader workers of a cached data set: they share its ImageCache, not a pickled copy each."""
+    cached = getattr(dataset, 'cache', None) is not None
+    return 'fork' if cached and num_workers > 0 and 'fork' in torch.multiprocessing.get_all_start_methods() else None
+
+
 @torch.inference_mode()
 def embed(model, dataset, batch_size, num_workers, device, amp, rank, world):
     """Embeddings (N, D) of a whole dataset on the CPU; under torchrun each rank embeds 1/W and all gather."""
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda')
+    loader = DataLoader(shard, batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda',
+                        multiprocessing_context=worker_context(dataset, num_workers))
     features = []
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -301,6 +332,13 @@ def train(args, ranks, device, rank, world):
     test_data = ImageReader(args.data_path, args.data_name, 'test', args.backbone_type, args.crop_type)
     train_eval_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type,
                                   augment=False)
+    if args.cache_images:  # before any DataLoader worker starts, so that all of them share the decoded images
+        start = time.perf_counter()
+        caches = [train_data.cache_images(), test_data.cache_images()]
+        train_eval_data.cache_images(caches[0])
+        if rank == 0:
+            print(f'decoded {sum(map(len, caches))} images into memory ({sum(c.nbytes for c in caches) / 2 ** 30:.1f}'
+                  f' GiB) in {time.perf_counter() - start:.0f} s')
     if args.batch_size > len(train_data):
         raise UserError(f'--batch_size {args.batch_size} is larger than the {len(train_data)} training images of '
                         f'{args.data_name}; use a smaller --batch_size')
@@ -308,14 +346,15 @@ def train(args, ranks, device, rank, world):
                                                seed=args.seed, drop_last=True))
     train_loader = DataLoader(train_data, args.batch_size // world, sampler=sampler, num_workers=args.num_workers,
                               pin_memory=device.type == 'cuda', drop_last=True,
-                              persistent_workers=args.num_workers > 0)
+                              persistent_workers=args.num_workers > 0,
+                              multiprocessing_context=worker_context(train_data, args.num_workers))
 
     model = Model(args.backbone_type, args.feature_dim, train_data.num_classes, not args.no_pretrained).to(device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
     proxies = list(model.proxies.parameters())
     others = [p for p in model.parameters() if all(p is not q for q in proxies)]
-    optimizer = AdamP([{'params': others}, {'params': proxies, 'lr': 1e-2}], lr=1e-4)
+    optimizer = ChannelsLastAdamP([{'params': others}, {'params': proxies, 'lr': 1e-2}], lr=1e-4)
     scheduler = StepLR(optimizer, step_size=5, gamma=0.5)
     loss_criterion = LOSSES[args.loss_name]()
     columns = ['train_loss', 'train_accuracy'] + [f'test_recall@{k}' for k in ranks] + ['test_map@r',

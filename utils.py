@@ -5,6 +5,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -160,6 +161,71 @@ def read_image(path):
             raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
 
 
+def available_memory():
+    """Bytes of memory the kernel can still hand out (MemAvailable), or None where /proc/meminfo is absent."""
+    try:
+        with open('/proc/meminfo') as file:
+            fields = dict(line.split(':', 1) for line in file)
+        return int(fields['MemAvailable'].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class ImageCache:
+    """Every image of a list decoded once into one uint8 buffer, so that later epochs skip JPEG decoding.
+
+    Decoding is most of the input pipeline's cost per image (benchmarks/input_speed.py). The pixels sit in one
+    NumPy array with per-image offsets and shapes rather than in one object per image: DataLoader workers forked
+    after the cache is built share its pages copy-on-write, and reading an image touches no per-image reference
+    count (which would copy the page holding it into every worker). It costs 3 * H * W bytes per image in each
+    process that builds one; every torchrun rank builds its own.
+    """
+
+    def __init__(self, paths, num_threads=None):
+        from PIL import Image
+        shapes = []
+        for path in paths:  # sizes from the file headers first, so the buffer is allocated once, at its final size
+            try:
+                with Image.open(path) as image:
+                    shapes.append((3, image.height, image.width))
+            except OSError:
+                raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
+        self.shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)  # (N, 3)
+        self.offsets = np.concatenate([[0], np.cumsum(self.shapes.prod(axis=1))])  # (N + 1,)
+        needed, free = int(self.offsets[-1]), available_memory()
+        if free is not None and needed > 0.9 * free:
+            raise UserError(f'caching {len(paths)} decoded images needs {needed / 2 ** 30:.1f} GiB of memory but '
+                            f'only {free / 2 ** 30:.1f} GiB is available; train without --cache_images')
+        self.pixels = np.empty(needed, dtype=np.uint8)
+
+        def fill(i):
+            image = read_image(paths[i])
+            if tuple(image.shape) != tuple(self.shapes[i]):
+                raise UserError(f'{paths[i]} decodes to {tuple(image.shape)} pixels but its header says '
+                                f'{tuple(self.shapes[i])}; re-save it as a plain RGB JPEG or train without '
+                                f'--cache_images')
+            self[i].copy_(image)
+
+        # libjpeg-turbo decodes outside the GIL, so threads use every core without copying images between processes
+        with ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
+            list(pool.map(fill, range(len(paths))))
+
+    def __getitem__(self, i):
+        """Image i as a (3, H, W) uint8 tensor that shares the buffer's memory (transforms must not write to it)."""
+        _, height, width = self.shapes[i]
+        # stored (H, W, 3) like the decoder's output: the uint8 antialiased resize is twice as fast on that layout
+        pixels = torch.from_numpy(self.pixels[self.offsets[i]:self.offsets[i + 1]])
+        return pixels.view(height, width, 3).permute(2, 0, 1)  # (3, H, W)
+
+    def __len__(self):
+        return len(self.shapes)
+
+    @property
+    def nbytes(self):
+        """Size of the decoded pixels in bytes."""
+        return self.pixels.nbytes
+
+
 class SeededSampler(torch.utils.data.Sampler):
     """Yields (index, epoch) so that an image's augmentation depends only on seed, epoch and index.
 
@@ -203,14 +269,23 @@ class ImageReader(Dataset):
         # training images are augmented unless augment=False (embedding the training set for the data base)
         self.transform = train_transform() if (data_type == 'train' if augment is None else augment) \
             else test_transform()
-        self.seed = seed
+        self.seed, self.cache = seed, None
+
+    def cache_images(self, cache=None):
+        """Decode every image once into memory, or share `cache`, another reader's ImageCache of the same images."""
+        if cache is not None and len(cache) != len(self.images):
+            raise ValueError(f'the cache holds {len(cache)} images, this split {len(self.images)}')
+        self.cache = cache if cache is not None else ImageCache(self.images)
+        return self.cache
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, None)
         if epoch is not None:
-            # hash of a tuple of ints is stable across processes and runs
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return self.transform(read_image(self.images[index])), self.labels[index]
+            # hash of a tuple of ints is stable across processes and runs; only the CPU generator drives the
+            # transforms, and torch.manual_seed would also queue GPU seeds, which costs more than a cached crop
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        image = self.cache[index] if self.cache is not None else read_image(self.images[index])
+        return self.transform(image), self.labels[index]
 
     def __len__(self):
         return len(self.images)

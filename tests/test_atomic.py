@@ -106,7 +106,8 @@ def test_rerun_completes_a_run_that_lost_images_and_left_temporaries(tmp_path):
         os.remove(os.path.join(folder, name))
     os.remove(utils.index_path(str(tmp_path), 'cub'))
     # what a SIGKILL during a write leaves: an image's and the index's temporary files
-    for stray in (os.path.join(folder, f'.{lost[0]}.k3x9_a1.tmp'), os.path.join(root, '.uncropped_data_dicts.pth.z.tmp')):
+    strays = os.path.join(folder, f'.{lost[0]}.k3x9_a1.tmp'), os.path.join(root, '.uncropped_data_dicts.pth.z.tmp')
+    for stray in strays:
         with open(stray, 'wb') as file:
             file.write(b'\xff\xd8 half an image')
     kept = {name: mtime for name, mtime in outputs(root).items() if not name.startswith('.')}
