@@ -64,7 +64,9 @@ def get_args_parser():
     parser.add_argument('--resume', action='store_true',
                         help="continue this configuration's interrupted run from results/<name>_checkpoint.pth")
     # evaluation
-    parser.add_argument('--recalls', default='1,2,4,8', type=str, help='selected recall')
+    parser.add_argument('--recalls', default='1,2,4,8', type=str,
+                        help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at 1,10,100,1000); a '
+                             'K above the number of other test images retrieves them all')
     return parser
 
 

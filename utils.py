@@ -1,10 +1,12 @@
 """Shared pieces: errors and safe file I/O, data reading and transforms, the two losses, retrieval metrics."""
 import contextlib
+import math
 import os
 import pickle
 import shutil
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -340,49 +342,179 @@ LOSSES = {'proxy_anchor': ProxyAnchorLoss, 'normalized_softmax': NormalizedSoftm
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# retrieval metrics, computed in chunks of queries so no N x N similarity matrix is ever held
+# retrieval metrics: similarities come block by block, so no N x N similarity matrix is ever held
 
-def retrieval_metrics(features, labels, ranks, chunk_bytes=256 * 2 ** 20):
+def cosine_block(queries, items):
+    """(b, D) and (c, D) unit rows -> (b, c) float32 cosines.
+
+    On the CPU through oneDNN where torch has it: its float32 GEMM uses AVX-512 on any x86 CPU, while MKL's keeps to
+    AVX2 on AMD ones, which makes it about 2.2 times slower there (benchmarks/eval_speed.py prints both).
+    """
+    if queries.device.type == 'cpu' and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        return torch.ops.mkldnn._linear_pointwise(queries, items, None, 'none', [], '')
+    return queries @ items.T
+
+
+@contextlib.contextmanager
+def single_threaded_ops():
+    """Run torch CPU ops on one thread each inside the block; the caller's thread count is restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def class_similarities(features, labels, first, sizes, m, block_elements, pool):
+    """(N, m): each item's cosines with the other items of its class, descending, padded with -inf.
+
+    features (N, D) are sorted by label, so the classes of rows a:b lie within the columns lo:hi around them.
+    """
+    n, spread = len(labels), int(sizes.max()) - 1
+    rows = max(1, min(256, math.isqrt(spread * spread + block_elements) - spread))  # rows x (rows + 2 spread) fits
+    out = features.new_full((n, m), -math.inf)
+    ends = (first + sizes).tolist()  # (N,) one past each item's class
+    first = first.tolist()
+
+    def fill(a):
+        b = min(n, a + rows)
+        lo, hi = first[a], ends[b - 1]
+        sims = cosine_block(features[a:b], features[lo:hi])  # (b - a, hi - lo)
+        others = labels[a:b, None] == labels[None, lo:hi]
+        position = torch.arange(b - a, device=sims.device)
+        others[position, position + a - lo] = False  # the query itself, excluded by its position
+        k = min(m, hi - lo)
+        out[a:b, :k] = sims.masked_fill_(~others, -math.inf).topk(k, dim=1).values
+
+    list(pool.map(fill, range(0, n, rows)))
+    return out
+
+
+def entering(top, sims, floor, nearest, columns):
+    """What one block changes for its queries, whose lists top (q, m) hold their m largest other-class values.
+
+    The queries are the rows of sims (b, c), or its columns when columns is True. A value matters if it can enter a
+    list, being above the query's floor and its current m-th value, or, when nearest (q,) is given, if it is at
+    least the query's nearest same-class similarity, to be counted. Past the first blocks such values are few, so
+    they are gathered one by one rather than sorting whole rows. Returns (touched queries (t,) or None, their
+    candidates (t, w) padded with -inf, counts (q,) of values >= nearest or None).
+    """
+    threshold = torch.maximum(floor, top[:, -1])  # (q,)
+    if nearest is not None:
+        threshold = torch.minimum(threshold, torch.nextafter(nearest, nearest.new_tensor(-math.inf)))
+    shape = (1, -1) if columns else (-1, 1)
+    above = sims > threshold.view(shape)  # (b, c)
+    total = int(above.sum(dtype=torch.int32))
+    if total == 0:
+        return None, None, None
+    if 8 * total > sims.numel():  # most queries take part: take each one's m largest of the whole row
+        dim = 0 if columns else 1
+        touched = (above.sum(dim, dtype=torch.int32) > 0).nonzero()[:, 0]
+        rows = sims.T.contiguous() if columns else sims
+        beaten = None if nearest is None else (sims >= nearest.view(shape)).sum(dim, dtype=torch.int32)
+        return touched, rows[touched].topk(min(top.size(1), rows.size(1)), dim=1).values, beaten
+    flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in the block of the values that matter
+    values = sims.view(-1)[flat]
+    owner = flat % sims.size(1) if columns else flat // sims.size(1)  # (E,) the query each value belongs to
+    if columns:
+        owner, order = owner.sort(stable=True)
+        values = values[order]
+    beaten = None if nearest is None else torch.zeros_like(threshold, dtype=torch.int32).index_add_(
+        0, owner, (values >= nearest[owner]).int())
+    touched, counts = torch.unique_consecutive(owner, return_counts=True)
+    row = torch.arange(len(touched), device=sims.device).repeat_interleave(counts)
+    slot = torch.arange(len(owner), device=sims.device) - (counts.cumsum(0) - counts)[row]
+    candidates = sims.new_full((len(touched), int(counts.max())), -math.inf)
+    candidates[row, slot] = values
+    return touched, candidates, beaten
+
+
+def retrieval_metrics(features, labels, ranks, chunk_bytes=32 * 2 ** 20):
     """Recall@K for K in ranks, MAP@R and R-Precision (Musgrave et al., ECCV 2020), all as fractions.
 
     Each query is compared by cosine with every other item; the query itself is excluded by its position, so
     duplicate images are ordinary neighbours. Recall@K is the fraction of all queries with a same-class item among
-    their K nearest. R is the number of other items of the query's class; a query whose class has no other item
-    (R = 0) has no defined MAP@R or R-Precision and is left out of those two averages, as pytorch-metric-learning's
-    AccuracyCalculator does, while it counts as a miss for Recall@K.
+    their K nearest; a K beyond the N - 1 other items means all of them. R is the number of other items of the
+    query's class; a query whose class has no other item (R = 0) has no defined MAP@R or R-Precision and is left out
+    of those two averages, as pytorch-metric-learning's AccuracyCalculator does, while it counts as a miss for
+    Recall@K. An other-class item exactly as similar as a same-class one ranks before it, so ties never flatter a
+    model: embeddings collapsed to one point score as if every same-class item came last.
+
+    No ranking is built. The j-th most similar of a query's R same-class items stands at position j + (number of
+    other-class items at least as similar), so the metrics need per query its R same-class similarities, its R
+    largest other-class ones and, for a K above every R, how many other-class items are at least as similar as its
+    nearest same-class one. The features, sorted by class, are compared block by block, a block being one chunk of
+    rows against another: it serves its rows as queries and, the cosine matrix being symmetric, its columns too, so
+    each pair is computed once and no N x N matrix is ever held. chunk_bytes bounds the blocks in flight, one per
+    thread (a class larger than a block widens its own); beyond them memory is O(N max R). On the CPU the blocks are
+    spread over torch.get_num_threads() threads whose ops run single-threaded, because ops that each split across
+    threads stall at every barrier on a busy machine. benchmarks/eval_speed.py times it against faiss.
     """
-    features = F.normalize(torch.as_tensor(features).float(), dim=-1)  # (N, D)
-    labels = torch.as_tensor(labels).to(features.device)  # (N,)
-    n, ranks = len(labels), [int(k) for k in ranks]
+    features = torch.as_tensor(features).float()
+    labels = torch.as_tensor(labels).to(features.device)
+    n, ranks, device = len(labels), [int(k) for k in ranks], features.device
     if n < 2:
         raise UserError(f'retrieval needs at least two items, got {n}')
-    _, label_ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    r = counts[label_ids] - 1  # (N,) R per query
-    k = min(n - 1, max(max(ranks), int(r.max())))
-    chunk = max(1, chunk_bytes // (4 * n))
-    hits_at = torch.zeros(len(ranks), dtype=torch.long)
-    ap_sum = rp_sum = 0.0
-    positions = torch.arange(1, k + 1, device=features.device)  # (k,)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        sims = features[start:stop] @ features.T  # (b, N)
-        rows = torch.arange(stop - start, device=features.device)
-        sims[rows, rows + start] = float('-inf')  # a query is never its own neighbour
-        neighbours = sims.topk(k, dim=1).indices  # (b, k)
-        del sims
-        hits = labels[neighbours] == labels[start:stop, None]  # (b, k)
-        for i, rank in enumerate(ranks):
-            hits_at[i] += hits[:, :rank].any(dim=1).sum().cpu()
-        r_chunk = r[start:stop]  # (b,)
-        hits_in_r = hits & (positions[None] <= r_chunk[:, None])  # (b, k) hits among the first R
-        precision = hits_in_r.cumsum(dim=1) / positions  # (b, k) precision at each position
-        denominator = r_chunk.clamp(min=1)
-        ap_sum += ((precision * hits_in_r).sum(dim=1) / denominator).sum().item()
-        rp_sum += (hits_in_r.sum(dim=1) / denominator).sum().item()
-    with_r = int((r > 0).sum())
-    metrics = {f'recall@{rank}': hits_at[i].item() / n for i, rank in enumerate(ranks)}
-    metrics['map@r'] = ap_sum / with_r if with_r else float('nan')
-    metrics['r_precision'] = rp_sum / with_r if with_r else float('nan')
+    workers = torch.get_num_threads() if device.type == 'cpu' else 1
+    with single_threaded_ops(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        labels, order = labels.sort(stable=True)  # each class becomes a run of rows
+        features = features[order]  # (N, D) a copy, normalised in place
+        features.div_(features.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        _, inverse, counts = torch.unique_consecutive(labels, return_inverse=True, return_counts=True)
+        sizes, first = counts[inverse], (counts.cumsum(0) - counts)[inverse]  # (N,) class size, its first row
+        r = sizes - 1  # (N,) R per query
+        m = int(r.max())
+        if m == 0:
+            return {**{f'recall@{k}': 0.0 for k in ranks}, 'map@r': math.nan, 'r_precision': math.nan}
+        side = max(1, math.isqrt(max(1, chunk_bytes // (4 * workers))))  # one block per thread in chunk_bytes
+        positives = class_similarities(features, labels, first, sizes, m, side * side, pool)  # (N, m)
+        has_r, inf = r > 0, torch.tensor(math.inf, device=device)
+        least = positives.gather(1, (r - 1).clamp(min=0)[:, None])[:, 0]  # (N,) the least similar of the class
+        floor = torch.where(has_r, torch.nextafter(least, -inf), inf)  # other-class values at or below never count
+        nearest = torch.where(has_r, positives[:, 0], inf)  # (N,) the most similar of the class
+        count = max(ranks) > m  # Recall@K for K <= m comes from the lists
+        beating = torch.zeros(n, dtype=torch.int32, device=device)  # other-class items >= nearest, per query
+        top = features.new_full((n, m), -math.inf)  # (N, m) each query's m largest other-class similarities
+
+        bounds = list(range(0, n, side)) + [n]
+        chunks = list(zip(bounds[:-1], bounds[1:]))
+        label_list, locks = labels.tolist(), [threading.Lock() for _ in chunks]
+
+        def update(i, sims, columns):
+            """Fold a block into the state of chunk i, whose queries are its rows or its columns."""
+            lo, hi = chunks[i]
+            # top may be older than the other thread's latest merge: a lower m-th value, so still a safe bound
+            touched, candidates, beaten = entering(top[lo:hi], sims, floor[lo:hi], nearest[lo:hi] if count else None,
+                                                   columns)
+            with locks[i]:
+                if beaten is not None:
+                    beating[lo:hi] += beaten
+                if touched is not None:
+                    top[lo + touched] = torch.cat([top[lo + touched], candidates], dim=1).topk(m, dim=1).values
+
+        def block(pair):
+            """Similarities of chunk i to chunk j >= i, same-class pairs hidden, folded into both chunks."""
+            (a, b), (c, d) = chunks[pair[0]], chunks[pair[1]]
+            sims = cosine_block(features[a:b], features[c:d])  # (b - a, d - c)
+            if label_list[b - 1] >= label_list[c]:  # the chunks share a class (always so on the diagonal)
+                sims.masked_fill_(labels[a:b, None] == labels[None, c:d], -math.inf)
+            update(pair[0], sims, columns=False)
+            if pair[1] != pair[0]:
+                update(pair[1], sims, columns=True)
+
+        list(pool.map(block, [(i, j) for i in range(len(chunks)) for j in range(i, len(chunks))]))
+
+    j = torch.arange(1, m + 1, device=device)  # (m,)
+    # other-class items at least as similar as each same-class one: exact up to m, which is all that matters
+    before = m - torch.searchsorted(top.flip(1).contiguous(), positives, side='left')  # (N, m)
+    position = j + before  # (N, m) rank of the j-th same-class item
+    within_r = (j <= r[:, None]) & (position <= r[:, None])  # (N, m)
+    first_miss = beating if count else before[:, 0]  # other-class items ranked above the first hit
+    metrics = {f'recall@{k}': ((first_miss < k) & has_r).sum().item() / n for k in ranks}
+    denominator = r[has_r].double()
+    metrics['map@r'] = ((within_r * j / position.double())[has_r].sum(1) / denominator).mean().item()
+    metrics['r_precision'] = (within_r[has_r].sum(1) / denominator).mean().item()
     return metrics
 
 

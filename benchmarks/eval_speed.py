@@ -1,0 +1,201 @@
+"""Time and peak memory of utils.retrieval_metrics against an exact faiss-cpu search, at Stanford Online Products' size.
+
+    python benchmarks/eval_speed.py [--num_images 60502] [--spread 2.15] [--repeats 1]
+
+The data: N = 60,502 float32 unit rows of 512 dimensions in SOP-like classes (2 to 12 images, about 5.3 on
+average, 11.3k classes), each row its class centre plus Gaussian noise; --spread 2.15 puts Recall@1 near 0.8, where
+trained SOP models are (79.1 for Proxy-Anchor). The two methods, each at both rank sets, 1,10,100,1000 (SOP's) and
+1,2,4,8:
+  ours   utils.retrieval_metrics, as train.py calls it.
+  faiss  faiss.IndexFlatIP (exact inner product) searched with every row for its k = max(max rank, max R) + 1
+         nearest, the query then dropped from its own list by position, and the metric arithmetic the seed's
+         evaluation does on such lists (the hits among the first K; precision at each hit among the first R).
+Both use the same number of threads (--threads, by default torch's, that is every core).
+
+Each measurement runs in a fresh process that loads the features from a .npy file, imports its libraries, records
+its resident memory and resets its high-water mark (`echo 5 > /proc/self/clear_refs`), runs the method once, and
+reads VmHWM from /proc/self/status: the peak reported is VmHWM minus the resident memory before the method, i.e. the
+memory the method needs above the features and the libraries. tracemalloc would miss it: torch and faiss allocate
+outside Python's allocator. The time is the wall-clock time of the method alone. Methods alternate, and with
+--repeats above 1 the fastest repeat of each is kept, since other processes on the machine make single timings
+noisy. The metrics of the two are printed side by side. They agree but for near-ties: two cosines within float32
+rounding (1e-7) of each other may swap places between the two GEMMs, which moves a figure by a few thousandths of
+a point at most. A first line compares the float32 GEMM of torch.mm (MKL) with utils.cosine_block's (oneDNN).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from utils import UserError, run_main  # noqa: E402
+
+RANK_SETS = ('1,10,100,1000', '1,2,4,8')
+
+
+def make_features(num_images, dim, spread, seed):
+    """(features (N, D) float32 unit rows, labels (N,) int64) in SOP-like classes of 2 to 12 images."""
+    rng = np.random.default_rng(seed)
+    sizes = np.clip(2 + rng.poisson(3.35, size=num_images), 2, 12)  # mean 5.3, as SOP's 60,502 / 11,316
+    sizes = sizes[:np.searchsorted(np.cumsum(sizes), num_images) + 1]
+    sizes[-1] -= sizes.sum() - num_images
+    sizes = sizes[sizes > 0]
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    centres = rng.standard_normal((len(sizes), dim), dtype=np.float32)
+    features = centres[labels] + spread * rng.standard_normal((num_images, dim), dtype=np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    return features, labels.astype(np.int64)
+
+
+def memory_status():
+    """{'VmRSS': bytes, 'VmHWM': bytes} of this process, from /proc/self/status."""
+    with open('/proc/self/status') as file:
+        fields = dict(line.split(':', 1) for line in file)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ('VmRSS', 'VmHWM')}
+
+
+def faiss_metrics(features, labels, ranks, chunk=4096):
+    """The same metrics from an exact faiss IndexFlatIP search and the seed's arithmetic on neighbour lists."""
+    import faiss
+    n = len(labels)
+    r = np.bincount(labels)[labels] - 1  # (N,) R per query
+    k = min(n, max(max(ranks), int(r.max())) + 1)  # +1: the query finds itself, dropped below
+    index = faiss.IndexFlatIP(features.shape[1])
+    index.add(features)
+    _, neighbours = index.search(features, k)  # (N, k)
+    hits_at, ap_sum, rp_sum = np.zeros(len(ranks)), 0.0, 0.0
+    positions = np.arange(1, k)  # (k - 1,)
+    for start in range(0, n, chunk):
+        found = neighbours[start:start + chunk]  # (b, k)
+        queries = np.arange(start, start + len(found))
+        is_self = found == queries[:, None]
+        is_self[~is_self.any(axis=1), -1] = True  # a query beyond its own list: drop the last instead
+        found = found[~is_self].reshape(len(found), k - 1)  # (b, k - 1) the query removed by position
+        hits = labels[found] == labels[queries, None]  # (b, k - 1)
+        for i, rank in enumerate(ranks):
+            hits_at[i] += hits[:, :rank].any(axis=1).sum()
+        r_chunk = r[queries]
+        hits_in_r = hits & (positions[None] <= r_chunk[:, None])
+        precision = np.cumsum(hits_in_r, axis=1) / positions
+        ap_sum += ((precision * hits_in_r).sum(axis=1) / np.maximum(r_chunk, 1)).sum()
+        rp_sum += (hits_in_r.sum(axis=1) / np.maximum(r_chunk, 1)).sum()
+    with_r = int((r > 0).sum())
+    metrics = {f'recall@{rank}': hits_at[i] / n for i, rank in enumerate(ranks)}
+    metrics.update({'map@r': ap_sum / with_r, 'r_precision': rp_sum / with_r})
+    return metrics
+
+
+def measure(method, path, ranks, threads):
+    """Run in a fresh process: (seconds, peak bytes above the loaded features, metrics) of one method."""
+    import faiss
+    import torch
+    from utils import retrieval_metrics
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    data = np.load(path)
+    features, labels = data['features'], data['labels']
+    baseline = memory_status()['VmRSS']
+    try:  # reset the high-water mark to the current resident size (Linux 4.0+)
+        with open('/proc/self/clear_refs', 'w') as file:
+            file.write('5')
+    except OSError:
+        pass
+    start = time.perf_counter()
+    if method == 'ours':
+        metrics = retrieval_metrics(torch.from_numpy(features), torch.from_numpy(labels), ranks)
+    else:
+        metrics = faiss_metrics(features, labels, ranks)
+    seconds = time.perf_counter() - start
+    return seconds, memory_status()['VmHWM'] - baseline, {key: float(value) for key, value in metrics.items()}
+
+
+def gemm_speeds(threads, size=2048, dim=512, repeats=5):
+    """GFLOP/s of one (size, dim) x (dim, size) float32 product through torch.mm (MKL) and utils.cosine_block."""
+    import torch
+    from utils import cosine_block
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, dim), torch.randn(size, dim)
+    speeds = {}
+    for name, product in (('torch.mm (MKL)', lambda: a @ b.T),
+                          ('utils.cosine_block (oneDNN)', lambda: cosine_block(a, b))):
+        product()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            seconds.append(time.perf_counter() - start)
+        speeds[name] = 2 * size * size * dim / min(seconds) / 1e9
+    return speeds
+
+
+def run_worker(method, path, ranks, threads):
+    """measure() in a child process of this script."""
+    command = [sys.executable, os.path.abspath(__file__), '--worker', method, '--data', path, '--threads',
+               str(threads), '--ranks', ranks]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise UserError(f'the {method} measurement failed:\n{result.stderr}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    """Generate the features, measure both methods at both rank sets and print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--num_images', default=60502, type=int, help='N: rows (SOP test set: 60,502)')
+    parser.add_argument('--dim', default=512, type=int, help='D: feature dimension')
+    parser.add_argument('--spread', default=2.15, type=float, help='noise around the class centres')
+    parser.add_argument('--threads', default=None, type=int, help="threads of both methods (default: torch's)")
+    parser.add_argument('--repeats', default=1, type=int, help='runs of each method; the fastest is kept')
+    parser.add_argument('--seed', default=0, type=int, help='random seed of the features')
+    parser.add_argument('--worker', default=None, choices=('ours', 'faiss'), help=argparse.SUPPRESS)
+    parser.add_argument('--data', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--ranks', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.data, [int(k) for k in args.ranks.split(',')], args.threads)))
+        return
+    if args.num_images < 2 or args.repeats < 1:
+        raise UserError('--num_images must be at least 2 and --repeats at least 1')
+    import torch
+    threads = args.threads or torch.get_num_threads()
+    features, labels = make_features(args.num_images, args.dim, args.spread, args.seed)
+    print(f'N = {len(labels)}, D = {args.dim}, {labels.max() + 1} classes of {np.bincount(labels).min()} to '
+          f'{np.bincount(labels).max()} images, spread {args.spread}; {threads} threads on {os.cpu_count()} cores; '
+          f'features {features.nbytes / 2 ** 20:.0f} MiB')
+    print('float32 GEMM 2048 x 512 x 2048: ' + ', '.join(f'{name} {speed:.0f} GFLOP/s'
+                                                        for name, speed in gemm_speeds(threads).items()))
+    ratios = []
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'features.npz')
+        np.savez(path, features=features, labels=labels)
+        del features
+        for ranks in RANK_SETS:
+            runs = {'ours': [], 'faiss': []}
+            for _ in range(args.repeats):
+                for method in runs:
+                    runs[method].append(run_worker(method, path, ranks, threads))
+            best = {method: min(results, key=lambda result: result[0]) for method, results in runs.items()}
+            (ours_s, ours_peak, ours), (faiss_s, faiss_peak, reference) = best['ours'], best['faiss']
+            ratios.append(ours_s / faiss_s)
+            print(f'\nranks {ranks}: ours {ours_s:.1f} s, faiss {faiss_s:.1f} s, ratio ours/faiss {ratios[-1]:.2f}; '
+                  f'peak memory above the features: ours {ours_peak / 2 ** 30:.3f} GiB, '
+                  f'faiss {faiss_peak / 2 ** 30:.3f} GiB')
+            for name, metrics in (('ours', ours), ('faiss', reference)):
+                print(f'  {name:5s} ' + '  '.join(f'{key} {100 * value:.3f}' for key, value in metrics.items()))
+            difference = max(abs(ours[key] - reference[key]) for key in ours)
+            print(f'  largest difference between the two: {100 * difference:.4f} points')
+            if args.repeats > 1:
+                print('  all times (s): ' + '; '.join(f'{method} ' + ' '.join(f'{result[0]:.1f}' for result in results)
+                                                      for method, results in runs.items()))
+    print(f'\nworst ratio {max(ratios):.2f} (at most 1.0 means ours is no slower than faiss)')
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,212 @@
+"""retrieval_metrics at scale: blocks never N x N, exact on every path of its block sweep, ties, threads, memory."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+from conftest import ROOT
+from utils import retrieval_metrics
+
+
+def reference(features, labels, ranks):
+    """Every metric from the whole float64 cosine matrix: each query's others sorted by similarity, itself removed
+    by position. A stable sort on the negated similarity puts other-class items first among exact ties, the rule
+    retrieval_metrics documents."""
+    features = F.normalize(torch.as_tensor(features).double(), dim=1)
+    labels = torch.as_tensor(labels)
+    n = len(labels)
+    sims = features @ features.T
+    same = labels[:, None] == labels[None]  # (N, N)
+    key = torch.stack([-sims, same.double()], dim=-1)  # sort by similarity, then other-class first
+    key[torch.arange(n), torch.arange(n)] = math.inf  # the query itself goes last, then is cut off
+    order = sorted_order(key)[:, :n - 1]  # (N, N - 1)
+    hits = same.gather(1, order)  # (N, N - 1)
+    r = same.sum(1) - 1
+    metrics = {f'recall@{k}': hits[:, :k].any(1).double().mean().item() for k in ranks}
+    position = torch.arange(1, n, dtype=torch.float64)
+    in_r = hits & (position[None] <= r[:, None])
+    has_r = r > 0
+    precision = in_r.cumsum(1) / position
+    metrics['map@r'] = ((precision * in_r).sum(1)[has_r] / r[has_r]).mean().item()
+    metrics['r_precision'] = (in_r.sum(1)[has_r] / r[has_r].double()).mean().item()
+    return metrics
+
+
+def sorted_order(key):
+    """Row-wise lexicographic order of key (N, N, 2) by its first then its second entry."""
+    order = key[..., 1].argsort(dim=1, stable=True)
+    return order.gather(1, key[..., 0].gather(1, order).argsort(dim=1, stable=True))
+
+
+def data(sizes, dim, spread, seed):
+    """Features around one centre per class (spread None: no centres, pure noise), classes of the given sizes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    noise = rng.normal(size=(len(labels), dim))
+    features = noise if spread is None else rng.normal(size=(len(sizes), dim))[labels] + spread * noise
+    return torch.tensor(features, dtype=torch.float32), torch.tensor(labels)
+
+
+def grid_data(sizes, moved, seed, dim=64, ones=16):
+    """Rows of 16 entries 1/4 among 64, the rest 0: unit norm and every cosine a multiple of 1/16, exact in any
+    float arithmetic, so exact ties abound and no rounding can reorder two items. A class shares a random set of 16
+    positions, of which each item moves `moved` elsewhere (moved None: every item random)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    centres = [rng.choice(dim, ones, replace=False) for _ in sizes]
+    features = np.zeros((len(labels), dim), dtype=np.float32)
+    for row, label in enumerate(labels):
+        if moved is None:
+            features[row, rng.choice(dim, ones, replace=False)] = 0.25
+            continue
+        kept = rng.choice(centres[label], ones - moved, replace=False)
+        features[row, kept] = 0.25
+        features[row, rng.choice(np.setdiff1d(np.arange(dim), centres[label]), moved, replace=False)] = 0.25
+    return torch.tensor(features), torch.tensor(labels)
+
+
+def assert_same(got, expected):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+CASES = {
+    # SOP-like classes of 2 to 12: few values enter the lists after the first blocks (the sparse path)
+    'sop-like': lambda: grid_data(list(np.random.default_rng(0).integers(2, 13, size=70)), moved=6, seed=0),
+    # no class structure: most values enter early (the dense path)
+    'random': lambda: grid_data([5] * 120 + [1] * 20, moved=None, seed=1),
+    # one class far larger than the blocks, singletons, pairs
+    'uneven': lambda: grid_data([300, 1, 1, 2, 2, 40, 7], moved=8, seed=2),
+    # continuous cosines, no ties
+    'gaussian': lambda: data(list(np.random.default_rng(3).integers(1, 13, size=60)), 32, 1.5, seed=3),
+}
+
+
+@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('ranks', [[1, 2, 4, 8], [1, 10, 100, 1000]])
+def test_block_sweep_matches_the_whole_matrix(case, ranks):
+    """Blocks of 5 x 5 to whole-matrix size give the metrics of the full float64 matrix, ties included, with
+    Recall@K for K above R (a count over all items) and a K beyond the N - 1 others (all of them)."""
+    features, labels = CASES[case]()
+    expected = reference(features, labels, ranks)
+    assert 0 < expected['recall@1'] < expected[f'recall@{ranks[-1]}'] and 0 < expected['map@r'] < 1
+    for side in (5, 37, 4096):
+        assert_same(retrieval_metrics(features, labels, ranks, chunk_bytes=4 * side * side), expected)
+
+
+def test_no_block_is_n_by_n(monkeypatch):
+    """Each thread's similarity block holds at most its share of chunk_bytes, and the blocks of the sweep cover the
+    upper triangle of the matrix once: each pair is computed once, serving both of its items."""
+    features, labels = data([4] * 100, 16, 1.0, seed=3)
+    n, side = len(labels), 50
+    shapes = []
+    original = utils.cosine_block
+
+    def recording(queries, items):
+        shapes.append((len(queries), len(items)))
+        return original(queries, items)
+
+    monkeypatch.setattr(utils, 'cosine_block', recording)
+    chunk_bytes = 4 * side * side * torch.get_num_threads()  # blocks of side x side, one per thread
+    got = retrieval_metrics(features, labels, [1, 2, 4, 8], chunk_bytes=chunk_bytes)
+    assert_same(got, reference(features, labels, [1, 2, 4, 8]))
+    sweep = [shape for shape in shapes if shape == (side, side)]
+    assert len(sweep) == (n // side) * (n // side + 1) // 2  # 8 x 8 chunks: the diagonal and the blocks above it
+    assert max(rows * columns for rows, columns in shapes) <= side * side < n * n
+
+
+def test_ties_rank_other_class_items_first():
+    """An other-class item exactly as similar as a same-class one ranks before it.
+
+    Items 1 (class 0) and 2 (class 1) are the same vector p; queries 0 = (1, 0) and 3 = (0, -1) see both at exactly
+    the same cosine, p[0] and -p[1], whatever GEMM computes it (one product by 1, one by 0). So q0 finds item 2,
+    then its classmate 1: a hit at rank 2; q3 finds item 0 (cosine 0), then item 1, then its classmate 2: rank 3.
+    q1 and q2 have no ties: q1's classmate 0 comes after item 2 (rank 2), q2's classmate 3 after items 1 and 0.
+    """
+    features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.0, -1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    got = retrieval_metrics(features, labels, [1, 2, 3])
+    assert got == {'recall@1': 0.0, 'recall@2': 0.5, 'recall@3': 1.0, 'map@r': 0.0, 'r_precision': 0.0}
+    assert got == pytest.approx(reference(features, labels, [1, 2, 3]))
+
+
+def test_collapsed_embeddings_score_as_if_ranked_last():
+    """All embeddings equal: every other-class item ties with, and so precedes, the query's classmates."""
+    features = torch.tensor([[1.0, 0.0, 0.0]]).repeat(6, 1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    got = retrieval_metrics(features, labels, [1, 4, 5])
+    assert got == {'recall@1': 0.0, 'recall@4': 0.0, 'recall@5': 1.0, 'map@r': 0.0, 'r_precision': 0.0}
+
+
+def test_threads_give_the_same_answer_and_the_setting_is_restored():
+    features, labels = data(list(np.random.default_rng(1).integers(1, 9, size=200)), 12, 1.2, seed=4)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(retrieval_metrics(features, labels, [1, 10, 100], chunk_bytes=4 * 64 * 64))
+            assert torch.get_num_threads() == threads  # the single-threaded ops inside do not leak out
+    finally:
+        torch.set_num_threads(previous)
+    assert results[0] == results[1] == results[2]
+
+
+def test_labels_and_features_of_any_order_and_type():
+    """Numpy inputs, unsorted labels with gaps, unnormalised rows: the same as sorted torch inputs."""
+    features, labels = data([3, 5, 2, 6, 1, 4] * 10, 8, 1.0, seed=5)
+    labels = labels * 7 + 100  # class ids with gaps
+    order = labels.argsort()
+    expected = retrieval_metrics(features[order], labels[order], [1, 2])
+    got = retrieval_metrics((features * 3.5).numpy(), labels.numpy(), [1, 2])
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert_same(got, reference(features, labels, [1, 2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_matches_cpu():
+    features, labels = data(list(np.random.default_rng(2).integers(1, 12, size=300)), 32, 1.5, seed=6)
+    for ranks in ([1, 2, 4, 8], [1, 10, 100, 1000]):
+        cpu = retrieval_metrics(features, labels, ranks, chunk_bytes=4 * 200 * 200)
+        cuda = retrieval_metrics(features.cuda(), labels.cuda(), ranks, chunk_bytes=4 * 200 * 200)
+        assert cuda == pytest.approx(cpu, abs=1e-9)
+
+
+def test_peak_memory_is_far_below_the_full_matrix():
+    """At N = 12,000 the full matrix would take 549 MiB: the peak above the features stays under a third of that,
+    whatever the number of threads."""
+    code = textwrap.dedent(f'''
+        import sys, numpy as np, torch
+        sys.path.insert(0, {ROOT!r})
+        from utils import retrieval_metrics
+        torch.set_num_threads(4)  # one block per thread, in the same chunk_bytes
+
+        def rss(field):
+            with open('/proc/self/status') as file:
+                return int(next(line for line in file if line.startswith(field)).split()[1]) * 1024
+
+        rng = np.random.default_rng(0)
+        labels = torch.tensor(rng.integers(0, 2400, size=12000))
+        features = torch.tensor(rng.normal(size=(2400, 128))[labels.numpy()] + rng.normal(size=(12000, 128)),
+                                dtype=torch.float32)
+        retrieval_metrics(features[:50], labels[:50], [1])  # load the libraries' lazily loaded parts first
+        baseline = rss('VmRSS')
+        with open('/proc/self/clear_refs', 'w') as file:
+            file.write('5')  # VmHWM := VmRSS
+        retrieval_metrics(features, labels, [1, 10, 100, 1000])
+        print(rss('VmHWM') - baseline)
+    ''')
+    if not os.access('/proc/self/clear_refs', os.W_OK):
+        pytest.skip('needs Linux /proc/self/clear_refs to reset the peak resident size')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stdout.split()[-1])
+    assert peak < 12000 ** 2 * 4 / 3, f'{peak / 2 ** 20:.0f} MiB'

@@ -1,0 +1,220 @@
+"""reproduce.py: the grid it runs, the table and figure it writes from statistics CSVs (fabricated here)."""
+import os
+import shlex
+import subprocess
+import sys
+
+import pandas as pd
+from PIL import Image
+
+from script_runner import error_sentence, load_script, script  # noqa: F401  script is a fixture
+from utils import index_path
+
+BACKBONES = ['resnet50', 'inception', 'googlenet']
+
+
+def data_folders(root, names, prepared=()):
+    """Empty data set folders under root/data (an index file for the prepared ones); returns 'data'."""
+    for name in names:
+        os.makedirs(root / 'data' / name)
+        if name in prepared:
+            open(index_path(str(root / 'data'), name), 'w').close()
+    return 'data'
+
+
+def dry_run(script, cwd, *flags):
+    """The commands `reproduce.py --dry_run` prints, each as (script name, {flag: value}), and its comments."""
+    status, out, err = script('reproduce', '--data_path', 'data', '--dry_run', *flags, cwd=cwd)
+    assert status == 0, err
+    commands, comments = [], []
+    for line in out.splitlines():
+        if line.startswith('#'):
+            comments.append(line)
+            continue
+        commands.append(parse_command(shlex.split(line)))
+    return commands, comments
+
+
+def parse_command(argv):
+    """[python, script, flags...] -> (script name, {flag: value, or True for a switch})."""
+    assert argv[0] == sys.executable
+    flags, i = {}, 2
+    while i < len(argv):
+        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith('--')
+        flags[argv[i]] = argv[i + 1] if takes_value else True
+        i += 2 if takes_value else 1
+    return os.path.basename(argv[1]), flags
+
+
+def train_run(data_name, backbone, *extra):
+    flags = {'--data_path': 'data', '--data_name': data_name, '--backbone_type': backbone,
+             '--loss_name': 'proxy_anchor', '--resume': True}
+    if data_name == 'sop':
+        flags['--recalls'] = '1,10,100,1000'
+    for i in range(0, len(extra), 2):
+        flags[extra[i]] = extra[i + 1]
+    return 'train.py', flags
+
+
+def test_dry_run_lists_the_full_grid(script, tmp_path):
+    data_folders(tmp_path, ['car', 'cub', 'sop', 'notes'], prepared=['cub'])
+    commands, _ = dry_run(script, tmp_path)
+    expected = []
+    for data_name in ('car', 'cub', 'sop'):
+        if data_name != 'cub':  # cub is prepared already: no data_utils.py for it
+            expected.append(('data_utils.py', {'--data_path': 'data', '--data_name': data_name}))
+        expected += [train_run(data_name, backbone) for backbone in BACKBONES]
+    assert commands == expected
+    assert not (tmp_path / 'results').exists()  # nothing ran
+
+
+def test_dry_run_covers_only_the_data_present_and_passes_other_flags_on(script, tmp_path):
+    data_folders(tmp_path, ['sop'], prepared=['sop'])
+    commands, _ = dry_run(script, tmp_path, '--num_workers', '2')
+    assert commands == [train_run('sop', backbone, '--num_workers', '2') for backbone in BACKBONES]
+
+
+def test_finished_configurations_are_not_run_again(script, tmp_path):
+    data_folders(tmp_path, ['car'], prepared=['car'])
+    fabricate(tmp_path, 'car', 'resnet50', epochs=20)  # finished
+    fabricate(tmp_path, 'car', 'googlenet', epochs=7)  # interrupted: resumes
+    commands, comments = dry_run(script, tmp_path)
+    assert commands == [train_run('car', 'inception'), train_run('car', 'googlenet')]
+    assert comments == ['# car_resnet50_proxy_anchor_512 already reached epoch 20: not trained again']
+    commands, _ = dry_run(script, tmp_path, '--num_epochs', '25')  # a longer schedule trains it further
+    assert commands[0] == train_run('car', 'resnet50', '--num_epochs', '25')
+
+
+def test_no_data_set_is_one_sentence(script, tmp_path):
+    data_folders(tmp_path, ['imagenet'])
+    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', cwd=tmp_path)
+    assert 'no data set found under data' in error_sentence(status, err)
+
+
+def test_a_flag_train_py_does_not_know_is_one_sentence(script, tmp_path):
+    data_folders(tmp_path, ['car'])
+    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', '--learning_rate', '1', cwd=tmp_path)
+    assert 'unrecognized arguments: --learning_rate 1' in error_sentence(status, err)
+
+
+def test_a_flag_that_would_change_the_grid_is_refused(script, tmp_path):
+    data_folders(tmp_path, ['car'])
+    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', '--loss_name', 'normalized_softmax',
+                            cwd=tmp_path)
+    assert 'sets --loss_name itself' in error_sentence(status, err)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the table and the figure
+
+def fabricate(root, data_name, backbone, epochs=20, final=None, best=None, ranks=None):
+    """A statistics CSV as train.py writes it: recall rising to `final` (fractions) at the last epoch, except at
+    epoch `best`, higher than the final one, which the table must not report."""
+    ranks = ranks or ([1, 10, 100, 1000] if data_name == 'sop' else [1, 2, 4, 8])
+    final = final or [0.5 + 0.1 * i for i in range(len(ranks))] + [0.3]  # recalls, then MAP@R
+    rows = []
+    for epoch in range(1, epochs + 1):
+        scale = 0.8 + 0.2 * epoch / epochs
+        row = {'train_loss': 2 / epoch, 'train_accuracy': 0.9 * scale}
+        row.update({f'test_recall@{k}': value * scale for k, value in zip(ranks, final)})
+        row.update({'test_map@r': final[-1] * scale, 'test_r_precision': final[-1] * scale + 0.05})
+        rows.append(row)
+    if best is not None:
+        rows[best - 1]['test_recall@1'] = final[0] + 0.05
+    folder = root / 'results'
+    folder.mkdir(exist_ok=True)
+    frame = pd.DataFrame(rows, index=pd.RangeIndex(1, epochs + 1, name='epoch'))
+    frame.to_csv(folder / f'{data_name}_{backbone}_proxy_anchor_512_statistics.csv', index_label='epoch')
+
+
+def read_table(path):
+    """{data set title: {(backbone, row kind): [cells]}} from results/benchmarks.md."""
+    tables, title, backbone = {}, None, None
+    for line in path.read_text().splitlines():
+        if line.startswith('## '):
+            title = line[3:]
+            tables[title] = {}
+        elif line.startswith('| ') and title and not line.startswith('| Backbone'):
+            cells = [cell.strip() for cell in line.strip('|').split('|')]
+            backbone = cells[0] or backbone
+            tables[title][backbone, cells[1]] = cells[2:]
+        elif line.startswith('| Backbone'):
+            tables[title]['header'] = [cell.strip() for cell in line.strip('|').split('|')][2:]
+    return tables
+
+
+def test_table_reports_the_final_epoch_beside_the_published_figures(script, tmp_path):
+    fabricate(tmp_path, 'car', 'resnet50', final=[0.861, 0.922, 0.958, 0.971, 0.412], best=12)
+    fabricate(tmp_path, 'cub', 'inception', epochs=5, final=[0.655, 0.77, 0.851, 0.906, 0.3])
+    fabricate(tmp_path, 'sop', 'inception', final=[0.775, 0.9, 0.96, 0.99, 0.45])
+    fabricate(tmp_path, 'sop', 'googlenet', ranks=[1, 2, 4, 8], final=[0.7, 0.75, 0.8, 0.85, 0.4])  # wrong ranks
+    status, out, err = script('reproduce', '--table', cwd=tmp_path)
+    assert status == 0, err
+    tables = read_table(tmp_path / 'results' / 'benchmarks.md')
+    assert list(tables) == ['CARS196', 'CUB200', 'Stanford Online Products']
+
+    car = tables['CARS196']
+    assert car['header'] == ['R@1', 'R@2', 'R@4', 'R@8', 'MAP@R', 'Epoch']
+    # the final epoch (86.1), not epoch 12 (91.1); published 87.0 / 92.5 / 95.6 / 97.4
+    assert car['ResNet50', 'reproduced'] == ['86.1%', '92.2%', '95.8%', '97.1%', '41.2%', '20']
+    assert car['ResNet50', 'published'][:4] == ['87.0%', '92.5%', '95.6%', '97.4%']
+    assert car['ResNet50', 'difference'][:4] == ['-0.9', '-0.3', '+0.2', '-0.3']
+    for backbone in ('Inception', 'GoogLeNet'):  # not run
+        assert car[backbone, 'reproduced'] == ['-'] * 6 and car[backbone, 'difference'][:4] == ['-'] * 4
+    assert car['GoogLeNet', 'published'][:4] == ['78.8%', '86.2%', '91.5%', '95.1%']
+
+    cub = tables['CUB200']
+    assert cub['Inception', 'reproduced'] == ['65.5%', '77.0%', '85.1%', '90.6%', '30.0%', '5 (unfinished)']
+    assert cub['Inception', 'difference'][:4] == ['-1.2', '-0.3', '-0.6', '-0.4']  # against 66.7 77.3 85.7 91.0
+
+    sop = tables['Stanford Online Products']
+    assert sop['header'] == ['R@1', 'R@10', 'R@100', 'R@1000', 'MAP@R', 'Epoch']
+    assert sop['Inception', 'reproduced'] == ['77.5%', '90.0%', '96.0%', '99.0%', '45.0%', '20']
+    assert sop['Inception', 'published'][:4] == ['79.1%', '-', '-', '-']  # the paper's R@1 only
+    assert sop['Inception', 'difference'][:4] == ['-1.6', '-', '-', '-']
+    assert sop['GoogLeNet', 'reproduced'] == ['70.0%', '-', '-', '-', '40.0%', '20']  # run at 1,2,4,8: R@1 only
+    assert sop['ResNet50', 'published'][:4] == ['-'] * 4
+
+    figure = tmp_path / 'results' / 'benchmarks.png'
+    with Image.open(figure) as image:
+        assert image.format == 'PNG' and image.size[0] > 1000
+    assert not [name for name in os.listdir(tmp_path / 'results') if name.endswith('.tmp')]
+
+
+def test_table_with_no_statistics_at_all(script, tmp_path):
+    status, _, err = script('reproduce', '--table', cwd=tmp_path)
+    assert status == 0, err
+    tables = read_table(tmp_path / 'results' / 'benchmarks.md')
+    for rows in tables.values():
+        assert all(rows[backbone, 'reproduced'] == ['-'] * 6 for backbone in ('ResNet50', 'Inception', 'GoogLeNet'))
+
+
+def test_a_full_run_trains_the_grid_then_writes_the_table(script, tmp_path, monkeypatch):
+    """Without --dry_run every command runs, in order (train.py replaced here by a fake that writes its CSV)."""
+    data_folders(tmp_path, ['cub'], prepared=['cub'])
+    expected, _ = dry_run(script, tmp_path)
+    ran = []
+
+    def fake_train(argv, **kwargs):
+        args = load_script('train').get_args_parser().parse_args(argv[2:])
+        ran.append(parse_command(argv))
+        fabricate(tmp_path, args.data_name, args.backbone_type, epochs=args.num_epochs,
+                  final=[0.6, 0.7, 0.8, 0.9, 0.35])
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(load_script('reproduce').subprocess, 'run', fake_train)
+    status, out, err = script('reproduce', '--data_path', 'data', cwd=tmp_path)
+    assert status == 0, err
+    assert ran == expected and len(ran) == 3
+    assert '[3/3] train cub_googlenet_proxy_anchor_512' in out
+    cub = read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']
+    assert [cub[b, 'reproduced'][0] for b in ('ResNet50', 'Inception', 'GoogLeNet')] == ['60.0%'] * 3
+    assert dry_run(script, tmp_path)[0] == []  # all finished: a second run has nothing left to do
+
+
+def test_a_failed_run_stops_with_one_sentence(script, tmp_path, monkeypatch):
+    data_folders(tmp_path, ['car'], prepared=['car'])
+    reproduce = load_script('reproduce')
+    monkeypatch.setattr(reproduce.subprocess, 'run', lambda argv, **kwargs: subprocess.CompletedProcess(argv, 1))
+    status, _, err = script('reproduce', '--data_path', 'data', cwd=tmp_path)
+    assert 'train car_resnet50_proxy_anchor_512 failed' in error_sentence(status, err)
