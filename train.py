@@ -259,22 +259,26 @@ def plot_statistics(frame, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import scienceplots  # noqa: F401  registers the 'science' styles
+    names = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}
     with plt.style.context(['science', 'no-latex']):
-        figure, (left, right) = plt.subplots(1, 2, figsize=(7, 2.8))
-        left.plot(frame.index, frame['train_loss'], marker='o', label='loss')
+        figure, (left, right) = plt.subplots(1, 2, figsize=(8, 2.8))
+        left.plot(frame.index, frame['train_loss'], marker='o', markersize=3, label='loss')
         left.set(xlabel='epoch', ylabel='train loss', title='training')
         twin = left.twinx()
-        twin.plot(frame.index, 100 * frame['train_accuracy'], marker='s', color='tab:red', label='accuracy')
+        twin.plot(frame.index, 100 * frame['train_accuracy'], marker='s', markersize=3, color='tab:red',
+                  label='accuracy')
         twin.set_ylabel('train accuracy (%)')
-        left.legend(handles=left.get_lines() + twin.get_lines(), loc='center right')
+        left.legend(handles=left.get_lines() + twin.get_lines(), loc='best', fontsize=7)
         for column in frame.columns:
             if column.startswith('test_'):
-                right.plot(frame.index, 100 * frame[column], marker='o', label=column[5:].replace('recall', 'R'))
-        right.set(xlabel='epoch', ylabel='%', title='test (unseen classes)')
-        right.legend(ncol=2)
+                name = column[5:]
+                right.plot(frame.index, 100 * frame[column], marker='o', markersize=3,
+                           label=names.get(name, name.replace('recall', 'R')))
+        right.set(xlabel='epoch', ylabel='test metric (%)', title='test (unseen classes)', ylim=(0, 100))
+        right.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
         for axis in (left, right):
             axis.xaxis.get_major_locator().set_params(integer=True)
-        figure.tight_layout()
+        figure.tight_layout(w_pad=2.5)
         with atomic_path(path) as tmp:
             figure.savefig(tmp, format='png', dpi=150)
         plt.close(figure)
