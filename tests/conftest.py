@@ -89,6 +89,16 @@ def make_sop(data_path, num_classes=6, per_class=2):
     return root
 
 
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+    """A prepared CUB-layout data set of 4 classes x 4 images (8 train, 8 test), one per test module; its path."""
+    import data_utils
+    path = str(tmp_path_factory.mktemp('data'))
+    make_cub(path, num_classes=4, per_class=4)
+    data_utils.prepare(path, 'cub', workers=1)
+    return path
+
+
 @pytest.fixture
 def cub_root(tmp_path):
     """A raw CUB-layout data set of 4 classes x 3 images under tmp_path/cub; returns tmp_path."""
@@ -101,3 +111,23 @@ def car_root(tmp_path):
     """A raw CARS196-layout data set of 4 classes x 3 images under tmp_path/car; returns tmp_path."""
     make_car(str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture
+def script(capsys, monkeypatch):
+    """script(name, *flags, cwd=...) -> (exit status, stdout, stderr) of `python <name>.py flags` run in cwd."""
+    def run(name, *flags, cwd):
+        from script_runner import load_script
+        import utils
+        module = load_script(name)
+        monkeypatch.setattr(sys, 'argv', [f'{name}.py', *map(str, flags)])
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            utils.run_main(module.main)
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code
+        out, err = capsys.readouterr()
+        return status, out, err
+    return run

@@ -8,9 +8,6 @@ import os
 import re
 import sys
 
-import pytest
-
-import utils
 from conftest import ROOT
 
 PROGRESS = re.compile(r'\d+%\|')  # a tqdm progress bar, which stderr may hold besides the error
@@ -25,24 +22,6 @@ def load_script(name):
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
-
-
-@pytest.fixture
-def script(capsys, monkeypatch):
-    """script(name, *flags, cwd=...) -> (exit status, stdout, stderr) of `python <name>.py flags` run in cwd."""
-    def run(name, *flags, cwd):
-        module = load_script(name)
-        monkeypatch.setattr(sys, 'argv', [f'{name}.py', *map(str, flags)])
-        monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        try:
-            utils.run_main(module.main)
-            status = 0
-        except SystemExit as exit_:
-            status = exit_.code
-        out, err = capsys.readouterr()
-        return status, out, err
-    return run
 
 
 def error_sentence(status, stderr):

@@ -10,22 +10,12 @@ import torch
 from PIL import Image
 from scipy.io import loadmat, savemat
 
-import data_utils
 import utils
 from conftest import make_car, make_cub, make_sop, write_image
-from script_runner import error_sentence, load_script, script, temporaries  # noqa: F401  script is a fixture
+from script_runner import error_sentence, load_script, temporaries
 
 TRAIN = ['--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', '16',
          '--batch_size', '4', '--num_workers', '0']
-
-
-@pytest.fixture(scope='module')
-def prepared(tmp_path_factory):
-    """A prepared CUB-layout data set of 4 classes x 4 images (8 train, 8 test); returns its data path."""
-    path = str(tmp_path_factory.mktemp('data'))
-    make_cub(path, num_classes=4, per_class=4)
-    data_utils.prepare(path, 'cub', workers=1)
-    return path
 
 
 def assert_nothing_prepared(data_path, data_name):

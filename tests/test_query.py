@@ -13,7 +13,7 @@ import data_utils
 import utils
 from conftest import make_cub
 from model import Model
-from script_runner import error_sentence, load_script, script, temporaries  # noqa: F401  script is a fixture
+from script_runner import error_sentence, load_script, temporaries
 
 PREFIX = 'cub_googlenet_proxy_anchor_16'
 DATA_BASE = f'{PREFIX}_1_data_base.pth'

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 from PIL import Image
 
-from script_runner import error_sentence, load_script, script  # noqa: F401  script is a fixture
+from script_runner import error_sentence, load_script
 from utils import index_path
 
 BACKBONES = ['resnet50', 'inception', 'googlenet']

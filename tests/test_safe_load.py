@@ -12,7 +12,7 @@ from scipy.io import loadmat, savemat
 import data_utils
 import utils
 from conftest import ROOT, make_car, make_cub, make_sop, write_image
-from script_runner import error_sentence, script, temporaries  # noqa: F401  script is a fixture
+from script_runner import error_sentence, temporaries
 
 PREFIX = 'cub_googlenet_proxy_anchor_16'
 
@@ -33,15 +33,6 @@ def poisoned_pth(path, marker, content):
     torch.load(path, weights_only=False)
     assert os.path.isdir(marker), 'the payload did not run under an unsafe load, so the test would prove nothing'
     os.rmdir(marker)
-
-
-@pytest.fixture(scope='module')
-def prepared(tmp_path_factory):
-    """A prepared CUB-layout data set of 4 classes x 4 images; returns its data path."""
-    path = str(tmp_path_factory.mktemp('data'))
-    make_cub(path, num_classes=4, per_class=4)
-    data_utils.prepare(path, 'cub', workers=1)
-    return path
 
 
 def test_test_py_refuses_a_poisoned_data_base(script, tmp_path):
