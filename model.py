@@ -142,12 +142,10 @@ class Model(nn.Module):
 
 def draw_structure(path):
     """Draw the network as a left-to-right block diagram into `path` (PNG)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch
 
-    from utils import atomic_path
+    from utils import pyplot, save_figure
+    plt = pyplot()
     blocks = [('image\n3 x 224 x 224', '#e8e8e8'),
               ('backbone\nResNet-50,\nBN-Inception or\nGoogLeNet', '#cfe2f3'),
               ('global max\npooling\n2048 | 1024', '#cfe2f3'),
@@ -177,9 +175,7 @@ def draw_structure(path):
     axis.set_ylim(-0.6, height + 0.6)
     axis.axis('off')
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format='png', dpi=150)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 if __name__ == '__main__':

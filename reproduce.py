@@ -22,7 +22,7 @@ import sys
 
 import pandas as pd
 
-from utils import DATA_NAMES, UserError, atomic_path, index_path, run_main
+from utils import DATA_NAMES, UserError, atomic_path, index_path, pyplot, run_main, save_figure
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BACKBONES = ('resnet50', 'inception', 'googlenet')  # in the README's order
@@ -177,12 +177,9 @@ def table(results, epochs):
 
 def figure(results, epochs):
     """results/benchmarks.png: reproduced against published Recall@1, one panel per data set."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.patches import Patch
-    import scienceplots  # noqa: F401  registers the 'science' styles
+    plt = pyplot()
     published_colour, reproduced_colour = '0.65', 'tab:blue'
     with plt.style.context(['science', 'no-latex']):
         fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(7.5, 2.9), sharey=True)
@@ -214,9 +211,7 @@ def figure(results, epochs):
         fig.legend(handles=handles, loc='upper center', ncol=3, fontsize=7, frameon=False)
         fig.tight_layout(rect=(0, 0, 1, 0.9))
         path = os.path.join(results, 'benchmarks.png')
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format='png', dpi=200)
-        plt.close(fig)
+        save_figure(fig, path, dpi=200)
     return path
 
 

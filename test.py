@@ -5,8 +5,10 @@ import os
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torchvision.transforms.v2.functional import to_pil_image
 
-from utils import UserError, atomic_dir, read_image, remove_temporaries, run_main, safe_load, test_transform
+from utils import (UserError, atomic_dir, pyplot, read_image, remove_temporaries, run_main, safe_load,
+                   test_transform)
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
 
@@ -68,11 +70,7 @@ def embed_query(query, data_base, data_base_path):
 
 def framed(path, correct=None, border=True):
     """The image at `path` as 224 x 224 RGB; results get a border: green if correct, red if wrong, else grey."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert('RGB').resize((224, 224), Image.BILINEAR)
-    except OSError:
-        raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
+    image = to_pil_image(read_image(path)).resize((224, 224), Image.BILINEAR)
     if border:
         ImageDraw.Draw(image).rectangle((0, 0, 223, 223), outline=BORDER[correct], width=5)
     return image
@@ -80,9 +78,7 @@ def framed(path, correct=None, border=True):
 
 def draw_row(query_image, results, path):
     """The query and its results in one row: the figure the README shows."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(results) + 1, figsize=(1.6 * (len(results) + 1), 2.0))
     axes[0].imshow(query_image)
     axes[0].set_title('query', fontsize=9)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from model import BACKBONES, Model
 from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, SeededSampler, UserError, atomic_path, atomic_save,
-                   parse_ranks, remove_temporaries, retrieval_metrics, run_main, safe_load, set_seed)
+                   parse_ranks, pyplot, remove_temporaries, retrieval_metrics, run_main, safe_load, save_figure,
+                   set_seed)
 
 # flags that change what a run computes: a resumed run must use the same ones
 RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pretrained', 'loss_name', 'batch_size',
@@ -255,10 +256,7 @@ def save_statistics(statistics, prefix):
 
 def plot_statistics(frame, path):
     """Loss and accuracy, and the test metrics, per epoch: a two-panel SciencePlots figure."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    import scienceplots  # noqa: F401  registers the 'science' styles
+    plt = pyplot()
     names = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}
     with plt.style.context(['science', 'no-latex']):
         figure, (left, right) = plt.subplots(1, 2, figsize=(8, 2.8))
@@ -279,9 +277,7 @@ def plot_statistics(frame, path):
         for axis in (left, right):
             axis.xaxis.get_major_locator().set_params(integer=True)
         figure.tight_layout(w_pad=2.5)
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, format='png', dpi=150)
-        plt.close(figure)
+        save_figure(figure, path)
 
 
 def prefix_of(args):

@@ -3,6 +3,7 @@ import contextlib
 import math
 import os
 import pickle
+import random
 import shutil
 import sys
 import tempfile
@@ -100,6 +101,22 @@ def remove_temporaries(folder, prefix=''):
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, with SciencePlots' 'science' styles registered."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import scienceplots  # noqa: F401  registers the 'science' styles
+    return plt
+
+
+def save_figure(figure, path, dpi=150):
+    """Write a matplotlib figure as PNG through a temporary file, then close it."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format='png', dpi=dpi)
+    pyplot().close(figure)
 
 
 def atomic_save(obj, path):
@@ -538,7 +555,6 @@ def parse_ranks(text):
 
 def set_seed(seed):
     """Seed Python, NumPy and torch (all devices)."""
-    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
