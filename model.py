@@ -22,13 +22,17 @@ def resnet50(pretrained):
 
 
 def googlenet(pretrained):
-    """torchvision GoogLeNet (Inception v1) with IMAGENET1K_V1 weights, without the auxiliary heads."""
+    """torchvision GoogLeNet (Inception v1) with IMAGENET1K_V1 weights, without the auxiliary heads.
+
+    As in the seed, only the pooling and the classifier are replaced: its Dropout(p=0.2) stays in front of the
+    embedding layer, active in training.
+    """
     if pretrained:
         # torchvision refuses aux_logits=False with weights: it builds the aux heads to load them, then drops them
         net = models.googlenet(weights=models.GoogLeNet_Weights.IMAGENET1K_V1)
     else:
         net = models.googlenet(weights=None, aux_logits=False, init_weights=True)
-    net.avgpool, net.dropout, net.fc = nn.AdaptiveMaxPool2d(1), nn.Identity(), nn.Identity()
+    net.avgpool, net.fc = nn.AdaptiveMaxPool2d(1), nn.Identity()
     return net
 
 

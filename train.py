@@ -12,16 +12,16 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from adamp import AdamP
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import StepLR
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from model import BACKBONES, Model
-from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, SeededSampler, UserError, atomic_path, atomic_save,
-                   parse_ranks, pyplot, remove_temporaries, retrieval_metrics, run_main, safe_load, save_figure,
-                   set_seed)
+from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, UserError, atomic_path, atomic_save, parse_ranks,
+                   pyplot, remove_temporaries, retrieval_metrics, run_main, safe_load, save_figure, set_seed)
 
 # flags that change what a run computes: a resumed run must use the same ones
 RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pretrained', 'loss_name', 'batch_size',
@@ -59,7 +59,10 @@ def get_args_parser():
     parser.add_argument('--num_epochs', default=20, type=int, help='training epoch number')
     parser.add_argument('--warm_up', default=2, type=int, help='warm up number: epochs with a frozen backbone')
     parser.add_argument('--seed', default=1, type=int, help='random seed')
-    parser.add_argument('--amp', action='store_true', help='bf16 autocast and channels_last on CUDA')
+    parser.add_argument('--amp', action='store_true',
+                        help='speed mode: bf16 autocast and channels_last on CUDA, and cuDNN picks its fastest '
+                             'kernels (cudnn.benchmark on, deterministic off); without it cuDNN is deterministic, as '
+                             'in the published recipe')
     parser.add_argument('--num_workers', default=default_workers(), type=int,
                         help='data loading processes per training process: min(8, cores / processes on this machine)')
     parser.add_argument('--resume', action='store_true',
@@ -81,6 +84,12 @@ def check_args(args):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # several processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
+
+def set_cudnn(amp):
+    """cuDNN as the seed set it (deterministic, no autotuning), except in the --amp speed mode, which autotunes."""
+    torch.backends.cudnn.deterministic = not amp
+    torch.backends.cudnn.benchmark = amp
+
 
 def setup_device():
     """(device, rank, world size), joining the process group when started by torchrun."""
@@ -127,13 +136,57 @@ def batch_loss(model, images, labels, loss_criterion):
     """Loss of the global batch: embeddings and labels are gathered over all ranks before the loss.
 
     Proxy-Anchor's terms average over the proxies with positives in the batch, so the loss is only the
-    single-GPU loss when it sees the whole batch. Returns (loss, global cosines, global labels).
+    single-GPU loss when it sees the whole batch. Rows labelled PADDING (a rank's share of the last, partial batch
+    filled up to the others' length) are left out. Returns (loss, global embeddings, their cosines, their labels).
     """
     embeddings, cosines = model(images)  # (B, D), (B, C)
     if dist.is_initialized():
-        labels = gather(labels)
-        cosines = unwrap(model).proxies(gather(embeddings))  # (W * B, C)
-    return loss_criterion(cosines, labels), cosines, labels
+        labels, embeddings = gather(labels), gather(embeddings)  # (W * B,), (W * B, D)
+        keep = labels != PADDING
+        labels, embeddings = labels[keep], embeddings[keep]
+        cosines = unwrap(model).proxies(embeddings)  # (B_global, C)
+    return loss_criterion(cosines, labels), embeddings, cosines, labels
+
+
+PADDING = -1  # the label of a padding row
+
+
+class GlobalBatches(Sampler):
+    """This rank's share of every global batch of an epoch, as lists of (index, epoch) for a seeded ImageReader.
+
+    The epoch's order is torch.randperm seeded with seed + epoch (as DistributedSampler's), cut into global batches
+    of batch_size, the last one partial as in the seed (drop_last=False); rank r takes items r, r + W, ... of each.
+    So the ranks together see exactly the batches one process sees. The ranks' shares of the last batch may differ
+    in length by one: the shorter ones are filled up with their batch's first image, labelled PADDING by the epoch
+    loop and left out by batch_loss, so that every rank takes the same number of steps and gathers equal-sized
+    tensors.
+    """
+
+    def __init__(self, size, batch_size, rank=0, world=1, seed=0):
+        self.size, self.batch_size, self.rank, self.world, self.seed = size, batch_size, rank, world, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        """Select the shuffle order and augmentation seeds of one epoch."""
+        self.epoch = epoch
+
+    def global_batches(self):
+        """The epoch's global batches of data-set indices, in the order one process would train on them."""
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return [order[start:start + self.batch_size] for start in range(0, self.size, self.batch_size)]
+
+    def shares(self, batch):
+        """Each rank's part of one global batch, padded to equal length with PADDING."""
+        length = -(-len(batch) // self.world)
+        return [batch[r::self.world] + [PADDING] * (length - len(batch[r::self.world])) for r in range(self.world)]
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            share = self.shares(batch)[self.rank]
+            yield [(batch[0] if index == PADDING else index, self.epoch) for index in share]
+
+    def __len__(self):
+        return -(-self.size // self.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,21 +213,30 @@ def set_backbone_trainable(model, trainable):
 
 
 def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device, epoch, args, rank):
-    """Train for one epoch; returns a stats dict with loss, accuracy and images per second."""
+    """Train for one epoch of loader (whose batch_sampler is a GlobalBatches).
+
+    Returns a stats dict with loss, accuracy and images per second, and the (N, D) embeddings the training pass
+    produced, in data-set order: the seed stores those (augmented, and from weights that change along the epoch) as
+    the data base's training features, which costs no extra pass.
+    """
     model.train()
     if not args.no_pretrained:  # the backbone's BatchNorm statistics stay as pretrained on ImageNet
         for module in unwrap(model).backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    sampler = loader.batch_sampler
+    features = torch.zeros(sampler.size, args.feature_dim)  # (N, D)
     total_loss, total_correct, total_num, start = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f'Train Epoch {epoch}/{args.num_epochs}', dynamic_ncols=True, disable=rank != 0)
-    for step, (images, labels) in enumerate(bar, 1):
+    for step, ((images, labels), batch) in enumerate(zip(bar, sampler.global_batches()), 1):
+        shares = sampler.shares(batch)
+        labels[torch.tensor(shares[rank]) == PADDING] = PADDING
         images = images.to(device, non_blocking=True)
         if args.amp:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         with scaler_ctx():
-            loss, cosines, labels = batch_loss(model, images, labels, loss_criterion)
+            loss, embeddings, cosines, labels = batch_loss(model, images, labels, loss_criterion)
         if not torch.isfinite(loss):
             kept = (f'the checkpoint of epoch {epoch - 1} is kept, so lower the learning rate or check the data, '
                     f'then run again with --resume' if epoch > 1 else
@@ -183,6 +245,9 @@ def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # the gathered rows are the ranks' shares one after the other, padding left out
+        rows = [index for share in shares for index in share if index != PADDING]
+        features[rows] = embeddings.detach().float().cpu()
         total_num += labels.size(0)
         total_loss += loss.item() * labels.size(0)
         total_correct += (cosines.argmax(dim=-1) == labels).sum().item()
@@ -191,7 +256,7 @@ def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {'loss': total_loss / total_num, 'accuracy': total_correct / total_num,
-            'images_per_second': total_num / seconds}
+            'images_per_second': total_num / seconds}, features
 
 
 def worker_context(dataset, num_workers):
@@ -323,6 +388,7 @@ def main():
 def train(args, ranks, device, rank, world):
     """The training run behind main()."""
     set_seed(args.seed)
+    set_cudnn(args.amp)
     if args.batch_size % world:
         raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, so it must be a '
                         f'multiple of {world}')
@@ -332,23 +398,18 @@ def train(args, ranks, device, rank, world):
     prefix = prefix_of(args)
     train_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, args.seed)
     test_data = ImageReader(args.data_path, args.data_name, 'test', args.backbone_type, args.crop_type)
-    train_eval_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type,
-                                  augment=False)
     if args.cache_images:  # before any DataLoader worker starts, so that all of them share the decoded images
         start = time.perf_counter()
         caches = [train_data.cache_images(), test_data.cache_images()]
-        train_eval_data.cache_images(caches[0])
         if rank == 0:
             print(f'decoded {sum(map(len, caches))} images into memory ({sum(c.nbytes for c in caches) / 2 ** 30:.1f}'
                   f' GiB) in {time.perf_counter() - start:.0f} s')
     if args.batch_size > len(train_data):
         raise UserError(f'--batch_size {args.batch_size} is larger than the {len(train_data)} training images of '
                         f'{args.data_name}; use a smaller --batch_size')
-    sampler = SeededSampler(DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True,
-                                               seed=args.seed, drop_last=True))
-    train_loader = DataLoader(train_data, args.batch_size // world, sampler=sampler, num_workers=args.num_workers,
-                              pin_memory=device.type == 'cuda', drop_last=True,
-                              persistent_workers=args.num_workers > 0,
+    sampler = GlobalBatches(len(train_data), args.batch_size, rank, world, args.seed)
+    train_loader = DataLoader(train_data, batch_sampler=sampler, num_workers=args.num_workers,
+                              pin_memory=device.type == 'cuda', persistent_workers=args.num_workers > 0,
                               multiprocessing_context=worker_context(train_data, args.num_workers))
 
     model = Model(args.backbone_type, args.feature_dim, train_data.num_classes, not args.no_pretrained).to(device)
@@ -395,11 +456,10 @@ def train(args, ranks, device, rank, world):
         sampler.set_epoch(epoch)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        stats = train_one_epoch(ddp_model, train_loader, loss_criterion, optimizer, autocast, device, epoch, args,
-                                rank)
+        stats, train_features = train_one_epoch(ddp_model, train_loader, loss_criterion, optimizer, autocast, device,
+                                                epoch, args, rank)
         eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
         test_features = embed(model, test_data, eval_batch, args.num_workers, device, args.amp, rank, world)
-        train_features = embed(model, train_eval_data, eval_batch, args.num_workers, device, args.amp, rank, world)
         scheduler.step()
         if rank != 0:
             continue
@@ -421,7 +481,8 @@ def train(args, ranks, device, rank, world):
         atomic_save({'test_images': test_data.images, 'test_labels': torch.tensor(test_data.labels),
                      'test_features': test_features, 'train_images': train_data.images,
                      'train_labels': torch.tensor(train_data.labels), 'train_features': train_features,
-                     'proxies': model.proxies.weight.detach().cpu(), 'args': vars(args), 'epoch': epoch},
+                     'proxies': F.normalize(model.proxies.weight.detach().cpu(), dim=-1), 'args': vars(args),
+                     'epoch': epoch},
                     f'results/{prefix}_{epoch}_data_base.pth')
         # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
         atomic_save({'model': weights, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy.io import savemat
 
@@ -87,6 +88,20 @@ def make_sop(data_path, num_classes=6, per_class=2):
         with open(os.path.join(root, f'Ebay_{split}.txt'), 'w') as file:
             file.write('\n'.join(lines) + '\n')
     return root
+
+
+class Pairs(torch.utils.data.Dataset):
+    """(image, label) pairs of two tensors, indexed like a seeded ImageReader: by index or (index, epoch)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __getitem__(self, item):
+        index = item[0] if isinstance(item, tuple) else item
+        return self.images[index], self.labels[index]
+
+    def __len__(self):
+        return len(self.images)
 
 
 @pytest.fixture(scope='module')

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from adamp import AdamP
 from torch import nn
+from torch.utils.data import DataLoader
 
 import train
+from conftest import Pairs
 from model import Model, ProxyLinear
 from utils import LOSSES
 
@@ -65,21 +67,23 @@ def test_train_one_epoch_with_amp_on_cpu():
     move, and the bf16 embeddings stay close to the float32 ones."""
     torch.manual_seed(0)
     model = Model('googlenet', 16, 4, pretrained=False).to(memory_format=torch.channels_last)
-    images = torch.randint(0, 256, (2, 4, 3, 64, 64), dtype=torch.uint8)  # 2 batches of 4
-    labels = torch.tensor([[0, 0, 1, 2], [3, 3, 1, 2]])
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)  # 2 batches of 4
+    labels = torch.tensor([0, 0, 1, 2, 3, 3, 1, 2])
     with torch.no_grad():
         model.eval()
-        full = model.embed(images[0])
+        full = model.embed(images[:4])
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            half = model.embed(images[0].contiguous(memory_format=torch.channels_last))
+            half = model.embed(images[:4].contiguous(memory_format=torch.channels_last))
     assert (full * half.float()).sum(-1).min() > 0.99  # cosine similarity of each embedding pair
     before = model.embedding.weight.detach().clone()
     optimizer = train.ChannelsLastAdamP(model.parameters(), lr=1e-3)
-    args = types.SimpleNamespace(amp=True, no_pretrained=True, num_epochs=1)
-    stats = train.train_one_epoch(model, list(zip(images, labels)), LOSSES['proxy_anchor'](), optimizer,
-                                  lambda: torch.autocast('cpu', dtype=torch.bfloat16), torch.device('cpu'), 1, args,
-                                  rank=0)
+    args = types.SimpleNamespace(amp=True, no_pretrained=True, num_epochs=1, feature_dim=16)
+    loader = DataLoader(Pairs(images, labels), batch_sampler=train.GlobalBatches(8, 4, seed=1))
+    stats, features = train.train_one_epoch(model, loader, LOSSES['proxy_anchor'](), optimizer,
+                                            lambda: torch.autocast('cpu', dtype=torch.bfloat16), torch.device('cpu'),
+                                            1, args, rank=0)
     assert stats['loss'] > 0 and stats['images_per_second'] > 0
+    assert features.dtype == torch.float32 and torch.allclose(features.norm(dim=1), torch.ones(8), atol=1e-2)
     assert not torch.equal(model.embedding.weight, before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -94,6 +94,9 @@ def test_data_base_and_checkpoint(trained):
         assert data_base[key].shape == (6, 32) and data_base[key].device.type == 'cpu'
         assert torch.allclose(data_base[key].norm(dim=1), torch.ones(6), atol=1e-4)
     assert data_base['proxies'].shape == (2, 32)
+    # as the seed stores them: the proxies L2-normalised, those of the final model
+    checkpoint = torch.load(results(trained, f'{PREFIX}_checkpoint.pth'), map_location='cpu', weights_only=True)
+    torch.testing.assert_close(data_base['proxies'], F.normalize(checkpoint['model']['proxies.weight'], dim=-1))
     uncropped = os.path.realpath(os.path.join(trained, 'data', 'cub', 'uncropped'))
     for path in data_base['test_images'] + data_base['train_images']:
         assert os.path.dirname(os.path.realpath(os.path.join(trained, path))) == uncropped
@@ -200,8 +203,12 @@ def test_query_outside_the_data_base_is_embedded_with_the_saved_model(trained):
     query_path = data_base['train_images'][query]
     assert query_path not in data_base['test_images'] and os.path.isfile(os.path.join(trained, query_path))
     run_script('test', '--query_img_name', query_path, '--data_base', name, '--retrieval_num', 4, cwd=trained)
-    # the data base's train embeddings were computed with the same model and the same test-time transform
-    query_feature = F.normalize(data_base['train_features'][query].double(), dim=0)
+    # test.py embeds it as the test set is embedded: the saved model in eval mode, the test-time transform
+    net = Model('googlenet', 32, 2, pretrained=False)
+    net.load_state_dict(torch.load(results(trained, f'{PREFIX}_2_model.pth'), weights_only=True))
+    with torch.no_grad():
+        query_feature = net.eval().embed(test_transform()(read_image(os.path.join(trained, query_path)))[None])[0]
+    query_feature = F.normalize(query_feature.double(), dim=0)
     similarities = (features @ query_feature).tolist()
     order = sorted(range(6), key=lambda i: -similarities[i])[:4]
     folder = results(trained, os.path.splitext(os.path.basename(query_path))[0])

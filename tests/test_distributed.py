@@ -21,6 +21,7 @@ WORLD, LOCAL_BATCH, NUM_CLASSES, FEATURE_DIM, SIZE = 2, 4, 5, 16, 64
 # positive and negative terms are only right if they are taken over the whole batch
 LABELS = torch.tensor([0, 0, 1, 2, 2, 3, 3, 1])
 EVAL_ITEMS = 7  # odd: the ranks' shards of the test set differ in length
+LAST = 3  # a last, partial global batch of 3: one rank gets 2 images, the other 1 and a padding row
 
 
 @pytest.fixture(autouse=True)
@@ -40,12 +41,13 @@ def free_port():
 
 def make_model():
     """The same randomly initialised GoogLeNet model in every process, in train.py's mode for pretrained runs:
-    training mode with the backbone's BatchNorm in eval mode, so each sample's output is independent of the batch."""
+    training mode with the backbone's BatchNorm in eval mode, so each sample's output is independent of the batch.
+    Its dropout is switched off too: its random masks would differ between one process and two."""
     torch.manual_seed(0)
     model = Model('googlenet', FEATURE_DIM, NUM_CLASSES, pretrained=False)
     model.train()
     for module in model.backbone.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
             module.eval()
     return model
 
@@ -61,12 +63,25 @@ def inputs():
 
 def step(model, images, labels, loss_name):
     """One train.batch_loss and backward: the loss, gathered labels and the gradients that the test compares."""
-    loss, cosines, all_labels = train.batch_loss(model, images, labels, LOSSES[loss_name]())
+    loss, _, cosines, all_labels = train.batch_loss(model, images, labels, LOSSES[loss_name]())
     loss.backward()
     net = train.unwrap(model)
     return {'loss': loss.detach(), 'cosines': cosines.detach(), 'labels': all_labels,
             'proxies': net.proxies.weight.grad.clone(), 'embedding': net.embedding.weight.grad.clone(),
             'backbone': net.backbone.conv1.conv.weight.grad.clone()}
+
+
+def last_batch(rank):
+    """(this rank's images, labels) of the last global batch and the order of the gathered rows, as train.py's
+    epoch loop builds them from GlobalBatches: the shorter share filled up with a padding row."""
+    images, labels, _ = inputs()
+    sampler = train.GlobalBatches(LAST, LAST, rank, WORLD, seed=3)
+    items = next(iter(sampler))
+    shares = sampler.shares(sampler.global_batches()[0])
+    local_labels = labels[[index for index, _ in items]]
+    local_labels[torch.tensor(shares[rank]) == train.PADDING] = train.PADDING
+    order = [index for share in shares for index in share if index != train.PADDING]
+    return images[[index for index, _ in items]], local_labels, order
 
 
 def worker(rank, port, folder):
@@ -81,6 +96,8 @@ def worker(rank, port, folder):
         for loss_name in LOSSES:
             model = make_model()
             results[loss_name] = step(DistributedDataParallel(model), images[part], labels[part], loss_name)
+            results[f'last {loss_name}'] = step(DistributedDataParallel(make_model()), *last_batch(rank)[:2],
+                                                loss_name)
         results['features'] = train.embed(model, evaluation, 2, 0, torch.device('cpu'), False, rank, WORLD)
         torch.save(results, os.path.join(folder, f'rank{rank}.pth'))
     finally:
@@ -111,6 +128,23 @@ def test_two_processes_equal_one_process_on_the_global_batch(two_processes, loss
     for results in two_processes:
         actual = results[loss_name]
         assert torch.equal(actual['labels'], labels)
+        assert_close(actual['cosines'], expected['cosines'])
+        assert abs(actual['loss'].item() - expected['loss'].item()) <= 1e-5 * abs(expected['loss'].item())
+        for name in ('proxies', 'embedding', 'backbone'):
+            assert_close(actual[name], expected[name])
+
+
+@pytest.mark.parametrize('loss_name', list(LOSSES))
+def test_a_last_batch_smaller_than_the_others_equals_one_process(two_processes, loss_name):
+    """The last global batch of 3 images over 2 processes (2 + 1 and a padding row) gives one process's loss and
+    gradients on those 3 images; the padding row takes no part."""
+    images, labels, _ = inputs()
+    _, local_labels, order = last_batch(1)
+    assert sorted(order) == list(range(LAST)) and (local_labels == train.PADDING).sum() == 1
+    expected = step(make_model(), images[order], labels[order], loss_name)
+    for results in two_processes:
+        actual = results[f'last {loss_name}']
+        assert torch.equal(actual['labels'], labels[order])
         assert_close(actual['cosines'], expected['cosines'])
         assert abs(actual['loss'].item() - expected['loss'].item()) <= 1e-5 * abs(expected['loss'].item())
         for name in ('proxies', 'embedding', 'backbone'):
