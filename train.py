@@ -3,8 +3,12 @@
 One GPU or the CPU: `python train.py ...`; several GPUs: `torchrun --nproc_per_node N train.py ...`.
 """
 import argparse
+import contextlib
+import fcntl
 import os
 import random
+import re
+import socket
 import time
 
 import numpy as np
@@ -20,12 +24,15 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from model import BACKBONES, Model
-from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, UserError, atomic_path, atomic_save, parse_ranks,
-                   pyplot, remove_temporaries, retrieval_metrics, run_main, safe_load, save_figure, set_seed)
+from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ArgumentParser, ImageReader, NormalizedSoftmaxLoss,
+                   ProxyAnchorLoss, UserError, atomic_path, atomic_save, parse_ranks, pyplot, remove_temporaries,
+                   retrieval_metrics, run_main, safe_load, save_figure, set_seed, umask)
 
 # flags that change what a run computes: a resumed run must use the same ones
-RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pretrained', 'loss_name', 'batch_size',
-                'warm_up', 'seed', 'amp')
+RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pretrained', 'loss_name', 'scale',
+                'margin', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma', 'batch_size', 'warm_up',
+                'seed', 'amp', 'val_fraction')
+OPTIMIZERS = ('adamp', 'adamw', 'sgd')
 
 
 def default_workers():
@@ -36,8 +43,8 @@ def default_workers():
 
 def get_args_parser():
     """The command-line flags of train.py; the seed's names and defaults are the public interface."""
-    parser = argparse.ArgumentParser(description='Train a proxy-based deep metric learning model',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description='Train a proxy-based deep metric learning model',
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     parser.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
     parser.add_argument('--data_name', default='car', type=str, choices=DATA_NAMES, help='dataset name')
@@ -54,7 +61,17 @@ def get_args_parser():
                         help='start the backbone from random weights instead of ImageNet (offline runs)')
     # loss
     parser.add_argument('--loss_name', default='proxy_anchor', type=str, choices=list(LOSSES), help='loss name')
+    parser.add_argument('--scale', default=32.0, type=float, help="the loss's scale s (both losses)")
+    parser.add_argument('--margin', default=0.1, type=float, help='the margin m of Proxy-Anchor (that loss only)')
     # optimisation
+    parser.add_argument('--optimizer', default='adamp', type=str, choices=list(OPTIMIZERS),
+                        help='AdamP, AdamW, or SGD with momentum 0.9')
+    parser.add_argument('--lr', default=1e-4, type=float,
+                        help='learning rate of the backbone and the embedding layer')
+    parser.add_argument('--proxy_lr', default=1e-2, type=float, help='learning rate of the proxies')
+    parser.add_argument('--weight_decay', default=0.0, type=float, help='weight decay of every parameter')
+    parser.add_argument('--lr_step', default=5, type=int, help='epochs between two learning-rate decays')
+    parser.add_argument('--lr_gamma', default=0.5, type=float, help='factor of each learning-rate decay')
     parser.add_argument('--batch_size', default=64, type=int, help='training batch size (over all GPUs)')
     parser.add_argument('--num_epochs', default=20, type=int, help='training epoch number')
     parser.add_argument('--warm_up', default=2, type=int, help='warm up number: epochs with a frozen backbone')
@@ -71,14 +88,47 @@ def get_args_parser():
     parser.add_argument('--recalls', default='1,2,4,8', type=str,
                         help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at 1,10,100,1000); a '
                              'K above the number of other test images retrieves them all')
+    parser.add_argument('--val_fraction', default=0.0, type=float,
+                        help='hold out this fraction of the training classes (the last ones by class id) as a '
+                             'validation set, evaluated every epoch like the test set; 0: none, as in the seed')
+    # naming
+    parser.add_argument('--run_name', default=None, type=str,
+                        help='appended to the output names (letters, digits, ".", "-", "_"), to tell apart runs the '
+                             'flags do not')
     return parser
+
+
+# flags whose non-default values name a run, in --help's order: runs of other settings never share files
+NAMED_FLAGS = ('scale', 'margin', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma', 'seed',
+               'val_fraction')
 
 
 def check_args(args):
     """Flags out of range become one UserError; returns the parsed Recall@K ranks."""
-    for flag, low in (('feature_dim', 1), ('batch_size', 1), ('num_epochs', 1), ('warm_up', 0), ('num_workers', 0)):
+    for flag, low in (('feature_dim', 1), ('batch_size', 1), ('num_epochs', 1), ('warm_up', 0), ('num_workers', 0),
+                      ('lr_step', 1)):
         if getattr(args, flag) < low:
             raise UserError(f'--{flag} must be at least {low}, not {getattr(args, flag)}')
+    for flag in ('scale', 'lr', 'proxy_lr'):
+        if not getattr(args, flag) > 0:  # also refuses nan
+            raise UserError(f'--{flag} must be positive, not {getattr(args, flag)}')
+    if not 0 < args.lr_gamma <= 1:
+        raise UserError(f'--lr_gamma must lie in (0, 1] (1 keeps the learning rate constant), not {args.lr_gamma}')
+    if not args.weight_decay >= 0:
+        raise UserError(f'--weight_decay must be 0 or more, not {args.weight_decay}')
+    if not args.margin >= 0:
+        raise UserError(f'--margin must be 0 or more, not {args.margin}')
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f'--val_fraction must lie in [0, 1), not {args.val_fraction}')
+    if args.loss_name != 'proxy_anchor' and args.margin != get_args_parser().get_default('margin'):
+        raise UserError(f'--margin is a parameter of the proxy_anchor loss only, not of {args.loss_name}; leave it out')
+    if args.run_name is not None:
+        if not re.fullmatch(r'[A-Za-z0-9._-]+', args.run_name):
+            raise UserError(f'--run_name may hold only letters, digits, ".", "-" and "_" (it becomes part of file '
+                            f'names), not {args.run_name!r}')
+        if args.run_name.startswith(NAMED_FLAGS):
+            raise UserError(f'--run_name {args.run_name} starts like the part a flag adds to a run name (such as '
+                            f'_seed2), so two different runs could share files; choose a name that starts otherwise')
     return parse_ranks(args.recalls)
 
 
@@ -206,6 +256,27 @@ class ChannelsLastAdamP(AdamP):
         return x.reshape(1, -1)
 
 
+def make_optimizer(model, args):
+    """The optimizer over two groups, the proxies at --proxy_lr and every other parameter at --lr, and its StepLR."""
+    proxies = list(model.proxies.parameters())
+    others = [p for p in model.parameters() if all(p is not q for q in proxies)]
+    groups = [{'params': others}, {'params': proxies, 'lr': args.proxy_lr}]
+    if args.optimizer == 'adamp':  # the seed's: AdamP's defaults otherwise (betas 0.9/0.999, eps 1e-8)
+        optimizer = ChannelsLastAdamP(groups, lr=args.lr, weight_decay=args.weight_decay)
+    elif args.optimizer == 'adamw':
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return optimizer, StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
+
+
+def make_loss(args):
+    """The loss with --scale (and --margin for Proxy-Anchor)."""
+    if args.loss_name == 'proxy_anchor':
+        return ProxyAnchorLoss(scale=args.scale, margin=args.margin)
+    return NormalizedSoftmaxLoss(scale=args.scale)
+
+
 def set_backbone_trainable(model, trainable):
     """Freeze or unfreeze the backbone (the warm-up trains only the embedding layer and the proxies)."""
     for parameter in model.backbone.parameters():
@@ -320,11 +391,15 @@ def save_statistics(statistics, prefix):
 
 
 def plot_statistics(frame, path):
-    """Loss and accuracy, and the test metrics, per epoch: a two-panel SciencePlots figure."""
+    """Loss and accuracy, then the test metrics (and the validation ones, if any) per epoch: a SciencePlots figure."""
     plt = pyplot()
     names = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}
+    panels = [(split, title) for split, title in (('test', 'test (unseen classes)'),
+                                                   ('val', 'validation (held-out training classes)'))
+              if any(column.startswith(f'{split}_') for column in frame.columns)]
     with plt.style.context(['science', 'no-latex']):
-        figure, (left, right) = plt.subplots(1, 2, figsize=(8, 2.8))
+        figure, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)) - 0.4, 2.8))
+        left = axes[0]
         left.plot(frame.index, frame['train_loss'], marker='o', markersize=3, label='loss')
         left.set(xlabel='epoch', ylabel='train loss', title='training')
         twin = left.twinx()
@@ -332,22 +407,117 @@ def plot_statistics(frame, path):
                   label='accuracy')
         twin.set_ylabel('train accuracy (%)')
         left.legend(handles=left.get_lines() + twin.get_lines(), loc='best', fontsize=7)
-        for column in frame.columns:
-            if column.startswith('test_'):
-                name = column[5:]
-                right.plot(frame.index, 100 * frame[column], marker='o', markersize=3,
-                           label=names.get(name, name.replace('recall', 'R')))
-        right.set(xlabel='epoch', ylabel='test metric (%)', title='test (unseen classes)', ylim=(0, 100))
-        right.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
-        for axis in (left, right):
+        for axis, (split, title) in zip(axes[1:], panels):
+            for column in frame.columns:
+                if column.startswith(f'{split}_'):
+                    name = column[len(split) + 1:]
+                    axis.plot(frame.index, 100 * frame[column], marker='o', markersize=3,
+                              label=names.get(name, name.replace('recall', 'R')))
+            axis.set(xlabel='epoch', ylabel=f'{split} metric (%)', title=title, ylim=(0, 100))
+        axes[-1].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
+        for axis in axes:
             axis.xaxis.get_major_locator().set_params(integer=True)
         figure.tight_layout(w_pad=2.5)
         save_figure(figure, path)
 
 
+def hold_out(train_data, args):
+    """Move the last --val_fraction of the training classes (by class id) out of train_data into a validation set,
+    which is embedded without augmentation like the test set; returns it."""
+    classes = train_data.num_classes
+    held = round(args.val_fraction * classes)
+    if held < 2 or classes - held < 2:
+        raise UserError(f'--val_fraction {args.val_fraction} of the {classes} training classes of {args.data_name} '
+                        f'holds out {held} and trains on {classes - held}, but each side needs at least 2 classes; '
+                        f'choose a fraction between {2 / classes:.3g} and {1 - 2 / classes:.3g}')
+    val_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, augment=False)
+    val_data.keep_classes(classes - held, classes)
+    train_data.keep_classes(0, classes - held)
+    return val_data
+
+
+def flag_value(value):
+    """A flag's value as a run name shows it: 0.2, 1e-05, 64 for 64.0, 2, adamw; distinct values stay distinct."""
+    if isinstance(value, float):
+        return f'{value:g}' if float(f'{value:g}') == value else repr(value)
+    return str(value)
+
+
 def prefix_of(args):
-    """The name every output of this configuration starts with, as the seed: car_resnet50_proxy_anchor_512."""
-    return f'{args.data_name}_{args.backbone_type}_{args.loss_name}_{args.feature_dim}'
+    """The name every output of this run starts with: the seed's car_resnet50_proxy_anchor_512, then _<flag><value>
+    for each of NAMED_FLAGS off its default (car_resnet50_proxy_anchor_512_margin0.2_seed2), then _<--run_name>."""
+    name = f'{args.data_name}_{args.backbone_type}_{args.loss_name}_{args.feature_dim}'
+    parser = get_args_parser()
+    for flag in NAMED_FLAGS:
+        value = getattr(args, flag, parser.get_default(flag))
+        if value != parser.get_default(flag):
+            name += f'_{flag}{flag_value(value)}'
+    if getattr(args, 'run_name', None):
+        name += f'_{args.run_name}'
+    return name
+
+
+class RunLock:
+    """An exclusive lock on a run's name, so that two processes never train (and write) under it at once.
+
+    fcntl.flock: the kernel releases it when its holder dies, even by SIGKILL, so a crashed run never blocks the
+    next one. The file names its holder, for the refusal, and is removed on release.
+    """
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def acquire(self):
+        """Take the lock; returns None, or a description of the process that holds it."""
+        os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 1000).decode(errors='replace').strip() or 'a process starting up'
+                os.close(fd)
+                return holder
+            try:  # the holder may have removed the file between our open and our lock: then lock the new one
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}'
+                 .encode())
+        self.fd = fd
+        return None
+
+    def release(self):
+        """Remove the file, then drop the lock."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+@contextlib.contextmanager
+def exclusive_run(prefix, rank, world):
+    """Hold results/.<prefix>.lock for the block; a run of the same name already running is one UserError.
+
+    Rank 0 holds the lock for the whole torchrun job and tells the other ranks whether it got it.
+    """
+    lock = RunLock(os.path.join('results', f'.{prefix}.lock')) if rank == 0 else None
+    holder = lock.acquire() if lock else None
+    if world > 1:
+        shared = [holder]
+        dist.broadcast_object_list(shared, src=0)
+        holder = shared[0]
+    if holder is not None:
+        raise UserError(f'another process ({holder}) is training {prefix} right now, and two runs under one name '
+                        f'would mix their files; wait for it to end, or tell this run apart with --run_name')
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def load_checkpoint(path, args):
@@ -358,10 +528,13 @@ def load_checkpoint(path, args):
     if missing:
         raise UserError(f'{path} is not a checkpoint train.py wrote (it has no {", ".join(sorted(missing))}); move '
                         f'it away and start afresh without --resume')
+    parser = get_args_parser()
     for flag in RECIPE_FLAGS:
-        if checkpoint['args'].get(flag) != getattr(args, flag):
-            raise UserError(f'{path} was trained with --{flag} {checkpoint["args"].get(flag)}, not '
-                            f'{getattr(args, flag)}; resume with the same flags or start afresh without --resume')
+        # a checkpoint from before a flag existed was trained with the flag's default
+        saved = checkpoint['args'].get(flag, parser.get_default(flag))
+        if saved != getattr(args, flag):
+            raise UserError(f'{path} was trained with --{flag} {saved}, not {getattr(args, flag)}; resume with the '
+                            f'same flags or start afresh without --resume')
     if checkpoint['epoch'] >= args.num_epochs:
         raise UserError(f'{path} already finished epoch {checkpoint["epoch"]} of {args.num_epochs}; raise '
                         f'--num_epochs to train longer')
@@ -376,7 +549,8 @@ def main():
     ranks = check_args(args)
     device, rank, world = setup_device()
     try:
-        train(args, ranks, device, rank, world)
+        with exclusive_run(prefix_of(args), rank, world):
+            train(args, ranks, device, rank, world)
     except torch.OutOfMemoryError:
         raise UserError(f'{device} ran out of memory with --batch_size {args.batch_size}; try a smaller one, such '
                         f'as --batch_size {max(1, args.batch_size // 2)}, or add --amp') from None
@@ -398,9 +572,10 @@ def train(args, ranks, device, rank, world):
     prefix = prefix_of(args)
     train_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, args.seed)
     test_data = ImageReader(args.data_path, args.data_name, 'test', args.backbone_type, args.crop_type)
+    val_data = hold_out(train_data, args) if args.val_fraction > 0 else None
     if args.cache_images:  # before any DataLoader worker starts, so that all of them share the decoded images
         start = time.perf_counter()
-        caches = [train_data.cache_images(), test_data.cache_images()]
+        caches = [data.cache_images() for data in (train_data, test_data, val_data) if data is not None]
         if rank == 0:
             print(f'decoded {sum(map(len, caches))} images into memory ({sum(c.nbytes for c in caches) / 2 ** 30:.1f}'
                   f' GiB) in {time.perf_counter() - start:.0f} s')
@@ -415,13 +590,11 @@ def train(args, ranks, device, rank, world):
     model = Model(args.backbone_type, args.feature_dim, train_data.num_classes, not args.no_pretrained).to(device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
-    proxies = list(model.proxies.parameters())
-    others = [p for p in model.parameters() if all(p is not q for q in proxies)]
-    optimizer = ChannelsLastAdamP([{'params': others}, {'params': proxies, 'lr': 1e-2}], lr=1e-4)
-    scheduler = StepLR(optimizer, step_size=5, gamma=0.5)
-    loss_criterion = LOSSES[args.loss_name]()
-    columns = ['train_loss', 'train_accuracy'] + [f'test_recall@{k}' for k in ranks] + ['test_map@r',
-                                                                                        'test_r_precision']
+    optimizer, scheduler = make_optimizer(model, args)
+    loss_criterion = make_loss(args)
+    evaluated = [('test', test_data)] + ([('val', val_data)] if val_data is not None else [])
+    columns = ['train_loss', 'train_accuracy'] + [f'{split}_{metric}' for split, _ in evaluated for metric in
+                                                  [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']]
     statistics, start_epoch = {column: [] for column in columns}, 1
     checkpoint_path = f'results/{prefix}_checkpoint.pth'
     if rank == 0:  # what a run of this configuration killed mid-write left behind
@@ -459,21 +632,24 @@ def train(args, ranks, device, rank, world):
         stats, train_features = train_one_epoch(ddp_model, train_loader, loss_criterion, optimizer, autocast, device,
                                                 epoch, args, rank)
         eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
-        test_features = embed(model, test_data, eval_batch, args.num_workers, device, args.amp, rank, world)
+        features = {split: embed(model, data, eval_batch, args.num_workers, device, args.amp, rank, world)
+                    for split, data in evaluated}
+        test_features = features['test']
         scheduler.step()
         if rank != 0:
             continue
-        metrics = retrieval_metrics(test_features, torch.tensor(test_data.labels), ranks)
-        values = [stats['loss'], stats['accuracy']] + [metrics[f'recall@{k}'] for k in ranks] + [
-            metrics['map@r'], metrics['r_precision']]
-        for column, value in zip(columns, values):
-            statistics[column].append(value)
+        statistics['train_loss'].append(stats['loss'])
+        statistics['train_accuracy'].append(stats['accuracy'])
         memory = (f', peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
                   if device.type == 'cuda' else '')
-        print(f'Test Epoch {epoch}/{args.num_epochs} '
-              + ' '.join(f'R@{k}:{100 * metrics[f"recall@{k}"]:.2f}%' for k in ranks)
-              + f' MAP@R:{100 * metrics["map@r"]:.2f}% RP:{100 * metrics["r_precision"]:.2f}%'
-              + f' | train {stats["images_per_second"]:.1f} images/s{memory}')
+        for split, data in reversed(evaluated):  # validation first: the test line ends the epoch's report
+            metrics = retrieval_metrics(features[split], torch.tensor(data.labels), ranks)
+            for metric, value in metrics.items():
+                statistics[f'{split}_{metric}'].append(value)
+            print(f'{split.capitalize()} Epoch {epoch}/{args.num_epochs} '
+                  + ' '.join(f'R@{k}:{100 * metrics[f"recall@{k}"]:.2f}%' for k in ranks)
+                  + f' MAP@R:{100 * metrics["map@r"]:.2f}% RP:{100 * metrics["r_precision"]:.2f}%'
+                  + (f' | train {stats["images_per_second"]:.1f} images/s{memory}' if split == 'test' else ''))
 
         save_statistics(statistics, prefix)
         weights = model.state_dict()

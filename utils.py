@@ -1,4 +1,5 @@
 """Shared pieces: errors and safe file I/O, data reading and transforms, the two losses, retrieval metrics."""
+import argparse
 import contextlib
 import math
 import os
@@ -28,6 +29,14 @@ IMAGE_SIZE, RESIZE_SIZE = 224, 256
 
 class UserError(Exception):
     """An error the user can fix: the scripts print its message as one sentence and exit non-zero."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a bad choice or number) are one UserError sentence, not its usage
+    text and exit status 2."""
+
+    def error(self, message):
+        raise UserError(f'{message}; see python {self.prog} --help')
 
 
 def run_main(main):
@@ -289,6 +298,12 @@ class ImageReader(Dataset):
         self.transform = train_transform() if (data_type == 'train' if augment is None else augment) \
             else test_transform()
         self.seed, self.cache = seed, None
+
+    def keep_classes(self, start, stop):
+        """Keep only the images of labels start..stop-1, relabelled from 0 (a validation split of the classes)."""
+        kept = [(image, label - start) for image, label in zip(self.images, self.labels) if start <= label < stop]
+        self.images, self.labels = [image for image, _ in kept], [label for _, label in kept]
+        self.num_classes = stop - start
 
     def cache_images(self, cache=None):
         """Decode every image once into memory, or share `cache`, another reader's ImageCache of the same images."""

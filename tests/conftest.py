@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy.io import savemat
 
@@ -104,6 +105,14 @@ class Pairs(torch.utils.data.Dataset):
         return len(self.images)
 
 
+@pytest.fixture
+def without_onednn():
+    """PyTorch's own CPU convolutions instead of oneDNN's, whose first call for each new tensor shape costs seconds:
+    a test's tiny training runs meet a new shape at almost every call (batch sizes, the last batch, evaluation)."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
     """A prepared CUB-layout data set of 4 classes x 4 images (8 train, 8 test), one per test module; its path."""
@@ -146,3 +155,59 @@ def script(capsys, monkeypatch):
         out, err = capsys.readouterr()
         return status, out, err
     return run
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.py's epochs, observed or skipped
+
+def bn_buffers(net):
+    """Copies of the running statistics of the backbone's BatchNorm layers."""
+    return {name: value.clone() for name, value in net.named_buffers() if name.startswith('backbone.')
+            and 'running_' in name}
+
+
+@pytest.fixture
+def small_crops(monkeypatch):
+    """64-pixel crops instead of the recipe's 224 for the runs below: a dozen times less arithmetic, same recipe."""
+    import utils
+    monkeypatch.setattr(utils, 'IMAGE_SIZE', 64)
+    monkeypatch.setattr(utils, 'RESIZE_SIZE', 73)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Wrap train.py's train_one_epoch: per epoch, the parameters and BatchNorm statistics before and after it and
+    each parameter group's learning rate. The wrapped function is replaced by `fake` when one is given."""
+    from script_runner import load_script
+    train = load_script('train')
+    original, epochs = train.train_one_epoch, []
+
+    def wrapper(model, loader, loss_criterion, optimizer, *rest, fake=None):
+        net = train.unwrap(model)
+        before = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
+        result = (fake or original)(model, loader, loss_criterion, optimizer, *rest)
+        after = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
+        epochs.append({'before': before, 'after': after, 'lrs': [g['lr'] for g in optimizer.param_groups],
+                       'optimizer': optimizer, 'model': net})
+        return result
+
+    monkeypatch.setattr(train, 'train_one_epoch', wrapper)
+    return epochs
+
+
+def fast_epochs(monkeypatch, recorded):
+    """train.py with no training step, evaluation or file written: only its schedule runs (after `recorded`)."""
+    from script_runner import load_script
+    train = load_script('train')
+    wrapper = train.train_one_epoch
+
+    def no_step(model, loader, loss_criterion, optimizer, scaler_ctx, device, epoch, args, rank):
+        optimizer.step()  # no gradients: changes nothing, but the scheduler sees the optimizer stepped
+        return {'loss': 1.0, 'accuracy': 0.0, 'images_per_second': 1.0}, torch.zeros(len(loader.dataset),
+                                                                                      args.feature_dim)
+
+    monkeypatch.setattr(train, 'train_one_epoch', lambda *a: wrapper(*a, fake=no_step))
+    monkeypatch.setattr(train, 'embed', lambda model, dataset, *_: F.normalize(
+        torch.randn(len(dataset), model.embedding.out_features), dim=1))
+    for name in ('atomic_save', 'save_statistics'):
+        monkeypatch.setattr(train, name, lambda *_: None)

@@ -24,12 +24,9 @@ EVAL_ITEMS = 7  # odd: the ranks' shards of the test set differ in length
 LAST = 3  # a last, partial global batch of 3: one rank gets 2 images, the other 1 and a padding row
 
 
-@pytest.fixture(autouse=True)
-def without_onednn():
-    """PyTorch's own CPU convolutions: oneDNN's weight gradients are off by up to 1% of the largest one, differently
-    for each thread count (the test checks DDP's arithmetic, not oneDNN's), and its first call per shape is slow."""
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+# PyTorch's own CPU convolutions: oneDNN's weight gradients are off by up to 1% of the largest one, differently for
+# each thread count (the test checks DDP's arithmetic, not oneDNN's), and its first call per shape is slow
+pytestmark = pytest.mark.usefixtures('without_onednn')
 
 
 def free_port():

@@ -11,54 +11,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import model as model_module
+from conftest import fast_epochs
 from model import Model
 from script_runner import load_script
 from utils import LOSSES, ImageReader, UserError
 
 # the flags that change what a run computes, each with another valid value: --resume must refuse every one
 RECIPE_CHANGES = {'data_name': 'car', 'crop_type': 'cropped', 'backbone_type': 'resnet50', 'feature_dim': 16,
-                  'no_pretrained': False, 'loss_name': 'normalized_softmax', 'batch_size': 8, 'warm_up': 3, 'seed': 2,
-                  'amp': True}
+                  'no_pretrained': False, 'loss_name': 'normalized_softmax', 'scale': 16.0, 'margin': 0.2,
+                  'optimizer': 'adamw', 'lr': 3e-4, 'proxy_lr': 1e-3, 'weight_decay': 1e-4, 'lr_step': 10,
+                  'lr_gamma': 0.25, 'batch_size': 8, 'warm_up': 3, 'seed': 2, 'amp': True, 'val_fraction': 0.2}
+
+pytestmark = pytest.mark.usefixtures('without_onednn')  # see conftest.py: seconds per test saved
 
 
 def flags(data_path, *extra, epochs=3, warm_up=2, batch_size=4):
     """train.py's flags for a small GoogLeNet run on the `prepared` data set (8 training images)."""
     return ['--data_path', data_path, '--data_name', 'cub', '--backbone_type', 'googlenet', '--feature_dim', 8,
             '--batch_size', batch_size, '--num_epochs', epochs, '--warm_up', warm_up, '--num_workers', 0, *extra]
-
-
-def bn_buffers(net):
-    """Copies of the running statistics of the backbone's BatchNorm layers."""
-    return {name: value.clone() for name, value in net.named_buffers() if name.startswith('backbone.')
-            and 'running_' in name}
-
-
-@pytest.fixture
-def small_crops(monkeypatch):
-    """64-pixel crops instead of the recipe's 224 for the runs below: a dozen times less arithmetic, same recipe."""
-    import utils
-    monkeypatch.setattr(utils, 'IMAGE_SIZE', 64)
-    monkeypatch.setattr(utils, 'RESIZE_SIZE', 73)
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Wrap train.py's train_one_epoch: per epoch, the parameters and BatchNorm statistics before and after it and
-    each parameter group's learning rate. The wrapped function is replaced by `fake` when one is given."""
-    train = load_script('train')
-    original, epochs = train.train_one_epoch, []
-
-    def wrapper(model, loader, loss_criterion, optimizer, *rest, fake=None):
-        net = train.unwrap(model)
-        before = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
-        result = (fake or original)(model, loader, loss_criterion, optimizer, *rest)
-        after = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
-        epochs.append({'before': before, 'after': after, 'lrs': [g['lr'] for g in optimizer.param_groups],
-                       'optimizer': optimizer, 'model': net})
-        return result
-
-    monkeypatch.setattr(train, 'train_one_epoch', wrapper)
-    return epochs
 
 
 def changed(epoch, prefix, kind=0):
@@ -98,21 +68,6 @@ def test_warm_up_boundary_and_batchnorm_statistics(prepared, tmp_path, script, r
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
 
 
-def fast_epochs(monkeypatch, recorded):
-    """train.py with no training step, evaluation or file written: only its schedule runs."""
-    train = load_script('train')
-    wrapper = train.train_one_epoch
-
-    def no_step(model, loader, loss_criterion, optimizer, scaler_ctx, device, epoch, args, rank):
-        return {'loss': 1.0, 'accuracy': 0.0, 'images_per_second': 1.0}, torch.zeros(len(loader.dataset), 8)
-
-    monkeypatch.setattr(train, 'train_one_epoch', lambda *a: wrapper(*a, fake=no_step))
-    monkeypatch.setattr(train, 'embed', lambda model, dataset, *_: F.normalize(torch.randn(len(dataset), 8), dim=1))
-    for name in ('atomic_save', 'save_statistics'):
-        monkeypatch.setattr(train, name, lambda *_: None)
-
-
-@pytest.mark.filterwarnings('ignore:Detected call of `lr_scheduler.step()`')  # no optimizer step here
 def test_learning_rates_of_every_epoch_of_the_20_epoch_schedule(prepared, tmp_path, script, recorded, monkeypatch):
     """AdamP (betas 0.9/0.999, eps 1e-8, no weight decay) over two groups: the proxies at 1e-2 and every other
     parameter at 1e-4, both halved after every 5 epochs, stepped once per epoch."""
@@ -134,26 +89,27 @@ def test_learning_rates_of_every_epoch_of_the_20_epoch_schedule(prepared, tmp_pa
 
 def test_resume_past_a_learning_rate_step_equals_an_uninterrupted_run(prepared, tmp_path, script, recorded,
                                                                       small_crops):
-    """7 epochs in one go against 6 epochs then --resume for the 7th: the 7th epoch runs at the same learning rates,
-    and the run ends with the same scheduler, optimizer state and weights."""
+    """With the learning rates halved every 2 epochs, 4 epochs in one go against 3 epochs then --resume for the
+    4th: the 4th epoch runs at the same learning rates, and the run ends with the same scheduler, optimizer state
+    and weights."""
     train = load_script('train')
-    prefix = 'cub_googlenet_proxy_anchor_8'
+    prefix = 'cub_googlenet_proxy_anchor_8_lr_step2'
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
-    one_go = flags(prepared, '--no_pretrained', epochs=7, warm_up=1, batch_size=8)
+    one_go = flags(prepared, '--no_pretrained', '--lr_step', 2, epochs=4, warm_up=1, batch_size=8)
     assert script('train', *one_go, cwd=tmp_path / 'a')[0] == 0
     uninterrupted = [epoch['lrs'] for epoch in recorded]
-    assert uninterrupted[5] == pytest.approx([5e-5, 5e-3])  # epoch 6 is past the first step
+    assert uninterrupted[2] == pytest.approx([5e-5, 5e-3])  # epoch 3 is past the first step
     recorded.clear()
-    assert script('train', *flags(prepared, '--no_pretrained', epochs=6, warm_up=1, batch_size=8),
+    assert script('train', *flags(prepared, '--no_pretrained', '--lr_step', 2, epochs=3, warm_up=1, batch_size=8),
                   cwd=tmp_path / 'b')[0] == 0
     status, out, err = script('train', *one_go, '--resume', cwd=tmp_path / 'b')
     assert status == 0, err
-    assert 'after epoch 6' in out
+    assert 'after epoch 3' in out
     assert [epoch['lrs'] for epoch in recorded] == uninterrupted
     expected, actual = (train.safe_load(str(tmp_path / run / 'results' / f'{prefix}_checkpoint.pth'))
                         for run in ('a', 'b'))
-    assert actual['epoch'] == expected['epoch'] == 7
+    assert actual['epoch'] == expected['epoch'] == 4
     assert actual['scheduler'] == expected['scheduler']
     assert actual['optimizer']['param_groups'] == expected['optimizer']['param_groups']
     assert actual['optimizer']['state'].keys() == expected['optimizer']['state'].keys()

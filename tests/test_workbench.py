@@ -1,0 +1,235 @@
+"""The research workbench (issue 8): recipe flags, run names, the run lock, a validation split, several seeds."""
+import os
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from adamp import AdamP
+from PIL import Image
+
+from conftest import fast_epochs, make_cub
+from script_runner import error_sentence, load_script
+from utils import ImageReader, ProxyAnchorLoss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN = os.path.join(HERE, 'data', 'default_run_statistics.csv')
+DEFAULT_RUN = ['--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', '8',
+               '--batch_size', '3', '--num_epochs', '3', '--warm_up', '1', '--num_workers', '0']
+DEFAULT_PREFIX = 'cub_googlenet_proxy_anchor_8'
+
+pytestmark = pytest.mark.usefixtures('without_onednn')  # see conftest.py: seconds per test saved
+
+
+def default_run(folder, *extra):
+    """train.py in-process on 4 classes x 4 CUB-layout images at 64-pixel crops, with the seed's recipe; returns
+    the statistics table. Batches of 3 out of 8 training images, so the last batch is partial."""
+    import data_utils
+    import utils
+    data_path = os.path.join(folder, 'data')
+    if not os.path.isdir(data_path):
+        make_cub(data_path, num_classes=4, per_class=4)
+        data_utils.prepare(data_path, 'cub', workers=1)
+    sizes = utils.IMAGE_SIZE, utils.RESIZE_SIZE
+    utils.IMAGE_SIZE, utils.RESIZE_SIZE = 64, 73
+    argv, cwd = sys.argv, os.getcwd()
+    try:
+        sys.argv = ['train.py', '--data_path', data_path, *DEFAULT_RUN, *extra]
+        os.chdir(folder)
+        with torch.backends.mkldnn.flags(enabled=False):
+            load_script('train').main()
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+        utils.IMAGE_SIZE, utils.RESIZE_SIZE = sizes
+    return pd.read_csv(os.path.join(folder, 'results', f'{DEFAULT_PREFIX}_statistics.csv'), index_col='epoch')
+
+
+def test_defaults_reproduce_the_seed_recipe_run(tmp_path):
+    """With no new flag, train.py computes what it computed before the recipe became flags: the statistics CSV of
+    tests/data/default_run_statistics.csv, written by the code of commit 9baa799 on the same fixture, under the
+    seed's output name."""
+    frame = default_run(str(tmp_path))
+    expected = pd.read_csv(GOLDEN, index_col='epoch')
+    assert list(frame.columns) == list(expected.columns) and list(frame.index) == [1, 2, 3]
+    pd.testing.assert_series_equal(frame['train_loss'], expected['train_loss'], rtol=1e-5, atol=0)
+    for column in expected.columns.drop('train_loss'):
+        assert frame[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-6), column
+    assert sorted(os.listdir(tmp_path / 'results')) == sorted(
+        f'{DEFAULT_PREFIX}_{name}' for name in ('3_data_base.pth', '3_model.pth', 'checkpoint.pth', 'statistics.csv',
+                                                'statistics.png'))  # and the run lock is gone
+
+
+@pytest.mark.parametrize('optimizer, kind, extra', [('adamp', AdamP, {}), ('adamw', torch.optim.AdamW, {}),
+                                                    ('sgd', torch.optim.SGD, {'momentum': 0.9})])
+def test_each_flag_reaches_what_it_controls(prepared, tmp_path, script, recorded, monkeypatch, optimizer, kind,
+                                            extra):
+    """--optimizer, --lr, --proxy_lr, --weight_decay, --lr_step, --lr_gamma, --scale and --margin reach the optimizer
+    train.py steps, its schedule and the loss it minimises."""
+    fast_epochs(monkeypatch, recorded)
+    train = load_script('train')
+    losses = []
+    original = train.make_loss
+    monkeypatch.setattr(train, 'make_loss', lambda args: losses.append(original(args)) or losses[-1])
+    status, _, err = script('train', '--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet',
+                            '--no_pretrained', '--feature_dim', 8, '--batch_size', 4, '--num_epochs', 7,
+                            '--warm_up', 0, '--num_workers', 0, '--optimizer', optimizer, '--lr', 3e-4,
+                            '--proxy_lr', 2e-3, '--weight_decay', 1e-4, '--lr_step', 3, '--lr_gamma', 0.25,
+                            '--scale', 16, '--margin', 0.2, cwd=tmp_path)
+    assert status == 0, err
+    chosen = recorded[0]['optimizer']
+    assert type(chosen) is kind or (kind is AdamP and isinstance(chosen, AdamP))
+    for group in chosen.param_groups:
+        assert group['weight_decay'] == 1e-4
+        assert all(group[key] == value for key, value in extra.items())
+    steps = [1, 1, 1, 0.25, 0.25, 0.25, 0.0625]
+    assert len(recorded) == len(steps)
+    for epoch, factor in zip(recorded, steps):
+        assert epoch['lrs'] == pytest.approx([3e-4 * factor, 2e-3 * factor], rel=1e-12)
+    loss, = losses
+    assert isinstance(loss, ProxyAnchorLoss) and (loss.scale, loss.margin) == (16, 0.2)
+
+
+def test_normalized_softmax_takes_the_scale(tmp_path):
+    """--scale reaches Normalized-Softmax too: its loss is cross-entropy over scale x cosines."""
+    train = load_script('train')
+    args = train.get_args_parser().parse_args(['--loss_name', 'normalized_softmax', '--scale', '8'])
+    loss = train.make_loss(args)
+    cosines, labels = torch.tensor([[0.5, -0.2, 0.1]]), torch.tensor([0])
+    assert loss(cosines, labels).item() == pytest.approx(torch.nn.functional.cross_entropy(8 * cosines, labels).item())
+
+
+def names_of(variants):
+    """{variant: run name} for lists of train.py flags added to one base configuration."""
+    train = load_script('train')
+    base = ['--data_name', 'cub', '--backbone_type', 'resnet50']
+    return {tuple(v): train.prefix_of(train.get_args_parser().parse_args(base + list(v))) for v in variants}
+
+
+def test_run_names_follow_the_flags_and_never_collide():
+    """Defaults keep the seed's name; each named flag off its default appends _<flag><value> in --help's order;
+    --run_name comes last; no two of many different settings share a name."""
+    names = names_of([[], ['--margin', '0.2', '--seed', '2'], ['--seed', '2', '--margin', '0.2'],
+                      ['--lr', '0.0001', '--seed', '1']])
+    assert names[()] == 'cub_resnet50_proxy_anchor_512'
+    assert names[('--margin', '0.2', '--seed', '2')] == 'cub_resnet50_proxy_anchor_512_margin0.2_seed2'
+    assert names[('--seed', '2', '--margin', '0.2')] == 'cub_resnet50_proxy_anchor_512_margin0.2_seed2'
+    assert names[('--lr', '0.0001', '--seed', '1')] == 'cub_resnet50_proxy_anchor_512'  # the defaults, spelt out
+    train = load_script('train')
+    order = [action.dest for action in train.get_args_parser()._actions if action.dest in train.NAMED_FLAGS]
+    assert list(train.NAMED_FLAGS) == order
+    values = {'scale': ['16', '64', '32.5'], 'margin': ['0.2', '0', '0.15'], 'optimizer': ['adamw', 'sgd'],
+              'lr': ['3e-4', '1e-5', '0.00012345678', '0.000123456789'], 'proxy_lr': ['1e-3', '0.1'],
+              'weight_decay': ['1e-4', '0.05'], 'lr_step': ['10', '20'], 'lr_gamma': ['0.25', '1'],
+              'seed': ['2', '3', '12'], 'val_fraction': ['0.2', '0.25']}
+    assert set(values) == set(train.NAMED_FLAGS)
+    singles = [[f'--{flag}', value] for flag, options in values.items() for value in options]
+    pairs = [a + b for a in singles for b in singles if a[0] < b[0]]
+    named = [v + ['--run_name', text] for v in singles[:8] for text in ('a', 'b', 'x2')]
+    variants = [[]] + singles + pairs + named
+    names = names_of(variants)
+    assert len(set(names.values())) == len(variants)
+    assert names[('--lr', '3e-4')].endswith('_lr0.0003') and names[('--scale', '64')].endswith('_scale64')
+    assert names[('--optimizer', 'sgd', '--run_name', 'x2')].endswith('_optimizersgd_x2')
+    assert names[('--lr', '0.00012345678')] != names[('--lr', '0.000123456789')]
+
+
+@pytest.fixture(scope='module')
+def eight_classes(tmp_path_factory):
+    """A prepared CUB-layout data set of 8 classes x 3 images: 4 training classes, 4 test classes."""
+    import data_utils
+    path = str(tmp_path_factory.mktemp('data8'))
+    make_cub(path, num_classes=8, per_class=3)
+    data_utils.prepare(path, 'cub', workers=1)
+    return path
+
+
+def test_validation_split_holds_out_the_last_training_classes(eight_classes, tmp_path, script, small_crops):
+    """--val_fraction 0.5: classes 3-4 of the 4 training classes are held out, proxies cover classes 1-2 only, and
+    every epoch reports validation metrics beside the test ones, in the CSV and the figure."""
+    train = load_script('train')
+    args = train.get_args_parser().parse_args(['--data_path', eight_classes, '--data_name', 'cub',
+                                                '--val_fraction', '0.5'])
+    train_data = ImageReader(eight_classes, 'cub', 'train')
+    val_data = train.hold_out(train_data, args)
+    assert train_data.num_classes == val_data.num_classes == 2
+    assert all('/Bird_1_' in p or '/Bird_2_' in p for p in train_data.images) and len(train_data) == 6
+    assert all('/Bird_3_' in p or '/Bird_4_' in p for p in val_data.images) and len(val_data) == 6
+    assert val_data.labels == [0, 0, 0, 1, 1, 1]
+
+    status, out, err = script('train', '--data_path', eight_classes, '--data_name', 'cub', '--backbone_type',
+                              'googlenet', '--no_pretrained', '--feature_dim', 8, '--batch_size', 4, '--num_epochs',
+                              2, '--warm_up', 1, '--num_workers', 0, '--val_fraction', 0.5, cwd=tmp_path)
+    assert status == 0, err
+    assert 'Val Epoch 2/2 R@1:' in out and 'Test Epoch 2/2 R@1:' in out
+    prefix = 'cub_googlenet_proxy_anchor_8_val_fraction0.5'
+    frame = pd.read_csv(tmp_path / 'results' / f'{prefix}_statistics.csv', index_col='epoch')
+    metrics = [f'recall@{k}' for k in (1, 2, 4, 8)] + ['map@r', 'r_precision']
+    assert list(frame.columns) == ['train_loss', 'train_accuracy'] + [f'test_{m}' for m in metrics] + [
+        f'val_{m}' for m in metrics]
+    validation = frame.filter(like='val_')
+    assert frame.notna().all().all() and ((validation >= 0) & (validation <= 1)).all().all()
+    data_base = torch.load(tmp_path / 'results' / f'{prefix}_2_data_base.pth', weights_only=True)
+    assert data_base['proxies'].shape == (2, 8) and len(data_base['train_images']) == 6
+    weights = torch.load(tmp_path / 'results' / f'{prefix}_2_model.pth', weights_only=True)
+    assert weights['proxies.weight'].shape == (2, 8)
+    with Image.open(tmp_path / 'results' / f'{prefix}_statistics.png') as figure:
+        assert figure.width > 1.4 * figure.height  # three panels: training, test, validation
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--lr', '0'], '--lr must be positive, not 0.0'),
+    (['--proxy_lr', '-0.01'], '--proxy_lr must be positive'),
+    (['--scale', '0'], '--scale must be positive'),
+    (['--lr', 'nan'], '--lr must be positive, not nan'),
+    (['--lr_step', '0'], '--lr_step must be at least 1, not 0'),
+    (['--lr_gamma', '0'], '--lr_gamma must lie in (0, 1]'),
+    (['--lr_gamma', '1.5'], '--lr_gamma must lie in (0, 1]'),
+    (['--weight_decay', '-0.1'], '--weight_decay must be 0 or more'),
+    (['--optimizer', 'adam'], "argument --optimizer: invalid choice: 'adam'"),
+    (['--lr', 'fast'], "argument --lr: invalid float value: 'fast'"),
+    (['--val_fraction', '1'], '--val_fraction must lie in [0, 1)'),
+    (['--val_fraction', '0.2'], 'holds out 0 and trains on 2, but each side needs at least 2 classes'),
+    (['--loss_name', 'normalized_softmax', '--margin', '0.2'], '--margin is a parameter of the proxy_anchor loss only'),
+    (['--run_name', 'a/b'], '--run_name may hold only letters, digits'),
+    (['--run_name', 'seed2'], '--run_name seed2 starts like the part a flag adds to a run name'),
+])
+def test_values_that_make_no_sense_are_one_sentence(prepared, tmp_path, script, flags, expected):
+    status, _, err = script('train', '--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet',
+                            '--no_pretrained', '--num_workers', 0, '--batch_size', 4, *flags, cwd=tmp_path)
+    assert expected in error_sentence(status, err)
+    assert not (tmp_path / 'results').exists() or not os.listdir(tmp_path / 'results')
+
+
+def test_a_second_process_under_the_same_name_is_refused_until_the_first_dies(prepared, tmp_path, script, recorded,
+                                                                               monkeypatch):
+    """A run whose name another live process holds stops with one sentence naming it; once the holder is killed
+    (SIGKILL: the kernel drops its lock), the same command runs, and leaves no lock file behind."""
+    fast_epochs(monkeypatch, recorded)
+    lock = tmp_path / 'results' / f'.{DEFAULT_PREFIX}_seed3.lock'
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', f'''
+import sys, time
+sys.path.insert(0, {repr(os.path.dirname(HERE))})
+from train import RunLock
+lock = RunLock({str(lock)!r})
+assert lock.acquire() is None
+print('locked', flush=True)
+time.sleep(600)
+'''], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        run = ['--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
+               '--feature_dim', 8, '--batch_size', 4, '--num_epochs', 1, '--num_workers', 0, '--seed', 3]
+        status, _, err = script('train', *run, cwd=tmp_path)
+        line = error_sentence(status, err)
+        assert f'another process (pid {holder.pid} on ' in line and f'{DEFAULT_PREFIX}_seed3 right now' in line
+        assert recorded == []
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    status, _, err = script('train', *run, cwd=tmp_path)
+    assert status == 0, err
+    assert len(recorded) == 1 and not lock.exists()
