@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from model import BACKBONES, Model
+from model import BACKBONES, TIMM_PREFIX, Model, backbone_file_name, check_backbone
 from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, SeededSampler, UserError, atomic_path, atomic_save,
                    parse_ranks, pyplot, remove_temporaries, retrieval_metrics, run_main, safe_load, save_figure,
                    set_seed)
@@ -47,11 +47,12 @@ def get_args_parser():
                         help='decode every image once into memory (3 x H x W bytes each, per process), so that '
                              'epochs after the first only crop, resize and flip: several times faster input')
     # model
-    parser.add_argument('--backbone_type', default='resnet50', type=str, choices=list(BACKBONES),
-                        help='backbone network type')
+    parser.add_argument('--backbone_type', default='resnet50', type=check_backbone,
+                        help=f'backbone network type: {", ".join(BACKBONES)}, or {TIMM_PREFIX}<name> for any timm '
+                             f'model')
     parser.add_argument('--feature_dim', default=512, type=int, help='feature dim')
     parser.add_argument('--no_pretrained', action='store_true',
-                        help='start the backbone from random weights instead of ImageNet (offline runs)')
+                        help='start the backbone from random weights instead of its pretrained ones (offline runs)')
     # loss
     parser.add_argument('--loss_name', default='proxy_anchor', type=str, choices=list(LOSSES), help='loss name')
     # optimisation
@@ -282,7 +283,7 @@ def plot_statistics(frame, path):
 
 def prefix_of(args):
     """The name every output of this configuration starts with, as the seed: car_resnet50_proxy_anchor_512."""
-    return f'{args.data_name}_{args.backbone_type}_{args.loss_name}_{args.feature_dim}'
+    return f'{args.data_name}_{backbone_file_name(args.backbone_type)}_{args.loss_name}_{args.feature_dim}'
 
 
 def load_checkpoint(path, args):
