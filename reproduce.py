@@ -184,7 +184,7 @@ def figure(results, epochs, backbones=BACKBONES):
     plt = pyplot()
     published_colour, reproduced_colour = '0.65', 'tab:blue'
     with plt.style.context(['science', 'no-latex']):
-        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(7.5, 2.9), sharey=True)
+        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(7.5 * max(1, len(backbones) / 3), 2.9), sharey=True)
         x, width = np.arange(len(backbones)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
             runs = [reproduced(results, data_name, b) or {} for b in backbones]
@@ -200,7 +200,9 @@ def figure(results, epochs, backbones=BACKBONES):
                         continue
                     axis.bar(position, value, width, color=colour, hatch=hatch, edgecolor='white', linewidth=0)
                     axis.text(position, value + 1, f'{value:.1f}', ha='center', va='bottom', fontsize=5.5)
-            axis.set_xticks(x, [BACKBONE_NAMES.get(b, b) for b in backbones], fontsize=7)
+            tilted = len(backbones) > 3  # more names than fit side by side
+            axis.set_xticks(x, [BACKBONE_NAMES.get(b, b) for b in backbones], fontsize=7, rotation=35 if tilted else 0,
+                            ha='right' if tilted else 'center')
             axis.tick_params(axis='x', which='both', top=False, bottom=False)
             axis.set_xlim(-0.6, len(backbones) - 0.4)
             axis.set_ylim(0, 100)
