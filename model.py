@@ -1,5 +1,11 @@
-"""The network: an ImageNet backbone with global max pooling, a normalised embedding head, and the class proxies."""
+"""The network: an ImageNet backbone with global max pooling (or a ViT's class token), a normalised embedding head,
+and the class proxies."""
+import contextlib
+import difflib
 import os
+import urllib.error
+import urllib.request
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,12 +56,97 @@ def bn_inception(pretrained):
     return net
 
 
-# name -> (constructor, feature width, input order, input mean and std in 0-255 units)
+def timm_backbone(name, pretrained):
+    """A timm model's pooled features (num_classes=0): a ViT's class token after its final norm, a CNN's pool.
+
+    A model built for one input size (DINOv2's is 518) is built for the recipe's 224-pixel crops instead; timm
+    resizes the pretrained position embeddings to it.
+    """
+    import timm
+    config = timm.models.get_pretrained_cfg(name)
+    size = {'img_size': 224} if config.fixed_input_size and tuple(config.input_size[1:]) != (224, 224) else {}
+    if not pretrained:
+        return timm.create_model(name, num_classes=0, **size)
+    if not timm.is_model_pretrained(name):
+        raise UserError(f'timm has no pretrained weights for {name}; pick a name that has them (timm.list_models('
+                        f'pretrained=True) lists them) or train from random weights with --no_pretrained')
+    with hub_offline(not hub_reachable()):  # offline, a missing file fails at once instead of retrying for a minute
+        return timm.create_model(name, pretrained=True, num_classes=0, **size)
+
+
+def hub_reachable(timeout=5):
+    """Whether the Hugging Face hub answers within `timeout` seconds (through the environment's proxy, if any)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method='HEAD'), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered, if only with an error status
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_offline(offline):
+    """Within the block, huggingface_hub reads only its cache when `offline` (its HF_HUB_OFFLINE=1 mode)."""
+    from huggingface_hub import constants
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline  # read at each request, so the switch takes effect at once
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+# name -> (constructor, feature width, input order, input mean and std in 0-255 units), or the name of a timm model,
+# whose width (num_features) and mean and std (its pretrained config's) timm_io reads; 'timm/<name>' is any other
 BACKBONES = {
     'resnet50': (resnet50, 2048, 'RGB', [255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD]),
     'inception': (bn_inception, 1024, 'BGR', [104.0, 117.0, 128.0], [1.0, 1.0, 1.0]),
     'googlenet': (googlenet, 1024, 'RGB', [255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD]),
+    'vit_small_dino': 'vit_small_patch16_224.dino',  # ViT-S/16, DINO self-supervised on ImageNet-1k
+    'dinov2_small': 'vit_small_patch14_dinov2.lvd142m',  # ViT-S/14, DINOv2 self-supervised on LVD-142M
+    'dinov2_base': 'vit_base_patch14_dinov2.lvd142m',  # ViT-B/14, DINOv2 self-supervised on LVD-142M
 }
+TIMM_PREFIX = 'timm/'
+
+
+def timm_name(backbone_type):
+    """The timm model behind a backbone type, or None for the seed's three."""
+    if backbone_type.startswith(TIMM_PREFIX):
+        return backbone_type[len(TIMM_PREFIX):]
+    entry = BACKBONES[backbone_type]
+    return entry if isinstance(entry, str) else None
+
+
+def check_backbone(backbone_type):
+    """The --backbone_type value itself if it names a backbone, else one UserError (train.py's argparse type)."""
+    if backbone_type in BACKBONES:
+        return backbone_type
+    if not backbone_type.startswith(TIMM_PREFIX):
+        raise UserError(f'unknown --backbone_type {backbone_type}: choose one of {", ".join(BACKBONES)}, or '
+                        f'{TIMM_PREFIX}<name> for any timm model, such as {TIMM_PREFIX}convnext_small.fb_in22k')
+    import timm
+    name = timm_name(backbone_type)
+    if not timm.is_model(name):  # is_model ignores a weights tag: resnet18.a1_in1k is known if resnet18 is
+        close = difflib.get_close_matches(name, timm.list_models() + timm.list_models(pretrained=True), n=3)
+        hint = f' (close: {", ".join(TIMM_PREFIX + c for c in close)})' if close else ''
+        raise UserError(f'timm has no model {name} (from --backbone_type {backbone_type}){hint}; '
+                        f'timm.list_models() lists the names it knows')
+    try:
+        timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # a known model with an unknown weights tag
+        architecture, tag = name.split('.', 1)
+        raise UserError(f'timm has no weights tagged {tag} for {architecture} (from --backbone_type {backbone_type}); '
+                        f'timm.list_models("{architecture}.*", pretrained=True) lists its tags') from None
+    return backbone_type
+
+
+def backbone_file_name(backbone_type):
+    """The backbone type as output file names spell it: timm/<name> becomes timm-<name> (timm names have no '-')."""
+    return backbone_type.replace('/', '-')
 
 
 def weights_file(backbone_type):
@@ -68,18 +159,48 @@ def weights_file(backbone_type):
     return os.path.basename(url), url
 
 
+def timm_io(net):
+    """(feature width, input order, input mean and std in 0-255 units) of a timm model, from timm."""
+    from timm.data import resolve_model_data_config
+    config = resolve_model_data_config(net)
+    return net.num_features, 'RGB', [255 * m for m in config['mean']], [255 * s for s in config['std']]
+
+
 def build_backbone(backbone_type, pretrained):
-    """Build a backbone; missing weights that cannot be downloaded become one clear UserError."""
-    constructor = BACKBONES[backbone_type][0]
-    if not pretrained:
-        return constructor(pretrained)
+    """(backbone, feature width, input order, input mean, std); missing weights that cannot be downloaded become one
+    clear UserError."""
+    name = timm_name(check_backbone(backbone_type))
     try:
-        return constructor(pretrained)
+        if name is not None:
+            net = timm_backbone(name, pretrained)
+            return (net, *timm_io(net))
+        constructor, *io = BACKBONES[backbone_type]
+        return (constructor(pretrained), *io)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; a corrupt file is a RuntimeError
-        name, url = weights_file(backbone_type)
+        if not pretrained:
+            raise
+        if name is not None:
+            raise UserError(timm_weights_missing(backbone_type, name, error)) from None
+        file_name, url = weights_file(backbone_type)
         folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
         raise UserError(f'the ImageNet weights of {backbone_type} could not be loaded ({error}); download {url} '
-                        f'and put {name} in {folder}, or train from random weights with --no_pretrained') from None
+                        f'and put {file_name} in {folder}, or train from random weights with --no_pretrained') from None
+
+
+def timm_weights_missing(backbone_type, name, error):
+    """The sentence for a timm model's pretrained weights that are neither cached nor downloadable."""
+    from huggingface_hub import constants
+    import timm
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    folder = (f'the Hugging Face cache folder {constants.HF_HUB_CACHE}/models--{repo.replace("/", "--")}' if repo
+              else f'torch\'s cache folder {os.path.join(torch.hub.get_dir(), "checkpoints")}')
+    if isinstance(error, FileNotFoundError):  # huggingface_hub's error for a file neither cached nor reachable
+        problem = f'are not in {folder} and the hub cannot be reached'
+    else:
+        problem = f'could not be loaded into {folder} ({str(error).splitlines()[0]})'
+    home = f' with the same HF_HOME ({constants.HF_HOME})' if repo else ''
+    return (f'the pretrained weights of {backbone_type} (timm model {name}) {problem}; download them once where the '
+            f'hub can be reached{home} and copy that folder here, or train from random weights with --no_pretrained')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -112,17 +233,18 @@ class ProxyLinear(nn.Module):
 
 
 class Model(nn.Module):
-    """Backbone -> global max pool -> layer norm -> bias-free linear -> L2 norm, plus the class proxies.
+    """Backbone -> global max pool (a ViT: class token) -> layer norm -> bias-free linear -> L2 norm, plus proxies.
 
-    backbone_type: 'resnet50', 'inception' (BN-Inception) or 'googlenet'. feature_dim (512): embedding size.
-    num_classes: the number of training classes, one proxy each. pretrained (True): ImageNet weights.
+    backbone_type: 'resnet50', 'inception' (BN-Inception), 'googlenet', 'vit_small_dino', 'dinov2_small',
+    'dinov2_base' or 'timm/<timm model name>'. feature_dim (512): embedding size. num_classes: the number of
+    training classes, one proxy each. pretrained (True): the backbone's published weights.
     """
 
     def __init__(self, backbone_type, feature_dim, num_classes, pretrained=True):
         super().__init__()
-        _, width, order, mean, std = BACKBONES[backbone_type]
+        backbone, width, order, mean, std = build_backbone(backbone_type, pretrained)
         self.input_norm = InputNorm(order, mean, std)
-        self.backbone = build_backbone(backbone_type, pretrained)
+        self.backbone = backbone
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.embedding = nn.Linear(width, feature_dim, bias=False)
         self.proxies = ProxyLinear(num_classes, feature_dim)
@@ -151,15 +273,16 @@ def draw_structure(path):
     from utils import pyplot, save_figure
     plt = pyplot()
     blocks = [('image\n3 x 224 x 224', '#e8e8e8'),
-              ('backbone\nResNet-50,\nBN-Inception or\nGoogLeNet', '#cfe2f3'),
-              ('global max\npooling\n2048 | 1024', '#cfe2f3'),
+              ('backbone\nResNet-50,\nBN-Inception,\nGoogLeNet,\nViT-S/16 DINO,\nDINOv2 S | B,\nany timm model',
+               '#cfe2f3'),
+              ('global max pool\n2048 | 1024;\nViT: class token\n384 | 768;\nother timm:\nits own pool', '#cfe2f3'),
               ('layer norm\n(no affine)', '#d9ead3'),
               ('linear\n(no bias)\n-> 512', '#d9ead3'),
               ('L2 norm\n= embedding', '#d9ead3'),
               ('ProxyLinear\ncosines to\nC proxies', '#fce5cd'),
               ('Proxy-Anchor |\nNormalized-\nSoftmax loss', '#f4cccc')]
-    width, gap, height = 1.55, 0.45, 1.3
-    figure, axis = plt.subplots(figsize=(len(blocks) * (width + gap) * 0.72, 2.3))
+    width, gap, height = 1.55, 0.45, 1.7
+    figure, axis = plt.subplots(figsize=(len(blocks) * (width + gap) * 0.72, 2.7))
     for i, (text, colour) in enumerate(blocks):
         x = i * (width + gap)
         axis.add_patch(FancyBboxPatch((x, 0), width, height, boxstyle='round,pad=0.05', facecolor=colour,

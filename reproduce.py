@@ -4,9 +4,10 @@
     python reproduce.py --data_path /home/data --dry_run    # only print the commands
     python reproduce.py --table                             # results/benchmarks.md and .png from the CSVs so far
 
-The grid: each data set found under --data_path (car, cub, sop) x each backbone (resnet50, inception, googlenet),
-with the Proxy-Anchor loss and train.py's defaults, which are the seed's hyper-parameters; SOP is evaluated at
-Recall@1/10/100/1000, the ranks its results are quoted at. Every run is started with --resume, so running this
+The grid: each data set found under --data_path (car, cub, sop) x each backbone of --backbones (by default the
+tables' resnet50, inception, googlenet; any train.py --backbone_type, such as vit_small_dino), with the Proxy-Anchor
+loss and train.py's defaults, which are the seed's hyper-parameters; SOP is evaluated at Recall@1/10/100/1000, the
+ranks its results are quoted at. Every run is started with --resume, so running this
 again after an interruption continues the unfinished configuration from its checkpoint, and one whose statistics CSV
 already reaches the final epoch is not trained again. Any other flag is passed on to every train.py run (say --amp
 or --num_workers 4).
@@ -22,6 +23,7 @@ import sys
 
 import pandas as pd
 
+from model import backbone_file_name, check_backbone
 from utils import DATA_NAMES, UserError, atomic_path, index_path, pyplot, run_main, save_figure
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +51,7 @@ SOURCES = {'car': 'the seed README', 'cub': 'the seed README',
 
 def prefix(data_name, backbone):
     """The name train.py gives this configuration's outputs."""
-    return f'{data_name}_{backbone}_{LOSS}_{FEATURE_DIM}'
+    return f'{data_name}_{backbone_file_name(backbone)}_{LOSS}_{FEATURE_DIM}'
 
 
 def statistics_path(results, data_name, backbone):
@@ -92,14 +94,14 @@ def finished_epochs(path):
     return len(pd.read_csv(path)) if os.path.isfile(path) else 0
 
 
-def commands(data_path, extra, results='results'):
+def commands(data_path, extra, results='results', backbones=BACKBONES):
     """[(description, argv)] of the whole grid: data_utils.py for an unprepared set, then each train.py run."""
     grid = []
     for data_name in present_data(data_path):
         if not os.path.isfile(index_path(data_path, data_name)):
             grid.append((f'prepare {data_name}', [sys.executable, os.path.join(ROOT, 'data_utils.py'),
                                                   '--data_path', data_path, '--data_name', data_name]))
-        for backbone in BACKBONES:
+        for backbone in backbones:
             flags = train_flags(data_path, data_name, backbone, extra)
             args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
                                               'loss_name': LOSS, 'feature_dim': FEATURE_DIM}
@@ -144,7 +146,7 @@ def cell(value, signed=False):
     return f'{value:+.1f}' if signed else f'{value:.1f}%'
 
 
-def table(results, epochs):
+def table(results, epochs, backbones=BACKBONES):
     """results/benchmarks.md: per data set, reproduced final-epoch figures beside the published ones."""
     lines = ['# Reproduced benchmarks', '',
              f'Proxy-Anchor loss, {FEATURE_DIM}-d embeddings, train.py defaults (the seed\'s hyper-parameters). '
@@ -157,13 +159,13 @@ def table(results, epochs):
         lines += [f'## {DATA_TITLES[data_name]}', '', f'Published: {SOURCES[data_name]}.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Epoch |',
                   '|---|---|' + '---|' * (len(ranks) + 2)]
-        for backbone in BACKBONES:
+        for backbone in backbones:
             ours = reproduced(results, data_name, backbone) or {}
             published = PUBLISHED.get((data_name, backbone), (None,) * len(ranks))
             mine = [ours.get(f'recall@{k}') for k in ranks]
             difference = [None if a is None or b is None else a - b for a, b in zip(mine, published)]
             epoch = '-' if not ours else str(ours['epoch']) + ('' if ours['epoch'] >= epochs else ' (unfinished)')
-            name = BACKBONE_NAMES[backbone]
+            name = BACKBONE_NAMES.get(backbone, backbone)
             lines.append(f'| {name} | reproduced | ' + ' | '.join(map(cell, mine)) +
                          f' | {cell(ours.get("map@r"))} | {epoch} |')
             lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | |')
@@ -175,19 +177,19 @@ def table(results, epochs):
     return path
 
 
-def figure(results, epochs):
+def figure(results, epochs, backbones=BACKBONES):
     """results/benchmarks.png: reproduced against published Recall@1, one panel per data set."""
     import numpy as np
     from matplotlib.patches import Patch
     plt = pyplot()
     published_colour, reproduced_colour = '0.65', 'tab:blue'
     with plt.style.context(['science', 'no-latex']):
-        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(7.5, 2.9), sharey=True)
-        x, width = np.arange(len(BACKBONES)), 0.38
+        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(7.5 * max(1, len(backbones) / 3), 2.9), sharey=True)
+        x, width = np.arange(len(backbones)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
-            runs = [reproduced(results, data_name, b) or {} for b in BACKBONES]
-            bars = [(-width / 2, [PUBLISHED.get((data_name, b), (None,))[0] for b in BACKBONES], published_colour,
-                     [''] * len(BACKBONES), 'not published'),
+            runs = [reproduced(results, data_name, b) or {} for b in backbones]
+            bars = [(-width / 2, [PUBLISHED.get((data_name, b), (None,))[0] for b in backbones], published_colour,
+                     [''] * len(backbones), 'not published'),
                     (width / 2, [run.get('recall@1') for run in runs], reproduced_colour,
                      ['////' if run and run['epoch'] < epochs else '' for run in runs], 'not run')]
             for offset, values, colour, hatches, missing in bars:
@@ -198,9 +200,11 @@ def figure(results, epochs):
                         continue
                     axis.bar(position, value, width, color=colour, hatch=hatch, edgecolor='white', linewidth=0)
                     axis.text(position, value + 1, f'{value:.1f}', ha='center', va='bottom', fontsize=5.5)
-            axis.set_xticks(x, [BACKBONE_NAMES[b] for b in BACKBONES], fontsize=7)
+            tilted = len(backbones) > 3  # more names than fit side by side
+            axis.set_xticks(x, [BACKBONE_NAMES.get(b, b) for b in backbones], fontsize=7, rotation=35 if tilted else 0,
+                            ha='right' if tilted else 'center')
             axis.tick_params(axis='x', which='both', top=False, bottom=False)
-            axis.set_xlim(-0.6, len(BACKBONES) - 0.4)
+            axis.set_xlim(-0.6, len(backbones) - 0.4)
             axis.set_ylim(0, 100)
             axis.set_title(DATA_TITLES[data_name], fontsize=8)
         axes[0].set_ylabel('Recall@1 (%)')
@@ -215,6 +219,11 @@ def figure(results, epochs):
     return path
 
 
+def backbone_list(text):
+    """--backbones: comma-separated backbone types, each checked as train.py checks --backbone_type."""
+    return tuple(check_backbone(name) for name in text.split(','))
+
+
 def get_args_parser():
     """The command-line flags of reproduce.py; flags it does not know go to train.py."""
     parser = argparse.ArgumentParser(description='Train every configuration of the README benchmark tables, then '
@@ -223,6 +232,8 @@ def get_args_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument('--data_path', default='/home/data', type=str,
                         help='datasets path: every one of car/, cub/ and sop/ found there is run')
+    parser.add_argument('--backbones', default=','.join(BACKBONES), type=backbone_list,
+                        help='comma-separated backbones to train and tabulate: any train.py --backbone_type')
     parser.add_argument('--dry_run', action='store_true', help='print the commands instead of running them')
     parser.add_argument('--table', action='store_true',
                         help='only write results/benchmarks.md and results/benchmarks.png from the statistics CSVs '
@@ -235,7 +246,7 @@ def main():
     args, extra = get_args_parser().parse_known_args()
     epochs = train_args(['--data_path', args.data_path] + extra).num_epochs
     if not args.table:
-        grid = commands(args.data_path, extra)
+        grid = commands(args.data_path, extra, backbones=args.backbones)
         for number, (description, argv) in enumerate(grid, 1):
             if args.dry_run:
                 print(shlex.join(argv))
@@ -246,7 +257,7 @@ def main():
                                 f'finished runs are skipped and this one resumes from its last checkpoint')
         if args.dry_run:
             return
-    print(f'wrote {table("results", epochs)} and {figure("results", epochs)}')
+    print(f'wrote {table("results", epochs, args.backbones)} and {figure("results", epochs, args.backbones)}')
 
 
 if __name__ == '__main__':

@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from model import BACKBONES, Model
+from model import BACKBONES, TIMM_PREFIX, Model, backbone_file_name, check_backbone
 from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ArgumentParser, ImageReader, NormalizedSoftmaxLoss,
                    ProxyAnchorLoss, UserError, atomic_path, atomic_save, parse_ranks, pyplot, remove_temporaries,
                    retrieval_metrics, run_main, safe_load, save_figure, set_seed, umask)
@@ -54,11 +54,12 @@ def get_args_parser():
                         help='decode every image once into memory (3 x H x W bytes each, per process), so that '
                              'epochs after the first only crop, resize and flip: several times faster input')
     # model
-    parser.add_argument('--backbone_type', default='resnet50', type=str, choices=list(BACKBONES),
-                        help='backbone network type')
+    parser.add_argument('--backbone_type', default='resnet50', type=check_backbone,
+                        help=f'backbone network type: {", ".join(BACKBONES)}, or {TIMM_PREFIX}<name> for any timm '
+                             f'model')
     parser.add_argument('--feature_dim', default=512, type=int, help='feature dim')
     parser.add_argument('--no_pretrained', action='store_true',
-                        help='start the backbone from random weights instead of ImageNet (offline runs)')
+                        help='start the backbone from random weights instead of its pretrained ones (offline runs)')
     # loss
     parser.add_argument('--loss_name', default='proxy_anchor', type=str, choices=list(LOSSES), help='loss name')
     parser.add_argument('--scale', default=32.0, type=float, help="the loss's scale s (both losses)")
@@ -446,7 +447,7 @@ def flag_value(value):
 def prefix_of(args):
     """The name every output of this run starts with: the seed's car_resnet50_proxy_anchor_512, then _<flag><value>
     for each of NAMED_FLAGS off its default (car_resnet50_proxy_anchor_512_margin0.2_seed2), then _<--run_name>."""
-    name = f'{args.data_name}_{args.backbone_type}_{args.loss_name}_{args.feature_dim}'
+    name = f'{args.data_name}_{backbone_file_name(args.backbone_type)}_{args.loss_name}_{args.feature_dim}'
     parser = get_args_parser()
     for flag in NAMED_FLAGS:
         value = getattr(args, flag, parser.get_default(flag))

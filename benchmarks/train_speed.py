@@ -90,7 +90,8 @@ def main():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'],
                         help='where to train')
-    parser.add_argument('--backbones', default=','.join(BACKBONES), help='comma-separated backbone types')
+    parser.add_argument('--backbones', default=','.join(BACKBONES),
+                        help='comma-separated backbone types: any train.py --backbone_type, such as timm/resnet18')
     parser.add_argument('--batch_size', default=64, type=int, help='training batch size (evaluation uses twice it)')
     parser.add_argument('--steps', default=20, type=int, help='timed batches per measurement')
     parser.add_argument('--warmup', default=5, type=int, help='untimed batches before each measurement')
@@ -103,9 +104,11 @@ def main():
 
     print(f'{machine(device)}, torch {torch.__version__}, batch {args.batch_size} (evaluation '
           f'{2 * args.batch_size}), {args.steps} timed steps after {args.warmup}')
-    print(f'{"backbone":10s} {"precision":10s} {"train img/s":>12s} {"eval img/s":>11s}'
+    backbones = args.backbones.split(',')
+    name_width = max(map(len, ['backbone'] + backbones))
+    print(f'{"backbone":{name_width}s} {"precision":10s} {"train img/s":>12s} {"eval img/s":>11s}'
           + (f' {"peak GiB":>9s}' if device.type == 'cuda' else ''))
-    for backbone_type in args.backbones.split(','):
+    for backbone_type in backbones:
         for amp in (False, True):
             torch.manual_seed(0)
             model = Model(backbone_type, FEATURE_DIM, NUM_CLASSES, pretrained=False).to(device)
@@ -116,8 +119,8 @@ def main():
             train_rate = train_speed(model, train_batches, device, amp, args.warmup, args.steps)
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
             eval_rate = eval_speed(model, eval_batches, device, amp, args.warmup, args.steps)
-            print(f'{backbone_type:10s} {"bf16 amp" if amp else "float32":10s} {train_rate:12.1f} {eval_rate:11.1f}'
-                  + (f' {peak:9.2f}' if peak is not None else ''), flush=True)
+            print(f'{backbone_type:{name_width}s} {"bf16 amp" if amp else "float32":10s} {train_rate:12.1f} '
+                  f'{eval_rate:11.1f}' + (f' {peak:9.2f}' if peak is not None else ''), flush=True)
             del model
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
