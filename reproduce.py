@@ -23,8 +23,8 @@ import sys
 
 import pandas as pd
 
-from model import backbone_file_name, check_backbone
-from utils import DATA_NAMES, UserError, atomic_path, index_path, pyplot, run_main, save_figure
+from model import check_backbone
+from utils import DATA_NAMES, ArgumentParser, UserError, atomic_path, index_path, pyplot, run_main, save_figure
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BACKBONES = ('resnet50', 'inception', 'googlenet')  # in the README's order
@@ -49,14 +49,15 @@ SOURCES = {'car': 'the seed README', 'cub': 'the seed README',
            'sop': 'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d; R@1 only'}
 
 
-def prefix(data_name, backbone):
-    """The name train.py gives this configuration's outputs."""
-    return f'{data_name}_{backbone_file_name(backbone)}_{LOSS}_{FEATURE_DIM}'
+def run_name(data_path, data_name, backbone, seed, extra):
+    """The name train.py gives this run's outputs, with every flag passed on (car_resnet50_proxy_anchor_512_seed2)."""
+    from train import prefix_of
+    return prefix_of(train_args(train_flags(data_path, data_name, backbone, seed, extra)))
 
 
-def statistics_path(results, data_name, backbone):
-    """Where train.py writes the configuration's per-epoch statistics."""
-    return os.path.join(results, f'{prefix(data_name, backbone)}_statistics.csv')
+def statistics_path(results, name):
+    """Where train.py writes a run's per-epoch statistics."""
+    return os.path.join(results, f'{name}_statistics.csv')
 
 
 def present_data(data_path):
@@ -68,12 +69,14 @@ def present_data(data_path):
     return names
 
 
-def train_flags(data_path, data_name, backbone, extra):
-    """train.py's flags for one configuration: everything else stays at the seed's defaults."""
+def train_flags(data_path, data_name, backbone, seed, extra):
+    """train.py's flags for one run: everything else stays at the seed's defaults or as passed on in extra."""
     flags = ['--data_path', data_path, '--data_name', data_name, '--backbone_type', backbone, '--loss_name', LOSS,
              '--resume']
     if data_name == 'sop':
         flags += ['--recalls', ','.join(map(str, RANKS['sop']))]
+    if seed != 1:  # train.py's default: seed 1's command stays the seed's
+        flags += ['--seed', str(seed)]
     return flags + list(extra)
 
 
@@ -94,38 +97,40 @@ def finished_epochs(path):
     return len(pd.read_csv(path)) if os.path.isfile(path) else 0
 
 
-def commands(data_path, extra, results='results', backbones=BACKBONES):
-    """[(description, argv)] of the whole grid: data_utils.py for an unprepared set, then each train.py run."""
+def commands(data_path, extra, results='results', backbones=BACKBONES, seeds=(1,)):
+    """[(description, argv)] of the whole grid: data_utils.py for an unprepared set, then each train.py run, once
+    per seed."""
     grid = []
     for data_name in present_data(data_path):
         if not os.path.isfile(index_path(data_path, data_name)):
             grid.append((f'prepare {data_name}', [sys.executable, os.path.join(ROOT, 'data_utils.py'),
                                                   '--data_path', data_path, '--data_name', data_name]))
         for backbone in backbones:
-            flags = train_flags(data_path, data_name, backbone, extra)
-            args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
-                                              'loss_name': LOSS, 'feature_dim': FEATURE_DIM}
-            if data_name == 'sop':
-                fixed['recalls'] = ','.join(map(str, RANKS['sop']))
-            for flag, value in fixed.items():
-                if getattr(args, flag) != value:
-                    raise UserError(f'reproduce.py sets --{flag} itself for each configuration of the tables; '
-                                    f'leave it out')
-            epochs, done = args.num_epochs, finished_epochs(statistics_path(results, data_name, backbone))
-            if done >= epochs:
-                print(f'# {prefix(data_name, backbone)} already reached epoch {done}: not trained again')
-                continue
-            grid.append((f'train {prefix(data_name, backbone)}',
-                         [sys.executable, os.path.join(ROOT, 'train.py')] + flags))
+            for seed in seeds:
+                flags = train_flags(data_path, data_name, backbone, seed, extra)
+                args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
+                                                  'loss_name': LOSS, 'feature_dim': FEATURE_DIM, 'seed': seed}
+                if data_name == 'sop':
+                    fixed['recalls'] = ','.join(map(str, RANKS['sop']))
+                for flag, value in fixed.items():
+                    if getattr(args, flag) != value:
+                        instead = ' from --seeds' if flag == 'seed' else ''
+                        raise UserError(f'reproduce.py sets --{flag} itself for each configuration of the tables'
+                                        f'{instead}; leave it out')
+                name = run_name(data_path, data_name, backbone, seed, extra)
+                epochs, done = args.num_epochs, finished_epochs(statistics_path(results, name))
+                if done >= epochs:
+                    print(f'# {name} already reached epoch {done}: not trained again')
+                    continue
+                grid.append((f'train {name}', [sys.executable, os.path.join(ROOT, 'train.py')] + flags))
     return grid
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the table and the figure
 
-def reproduced(results, data_name, backbone):
-    """{'epoch': n, 'recall@K': %, ..., 'map@r': %} of the configuration's final epoch, or None if not run."""
-    path = statistics_path(results, data_name, backbone)
+def final_epoch(path, data_name):
+    """{'epoch': n, 'recall@K': %, ..., 'map@r': %} of a statistics CSV's final epoch, or None if there is none."""
     if not os.path.isfile(path):
         return None
     frame = pd.read_csv(path, index_col='epoch')
@@ -139,35 +144,68 @@ def reproduced(results, data_name, backbone):
     return row
 
 
+def reproduced(results, data_name, backbone, seeds, epochs, data_path='data', extra=()):
+    """One configuration over its seeds: {'seeds': the finished ones, 'training': [(seed, epoch)] of the unfinished,
+    metric: (mean, sample standard deviation or None for one seed) over the finished seeds}."""
+    finished, summary = [], {'seeds': [], 'training': []}
+    for seed in seeds:
+        row = final_epoch(statistics_path(results, run_name(data_path, data_name, backbone, seed, extra)), data_name)
+        if row is None:
+            continue
+        if row['epoch'] < epochs:
+            summary['training'].append((seed, row['epoch']))
+            continue
+        summary['seeds'].append(seed)
+        finished.append(row)
+    for key in [f'recall@{k}' for k in RANKS[data_name]] + ['map@r']:
+        values = pd.Series([row[key] for row in finished if key in row], dtype=float)
+        if len(values) and len(values) == len(finished):
+            summary[key] = (values.mean(), values.std() if len(values) > 1 else None)  # pandas' std: the sample's
+    return summary
+
+
 def cell(value, signed=False):
-    """A table cell: '87.0%', '+0.4' for a difference, '-' for no figure."""
+    """A table cell: '87.0%', '72.0 ± 2.0' for (mean, spread) over seeds, '+0.4' for a difference, '-' for none."""
     if value is None:
         return '-'
+    if isinstance(value, tuple):
+        mean, spread = value
+        return f'{mean:.1f}%' if spread is None else f'{mean:.1f} ± {spread:.1f}'
     return f'{value:+.1f}' if signed else f'{value:.1f}%'
 
 
-def table(results, epochs, backbones=BACKBONES):
-    """results/benchmarks.md: per data set, reproduced final-epoch figures beside the published ones."""
+def seeds_cell(summary, requested):
+    """How many seeds a row holds, and which runs are still training."""
+    text = str(len(summary['seeds'])) + (f' of {requested}' if len(summary['seeds']) < requested else '')
+    if summary['training']:
+        text += ' (training: ' + ', '.join(f'seed {seed} at epoch {epoch}' for seed, epoch in summary['training']) + ')'
+    return text
+
+
+def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', extra=()):
+    """results/benchmarks.md: per data set, the reproduced final-epoch figures beside the published ones."""
     lines = ['# Reproduced benchmarks', '',
-             f'Proxy-Anchor loss, {FEATURE_DIM}-d embeddings, train.py defaults (the seed\'s hyper-parameters). '
-             f'"reproduced" is the final epoch of each run (the statistics CSV\'s last row; {epochs} epochs when '
-             'complete), never the best one; "difference" is reproduced minus published, in points. '
-             '"-" marks a configuration not yet run or a figure the source does not give. Written by '
+             f'Proxy-Anchor loss, {FEATURE_DIM}-d embeddings, train.py defaults (the seed\'s hyper-parameters)'
+             + (f' with {shlex.join(extra)}' if extra else '') + '. '
+             f'"reproduced" is the final epoch of each run (the statistics CSV\'s last row, after {epochs} epochs), '
+             'never the best one: the mean ± sample standard deviation over the seeds that have finished (asked for: '
+             f'{", ".join(map(str, seeds))}; "Seeds" counts those finished; one seed has no spread). Runs still '
+             'training are not counted. "difference" is the mean minus the published figure, in points. "-" marks a '
+             'configuration with no finished run or a figure the source does not give. Written by '
              '`python reproduce.py --table`.', '']
     for data_name in DATA_NAMES:
         ranks = RANKS[data_name]
         lines += [f'## {DATA_TITLES[data_name]}', '', f'Published: {SOURCES[data_name]}.', '',
-                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Epoch |',
+                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
                   '|---|---|' + '---|' * (len(ranks) + 2)]
         for backbone in backbones:
-            ours = reproduced(results, data_name, backbone) or {}
+            ours = reproduced(results, data_name, backbone, seeds, epochs, data_path, extra)
             published = PUBLISHED.get((data_name, backbone), (None,) * len(ranks))
             mine = [ours.get(f'recall@{k}') for k in ranks]
-            difference = [None if a is None or b is None else a - b for a, b in zip(mine, published)]
-            epoch = '-' if not ours else str(ours['epoch']) + ('' if ours['epoch'] >= epochs else ' (unfinished)')
+            difference = [None if a is None or b is None else a[0] - b for a, b in zip(mine, published)]
             name = BACKBONE_NAMES.get(backbone, backbone)
             lines.append(f'| {name} | reproduced | ' + ' | '.join(map(cell, mine)) +
-                         f' | {cell(ours.get("map@r"))} | {epoch} |')
+                         f' | {cell(ours.get("map@r"))} | {seeds_cell(ours, len(seeds))} |')
             lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | |')
             lines.append('| | difference | ' + ' | '.join(cell(d, signed=True) for d in difference) + ' | | |')
         lines.append('')
@@ -177,8 +215,9 @@ def table(results, epochs, backbones=BACKBONES):
     return path
 
 
-def figure(results, epochs, backbones=BACKBONES):
-    """results/benchmarks.png: reproduced against published Recall@1, one panel per data set."""
+def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', extra=()):
+    """results/benchmarks.png: reproduced (mean over the finished seeds, their spread as error bars) against
+    published Recall@1, one panel per data set."""
     import numpy as np
     from matplotlib.patches import Patch
     plt = pyplot()
@@ -187,19 +226,21 @@ def figure(results, epochs, backbones=BACKBONES):
         fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(7.5 * max(1, len(backbones) / 3), 2.9), sharey=True)
         x, width = np.arange(len(backbones)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
-            runs = [reproduced(results, data_name, b) or {} for b in backbones]
-            bars = [(-width / 2, [PUBLISHED.get((data_name, b), (None,))[0] for b in backbones], published_colour,
-                     [''] * len(backbones), 'not published'),
-                    (width / 2, [run.get('recall@1') for run in runs], reproduced_colour,
-                     ['////' if run and run['epoch'] < epochs else '' for run in runs], 'not run')]
-            for offset, values, colour, hatches, missing in bars:
-                for position, value, hatch in zip(x + offset, values, hatches):
+            runs = [reproduced(results, data_name, b, seeds, epochs, data_path, extra) for b in backbones]
+            bars = [(-width / 2, [(PUBLISHED.get((data_name, b), (None,))[0], None) for b in backbones],
+                     published_colour, 'not published'),
+                    (width / 2, [run.get('recall@1', (None, None)) for run in runs], reproduced_colour,
+                     'not finished')]
+            for offset, values, colour, missing in bars:
+                for position, (value, spread) in zip(x + offset, values):
                     if value is None:
                         axis.text(position, 2, missing, rotation=90, ha='center', va='bottom', fontsize=6,
                                   color='0.35')
                         continue
-                    axis.bar(position, value, width, color=colour, hatch=hatch, edgecolor='white', linewidth=0)
-                    axis.text(position, value + 1, f'{value:.1f}', ha='center', va='bottom', fontsize=5.5)
+                    axis.bar(position, value, width, color=colour, edgecolor='white', linewidth=0,
+                             yerr=spread, error_kw={'elinewidth': 0.8, 'capsize': 2, 'ecolor': 'black'})
+                    axis.text(position, value + (spread or 0) + 1, f'{value:.1f}', ha='center', va='bottom',
+                              fontsize=5.5)
             tilted = len(backbones) > 3  # more names than fit side by side
             axis.set_xticks(x, [BACKBONE_NAMES.get(b, b) for b in backbones], fontsize=7, rotation=35 if tilted else 0,
                             ha='right' if tilted else 'center')
@@ -208,11 +249,10 @@ def figure(results, epochs, backbones=BACKBONES):
             axis.set_ylim(0, 100)
             axis.set_title(DATA_TITLES[data_name], fontsize=8)
         axes[0].set_ylabel('Recall@1 (%)')
+        spread = 'mean ± sample std over finished seeds' if len(seeds) > 1 else 'final epoch'
         handles = [Patch(color=published_colour, label='published'),
-                   Patch(color=reproduced_colour, label='reproduced (final epoch)'),
-                   Patch(facecolor=reproduced_colour, hatch='////', edgecolor='white',
-                         label=f'reproduced, unfinished (< {epochs} epochs)')]
-        fig.legend(handles=handles, loc='upper center', ncol=3, fontsize=7, frameon=False)
+                   Patch(color=reproduced_colour, label=f'reproduced ({spread})')]
+        fig.legend(handles=handles, loc='upper center', ncol=2, fontsize=7, frameon=False)
         fig.tight_layout(rect=(0, 0, 1, 0.9))
         path = os.path.join(results, 'benchmarks.png')
         save_figure(fig, path, dpi=200)
@@ -224,16 +264,31 @@ def backbone_list(text):
     return tuple(check_backbone(name) for name in text.split(','))
 
 
+def seed_list(text):
+    """--seeds: comma-separated distinct integers."""
+    try:
+        seeds = tuple(int(part) for part in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'--seeds must be integers separated by commas, like 1,2,3, not {text!r}') \
+            from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f'--seeds lists a seed twice: {text}')
+    return seeds
+
+
 def get_args_parser():
     """The command-line flags of reproduce.py; flags it does not know go to train.py."""
-    parser = argparse.ArgumentParser(description='Train every configuration of the README benchmark tables, then '
-                                                 'tabulate the reproduced figures beside the published ones; any '
-                                                 'other flag is passed on to train.py',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser = ArgumentParser(description='Train every configuration of the README benchmark tables, then tabulate the '
+                                        'reproduced figures beside the published ones; any other flag is passed on '
+                                        'to train.py',
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument('--data_path', default='/home/data', type=str,
                         help='datasets path: every one of car/, cub/ and sop/ found there is run')
     parser.add_argument('--backbones', default=','.join(BACKBONES), type=backbone_list,
                         help='comma-separated backbones to train and tabulate: any train.py --backbone_type')
+    parser.add_argument('--seeds', default='1', type=seed_list,
+                        help='comma-separated random seeds: every configuration is trained once per seed, and the '
+                             'table reports the mean ± sample standard deviation over them')
     parser.add_argument('--dry_run', action='store_true', help='print the commands instead of running them')
     parser.add_argument('--table', action='store_true',
                         help='only write results/benchmarks.md and results/benchmarks.png from the statistics CSVs '
@@ -246,7 +301,7 @@ def main():
     args, extra = get_args_parser().parse_known_args()
     epochs = train_args(['--data_path', args.data_path] + extra).num_epochs
     if not args.table:
-        grid = commands(args.data_path, extra, backbones=args.backbones)
+        grid = commands(args.data_path, extra, backbones=args.backbones, seeds=args.seeds)
         for number, (description, argv) in enumerate(grid, 1):
             if args.dry_run:
                 print(shlex.join(argv))
@@ -257,7 +312,8 @@ def main():
                                 f'finished runs are skipped and this one resumes from its last checkpoint')
         if args.dry_run:
             return
-    print(f'wrote {table("results", epochs, args.backbones)} and {figure("results", epochs, args.backbones)}')
+    grid = args.backbones, args.seeds, args.data_path, extra
+    print(f'wrote {table("results", epochs, *grid)} and {figure("results", epochs, *grid)}')
 
 
 if __name__ == '__main__':

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from huggingface_hub import constants
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 import model as model_module
+from conftest import Pairs
 from model import Model
 from script_runner import error_sentence, load_script
 import utils
@@ -91,13 +93,15 @@ def train_step(net, images, labels, amp):
     """One step of train.py's own epoch loop (train_one_epoch) on one batch, with AdamW as the ViT recipes use."""
     train = load_script('train')
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
-    args = types.SimpleNamespace(amp=amp, no_pretrained=False, num_epochs=1)  # the pretrained path: BatchNorm eval
+    args = types.SimpleNamespace(amp=amp, no_pretrained=False, num_epochs=1,  # the pretrained path: BatchNorm eval
+                                 feature_dim=net.embedding.out_features)
 
     def autocast():
         return torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp)
 
-    train.train_one_epoch(net, [(images, labels)], LOSSES['proxy_anchor'](), optimizer, autocast, torch.device('cpu'),
-                          1, args, rank=1)
+    loader = DataLoader(Pairs(images, labels), batch_sampler=train.GlobalBatches(len(images), len(images)))
+    train.train_one_epoch(net, loader, LOSSES['proxy_anchor'](), optimizer, autocast, torch.device('cpu'), 1, args,
+                          rank=0)
 
 
 def snapshot(module):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from PIL import Image
 
 from script_runner import error_sentence, load_script
@@ -107,7 +108,7 @@ def test_a_flag_that_would_change_the_grid_is_refused(script, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # the table and the figure
 
-def fabricate(root, data_name, backbone, epochs=20, final=None, best=None, ranks=None):
+def fabricate(root, data_name, backbone, epochs=20, final=None, best=None, ranks=None, suffix=''):
     """A statistics CSV as train.py writes it: recall rising to `final` (fractions) at the last epoch, except at
     epoch `best`, higher than the final one, which the table must not report."""
     ranks = ranks or ([1, 10, 100, 1000] if data_name == 'sop' else [1, 2, 4, 8])
@@ -124,7 +125,7 @@ def fabricate(root, data_name, backbone, epochs=20, final=None, best=None, ranks
     folder = root / 'results'
     folder.mkdir(exist_ok=True)
     frame = pd.DataFrame(rows, index=pd.RangeIndex(1, epochs + 1, name='epoch'))
-    frame.to_csv(folder / f'{data_name}_{backbone}_proxy_anchor_512_statistics.csv', index_label='epoch')
+    frame.to_csv(folder / f'{data_name}_{backbone}_proxy_anchor_512{suffix}_statistics.csv', index_label='epoch')
 
 
 def read_table(path):
@@ -154,25 +155,26 @@ def test_table_reports_the_final_epoch_beside_the_published_figures(script, tmp_
     assert list(tables) == ['CARS196', 'CUB200', 'Stanford Online Products']
 
     car = tables['CARS196']
-    assert car['header'] == ['R@1', 'R@2', 'R@4', 'R@8', 'MAP@R', 'Epoch']
+    assert car['header'] == ['R@1', 'R@2', 'R@4', 'R@8', 'MAP@R', 'Seeds']
     # the final epoch (86.1), not epoch 12 (91.1); published 87.0 / 92.5 / 95.6 / 97.4
-    assert car['ResNet50', 'reproduced'] == ['86.1%', '92.2%', '95.8%', '97.1%', '41.2%', '20']
+    assert car['ResNet50', 'reproduced'] == ['86.1%', '92.2%', '95.8%', '97.1%', '41.2%', '1']
     assert car['ResNet50', 'published'][:4] == ['87.0%', '92.5%', '95.6%', '97.4%']
     assert car['ResNet50', 'difference'][:4] == ['-0.9', '-0.3', '+0.2', '-0.3']
     for backbone in ('Inception', 'GoogLeNet'):  # not run
-        assert car[backbone, 'reproduced'] == ['-'] * 6 and car[backbone, 'difference'][:4] == ['-'] * 4
+        assert car[backbone, 'reproduced'] == ['-'] * 5 + ['0 of 1'] and car[backbone, 'difference'][:4] == ['-'] * 4
     assert car['GoogLeNet', 'published'][:4] == ['78.8%', '86.2%', '91.5%', '95.1%']
 
     cub = tables['CUB200']
-    assert cub['Inception', 'reproduced'] == ['65.5%', '77.0%', '85.1%', '90.6%', '30.0%', '5 (unfinished)']
-    assert cub['Inception', 'difference'][:4] == ['-1.2', '-0.3', '-0.6', '-0.4']  # against 66.7 77.3 85.7 91.0
+    # still training: not counted, but said
+    assert cub['Inception', 'reproduced'] == ['-'] * 5 + ['0 of 1 (training: seed 1 at epoch 5)']
+    assert cub['Inception', 'difference'][:4] == ['-'] * 4
 
     sop = tables['Stanford Online Products']
-    assert sop['header'] == ['R@1', 'R@10', 'R@100', 'R@1000', 'MAP@R', 'Epoch']
-    assert sop['Inception', 'reproduced'] == ['77.5%', '90.0%', '96.0%', '99.0%', '45.0%', '20']
+    assert sop['header'] == ['R@1', 'R@10', 'R@100', 'R@1000', 'MAP@R', 'Seeds']
+    assert sop['Inception', 'reproduced'] == ['77.5%', '90.0%', '96.0%', '99.0%', '45.0%', '1']
     assert sop['Inception', 'published'][:4] == ['79.1%', '-', '-', '-']  # the paper's R@1 only
     assert sop['Inception', 'difference'][:4] == ['-1.6', '-', '-', '-']
-    assert sop['GoogLeNet', 'reproduced'] == ['70.0%', '-', '-', '-', '40.0%', '20']  # run at 1,2,4,8: R@1 only
+    assert sop['GoogLeNet', 'reproduced'] == ['70.0%', '-', '-', '-', '40.0%', '1']  # run at 1,2,4,8: R@1 only
     assert sop['ResNet50', 'published'][:4] == ['-'] * 4
 
     figure = tmp_path / 'results' / 'benchmarks.png'
@@ -186,7 +188,8 @@ def test_table_with_no_statistics_at_all(script, tmp_path):
     assert status == 0, err
     tables = read_table(tmp_path / 'results' / 'benchmarks.md')
     for rows in tables.values():
-        assert all(rows[backbone, 'reproduced'] == ['-'] * 6 for backbone in ('ResNet50', 'Inception', 'GoogLeNet'))
+        assert all(rows[backbone, 'reproduced'] == ['-'] * 5 + ['0 of 1']
+                   for backbone in ('ResNet50', 'Inception', 'GoogLeNet'))
 
 
 def test_a_full_run_trains_the_grid_then_writes_the_table(script, tmp_path, monkeypatch):
@@ -218,3 +221,52 @@ def test_a_failed_run_stops_with_one_sentence(script, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce.subprocess, 'run', lambda argv, **kwargs: subprocess.CompletedProcess(argv, 1))
     status, _, err = script('reproduce', '--data_path', 'data', cwd=tmp_path)
     assert 'train car_resnet50_proxy_anchor_512 failed' in error_sentence(status, err)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# several seeds (issue 8)
+
+def test_seeds_train_every_configuration_once_per_seed_with_the_other_flags(script, tmp_path):
+    """--seeds 1,2,3 lists each configuration three times, seed 1 with the seed's command; other flags go along,
+    and a run already finished under its own name is skipped."""
+    data_folders(tmp_path, ['cub'], prepared=['cub'])
+    fabricate(tmp_path, 'cub', 'resnet50', suffix='_margin0.2_seed2')
+    commands, comments = dry_run(script, tmp_path, '--seeds', '1,2,3', '--margin', '0.2')
+    expected = [train_run('cub', backbone, *seed, '--margin', '0.2') for backbone in BACKBONES
+                for seed in ([], ['--seed', '2'], ['--seed', '3'])]
+    expected.remove(train_run('cub', 'resnet50', '--seed', '2', '--margin', '0.2'))
+    assert commands == expected
+    assert comments == ['# cub_resnet50_proxy_anchor_512_margin0.2_seed2 already reached epoch 20: not trained again']
+
+
+@pytest.mark.parametrize('flags, expected', [(['--seeds', '1,x'], '--seeds must be integers separated by commas'),
+                                             (['--seeds', '1,1'], '--seeds lists a seed twice'),
+                                             (['--seed', '4'], 'sets --seed itself for each configuration of the '
+                                                               'tables from --seeds')])
+def test_bad_seeds_are_one_sentence(script, tmp_path, flags, expected):
+    data_folders(tmp_path, ['cub'])
+    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', *flags, cwd=tmp_path)
+    assert expected in error_sentence(status, err)
+
+
+def test_table_reports_mean_and_sample_spread_over_the_finished_seeds(script, tmp_path):
+    """Three seeds at R@1 70, 72 and 74 read 72.0 ± 2.0 (sample standard deviation); a seed still training is left
+    out and said; one finished seed has no spread. The figure draws the spread as error bars."""
+    for seed, r1 in ((1, 0.70), (2, 0.72), (3, 0.74)):
+        fabricate(tmp_path, 'cub', 'resnet50', final=[r1, 0.8, 0.9, 0.95, 0.3 + seed / 100],
+                  suffix='_margin0.2' + ('' if seed == 1 else f'_seed{seed}'))
+    fabricate(tmp_path, 'cub', 'inception', final=[0.6, 0.7, 0.8, 0.9, 0.3], suffix='_margin0.2')
+    fabricate(tmp_path, 'cub', 'inception', epochs=4, suffix='_margin0.2_seed2')
+    fabricate(tmp_path, 'cub', 'googlenet', final=[0.9, 0.9, 0.9, 0.9, 0.9])  # another margin: not this table's
+    status, out, err = script('reproduce', '--table', '--seeds', '1,2,3', '--margin', '0.2', cwd=tmp_path)
+    assert status == 0, err
+    cub = read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']
+    assert cub['ResNet50', 'reproduced'] == ['72.0 ± 2.0', '80.0 ± 0.0', '90.0 ± 0.0', '95.0 ± 0.0', '32.0 ± 1.0',
+                                             '3']
+    assert cub['ResNet50', 'difference'][:4] == ['+2.0', '+0.4', '+3.1', '+2.8']  # against 70.0 79.6 86.9 92.2
+    assert cub['Inception', 'reproduced'] == ['60.0%', '70.0%', '80.0%', '90.0%', '30.0%',
+                                              '1 of 3 (training: seed 2 at epoch 4)']
+    assert cub['GoogLeNet', 'reproduced'] == ['-'] * 5 + ['0 of 3']
+    assert 'with --margin 0.2' in (tmp_path / 'results' / 'benchmarks.md').read_text()
+    with Image.open(tmp_path / 'results' / 'benchmarks.png') as image:
+        assert image.format == 'PNG'
