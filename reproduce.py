@@ -4,18 +4,20 @@
     python reproduce.py --data_path /home/data --dry_run    # only print the commands
     python reproduce.py --table                             # results/benchmarks.md and .png from the CSVs so far
 
-The grid: each data set found under --data_path (car, cub, sop) x each backbone (resnet50, inception, googlenet),
-with the Proxy-Anchor loss and train.py's defaults, which are the seed's hyper-parameters; SOP is evaluated at
-Recall@1/10/100/1000, the ranks its results are quoted at. Every run is started with --resume, so running this
+The grid: each data set found under --data_path (car, cub, sop, inshop) x each backbone (resnet50, inception,
+googlenet), with the Proxy-Anchor loss and train.py's defaults, which are the seed's hyper-parameters; SOP is evaluated
+at Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the ranks their results are quoted at. Every run is started with --resume, so running this
 again after an interruption continues the unfinished configuration from its checkpoint, and one whose statistics CSV
 already reaches the final epoch is not trained again. Any other flag is passed on to every train.py run (say --amp
 or --num_workers 4).
 
 The table reports each run's final epoch, never its best one: picking the best epoch by its test score is feedback
-from the test set.
+from the test set. Runs of the same configuration on other prepared data sets (train.py --data_name NAME) get a
+table of their own, without published figures.
 """
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -27,8 +29,9 @@ from utils import DATA_NAMES, UserError, atomic_path, index_path, pyplot, run_ma
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BACKBONES = ('resnet50', 'inception', 'googlenet')  # in the README's order
 BACKBONE_NAMES = {'resnet50': 'ResNet50', 'inception': 'Inception', 'googlenet': 'GoogLeNet'}
-DATA_TITLES = {'car': 'CARS196', 'cub': 'CUB200', 'sop': 'Stanford Online Products'}
-RANKS = {'car': (1, 2, 4, 8), 'cub': (1, 2, 4, 8), 'sop': (1, 10, 100, 1000)}
+DATA_TITLES = {'car': 'CARS196', 'cub': 'CUB200', 'sop': 'Stanford Online Products', 'inshop': 'In-shop Clothes'}
+RANKS = {'car': (1, 2, 4, 8), 'cub': (1, 2, 4, 8), 'sop': (1, 10, 100, 1000), 'inshop': (1, 10, 20, 30, 40)}
+DEFAULT_RANKS = (1, 2, 4, 8)  # train.py's --recalls
 LOSS, FEATURE_DIM = 'proxy_anchor', 512
 
 # published Recall@K (%) at RANKS[data]; None where the source gives no figure
@@ -42,9 +45,12 @@ PUBLISHED = {
     ('cub', 'googlenet'): (62.5, 73.6, 82.8, 89.8),
     # Proxy-Anchor (Kim et al., CVPR 2020), BN-Inception, 512-d; its R@10/100/1000 are not given at 512-d
     ('sop', 'inception'): (79.1, None, None, None),
+    # the official Proxy-Anchor repository (tjddus9597/Proxy-Anchor-CVPR2020), BN-Inception, 512-d
+    ('inshop', 'inception'): (91.9, 98.1, 98.7, 99.0, 99.1),
 }
 SOURCES = {'car': 'the seed README', 'cub': 'the seed README',
-           'sop': 'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d; R@1 only'}
+           'sop': 'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d; R@1 only',
+           'inshop': 'the official Proxy-Anchor repository, BN-Inception 512-d'}
 
 
 def prefix(data_name, backbone):
@@ -61,8 +67,8 @@ def present_data(data_path):
     """The data sets with a folder under data_path, in the README's order."""
     names = [name for name in DATA_NAMES if os.path.isdir(os.path.join(data_path, name))]
     if not names:
-        raise UserError(f'no data set found under {data_path}: expected a folder car/, cub/ or sop/ there (see the '
-                        f'README for each layout), or pass --data_path')
+        raise UserError(f'no data set found under {data_path}: expected a folder car/, cub/, sop/ or inshop/ there '
+                        f'(see the README for each layout), or pass --data_path')
     return names
 
 
@@ -70,8 +76,8 @@ def train_flags(data_path, data_name, backbone, extra):
     """train.py's flags for one configuration: everything else stays at the seed's defaults."""
     flags = ['--data_path', data_path, '--data_name', data_name, '--backbone_type', backbone, '--loss_name', LOSS,
              '--resume']
-    if data_name == 'sop':
-        flags += ['--recalls', ','.join(map(str, RANKS['sop']))]
+    if RANKS[data_name] != DEFAULT_RANKS:
+        flags += ['--recalls', ','.join(map(str, RANKS[data_name]))]
     return flags + list(extra)
 
 
@@ -103,8 +109,8 @@ def commands(data_path, extra, results='results'):
             flags = train_flags(data_path, data_name, backbone, extra)
             args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
                                               'loss_name': LOSS, 'feature_dim': FEATURE_DIM}
-            if data_name == 'sop':
-                fixed['recalls'] = ','.join(map(str, RANKS['sop']))
+            if RANKS[data_name] != DEFAULT_RANKS:
+                fixed['recalls'] = ','.join(map(str, RANKS[data_name]))
             for flag, value in fixed.items():
                 if getattr(args, flag) != value:
                     raise UserError(f'reproduce.py sets --{flag} itself for each configuration of the tables; '
@@ -131,10 +137,25 @@ def reproduced(results, data_name, backbone):
         return None
     last = frame.iloc[-1]  # the final epoch, never the best one
     row = {'epoch': int(frame.index[-1])}
-    for key in [f'recall@{k}' for k in RANKS[data_name]] + ['map@r']:
+    ranks = RANKS.get(data_name) or [column[len('test_recall@'):] for column in frame.columns
+                                     if column.startswith('test_recall@')]
+    for key in [f'recall@{k}' for k in ranks] + ['map@r']:
         if f'test_{key}' in frame.columns and pd.notna(last[f'test_{key}']):
             row[key] = 100 * float(last[f'test_{key}'])
     return row
+
+
+def other_data(results):
+    """The data names beyond the benchmarks with a run of the tables' configuration in results, sorted."""
+    pattern = re.compile(rf'(.+)_({"|".join(BACKBONES)})_{LOSS}_{FEATURE_DIM}_statistics\.csv')
+    found = {match.group(1) for match in map(pattern.fullmatch, os.listdir(results) if os.path.isdir(results) else [])
+             if match}
+    return sorted(found - set(DATA_NAMES))
+
+
+def epoch_cell(run, epochs):
+    """The table's Epoch cell: the run's final epoch, marked when short of the schedule."""
+    return '-' if not run else str(run['epoch']) + ('' if run['epoch'] >= epochs else ' (unfinished)')
 
 
 def cell(value, signed=False):
@@ -162,12 +183,23 @@ def table(results, epochs):
             published = PUBLISHED.get((data_name, backbone), (None,) * len(ranks))
             mine = [ours.get(f'recall@{k}') for k in ranks]
             difference = [None if a is None or b is None else a - b for a, b in zip(mine, published)]
-            epoch = '-' if not ours else str(ours['epoch']) + ('' if ours['epoch'] >= epochs else ' (unfinished)')
             name = BACKBONE_NAMES[backbone]
             lines.append(f'| {name} | reproduced | ' + ' | '.join(map(cell, mine)) +
-                         f' | {cell(ours.get("map@r"))} | {epoch} |')
+                         f' | {cell(ours.get("map@r"))} | {epoch_cell(ours, epochs)} |')
             lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | |')
             lines.append('| | difference | ' + ' | '.join(cell(d, signed=True) for d in difference) + ' | | |')
+        lines.append('')
+    for data_name in other_data(results):  # a folder of the user's own images: nothing published to compare with
+        runs = {backbone: reproduced(results, data_name, backbone) for backbone in BACKBONES}
+        runs = {backbone: run for backbone, run in runs.items() if run}
+        ranks = sorted({int(key[len('recall@'):]) for run in runs.values() for key in run if key.startswith('recall@')})
+        lines += [f'## {data_name}', '', 'Not a benchmark: nothing published to compare with.', '',
+                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Epoch |',
+                  '|---|---|' + '---|' * (len(ranks) + 2)]
+        for backbone, run in runs.items():
+            lines.append(f'| {BACKBONE_NAMES[backbone]} | reproduced | ' +
+                         ' | '.join(cell(run.get(f'recall@{k}')) for k in ranks) +
+                         f' | {cell(run.get("map@r"))} | {epoch_cell(run, epochs)} |')
         lines.append('')
     path = os.path.join(results, 'benchmarks.md')
     with atomic_path(path) as tmp, open(tmp, 'w') as file:
@@ -182,7 +214,7 @@ def figure(results, epochs):
     plt = pyplot()
     published_colour, reproduced_colour = '0.65', 'tab:blue'
     with plt.style.context(['science', 'no-latex']):
-        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(7.5, 2.9), sharey=True)
+        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(9.5, 2.9), sharey=True)
         x, width = np.arange(len(BACKBONES)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
             runs = [reproduced(results, data_name, b) or {} for b in BACKBONES]
@@ -222,7 +254,7 @@ def get_args_parser():
                                                  'other flag is passed on to train.py',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument('--data_path', default='/home/data', type=str,
-                        help='datasets path: every one of car/, cub/ and sop/ found there is run')
+                        help='datasets path: every one of car/, cub/, sop/ and inshop/ found there is run')
     parser.add_argument('--dry_run', action='store_true', help='print the commands instead of running them')
     parser.add_argument('--table', action='store_true',
                         help='only write results/benchmarks.md and results/benchmarks.png from the statistics CSVs '

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from model import BACKBONES, Model
 from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, SeededSampler, UserError, atomic_path, atomic_save,
-                   parse_ranks, pyplot, remove_temporaries, retrieval_metrics, run_main, safe_load, save_figure,
-                   set_seed)
+                   load_index, parse_ranks, pyplot, remove_temporaries, retrieval_metrics, run_main, safe_load,
+                   save_figure, set_seed)
 
 # flags that change what a run computes: a resumed run must use the same ones
 RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pretrained', 'loss_name', 'batch_size',
@@ -40,7 +40,8 @@ def get_args_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     parser.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
-    parser.add_argument('--data_name', default='car', type=str, choices=DATA_NAMES, help='dataset name')
+    parser.add_argument('--data_name', default='car', type=str,
+                        help=f'dataset name: {", ".join(DATA_NAMES)}, or any other folder prepared by data_utils.py')
     parser.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
                         help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)')
     parser.add_argument('--cache_images', action='store_true',
@@ -66,8 +67,8 @@ def get_args_parser():
                         help="continue this configuration's interrupted run from results/<name>_checkpoint.pth")
     # evaluation
     parser.add_argument('--recalls', default='1,2,4,8', type=str,
-                        help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at 1,10,100,1000); a '
-                             'K above the number of other test images retrieves them all')
+                        help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at 1,10,100,1000, '
+                             'In-shop at 1,10,20,30,40); a K above the number of other test images retrieves them all')
     return parser
 
 
@@ -331,12 +332,18 @@ def train(args, ranks, device, rank, world):
         print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
     prefix = prefix_of(args)
     train_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, args.seed)
-    test_data = ImageReader(args.data_path, args.data_name, 'test', args.backbone_type, args.crop_type)
+    # In-shop and folders split that way evaluate queries against a gallery; the test_* names then hold the queries
+    gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
+    test_data = ImageReader(args.data_path, args.data_name, 'query' if gallery else 'test', args.backbone_type,
+                            args.crop_type)
+    gallery_data = ImageReader(args.data_path, args.data_name, 'gallery', args.backbone_type, args.crop_type) \
+        if gallery else None
     train_eval_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type,
                                   augment=False)
     if args.cache_images:  # before any DataLoader worker starts, so that all of them share the decoded images
         start = time.perf_counter()
-        caches = [train_data.cache_images(), test_data.cache_images()]
+        caches = [train_data.cache_images(), test_data.cache_images()] + ([gallery_data.cache_images()] if gallery
+                                                                          else [])
         train_eval_data.cache_images(caches[0])
         if rank == 0:
             print(f'decoded {sum(map(len, caches))} images into memory ({sum(c.nbytes for c in caches) / 2 ** 30:.1f}'
@@ -400,10 +407,15 @@ def train(args, ranks, device, rank, world):
         eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
         test_features = embed(model, test_data, eval_batch, args.num_workers, device, args.amp, rank, world)
         train_features = embed(model, train_eval_data, eval_batch, args.num_workers, device, args.amp, rank, world)
+        gallery_set = {}  # each query ranks the gallery rather than the other queries
+        if gallery:
+            gallery_set = {'gallery_features': embed(model, gallery_data, eval_batch, args.num_workers, device,
+                                                     args.amp, rank, world),
+                           'gallery_labels': torch.tensor(gallery_data.labels)}
         scheduler.step()
         if rank != 0:
             continue
-        metrics = retrieval_metrics(test_features, torch.tensor(test_data.labels), ranks)
+        metrics = retrieval_metrics(test_features, torch.tensor(test_data.labels), ranks, **gallery_set)
         values = [stats['loss'], stats['accuracy']] + [metrics[f'recall@{k}'] for k in ranks] + [
             metrics['map@r'], metrics['r_precision']]
         for column, value in zip(columns, values):
@@ -421,7 +433,8 @@ def train(args, ranks, device, rank, world):
         atomic_save({'test_images': test_data.images, 'test_labels': torch.tensor(test_data.labels),
                      'test_features': test_features, 'train_images': train_data.images,
                      'train_labels': torch.tensor(train_data.labels), 'train_features': train_features,
-                     'proxies': model.proxies.weight.detach().cpu(), 'args': vars(args), 'epoch': epoch},
+                     'proxies': model.proxies.weight.detach().cpu(), 'args': vars(args), 'epoch': epoch, **gallery_set,
+                     **({'gallery_images': gallery_data.images} if gallery else {})},
                     f'results/{prefix}_{epoch}_data_base.pth')
         # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
         atomic_save({'model': weights, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),

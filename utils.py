@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-DATA_NAMES = ('car', 'cub', 'sop')
+DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
 CROP_TYPES = ('uncropped', 'cropped')
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
 
@@ -148,7 +148,8 @@ def index_path(data_path, data_name, crop_type='uncropped'):
 
 
 def load_index(data_path, data_name, crop_type='uncropped'):
-    """Read a prepared data set's index {'train': {class: [relative paths]}, 'test': {...}}."""
+    """Read a prepared data set's index {'train': {class: [relative paths]}, 'test': {...}} ('query' and 'gallery'
+    instead of 'test' for In-shop and folders split that way)."""
     path = index_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
         raise UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
@@ -178,6 +179,27 @@ def read_image(path):
                 return v2.functional.pil_to_tensor(image.convert('RGB'))
         except OSError:
             raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
+
+
+def image_extensions():
+    """The file name extensions of every format PIL reads (lower case), not only JPEG."""
+    from PIL import Image, ImageFile
+    Image.init()
+    # stub formats (HDF5, GRIB, WMF, ...) are only registered names: PIL cannot read them without extra plugins
+    readable = {name for name, (factory, _) in Image.OPEN.items()
+                if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    return {extension for extension, name in Image.registered_extensions().items() if name in readable}
+
+
+def image_files(folder):
+    """(image files below folder, other files), both sorted; hidden folders are not searched."""
+    extensions, images, others = image_extensions(), [], []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith('.'))
+        for name in files:
+            path = os.path.join(parent, name)
+            (images if os.path.splitext(name)[1].lower() in extensions else others).append(path)
+    return sorted(images), sorted(others)
 
 
 def available_memory():
@@ -268,9 +290,9 @@ class SeededSampler(torch.utils.data.Sampler):
 
 
 class ImageReader(Dataset):
-    """A prepared data set's train or test split as (uint8 image tensor (3, 224, 224), label) pairs.
+    """A prepared data set's train, test, query or gallery split as (uint8 image tensor (3, 224, 224), label) pairs.
 
-    Labels are 0..C-1 in class-id order. Given (index, epoch) by a SeededSampler, the augmentation is seeded
+    Labels are 0..C-1 in class-id order; query and gallery share theirs (a class's label is the same in both). Given (index, epoch) by a SeededSampler, the augmentation is seeded
     from (seed, epoch, index). `backbone_type` is accepted for the seed's interface: the per-backbone
     normalisation (ImageNet mean/std, or BN-Inception's BGR 0-255) is the model's first layer, run on the device.
     """
@@ -280,8 +302,11 @@ class ImageReader(Dataset):
         index = load_index(data_path, data_name, crop_type)
         root = os.path.join(data_path, data_name)
         self.images, self.labels = [], []
-        for label, class_id in enumerate(sorted(index[data_type])):
-            for relative in index[data_type][class_id]:
+        classes = sorted(index[data_type])
+        if data_type in ('query', 'gallery'):  # one label per class across both, so that they compare
+            classes = sorted(set(index['query']) | set(index['gallery']))
+        for label, class_id in enumerate(classes):
+            for relative in index[data_type].get(class_id, ()):
                 self.images.append(os.path.join(root, relative))
                 self.labels.append(label)
         self.num_classes = len(index[data_type])
