@@ -100,18 +100,23 @@ def gallery_cache_path(folder, model_path):
     return os.path.join('results', f'{stem}_gallery_{digest}.pth')
 
 
-def embed_gallery(folder, model, model_path):
-    """(paths, (N, D) embeddings) of every image below folder; unchanged files come from the cache in results/.
-
-    A file is unchanged when its path, size and modification time are those cached, and the model file is the one
-    that embedded them; the others are embedded now and the cache rewritten whole.
-    """
+def gallery_images(folder):
+    """Absolute paths of every image below folder (any format PIL reads), sorted."""
     if not os.path.isdir(folder):
         raise UserError(f'--gallery {folder} is not a folder; point it at a folder of images')
     paths = [os.path.abspath(path) for path in image_files(folder)[0]]
     if not paths:
         raise UserError(f'--gallery {folder} holds no image (any format PIL reads, searched in all its folders); '
                         f'point it at a folder of images')
+    return paths
+
+
+def embed_gallery(folder, paths, model, model_path):
+    """(N, D) embeddings of the images below folder; unchanged files come from the cache in results/.
+
+    A file is unchanged when its path, size and modification time are those cached, and the model file is the one
+    that embedded them; the others are embedded now and the cache rewritten whole.
+    """
     keys = [(path, status.st_size, status.st_mtime_ns) for path, status in ((p, os.stat(p)) for p in paths)]
     model_status = os.stat(model_path)
     model_key = [os.path.realpath(model_path), model_status.st_size, model_status.st_mtime_ns]
@@ -134,7 +139,7 @@ def embed_gallery(folder, model, model_path):
         atomic_save({'model': model_key, 'keys': [list(key) for key in keys], 'features': features}, cache_path)
     print(f'gallery {folder}: {len(paths)} images, {len(todo)} embedded now, {len(paths) - len(todo)} from '
           f'{cache_path}')
-    return paths, features
+    return features
 
 
 def framed(path, correct=None, border=True):
@@ -174,10 +179,11 @@ def main():
         raise UserError(f'{data_base_path} is not a data base train.py wrote (it has no {", ".join(sorted(missing))}); '
                         f'pass a results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth file')
     if args.gallery is not None:  # a folder of photos without labels
+        images = gallery_images(args.gallery)
         model, model_path = load_model(data_base, data_base_path, lambda model_path: (
             f'--gallery needs the model saved beside data base {data_base_path} to embed its images, but no model '
             f'{model_path} was found; pass the data base of a train.py run'))
-        split, (images, features), labels = None, embed_gallery(args.gallery, model, model_path), None
+        split, features, labels = None, embed_gallery(args.gallery, images, model, model_path), None
     else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
         model, split = None, 'gallery' if 'gallery_features' in data_base else 'test'
         images, labels, features = (data_base[f'{split}_{key}'] for key in ('images', 'labels', 'features'))
