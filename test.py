@@ -1,4 +1,4 @@
-"""Retrieve the images nearest to a query from a trained model's data base, or from a folder of photos, and draw them."""
+"""Retrieve the images nearest to a query from a trained model's data base, or from a folder of photos; draw them."""
 import argparse
 import hashlib
 import os

@@ -293,9 +293,10 @@ class SeededSampler(torch.utils.data.Sampler):
 class ImageReader(Dataset):
     """A prepared data set's train, test, query or gallery split as (uint8 image tensor (3, 224, 224), label) pairs.
 
-    Labels are 0..C-1 in class-id order; query and gallery share theirs (a class's label is the same in both). Given (index, epoch) by a SeededSampler, the augmentation is seeded
+    Labels are 0..C-1 in class-id order. Given (index, epoch) by a SeededSampler, the augmentation is seeded
     from (seed, epoch, index). `backbone_type` is accepted for the seed's interface: the per-backbone
     normalisation (ImageNet mean/std, or BN-Inception's BGR 0-255) is the model's first layer, run on the device.
+    A query split and its gallery share their labels: a class has the same label in both.
     """
 
     def __init__(self, data_path, data_name, data_type, backbone_type=None, crop_type='uncropped', seed=0,

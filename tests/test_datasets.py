@@ -1,4 +1,4 @@
-"""In-shop Clothes, labelled image folders and the digits demo: preparation, errors, training and retrieval (issue 10)."""
+"""In-shop Clothes, labelled image folders and the digits demo: preparation, errors, training, retrieval (issue 10)."""
 import os
 import sys
 
@@ -130,8 +130,9 @@ def test_class_folders_split_in_halves_with_any_pil_format_and_other_files_skipp
                                   cwd=tmp_path)
         assert status == 0, err
         skipped = [line for line in out.splitlines() if 'skipped' in line]
-        assert skipped == [f'fish: skipped 3 files that PIL does not read as an image (such as {root / "carp" / "notes.txt"}) '
-                           f'and 1 file outside any class folder (such as {root / "loose.jpg"})'], out
+        assert skipped == [f'fish: skipped 3 files that PIL does not read as an image (such as '
+                           f'{root / "carp" / "notes.txt"}) and 1 file outside any class folder (such as '
+                           f'{root / "loose.jpg"})'], out
         assert 'fish uncropped: 2 classes / 6 images train, 3 classes / 7 images test' in out
 
     index = torch.load(utils.index_path(str(tmp_path), 'fish'), weights_only=True)

@@ -153,7 +153,8 @@ def test_gallery_embeds_once_and_again_only_what_changed(script, trained, indepe
     os.utime(photos / 'holiday' / 'beach.jpg', (later, later))
     write_image(str(photos / 'new' / 'garden.jpeg'), 7, 1)
     os.remove(photos / 'scan.bmp')
-    images = [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png', photos / 'new' / 'garden.jpeg']
+    images = [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png',
+              photos / 'new' / 'garden.jpeg']
     embedded[0] = 0
     out, _ = gallery_run(script, trained, query, photos)
     assert embedded[0] == 2 + 1
