@@ -1,4 +1,8 @@
-"""Prepare CARS196, CUB-200-2011 and Stanford Online Products: RGB copies of every image and a train/test index."""
+"""Prepare a data set: RGB copies of every image and a train/test (or query/gallery) index.
+
+The benchmarks CARS196, CUB-200-2011, Stanford Online Products and In-shop Clothes are read from their annotation
+files; any other folder under --data_path is read as labelled images, one folder per class.
+"""
 import argparse
 import multiprocessing
 import os
@@ -8,8 +12,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import (CROP_TYPES, DATA_NAMES, UserError, atomic_path, atomic_save, index_path, remove_temporaries,
-                   run_main)
+from utils import (CROP_TYPES, DATA_NAMES, UserError, atomic_path, atomic_save, image_extensions,
+                   image_files, index_path, remove_temporaries, run_main)
 
 # what each data set's download looks like once extracted, and where to get it
 LAYOUTS = {
@@ -19,7 +23,12 @@ LAYOUTS = {
             'bounding_boxes.txt', 'https://www.vision.caltech.edu/datasets/cub_200_2011/'),
     'sop': ('the extracted Stanford_Online_Products folder renamed to sop: Ebay_train.txt, Ebay_test.txt and '
             'the *_final/ image folders', 'https://cvgl.stanford.edu/projects/lifted_struct/'),
+    'inshop': ('Eval/list_eval_partition.txt and the images of Img/img.zip extracted as Img/img/ or img/',
+               'https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html'),
 }
+SPLITS = ('train', 'test', 'query', 'gallery')  # in the order the index lists them
+FOLDER_SPLITS = (('train', 'test'), ('train', 'query', 'gallery'))  # the split folders a labelled folder may hold
+FOLDER_LAYOUT = '<class>/<images> (or train/<class>/... beside test/<class>/..., or query/ and gallery/)'
 
 
 def layout_error(root, data_name, missing):
@@ -127,10 +136,7 @@ def read_annotations(root, data_name):
         classes = sorted({class_id for _, class_id, _ in entries})
         # the first half of the classes trains and the second half tests: 1-98 / 99-196 and 1-100 / 101-200
         test_classes = set(classes[len(classes) // 2:])
-    missing = [source for source, _, _ in entries if not os.path.isfile(source)]
-    if missing:
-        raise UserError(f'{len(missing)} of the {len(entries)} images the annotations name do not exist, such as '
-                        f'{missing[0]}; extract the whole {data_name} download into {root}')
+    check_sources([source for source, _, _ in entries], root, data_name)
     names = defaultdict(list)
     for source, _, _ in entries:
         names[os.path.basename(source)].append(source)
@@ -139,6 +145,142 @@ def read_annotations(root, data_name):
         raise UserError(f'{clashes[0][0]} and {clashes[0][1]} share a file name, which the prepared layout keeps '
                         f'flat; rename one of them')
     return entries, test_classes
+
+
+def check_sources(sources, root, data_name):
+    """A UserError unless every image the annotations name exists."""
+    missing = [source for source in sources if not os.path.isfile(source)]
+    if missing:
+        raise UserError(f'{len(missing)} of the {len(sources)} images the annotations name do not exist, such as '
+                        f'{missing[0]}; extract the whole {data_name} download into {root}')
+
+
+def read_inshop(root):
+    """In-shop Clothes: [(source, prepared name, item id, None, split)] from Eval/list_eval_partition.txt.
+
+    The file holds a count line, a header line, then `image_name item_id evaluation_status` rows. Image names
+    repeat across items (01_1_front.jpg), so the prepared images keep their relative paths.
+    """
+    path = os.path.join(root, 'Eval', 'list_eval_partition.txt')
+    if not os.path.isfile(path):
+        raise layout_error(root, 'inshop', path)
+    with open(path, encoding='utf-8', errors='replace') as file:
+        lines = [line.split() for line in file.read().splitlines() if line.strip()]
+    if len(lines) < 2 or len(lines[0]) != 1:
+        raise UserError(f'{path} is malformed: it must start with a count line and a header line; download it again')
+    count, rows = to_number(lines[0][0], path), lines[2:]
+    if count != len(rows):
+        raise UserError(f'{path} is malformed: its first line counts {count} images but {len(rows)} rows follow; '
+                        f'download it again')
+    # Img/img.zip extracts to img/; kept inside Img/ or moved up beside Eval/
+    images = os.path.join(root, 'Img') if os.path.isdir(os.path.join(root, 'Img', 'img')) else root
+    entries = []
+    for number, fields in enumerate(rows, 3):
+        if len(fields) != 3 or fields[2] not in ('train', 'query', 'gallery'):
+            raise UserError(f'{path} is malformed at line {number} (expected an image name, an item id and train, '
+                            f'query or gallery); download it again')
+        relative, item, split = fields
+        source = inside(images, relative, path)
+        entries.append((source, os.path.relpath(source, images), item, None, split))
+    check_sources([source for source, *_ in entries], root, 'inshop')
+    return entries
+
+
+def folder_error(root, what):
+    """A UserError saying what is wrong with a labelled image folder and the layouts it may have."""
+    return UserError(f'{what}; a labelled image folder holds {os.path.join(root, FOLDER_LAYOUT)}')
+
+
+def own_entries(folder):
+    """The names in folder, without hidden ones and what data_utils.py writes: prepared copies and their indices."""
+    return [name for name in sorted(os.listdir(folder)) if not name.startswith('.') and name not in CROP_TYPES
+            and not name.endswith('_data_dicts.pth')]
+
+
+def loose_files(folder, names, skipped):
+    """Count the files `names` of folder, which lie beside its class folders, as skipped; returns the images."""
+    extensions = image_extensions()
+    images = [os.path.join(folder, name) for name in names if os.path.splitext(name)[1].lower() in extensions]
+    skipped['that PIL does not read as an image'] += [os.path.join(folder, name) for name in names
+                                                      if os.path.join(folder, name) not in images]
+    skipped['outside any class folder'] += images
+    return images
+
+
+def class_images(folder, root, skipped):
+    """{class name: its images} of the class folders in `folder` (images may sit in nested folders below them).
+
+    Other files are counted in `skipped`; a class folder without any image is no class.
+    """
+    classes, loose = {}, []
+    for name in own_entries(folder):
+        if os.path.isdir(os.path.join(folder, name)):
+            classes[name], others = image_files(os.path.join(folder, name))
+            skipped['that PIL does not read as an image'] += others
+        else:
+            loose.append(name)
+    images = loose_files(folder, loose, skipped)
+    classes = {name: paths for name, paths in classes.items() if paths}
+    if not classes:
+        raise folder_error(root, f'{folder} holds {"images but no class folders" if images else "no images"}')
+    return classes
+
+
+def read_folder(root, data_name):
+    """A labelled image folder: [(source, prepared name, class name, None, split)].
+
+    Either one folder per class, sorted by name and split in halves as the benchmarks are (the first half trains,
+    the second half tests on unseen classes), or split folders train/ with test/ (or query/ and gallery/) holding
+    the class folders, used as they are. Prepared images keep their paths relative to root (names repeat across
+    classes); a format other than JPEG gets .jpg appended, as the prepared copies are JPEGs.
+    """
+    if not os.path.isdir(root):
+        raise folder_error(root, f'there is no folder {root}: put your images there, or name one of the benchmarks '
+                                 f'{", ".join(DATA_NAMES)}')
+    entries = own_entries(root)
+    folders = {name for name in entries if os.path.isdir(os.path.join(root, name))}
+    skipped = defaultdict(list)
+    if folders and folders <= set(SPLITS):
+        layout = next((splits for splits in FOLDER_SPLITS if folders == set(splits)), None)
+        if layout is None:
+            raise folder_error(root, f'{root} holds the split folders {", ".join(sorted(folders))}, which are '
+                                     f'neither train/ and test/ nor train/, query/ and gallery/')
+        loose_files(root, [name for name in entries if name not in folders], skipped)
+        splits = {split: class_images(os.path.join(root, split), root, skipped) for split in layout}
+        for split, classes in splits.items():
+            if len(classes) < 2:
+                raise folder_error(root, f'{os.path.join(root, split)} holds one class, but each side of the split '
+                                         f'needs at least two')
+    else:
+        classes = class_images(root, root, skipped)
+        names = sorted(classes)
+        half = len(names) // 2
+        if half < 2:
+            raise folder_error(root, f'{root} holds {len(names)} class folder{"s" * (len(names) > 1)} with images, '
+                                     f'and split in halves that leaves fewer than two classes on one side: it needs '
+                                     f'at least four')
+        splits = {'train': {name: classes[name] for name in names[:half]},
+                  'test': {name: classes[name] for name in names[half:]}}
+    counts = [f'{len(paths)} file{"s" * (len(paths) > 1)} {why} (such as {paths[0]})'
+              for why, paths in skipped.items() if paths]
+    if counts:
+        print(f'{data_name}: skipped {" and ".join(counts)}')
+    jpeg = ('.jpg', '.jpeg')
+    return [(source, os.path.relpath(source, root) + ('' if source.lower().endswith(jpeg) else '.jpg'), class_name,
+             None, split) for split, classes in splits.items() for class_name, sources in classes.items()
+            for source in sources]
+
+
+def read_data_set(root, data_name):
+    """Every image of a raw data set as (source path, prepared name, class, box or None, split)."""
+    if data_name == 'inshop':
+        return read_inshop(root)
+    if data_name not in LAYOUTS:
+        return read_folder(root, data_name)
+    entries, test_classes = read_annotations(root, data_name)
+    # CARS, CUB and SOP keep the seed's flat names (read_annotations checked that they are unique)
+    return [(source, os.path.basename(source), class_id, box, 'test' if class_id in test_classes else 'train')
+            for source, class_id, box in entries]
 
 
 def convert(task):
@@ -161,18 +303,19 @@ def convert(task):
 def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
     """Convert one raw data set into <data_path>/<data_name>/<crop type>/ and write its train/test index."""
     root = os.path.join(data_path, data_name)
-    entries, test_classes = read_annotations(root, data_name)
-    if data_name == 'sop' and 'cropped' in crop_types:
-        print('sop has no bounding boxes, so only its uncropped variant is written')
+    entries = read_data_set(root, data_name)
+    if 'cropped' in crop_types and all(box is None for _, _, _, box, _ in entries):
+        print(f'{data_name} has no bounding boxes, so only its uncropped variant is written')
         crop_types = ('uncropped',)
     for crop_type in crop_types:
         folder = os.path.join(root, crop_type)
         os.makedirs(folder, exist_ok=True)
         # a run killed mid-write leaves temporary files; its finished images are kept and skipped below
-        remove_temporaries(folder)
+        for parent in [parent for parent, _, _ in os.walk(folder)]:
+            remove_temporaries(parent)
         remove_temporaries(root, f'{crop_type}_data_dicts.pth.')
-        tasks = [(source, os.path.join(folder, os.path.basename(source)), box if crop_type == 'cropped' else None)
-                 for source, _, box in entries]
+        tasks = [(source, os.path.join(folder, name), box if crop_type == 'cropped' else None)
+                 for source, name, _, box, _ in entries]
         with multiprocessing.Pool(workers or os.cpu_count()) as pool:
             errors = [error for error in tqdm(pool.imap(convert, tasks, chunksize=16), total=len(tasks),
                                               desc=f'{data_name} {crop_type}', unit='img', dynamic_ncols=True)
@@ -182,41 +325,30 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
             print(f'{len(errors)} unreadable images:\n{listing}')
             raise UserError(f'{len(errors)} images of {data_name} could not be read (listed above); replace them '
                             f'with good copies from the download and run data_utils.py again')
-        index = {'train': defaultdict(list), 'test': defaultdict(list)}
-        for source, class_id, _ in entries:
-            split = 'test' if class_id in test_classes else 'train'
-            index[split][class_id].append(f'{crop_type}/{os.path.basename(source)}')
+        index = {split: defaultdict(list) for split in SPLITS if any(entry[4] == split for entry in entries)}
+        for _, name, class_id, _, split in entries:
+            index[split][class_id].append(f'{crop_type}/{name}')
         index = {split: dict(classes) for split, classes in index.items()}
         atomic_save(index, index_path(data_path, data_name, crop_type))
-        counts = {split: sum(map(len, classes.values())) for split, classes in index.items()}
-        print(f'{data_name} {crop_type}: {len(index["train"])} classes / {counts["train"]} images train, '
-              f'{len(index["test"])} classes / {counts["test"]} images test')
+        print(f'{data_name} {crop_type}: ' + ', '.join(
+            f'{len(classes)} classes / {sum(map(len, classes.values()))} images {split}'
+            for split, classes in index.items()))
 
 
 def make_demo(data_path, per_class=40):
-    """Write scikit-learn's handwritten digits in the CUB-200-2011 layout as <data_path>/cub: a no-download demo."""
+    """Write scikit-learn's handwritten digits as a labelled image folder <data_path>/digits/<digit>/: a demo."""
     from sklearn.datasets import load_digits
     digits = load_digits()
-    root = os.path.join(data_path, 'cub')
-    lines = defaultdict(list)
-    image_id = 0
+    root = os.path.join(data_path, 'digits')
     for digit in range(10):
-        folder = f'{digit + 1:03d}.digit_{digit}'
-        os.makedirs(os.path.join(root, 'images', folder), exist_ok=True)
+        folder = os.path.join(root, str(digit))
+        os.makedirs(folder, exist_ok=True)
         for k, pixels in enumerate(digits.images[digits.target == digit][:per_class]):
-            image_id += 1
-            relative = f'{folder}/digit_{digit}_{k:04d}.jpg'
-            # 8x8 grey levels 0-16 -> a 64x64 grayscale JPEG, as CUB itself holds some grayscale images
+            # 8x8 grey levels 0-16 -> a 64x64 grayscale JPEG
             image = Image.fromarray(np.uint8(pixels * 255 / 16)).resize((64, 64), Image.BILINEAR)
-            image.save(os.path.join(root, 'images', relative), format='JPEG', quality=95)
-            lines['images.txt'].append(f'{image_id} {relative}')
-            lines['image_class_labels.txt'].append(f'{image_id} {digit + 1}')
-            lines['bounding_boxes.txt'].append(f'{image_id} 0.0 0.0 64.0 64.0')
-            lines['train_test_split.txt'].append(f'{image_id} {int(k % 2 == 0)}')
-    for name, rows in lines.items():
-        with atomic_path(os.path.join(root, name)) as tmp, open(tmp, 'w') as file:
-            file.write('\n'.join(rows) + '\n')
-    print(f'wrote {image_id} handwritten digits in the CUB-200-2011 layout under {root}')
+            with atomic_path(os.path.join(folder, f'digit_{digit}_{k:04d}.jpg')) as tmp:
+                image.save(tmp, format='JPEG', quality=95)
+    print(f'wrote {10 * per_class} handwritten digits, {per_class} of each, as {root}/<digit>/<image>')
 
 
 def get_args_parser():
@@ -224,11 +356,12 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description='Prepare the data sets: RGB copies and a train/test index',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
-    parser.add_argument('--data_name', default=None, choices=DATA_NAMES,
-                        help='dataset name; by default every data set found under --data_path')
+    parser.add_argument('--data_name', default=None,
+                        help=f'dataset name: one of the benchmarks {", ".join(DATA_NAMES)}, or any folder of '
+                             f'labelled images under --data_path; by default every benchmark found there')
     parser.add_argument('--crop', action='store_true', help='also write the bounding-box cropped variant')
     parser.add_argument('--make_demo', action='store_true',
-                        help='first write a small demo data set of handwritten digits as <data_path>/cub')
+                        help='first write a small demo data set of handwritten digits as <data_path>/digits')
     parser.add_argument('--workers', default=os.cpu_count(), type=int, help='processes converting images')
     return parser
 
@@ -238,16 +371,21 @@ def main():
     args = get_args_parser().parse_args()
     if args.workers < 1:
         raise UserError(f'--workers must be at least 1, not {args.workers}')
+    if args.data_name is not None and (os.path.basename(args.data_name) != args.data_name
+                                       or args.data_name in ('', '.', '..')):
+        raise UserError(f'--data_name must name a folder directly under --data_path, not the path '
+                        f'{args.data_name!r}; pass the folder above it as --data_path')
     if args.make_demo:
         make_demo(args.data_path)
-        args.data_name = 'cub'
+        args.data_name = 'digits'
     if args.data_name is not None:
         names = [args.data_name]
     else:
         names = [name for name in DATA_NAMES if os.path.isdir(os.path.join(args.data_path, name))]
         if not names:
-            raise UserError(f'no data set found under {args.data_path}: expected a folder car/, cub/ or sop/ '
-                            f'there (see the README for each layout), or pass --data_path')
+            raise UserError(f'no data set found under {args.data_path}: expected a folder car/, cub/, sop/ or '
+                            f'inshop/ there (see the README for each layout), or pass --data_path, or --data_name '
+                            f'for a folder of your own images')
     crop_types = CROP_TYPES if args.crop else CROP_TYPES[:1]
     for name in names:
         prepare(args.data_path, name, crop_types, args.workers)

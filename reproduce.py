@@ -4,19 +4,21 @@
     python reproduce.py --data_path /home/data --dry_run    # only print the commands
     python reproduce.py --table                             # results/benchmarks.md and .png from the CSVs so far
 
-The grid: each data set found under --data_path (car, cub, sop) x each backbone of --backbones (by default the
-tables' resnet50, inception, googlenet; any train.py --backbone_type, such as vit_small_dino), with the Proxy-Anchor
-loss and train.py's defaults, which are the seed's hyper-parameters; SOP is evaluated at Recall@1/10/100/1000, the
-ranks its results are quoted at. Every run is started with --resume, so running this
-again after an interruption continues the unfinished configuration from its checkpoint, and one whose statistics CSV
-already reaches the final epoch is not trained again. Any other flag is passed on to every train.py run (say --amp
-or --num_workers 4).
+The grid: each data set found under --data_path (car, cub, sop, inshop) x each backbone of --backbones (by default
+the tables' resnet50, inception, googlenet; any train.py --backbone_type, such as vit_small_dino) x each seed of
+--seeds (by default 1), with the Proxy-Anchor loss and train.py's defaults, which are the seed's hyper-parameters; SOP
+is evaluated at Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the ranks their results are quoted at.
+Every run is started with --resume, so running this again after an interruption continues the unfinished
+configuration from its checkpoint, and one whose statistics CSV already reaches the final epoch is not trained again.
+Any other flag is passed on to every train.py run (say --amp, --num_workers 4 or --margin 0.2).
 
 The table reports each run's final epoch, never its best one: picking the best epoch by its test score is feedback
-from the test set.
+from the test set. Runs of the same configuration on other prepared data sets (train.py --data_name NAME) get a
+table of their own, without published figures.
 """
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -29,8 +31,9 @@ from utils import DATA_NAMES, ArgumentParser, UserError, atomic_path, index_path
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BACKBONES = ('resnet50', 'inception', 'googlenet')  # in the README's order
 BACKBONE_NAMES = {'resnet50': 'ResNet50', 'inception': 'Inception', 'googlenet': 'GoogLeNet'}
-DATA_TITLES = {'car': 'CARS196', 'cub': 'CUB200', 'sop': 'Stanford Online Products'}
-RANKS = {'car': (1, 2, 4, 8), 'cub': (1, 2, 4, 8), 'sop': (1, 10, 100, 1000)}
+DATA_TITLES = {'car': 'CARS196', 'cub': 'CUB200', 'sop': 'Stanford Online Products', 'inshop': 'In-shop Clothes'}
+RANKS = {'car': (1, 2, 4, 8), 'cub': (1, 2, 4, 8), 'sop': (1, 10, 100, 1000), 'inshop': (1, 10, 20, 30, 40)}
+DEFAULT_RANKS = (1, 2, 4, 8)  # train.py's --recalls
 LOSS, FEATURE_DIM = 'proxy_anchor', 512
 
 # published Recall@K (%) at RANKS[data]; None where the source gives no figure
@@ -44,9 +47,12 @@ PUBLISHED = {
     ('cub', 'googlenet'): (62.5, 73.6, 82.8, 89.8),
     # Proxy-Anchor (Kim et al., CVPR 2020), BN-Inception, 512-d; its R@10/100/1000 are not given at 512-d
     ('sop', 'inception'): (79.1, None, None, None),
+    # the official Proxy-Anchor repository (tjddus9597/Proxy-Anchor-CVPR2020), BN-Inception, 512-d
+    ('inshop', 'inception'): (91.9, 98.1, 98.7, 99.0, 99.1),
 }
 SOURCES = {'car': 'the seed README', 'cub': 'the seed README',
-           'sop': 'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d; R@1 only'}
+           'sop': 'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d; R@1 only',
+           'inshop': 'the official Proxy-Anchor repository, BN-Inception 512-d'}
 
 
 def run_name(data_path, data_name, backbone, seed, extra):
@@ -64,8 +70,8 @@ def present_data(data_path):
     """The data sets with a folder under data_path, in the README's order."""
     names = [name for name in DATA_NAMES if os.path.isdir(os.path.join(data_path, name))]
     if not names:
-        raise UserError(f'no data set found under {data_path}: expected a folder car/, cub/ or sop/ there (see the '
-                        f'README for each layout), or pass --data_path')
+        raise UserError(f'no data set found under {data_path}: expected a folder car/, cub/, sop/ or inshop/ there '
+                        f'(see the README for each layout), or pass --data_path')
     return names
 
 
@@ -73,8 +79,8 @@ def train_flags(data_path, data_name, backbone, seed, extra):
     """train.py's flags for one run: everything else stays at the seed's defaults or as passed on in extra."""
     flags = ['--data_path', data_path, '--data_name', data_name, '--backbone_type', backbone, '--loss_name', LOSS,
              '--resume']
-    if data_name == 'sop':
-        flags += ['--recalls', ','.join(map(str, RANKS['sop']))]
+    if RANKS.get(data_name, DEFAULT_RANKS) != DEFAULT_RANKS:
+        flags += ['--recalls', ','.join(map(str, RANKS[data_name]))]
     if seed != 1:  # train.py's default: seed 1's command stays the seed's
         flags += ['--seed', str(seed)]
     return flags + list(extra)
@@ -110,8 +116,8 @@ def commands(data_path, extra, results='results', backbones=BACKBONES, seeds=(1,
                 flags = train_flags(data_path, data_name, backbone, seed, extra)
                 args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
                                                   'loss_name': LOSS, 'feature_dim': FEATURE_DIM, 'seed': seed}
-                if data_name == 'sop':
-                    fixed['recalls'] = ','.join(map(str, RANKS['sop']))
+                if RANKS[data_name] != DEFAULT_RANKS:
+                    fixed['recalls'] = ','.join(map(str, RANKS[data_name]))
                 for flag, value in fixed.items():
                     if getattr(args, flag) != value:
                         instead = ' from --seeds' if flag == 'seed' else ''
@@ -138,7 +144,9 @@ def final_epoch(path, data_name):
         return None
     last = frame.iloc[-1]  # the final epoch, never the best one
     row = {'epoch': int(frame.index[-1])}
-    for key in [f'recall@{k}' for k in RANKS[data_name]] + ['map@r']:
+    ranks = RANKS.get(data_name) or [column[len('test_recall@'):] for column in frame.columns
+                                     if column.startswith('test_recall@')]
+    for key in [f'recall@{k}' for k in ranks] + ['map@r']:
         if f'test_{key}' in frame.columns and pd.notna(last[f'test_{key}']):
             row[key] = 100 * float(last[f'test_{key}'])
     return row
@@ -146,22 +154,36 @@ def final_epoch(path, data_name):
 
 def reproduced(results, data_name, backbone, seeds, epochs, data_path='data', extra=()):
     """One configuration over its seeds: {'seeds': the finished ones, 'training': [(seed, epoch)] of the unfinished,
-    metric: (mean, sample standard deviation or None for one seed) over the finished seeds}."""
-    finished, summary = [], {'seeds': [], 'training': []}
+    'ranks': the K of every Recall@K found, metric: (mean, sample standard deviation or None for one seed) over the
+    finished seeds}."""
+    finished, summary = [], {'seeds': [], 'training': [], 'ranks': set()}
     for seed in seeds:
         row = final_epoch(statistics_path(results, run_name(data_path, data_name, backbone, seed, extra)), data_name)
         if row is None:
             continue
+        summary['ranks'] |= {int(key[len('recall@'):]) for key in row if key.startswith('recall@')}
         if row['epoch'] < epochs:
             summary['training'].append((seed, row['epoch']))
             continue
         summary['seeds'].append(seed)
         finished.append(row)
-    for key in [f'recall@{k}' for k in RANKS[data_name]] + ['map@r']:
+    for key in sorted({key for row in finished for key in row if key != 'epoch'}):
         values = pd.Series([row[key] for row in finished if key in row], dtype=float)
-        if len(values) and len(values) == len(finished):
+        if len(values) == len(finished):
             summary[key] = (values.mean(), values.std() if len(values) > 1 else None)  # pandas' std: the sample's
     return summary
+
+
+def other_data(results, backbones, seeds, data_path, extra):
+    """The data names beyond the benchmarks with a run of the tables' configurations in results, sorted."""
+    found = set()
+    names = os.listdir(results) if os.path.isdir(results) else []
+    for backbone in backbones:
+        for seed in seeds:
+            # a run's name is the data name followed by what the other flags add, the same for every data name
+            tail = run_name(data_path, 'x', backbone, seed, extra)[1:] + '_statistics.csv'
+            found |= {name[:-len(tail)] for name in names if name.endswith(tail) and len(name) > len(tail)}
+    return sorted(found - set(DATA_NAMES))
 
 
 def cell(value, signed=False):
@@ -209,6 +231,19 @@ def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', ex
             lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | |')
             lines.append('| | difference | ' + ' | '.join(cell(d, signed=True) for d in difference) + ' | | |')
         lines.append('')
+    for data_name in other_data(results, backbones, seeds, data_path, extra):  # your own images: nothing published
+        runs = {backbone: reproduced(results, data_name, backbone, seeds, epochs, data_path, extra)
+                for backbone in backbones}
+        ranks = sorted(set().union(*(run['ranks'] for run in runs.values())))
+        lines += [f'## {data_name}', '', 'Not a benchmark: nothing published to compare with.', '',
+                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
+                  '|---|---|' + '---|' * (len(ranks) + 2)]
+        for backbone, run in runs.items():
+            if run['seeds'] or run['training']:
+                lines.append(f'| {BACKBONE_NAMES.get(backbone, backbone)} | reproduced | ' +
+                             ' | '.join(cell(run.get(f'recall@{k}')) for k in ranks) +
+                             f' | {cell(run.get("map@r"))} | {seeds_cell(run, len(seeds))} |')
+        lines.append('')
     path = os.path.join(results, 'benchmarks.md')
     with atomic_path(path) as tmp, open(tmp, 'w') as file:
         file.write('\n'.join(lines))
@@ -223,7 +258,7 @@ def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', e
     plt = pyplot()
     published_colour, reproduced_colour = '0.65', 'tab:blue'
     with plt.style.context(['science', 'no-latex']):
-        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(7.5 * max(1, len(backbones) / 3), 2.9), sharey=True)
+        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(9.5 * max(1, len(backbones) / 3), 2.9), sharey=True)
         x, width = np.arange(len(backbones)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
             runs = [reproduced(results, data_name, b, seeds, epochs, data_path, extra) for b in backbones]
@@ -283,7 +318,7 @@ def get_args_parser():
                                         'to train.py',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument('--data_path', default='/home/data', type=str,
-                        help='datasets path: every one of car/, cub/ and sop/ found there is run')
+                        help='datasets path: every one of car/, cub/, sop/ and inshop/ found there is run')
     parser.add_argument('--backbones', default=','.join(BACKBONES), type=backbone_list,
                         help='comma-separated backbones to train and tabulate: any train.py --backbone_type')
     parser.add_argument('--seeds', default='1', type=seed_list,

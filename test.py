@@ -1,14 +1,17 @@
-"""Retrieve the images nearest to a query from a trained model's data base and draw them."""
+"""Retrieve the images nearest to a query from a trained model's data base, or from a folder of photos; draw them."""
 import argparse
+import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import to_pil_image
+from tqdm import tqdm
 
-from utils import (UserError, atomic_dir, pyplot, read_image, remove_temporaries, run_main, safe_load,
-                   test_transform)
+from utils import (UserError, atomic_dir, atomic_save, image_files, pyplot, read_image, remove_temporaries, run_main,
+                   safe_load, test_transform)
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
 
@@ -22,6 +25,9 @@ def get_args_parser():
     parser.add_argument('--data_base', default='car_resnet50_proxy_anchor_512_20_data_base.pth', type=str,
                         help='queried database (a path, or a file name under results/)')
     parser.add_argument('--retrieval_num', default=8, type=int, help='retrieval number')
+    parser.add_argument('--gallery', default=None, type=str,
+                        help='a folder of your own images to search instead of the test set: every image below it, '
+                             'embedded by the model saved beside the data base and cached under results/')
     return parser
 
 
@@ -35,26 +41,22 @@ def find_data_base(name):
 
 
 def find_query(query, images):
-    """Position of the query among the data base's test images (by path, then by file name), or None."""
+    """Position of the query among images (by path, then by a file name no other image has), or None."""
     if query in images:
         return images.index(query)
-    absolute = [os.path.abspath(image) for image in images]
-    if os.path.abspath(query) in absolute:
-        return absolute.index(os.path.abspath(query))
+    resolved = [os.path.realpath(image) for image in images]
+    if os.path.realpath(query) in resolved:
+        return resolved.index(os.path.realpath(query))
     same_name = [i for i, image in enumerate(images) if os.path.basename(image) == os.path.basename(query)]
     return same_name[0] if len(same_name) == 1 and not os.path.isfile(query) else None
 
 
-def embed_query(query, data_base, data_base_path):
-    """Embed an image that is not in the data base with the model saved beside the data base."""
+def load_model(data_base, data_base_path, missing):
+    """The model saved beside the data base, in eval mode; missing(model path) is the error when there is none."""
     from model import Model
     model_path = data_base_path.replace('_data_base.pth', '_model.pth')
-    example = data_base['test_images'][0]
     if not os.path.isfile(model_path):
-        raise UserError(f'{query} is not in data base {data_base_path} (a valid name is {example}), and no model '
-                        f'{model_path} was found to embed it; query a data base image or train a model first')
-    if not os.path.isfile(query):
-        raise UserError(f'query image {query} does not exist; a valid name is {example}')
+        raise UserError(missing(model_path))
     args = data_base['args']
     model = Model(args['backbone_type'], args['feature_dim'], data_base['proxies'].size(0), pretrained=False)
     try:
@@ -63,9 +65,81 @@ def embed_query(query, data_base, data_base_path):
         raise UserError(f'{model_path} does not match the model data base {data_base_path} describes '
                         f'({args["backbone_type"]}, {args["feature_dim"]}-d); use the pair train.py wrote '
                         f'together') from None
-    image = test_transform()(read_image(query))
-    with torch.inference_mode():
-        return model.eval().embed(image[None])[0]  # (D,)
+    return model.eval(), model_path
+
+
+@torch.inference_mode()
+def embed_images(model, paths, bar=None, batch_size=32):
+    """(N, D) embeddings of image files with the test-time transform, decoded on all cores; bar counts them."""
+    features = []
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for start in range(0, len(paths), batch_size):
+            batch = list(pool.map(lambda path: test_transform()(read_image(path)), paths[start:start + batch_size]))
+            features.append(model.embed(torch.stack(batch)))  # (B, D)
+            if bar is not None:
+                bar.update(len(batch))
+    return torch.cat(features)
+
+
+def embed_query(query, data_base, data_base_path, model=None):
+    """Embed an image that is not in the data base with the model saved beside the data base (or `model`)."""
+    example = data_base['test_images'][0]
+    if model is None:
+        model, _ = load_model(data_base, data_base_path, lambda model_path: (
+            f'{query} is not in data base {data_base_path} (a valid name is {example}), and no model {model_path} '
+            f'was found to embed it; query a data base image or train a model first'))
+    if not os.path.isfile(query):
+        raise UserError(f'query image {query} does not exist; a valid name is {example}')
+    return embed_images(model, [query])[0]  # (D,)
+
+
+def gallery_cache_path(folder, model_path):
+    """results/<model>_gallery_<folder hash>.pth: one cache per model and folder."""
+    digest = hashlib.sha1(os.path.realpath(folder).encode()).hexdigest()[:12]
+    stem = os.path.basename(model_path)[:-len('.pth')]
+    return os.path.join('results', f'{stem}_gallery_{digest}.pth')
+
+
+def gallery_images(folder):
+    """Absolute paths of every image below folder (any format PIL reads), sorted."""
+    if not os.path.isdir(folder):
+        raise UserError(f'--gallery {folder} is not a folder; point it at a folder of images')
+    paths = [os.path.abspath(path) for path in image_files(folder)[0]]
+    if not paths:
+        raise UserError(f'--gallery {folder} holds no image (any format PIL reads, searched in all its folders); '
+                        f'point it at a folder of images')
+    return paths
+
+
+def embed_gallery(folder, paths, model, model_path):
+    """(N, D) embeddings of the images below folder; unchanged files come from the cache in results/.
+
+    A file is unchanged when its path, size and modification time are those cached, and the model file is the one
+    that embedded them; the others are embedded now and the cache rewritten whole.
+    """
+    keys = [(path, status.st_size, status.st_mtime_ns) for path, status in ((p, os.stat(p)) for p in paths)]
+    model_status = os.stat(model_path)
+    model_key = [os.path.realpath(model_path), model_status.st_size, model_status.st_mtime_ns]
+    cache_path = gallery_cache_path(folder, model_path)
+    known = {}
+    if os.path.isfile(cache_path):
+        try:
+            cache = safe_load(cache_path, 'gallery cache')
+            if cache['model'] == model_key:
+                known = {tuple(key): feature for key, feature in zip(cache['keys'], cache['features'])}
+        except (UserError, KeyError, TypeError):
+            print(f'{cache_path} is not a gallery cache this script wrote, so every image is embedded again')
+    todo = [key for key in keys if key not in known]
+    if todo:
+        with tqdm(total=len(todo), desc=f'embedding {folder}', unit='img', dynamic_ncols=True) as bar:
+            known.update(zip(todo, embed_images(model, [path for path, _, _ in todo], bar)))
+    features = torch.stack([known[key] for key in keys])  # (N, D)
+    if todo or len(known) != len(keys):  # new or changed files, or removed ones
+        remove_temporaries('results', f'{os.path.basename(cache_path)}.')
+        atomic_save({'model': model_key, 'keys': [list(key) for key in keys], 'features': features}, cache_path)
+    print(f'gallery {folder}: {len(paths)} images, {len(todo)} embedded now, {len(paths) - len(todo)} from '
+          f'{cache_path}')
+    return features
 
 
 def framed(path, correct=None, border=True):
@@ -104,20 +178,36 @@ def main():
     if missing:
         raise UserError(f'{data_base_path} is not a data base train.py wrote (it has no {", ".join(sorted(missing))}); '
                         f'pass a results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth file')
-    images, labels, features = data_base['test_images'], data_base['test_labels'], data_base['test_features']
+    if args.gallery is not None:  # a folder of photos without labels
+        images = gallery_images(args.gallery)
+        model, model_path = load_model(data_base, data_base_path, lambda model_path: (
+            f'--gallery needs the model saved beside data base {data_base_path} to embed its images, but no model '
+            f'{model_path} was found; pass the data base of a train.py run'))
+        split, features, labels = None, embed_gallery(args.gallery, images, model, model_path), None
+    else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
+        model, split = None, 'gallery' if 'gallery_features' in data_base else 'test'
+        images, labels, features = (data_base[f'{split}_{key}'] for key in ('images', 'labels', 'features'))
     index = find_query(args.query_img_name, images)
-    if index is None:
-        query_feature, query_label, query_path = embed_query(args.query_img_name, data_base, data_base_path), None, \
-            args.query_img_name
-        if query_feature.size(0) != features.size(1):
-            raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
-                            f'holds {features.size(1)}-d features; use the pair train.py wrote together')
+    # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
+    known = None if index is not None or split == 'test' else find_query(args.query_img_name, data_base['test_images'])
+    if index is not None:
+        query_feature, query_path = features[index], images[index]
+        query_label = None if labels is None else labels[index].item()
+    elif known is not None:
+        query_feature, query_path = data_base['test_features'][known], data_base['test_images'][known]
+        query_label = None if labels is None else data_base['test_labels'][known].item()
     else:
-        query_feature, query_label, query_path = features[index], labels[index].item(), images[index]
+        query_feature, query_label, query_path = embed_query(args.query_img_name, data_base, data_base_path,
+                                                             model), None, args.query_img_name
+    if query_feature.size(0) != features.size(1):
+        raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
+                        f'holds {features.size(1)}-d features; use the pair train.py wrote together')
     similarities = F.normalize(features.float(), dim=-1) @ F.normalize(query_feature.float(), dim=-1)  # (N,)
     if index is not None:
         similarities[index] = float('-inf')  # the query is not its own result
     num = min(args.retrieval_num, len(images) - (index is not None))
+    if num == 0:
+        raise UserError(f'--gallery {args.gallery} holds no image other than the query; add images to search')
     top = similarities.topk(num)
 
     name = os.path.splitext(os.path.basename(query_path))[0]
@@ -134,7 +224,8 @@ def main():
         draw_row(query_image, results, os.path.join(folder, 'retrieval.png'))
     hits = sum(correct is True for *_, correct in results)
     summary = f', {hits} of the same class' if query_label is not None else ''
-    print(f'wrote the query and its {num} nearest images{summary} to results/{name}/')
+    searched = f' in {args.gallery}' if args.gallery is not None else ''
+    print(f'wrote the query and its {num} nearest images{searched}{summary} to results/{name}/')
 
 
 if __name__ == '__main__':

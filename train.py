@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from model import BACKBONES, TIMM_PREFIX, Model, backbone_file_name, check_backbone
 from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ArgumentParser, ImageReader, NormalizedSoftmaxLoss,
-                   ProxyAnchorLoss, UserError, atomic_path, atomic_save, parse_ranks, pyplot, remove_temporaries,
-                   retrieval_metrics, run_main, safe_load, save_figure, set_seed, umask)
+                   ProxyAnchorLoss, UserError, atomic_path, atomic_save, load_index, parse_ranks, pyplot,
+                   remove_temporaries, retrieval_metrics, run_main, safe_load, save_figure, set_seed, umask)
 
 # flags that change what a run computes: a resumed run must use the same ones
 RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pretrained', 'loss_name', 'scale',
@@ -47,7 +47,8 @@ def get_args_parser():
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     parser.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
-    parser.add_argument('--data_name', default='car', type=str, choices=DATA_NAMES, help='dataset name')
+    parser.add_argument('--data_name', default='car', type=str,
+                        help=f'dataset name: {", ".join(DATA_NAMES)}, or any other folder prepared by data_utils.py')
     parser.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
                         help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)')
     parser.add_argument('--cache_images', action='store_true',
@@ -87,8 +88,8 @@ def get_args_parser():
                         help="continue this configuration's interrupted run from results/<name>_checkpoint.pth")
     # evaluation
     parser.add_argument('--recalls', default='1,2,4,8', type=str,
-                        help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at 1,10,100,1000); a '
-                             'K above the number of other test images retrieves them all')
+                        help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at 1,10,100,1000, '
+                             'In-shop at 1,10,20,30,40); a K above the number of other test images retrieves them all')
     parser.add_argument('--val_fraction', default=0.0, type=float,
                         help='hold out this fraction of the training classes (the last ones by class id) as a '
                              'validation set, evaluated every epoch like the test set; 0: none, as in the seed')
@@ -466,11 +467,13 @@ class RunLock:
     """
 
     def __init__(self, path):
-        self.path, self.fd = path, None
+        self.path, self.fd, self.folder = path, None, os.path.dirname(path) or '.'
+        self.made_folder = False
 
     def acquire(self):
         """Take the lock; returns None, or a description of the process that holds it."""
-        os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+        self.made_folder = not os.path.isdir(self.folder)
+        os.makedirs(self.folder, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
             try:
@@ -492,11 +495,15 @@ class RunLock:
         return None
 
     def release(self):
-        """Remove the file, then drop the lock."""
+        """Remove the file, then drop the lock; a folder made for it and left empty (a run that failed at once) goes
+        too, so that such a run leaves nothing behind."""
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)
         os.close(self.fd)
         self.fd = None
+        if self.made_folder:
+            with contextlib.suppress(OSError):  # not empty: the run wrote its outputs there
+                os.rmdir(self.folder)
 
 
 @contextlib.contextmanager
@@ -548,6 +555,7 @@ def main():
     """Train, evaluating and saving after every epoch."""
     args = get_args_parser().parse_args()
     ranks = check_args(args)
+    load_index(args.data_path, args.data_name, args.crop_type)  # an unprepared data set stops before any output
     device, rank, world = setup_device()
     try:
         with exclusive_run(prefix_of(args), rank, world):
@@ -572,11 +580,16 @@ def train(args, ranks, device, rank, world):
         print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
     prefix = prefix_of(args)
     train_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, args.seed)
-    test_data = ImageReader(args.data_path, args.data_name, 'test', args.backbone_type, args.crop_type)
+    # In-shop and folders split that way evaluate queries against a gallery; the test_* names then hold the queries
+    gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
+    test_data = ImageReader(args.data_path, args.data_name, 'query' if gallery else 'test', args.backbone_type,
+                            args.crop_type)
+    gallery_data = ImageReader(args.data_path, args.data_name, 'gallery', args.backbone_type, args.crop_type) \
+        if gallery else None
     val_data = hold_out(train_data, args) if args.val_fraction > 0 else None
     if args.cache_images:  # before any DataLoader worker starts, so that all of them share the decoded images
         start = time.perf_counter()
-        caches = [data.cache_images() for data in (train_data, test_data, val_data) if data is not None]
+        caches = [data.cache_images() for data in (train_data, test_data, gallery_data, val_data) if data is not None]
         if rank == 0:
             print(f'decoded {sum(map(len, caches))} images into memory ({sum(c.nbytes for c in caches) / 2 ** 30:.1f}'
                   f' GiB) in {time.perf_counter() - start:.0f} s')
@@ -634,17 +647,22 @@ def train(args, ranks, device, rank, world):
                                                 epoch, args, rank)
         eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
         features = {split: embed(model, data, eval_batch, args.num_workers, device, args.amp, rank, world)
-                    for split, data in evaluated}
+                    for split, data in (('test', test_data), ('gallery', gallery_data), ('val', val_data))
+                    if data is not None}
         test_features = features['test']
         scheduler.step()
         if rank != 0:
             continue
         statistics['train_loss'].append(stats['loss'])
         statistics['train_accuracy'].append(stats['accuracy'])
+        # each query of a query/gallery split ranks the gallery rather than the other queries
+        gallery_set = {'gallery_features': features['gallery'], 'gallery_labels': torch.tensor(gallery_data.labels)} \
+            if gallery else {}
         memory = (f', peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
                   if device.type == 'cuda' else '')
         for split, data in reversed(evaluated):  # validation first: the test line ends the epoch's report
-            metrics = retrieval_metrics(features[split], torch.tensor(data.labels), ranks)
+            metrics = retrieval_metrics(features[split], torch.tensor(data.labels), ranks,
+                                        **(gallery_set if split == 'test' else {}))
             for metric, value in metrics.items():
                 statistics[f'{split}_{metric}'].append(value)
             print(f'{split.capitalize()} Epoch {epoch}/{args.num_epochs} '
@@ -659,7 +677,7 @@ def train(args, ranks, device, rank, world):
                      'test_features': test_features, 'train_images': train_data.images,
                      'train_labels': torch.tensor(train_data.labels), 'train_features': train_features,
                      'proxies': F.normalize(model.proxies.weight.detach().cpu(), dim=-1), 'args': vars(args),
-                     'epoch': epoch},
+                     'epoch': epoch, **gallery_set, **({'gallery_images': gallery_data.images} if gallery else {})},
                     f'results/{prefix}_{epoch}_data_base.pth')
         # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
         atomic_save({'model': weights, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),

@@ -1,5 +1,6 @@
 """Shared pieces: errors and safe file I/O, data reading and transforms, the two losses, retrieval metrics."""
 import argparse
+import bisect
 import contextlib
 import math
 import os
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-DATA_NAMES = ('car', 'cub', 'sop')
+DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
 CROP_TYPES = ('uncropped', 'cropped')
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
 
@@ -157,7 +158,8 @@ def index_path(data_path, data_name, crop_type='uncropped'):
 
 
 def load_index(data_path, data_name, crop_type='uncropped'):
-    """Read a prepared data set's index {'train': {class: [relative paths]}, 'test': {...}}."""
+    """Read a prepared data set's index {'train': {class: [relative paths]}, 'test': {...}} ('query' and 'gallery'
+    instead of 'test' for In-shop and folders split that way)."""
     path = index_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
         raise UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
@@ -187,6 +189,27 @@ def read_image(path):
                 return v2.functional.pil_to_tensor(image.convert('RGB'))
         except OSError:
             raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
+
+
+def image_extensions():
+    """The file name extensions of every format PIL reads (lower case), not only JPEG."""
+    from PIL import Image, ImageFile
+    Image.init()
+    # stub formats (HDF5, GRIB, WMF, ...) are only registered names: PIL cannot read them without extra plugins
+    readable = {name for name, (factory, _) in Image.OPEN.items()
+                if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    return {extension for extension, name in Image.registered_extensions().items() if name in readable}
+
+
+def image_files(folder):
+    """(image files below folder, other files), both sorted; hidden folders are not searched."""
+    extensions, images, others = image_extensions(), [], []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith('.'))
+        for name in files:
+            path = os.path.join(parent, name)
+            (images if os.path.splitext(name)[1].lower() in extensions else others).append(path)
+    return sorted(images), sorted(others)
 
 
 def available_memory():
@@ -277,11 +300,12 @@ class SeededSampler(torch.utils.data.Sampler):
 
 
 class ImageReader(Dataset):
-    """A prepared data set's train or test split as (uint8 image tensor (3, 224, 224), label) pairs.
+    """A prepared data set's train, test, query or gallery split as (uint8 image tensor (3, 224, 224), label) pairs.
 
     Labels are 0..C-1 in class-id order. Given (index, epoch) by a SeededSampler, the augmentation is seeded
     from (seed, epoch, index). `backbone_type` is accepted for the seed's interface: the per-backbone
     normalisation (ImageNet mean/std, or BN-Inception's BGR 0-255) is the model's first layer, run on the device.
+    A query split and its gallery share their labels: a class has the same label in both.
     """
 
     def __init__(self, data_path, data_name, data_type, backbone_type=None, crop_type='uncropped', seed=0,
@@ -289,8 +313,11 @@ class ImageReader(Dataset):
         index = load_index(data_path, data_name, crop_type)
         root = os.path.join(data_path, data_name)
         self.images, self.labels = [], []
-        for label, class_id in enumerate(sorted(index[data_type])):
-            for relative in index[data_type][class_id]:
+        classes = sorted(index[data_type])
+        if data_type in ('query', 'gallery'):  # one label per class across both, so that they compare
+            classes = sorted(set(index['query']) | set(index['gallery']))
+        for label, class_id in enumerate(classes):
+            for relative in index[data_type].get(class_id, ()):
                 self.images.append(os.path.join(root, relative))
                 self.labels.append(label)
         self.num_classes = len(index[data_type])
@@ -398,28 +425,33 @@ def single_threaded_ops():
         torch.set_num_threads(previous)
 
 
-def class_similarities(features, labels, first, sizes, m, block_elements, pool):
-    """(N, m): each item's cosines with the other items of its class, descending, padded with -inf.
+def class_similarities(queries, keys, items, item_keys, first, ends, m, block_elements, pool, itself):
+    """(Q, m): each query's cosines with the items of its class, descending, padded with -inf.
 
-    features (N, D) are sorted by label, so the classes of rows a:b lie within the columns lo:hi around them.
+    queries (Q, D) and items are sorted by class key, so the classes of queries a:b lie within the items
+    first[a]:ends[b - 1]. itself: the items are the queries, each excluded from its own class by its position.
     """
-    n, spread = len(labels), int(sizes.max()) - 1
-    rows = max(1, min(256, math.isqrt(spread * spread + block_elements) - spread))  # rows x (rows + 2 spread) fits
-    out = features.new_full((n, m), -math.inf)
-    ends = (first + sizes).tolist()  # (N,) one past each item's class
-    first = first.tolist()
+    n = len(keys)
+    out = queries.new_full((n, m), -math.inf)
+    first, ends = first.tolist(), ends.tolist()
+    starts = [0]
+    while starts[-1] < n:  # up to 256 rows whose block of rows x columns fits in block_elements, at least one
+        a = starts[-1]
+        fits = bisect.bisect_right(range(a + 1, min(n, a + 256) + 1), block_elements,
+                                   key=lambda b: (b - a) * (ends[b - 1] - first[a]))
+        starts.append(a + max(1, fits))
 
-    def fill(a):
-        b = min(n, a + rows)
+    def fill(a, b):
         lo, hi = first[a], ends[b - 1]
-        sims = cosine_block(features[a:b], features[lo:hi])  # (b - a, hi - lo)
-        others = labels[a:b, None] == labels[None, lo:hi]
-        position = torch.arange(b - a, device=sims.device)
-        others[position, position + a - lo] = False  # the query itself, excluded by its position
+        sims = cosine_block(queries[a:b], items[lo:hi])  # (b - a, hi - lo)
+        others = keys[a:b, None] == item_keys[None, lo:hi]
+        if itself:
+            position = torch.arange(b - a, device=sims.device)
+            others[position, position + a - lo] = False  # the query itself, excluded by its position
         k = min(m, hi - lo)
         out[a:b, :k] = sims.masked_fill_(~others, -math.inf).topk(k, dim=1).values
 
-    list(pool.map(fill, range(0, n, rows)))
+    list(pool.map(fill, starts[:-1], starts[1:]))
     return out
 
 
@@ -428,90 +460,135 @@ def entering(top, sims, floor, nearest, columns):
 
     The queries are the rows of sims (b, c), or its columns when columns is True. A value matters if it can enter a
     list, being above the query's floor and its current m-th value, or, when nearest (q,) is given, if it is at
-    least the query's nearest same-class similarity, to be counted. Past the first blocks such values are few, so
-    they are gathered one by one rather than sorting whole rows. Returns (touched queries (t,) or None, their
-    candidates (t, w) padded with -inf, counts (q,) of values >= nearest or None).
+    least the query's nearest same-class similarity, to be counted. Past the first blocks few queries have such
+    values, and those few: each query's largest value in the block (one cheap reduction) picks the queries to look
+    at, and their values that matter are gathered one by one rather than sorting whole rows. Returns (touched
+    queries (t,) or None, their candidates (t, w) padded with -inf, counts (q,) of values >= nearest or None).
     """
     threshold = torch.maximum(floor, top[:, -1])  # (q,)
     if nearest is not None:
         threshold = torch.minimum(threshold, torch.nextafter(nearest, nearest.new_tensor(-math.inf)))
-    shape = (1, -1) if columns else (-1, 1)
-    above = sims > threshold.view(shape)  # (b, c)
-    total = int(above.sum(dtype=torch.int32))
-    if total == 0:
+    touched = (sims.amax(dim=0 if columns else 1) > threshold).nonzero()[:, 0]  # (t,) queries with a value that matters
+    if len(touched) == 0:
         return None, None, None
-    if 8 * total > sims.numel():  # most queries take part: take each one's m largest of the whole row
-        dim = 0 if columns else 1
-        touched = (above.sum(dim, dtype=torch.int32) > 0).nonzero()[:, 0]
-        rows = sims.T.contiguous() if columns else sims
-        beaten = None if nearest is None else (sims >= nearest.view(shape)).sum(dim, dtype=torch.int32)
-        return touched, rows[touched].topk(min(top.size(1), rows.size(1)), dim=1).values, beaten
-    flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in the block of the values that matter
-    values = sims.view(-1)[flat]
-    owner = flat % sims.size(1) if columns else flat // sims.size(1)  # (E,) the query each value belongs to
     if columns:
-        owner, order = owner.sort(stable=True)
-        values = values[order]
-    beaten = None if nearest is None else torch.zeros_like(threshold, dtype=torch.int32).index_add_(
-        0, owner, (values >= nearest[owner]).int())
-    touched, counts = torch.unique_consecutive(owner, return_counts=True)
-    row = torch.arange(len(touched), device=sims.device).repeat_interleave(counts)
-    slot = torch.arange(len(owner), device=sims.device) - (counts.cumsum(0) - counts)[row]
+        rows = sims.index_select(1, touched).T.contiguous()  # (t, b)
+    else:
+        rows = sims if len(touched) == len(threshold) else sims.index_select(0, touched)  # (t, c)
+    above = rows > threshold[touched, None]  # (t, w) at least one value per row
+    beaten = None if nearest is None else torch.zeros_like(threshold, dtype=torch.int32)
+    if 8 * int(above.sum(dtype=torch.int32)) > rows.numel():  # most values take part: take each row's m largest
+        if beaten is not None:
+            beaten[touched] = (rows >= nearest[touched, None]).sum(1, dtype=torch.int32)
+        return touched, rows.topk(min(top.size(1), rows.size(1)), dim=1).values, beaten
+    flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in rows of the values that matter, row by row
+    values = rows.view(-1)[flat]
+    owner = flat // rows.size(1)  # (E,) the row each value belongs to
+    if beaten is not None:
+        beaten.index_add_(0, touched[owner], (values >= nearest[touched[owner]]).int())
+    counts = torch.bincount(owner, minlength=len(touched))  # (t,) every row has one at least
+    slot = torch.arange(len(owner), device=sims.device) - (counts.cumsum(0) - counts)[owner]
     candidates = sims.new_full((len(touched), int(counts.max())), -math.inf)
-    candidates[row, slot] = values
+    candidates[owner, slot] = values
     return touched, candidates, beaten
 
 
-def retrieval_metrics(features, labels, ranks, chunk_bytes=32 * 2 ** 20):
+def unit_rows(features):
+    """features (N, D), a copy the caller owns, scaled in place to unit rows."""
+    return features.div_(features.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def query_gallery(features, labels, gallery_features, gallery_labels):
+    """The queries whose class has gallery items, and the whole gallery, as unit rows sorted by class key.
+
+    A class's key is its index among the queries' classes; gallery items of any other class all take the key after
+    the last, so they come last and match no query. Returns queries (Q, D), keys (Q,), items (G, D), item_keys (G,),
+    first (Q,) the first item of each query's class and r (Q,) how many items it has (R >= 1).
+    """
+    classes = labels.unique()  # (C,) sorted
+    index = torch.searchsorted(classes, gallery_labels).clamp_(max=len(classes) - 1)
+    item_keys, order = torch.where(classes[index] == gallery_labels, index, len(classes)).sort(stable=True)
+    items = unit_rows(gallery_features[order])  # (G, D)
+    counts = torch.bincount(item_keys, minlength=len(classes) + 1)[:-1]  # (C,) gallery items of each query class
+    keys = torch.searchsorted(classes, labels)  # (N,)
+    kept = (counts[keys] > 0).nonzero()[:, 0]
+    keys, order = keys[kept].sort(stable=True)
+    queries = unit_rows(features[kept[order]])  # (Q, D)
+    return queries, keys, items, item_keys, (counts.cumsum(0) - counts)[keys], counts[keys]
+
+
+def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None, chunk_bytes=32 * 2 ** 20):
     """Recall@K for K in ranks, MAP@R and R-Precision (Musgrave et al., ECCV 2020), all as fractions.
 
-    Each query is compared by cosine with every other item; the query itself is excluded by its position, so
-    duplicate images are ordinary neighbours. Recall@K is the fraction of all queries with a same-class item among
-    their K nearest; a K beyond the N - 1 other items means all of them. R is the number of other items of the
-    query's class; a query whose class has no other item (R = 0) has no defined MAP@R or R-Precision and is left out
-    of those two averages, as pytorch-metric-learning's AccuracyCalculator does, while it counts as a miss for
-    Recall@K. An other-class item exactly as similar as a same-class one ranks before it, so ties never flatter a
-    model: embeddings collapsed to one point score as if every same-class item came last.
+    Without a gallery, each query is compared by cosine with every other item; the query itself is excluded by its
+    position, so duplicate images are ordinary neighbours, and R is the number of other items of the query's class.
+    With one (gallery_features (G, D), gallery_labels (G,)), each query ranks the whole gallery, nothing excluded,
+    and R is the number of gallery items of its class. Recall@K is the fraction of all queries with a same-class item
+    among their K nearest; a K beyond the items a query ranks means all of them. A query with R = 0 (its class has
+    no other item, or no gallery item) has no defined MAP@R or R-Precision and is left out of those two averages, as
+    pytorch-metric-learning's AccuracyCalculator does, while it counts as a miss for Recall@K. An other-class item
+    exactly as similar as a same-class one ranks before it, so ties never flatter a model: embeddings collapsed to
+    one point score as if every same-class item came last.
 
     No ranking is built. The j-th most similar of a query's R same-class items stands at position j + (number of
     other-class items at least as similar), so the metrics need per query its R same-class similarities, its R
     largest other-class ones and, for a K above every R, how many other-class items are at least as similar as its
-    nearest same-class one. The features, sorted by class, are compared block by block, a block being one chunk of
-    rows against another: it serves its rows as queries and, the cosine matrix being symmetric, its columns too, so
-    each pair is computed once and no N x N matrix is ever held. chunk_bytes bounds the blocks in flight, one per
-    thread (a class larger than a block widens its own); beyond them memory is O(N max R). On the CPU the blocks are
-    spread over torch.get_num_threads() threads whose ops run single-threaded, because ops that each split across
-    threads stall at every barrier on a busy machine. benchmarks/eval_speed.py times it against faiss.
+    nearest same-class one. Both sides, sorted by class, are compared block by block, a block being one chunk of
+    queries against one chunk of items, so no queries x items matrix is ever held. Without a gallery the cosine
+    matrix is symmetric: a block serves its rows as queries and its columns too, so each pair is computed once; with
+    one, a block serves its rows. chunk_bytes bounds the blocks in flight, one per thread (a class larger than a
+    block widens its own); beyond them memory is O(queries x max R) and, with a gallery, a normalised copy of it. On
+    the CPU the blocks are spread over torch.get_num_threads() threads whose ops run single-threaded, because ops
+    that each split across threads stall at every barrier on a busy machine. benchmarks/eval_speed.py times it
+    against faiss.
     """
     features = torch.as_tensor(features).float()
     labels = torch.as_tensor(labels).to(features.device)
-    n, ranks, device = len(labels), [int(k) for k in ranks], features.device
-    if n < 2:
-        raise UserError(f'retrieval needs at least two items, got {n}')
+    total, ranks, device = len(labels), [int(k) for k in ranks], features.device  # total: Recall@K's denominator
+    symmetric = gallery_features is None
+    if symmetric and total < 2:
+        raise UserError(f'retrieval needs at least two items, got {total}')
+    if not symmetric:
+        gallery_features = torch.as_tensor(gallery_features).float().to(device)
+        gallery_labels = torch.as_tensor(gallery_labels).to(device=device, dtype=labels.dtype)
+        if total == 0 or len(gallery_labels) == 0:
+            raise UserError(f'retrieval needs at least one query and one gallery item, got {total} queries and '
+                            f'{len(gallery_labels)} gallery items')
     workers = torch.get_num_threads() if device.type == 'cpu' else 1
     with single_threaded_ops(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        labels, order = labels.sort(stable=True)  # each class becomes a run of rows
-        features = features[order]  # (N, D) a copy, normalised in place
-        features.div_(features.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        _, inverse, counts = torch.unique_consecutive(labels, return_inverse=True, return_counts=True)
-        sizes, first = counts[inverse], (counts.cumsum(0) - counts)[inverse]  # (N,) class size, its first row
-        r = sizes - 1  # (N,) R per query
-        m = int(r.max())
+        if symmetric:
+            keys, order = labels.sort(stable=True)  # each class becomes a run of rows
+            queries = items = unit_rows(features[order])  # (N, D) a copy
+            item_keys = keys
+            _, inverse, counts = torch.unique_consecutive(keys, return_inverse=True, return_counts=True)
+            first, r = (counts.cumsum(0) - counts)[inverse], counts[inverse] - 1  # (N,) class's first row, R
+        else:
+            queries, keys, items, item_keys, first, r = query_gallery(features, labels, gallery_features,
+                                                                      gallery_labels)
+        n = len(keys)
+        m = int(r.max()) if n else 0
         if m == 0:
             return {**{f'recall@{k}': 0.0 for k in ranks}, 'map@r': math.nan, 'r_precision': math.nan}
         side = max(1, math.isqrt(max(1, chunk_bytes // (4 * workers))))  # one block per thread in chunk_bytes
-        positives = class_similarities(features, labels, first, sizes, m, side * side, pool)  # (N, m)
+        ends = first + r + int(symmetric)  # (n,) one past each query's class among the items, itself included
+        positives = class_similarities(queries, keys, items, item_keys, first, ends, m, side * side, pool,
+                                       itself=symmetric)  # (n, m)
         has_r, inf = r > 0, torch.tensor(math.inf, device=device)
-        least = positives.gather(1, (r - 1).clamp(min=0)[:, None])[:, 0]  # (N,) the least similar of the class
+        least = positives.gather(1, (r - 1).clamp(min=0)[:, None])[:, 0]  # (n,) the least similar of the class
         floor = torch.where(has_r, torch.nextafter(least, -inf), inf)  # other-class values at or below never count
-        nearest = torch.where(has_r, positives[:, 0], inf)  # (N,) the most similar of the class
+        nearest = torch.where(has_r, positives[:, 0], inf)  # (n,) the most similar of the class
         count = max(ranks) > m  # Recall@K for K <= m comes from the lists
         beating = torch.zeros(n, dtype=torch.int32, device=device)  # other-class items >= nearest, per query
-        top = features.new_full((n, m), -math.inf)  # (N, m) each query's m largest other-class similarities
+        top = queries.new_full((n, m), -math.inf)  # (n, m) each query's m largest other-class similarities
 
-        bounds = list(range(0, n, side)) + [n]
-        chunks = list(zip(bounds[:-1], bounds[1:]))
-        label_list, locks = labels.tolist(), [threading.Lock() for _ in chunks]
+        def split(size):
+            """Chunks (start, end) of side rows covering range(size)."""
+            bounds = list(range(0, size, side)) + [size]
+            return list(zip(bounds[:-1], bounds[1:]))
+
+        chunks, item_chunks = split(n), split(len(item_keys))
+        key_list, item_key_list = keys.tolist(), item_keys.tolist()
+        locks = [threading.Lock() for _ in chunks]
 
         def update(i, sims, columns):
             """Fold a block into the state of chunk i, whose queries are its rows or its columns."""
@@ -526,24 +603,26 @@ def retrieval_metrics(features, labels, ranks, chunk_bytes=32 * 2 ** 20):
                     top[lo + touched] = torch.cat([top[lo + touched], candidates], dim=1).topk(m, dim=1).values
 
         def block(pair):
-            """Similarities of chunk i to chunk j >= i, same-class pairs hidden, folded into both chunks."""
-            (a, b), (c, d) = chunks[pair[0]], chunks[pair[1]]
-            sims = cosine_block(features[a:b], features[c:d])  # (b - a, d - c)
-            if label_list[b - 1] >= label_list[c]:  # the chunks share a class (always so on the diagonal)
-                sims.masked_fill_(labels[a:b, None] == labels[None, c:d], -math.inf)
+            """Similarities of query chunk i to item chunk j, same-class pairs hidden, folded into the queries of
+            chunk i and, without a gallery, into those of chunk j > i too."""
+            (a, b), (c, d) = chunks[pair[0]], item_chunks[pair[1]]
+            sims = cosine_block(queries[a:b], items[c:d])  # (b - a, d - c)
+            if key_list[a] <= item_key_list[d - 1] and item_key_list[c] <= key_list[b - 1]:  # the chunks share a class
+                sims.masked_fill_(keys[a:b, None] == item_keys[None, c:d], -math.inf)
             update(pair[0], sims, columns=False)
-            if pair[1] != pair[0]:
+            if symmetric and pair[1] != pair[0]:
                 update(pair[1], sims, columns=True)
 
-        list(pool.map(block, [(i, j) for i in range(len(chunks)) for j in range(i, len(chunks))]))
+        pairs = [(i, j) for i in range(len(chunks)) for j in range(i if symmetric else 0, len(item_chunks))]
+        list(pool.map(block, pairs))
 
     j = torch.arange(1, m + 1, device=device)  # (m,)
     # other-class items at least as similar as each same-class one: exact up to m, which is all that matters
-    before = m - torch.searchsorted(top.flip(1).contiguous(), positives, side='left')  # (N, m)
-    position = j + before  # (N, m) rank of the j-th same-class item
-    within_r = (j <= r[:, None]) & (position <= r[:, None])  # (N, m)
+    before = m - torch.searchsorted(top.flip(1).contiguous(), positives, side='left')  # (n, m)
+    position = j + before  # (n, m) rank of the j-th same-class item
+    within_r = (j <= r[:, None]) & (position <= r[:, None])  # (n, m)
     first_miss = beating if count else before[:, 0]  # other-class items ranked above the first hit
-    metrics = {f'recall@{k}': ((first_miss < k) & has_r).sum().item() / n for k in ranks}
+    metrics = {f'recall@{k}': ((first_miss < k) & has_r).sum().item() / total for k in ranks}
     denominator = r[has_r].double()
     metrics['map@r'] = ((within_r * j / position.double())[has_r].sum(1) / denominator).mean().item()
     metrics['r_precision'] = (within_r[has_r].sum(1) / denominator).mean().item()

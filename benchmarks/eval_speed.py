@@ -1,15 +1,24 @@
-"""Time and peak memory of utils.retrieval_metrics against an exact faiss-cpu search, at Stanford Online Products' size.
+"""Time and peak memory of utils.retrieval_metrics against an exact faiss-cpu search, at SOP's and In-shop's sizes.
 
-    python benchmarks/eval_speed.py [--num_images 60502] [--spread 2.15] [--repeats 1]
+    python benchmarks/eval_speed.py [--cases sop,inshop,large] [--num_images 60502] [--spread 2.15] [--repeats 1]
 
-The data: N = 60,502 float32 unit rows of 512 dimensions in SOP-like classes (2 to 12 images, about 5.3 on
-average, 11.3k classes), each row its class centre plus Gaussian noise; --spread 2.15 puts Recall@1 near 0.8, where
-trained SOP models are (79.1 for Proxy-Anchor). The two methods, each at both rank sets, 1,10,100,1000 (SOP's) and
-1,2,4,8:
+The data, float32 unit rows, each its class centre plus Gaussian noise:
+  sop     all-vs-all, Stanford Online Products' size: N = 60,502 rows of 512 dimensions in SOP-like classes (2 to 12
+          images, about 5.3 on average, 11.3k classes); --spread 2.15 puts Recall@1 near 0.8, where trained SOP
+          models are (79.1 for Proxy-Anchor). At both rank sets, 1,10,100,1000 (SOP's) and 1,2,4,8.
+  inshop  queries against a gallery, In-shop Clothes' size: 14,218 queries and 12,612 gallery rows of 512
+          dimensions from the same 3,985 classes (at least one of each on either side, 3.6 queries and 3.2 gallery
+          images per class on average); spread 2.0 puts Recall@1 near 0.92 (91.9 for Proxy-Anchor). Ranks
+          1,10,20,30,40 (In-shop's).
+  large   a large gallery: 10,000 queries of 4,000 classes against 500,000 gallery rows of 128 dimensions in 125,000
+          classes, the queries' among them (4 gallery images per class on average); spread 1.2, Recall@1 near 0.84.
+          Ranks 1,10,20,30,40.
+The two methods:
   ours   utils.retrieval_metrics, as train.py calls it.
-  faiss  faiss.IndexFlatIP (exact inner product) searched with every row for its k = max(max rank, max R) + 1
-         nearest, the query then dropped from its own list by position, and the metric arithmetic the seed's
-         evaluation does on such lists (the hits among the first K; precision at each hit among the first R).
+  faiss  faiss.IndexFlatIP (exact inner product) over the items (all rows, or the gallery) searched with every
+         query for its k = max(max rank, max R) nearest (+1 without a gallery, the query then dropped from its own
+         list by position), and the metric arithmetic the seed's evaluation does on such lists (the hits among the
+         first K; precision at each hit among the first R).
 Both use the same number of threads (--threads, by default torch's, that is every core).
 
 Each measurement runs in a fresh process that loads the features from a .npy file, imports its libraries, records
@@ -37,6 +46,9 @@ sys.path.insert(0, ROOT)
 from utils import UserError, run_main  # noqa: E402
 
 RANK_SETS = ('1,10,100,1000', '1,2,4,8')
+# name: (queries, gallery items, query classes, gallery classes, dimension, spread, ranks); see the docstring
+GALLERY_CASES = {'inshop': (14218, 12612, 3985, 3985, 512, 2.0, '1,10,20,30,40'),
+                 'large': (10000, 500000, 4000, 125000, 128, 1.2, '1,10,20,30,40')}
 
 
 def make_features(num_images, dim, spread, seed):
@@ -53,6 +65,27 @@ def make_features(num_images, dim, spread, seed):
     return features, labels.astype(np.int64)
 
 
+def labels_of(count, classes, rng):
+    """(count,) labels in random order, every one of classes at least once, the rest spread at random among them."""
+    sizes = 1 + rng.multinomial(count - classes, np.full(classes, 1 / classes))
+    return rng.permutation(np.repeat(np.arange(classes), sizes))
+
+
+def make_gallery(num_queries, num_gallery, query_classes, gallery_classes, dim, spread, seed):
+    """(queries (Q, D), query labels (Q,), gallery (G, D), gallery labels (G,)): float32 unit rows around one centre
+    per class; the query classes are the first query_classes of the gallery's."""
+    rng = np.random.default_rng(seed)
+    query_labels = labels_of(num_queries, query_classes, rng)
+    gallery_labels = labels_of(num_gallery, gallery_classes, rng)
+    centres = rng.standard_normal((gallery_classes, dim), dtype=np.float32)
+    sets = []
+    for labels in (query_labels, gallery_labels):
+        features = centres[labels] + spread * rng.standard_normal((len(labels), dim), dtype=np.float32)
+        features /= np.linalg.norm(features, axis=1, keepdims=True)
+        sets += [features, labels.astype(np.int64)]
+    return tuple(sets)
+
+
 def memory_status():
     """{'VmRSS': bytes, 'VmHWM': bytes} of this process, from /proc/self/status."""
     with open('/proc/self/status') as file:
@@ -60,24 +93,27 @@ def memory_status():
     return {key: int(fields[key].split()[0]) * 1024 for key in ('VmRSS', 'VmHWM')}
 
 
-def faiss_metrics(features, labels, ranks, chunk=4096):
+def faiss_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None, chunk=4096):
     """The same metrics from an exact faiss IndexFlatIP search and the seed's arithmetic on neighbour lists."""
     import faiss
+    symmetric = gallery_features is None
+    items, item_labels = (features, labels) if symmetric else (gallery_features, gallery_labels)
     n = len(labels)
-    r = np.bincount(labels)[labels] - 1  # (N,) R per query
-    k = min(n, max(max(ranks), int(r.max())) + 1)  # +1: the query finds itself, dropped below
-    index = faiss.IndexFlatIP(features.shape[1])
-    index.add(features)
+    r = np.bincount(item_labels, minlength=labels.max() + 1)[labels] - symmetric  # (N,) R per query
+    k = min(len(items), max(max(ranks), int(r.max())) + symmetric)  # +1: the query finds itself, dropped below
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
     _, neighbours = index.search(features, k)  # (N, k)
     hits_at, ap_sum, rp_sum = np.zeros(len(ranks)), 0.0, 0.0
-    positions = np.arange(1, k)  # (k - 1,)
+    positions = np.arange(1, k + 1 - symmetric)  # (k - 1,) or (k,)
     for start in range(0, n, chunk):
         found = neighbours[start:start + chunk]  # (b, k)
         queries = np.arange(start, start + len(found))
-        is_self = found == queries[:, None]
-        is_self[~is_self.any(axis=1), -1] = True  # a query beyond its own list: drop the last instead
-        found = found[~is_self].reshape(len(found), k - 1)  # (b, k - 1) the query removed by position
-        hits = labels[found] == labels[queries, None]  # (b, k - 1)
+        if symmetric:
+            is_self = found == queries[:, None]
+            is_self[~is_self.any(axis=1), -1] = True  # a query beyond its own list: drop the last instead
+            found = found[~is_self].reshape(len(found), k - 1)  # (b, k - 1) the query removed by position
+        hits = item_labels[found] == labels[queries, None]  # (b, k - 1) or (b, k)
         for i, rank in enumerate(ranks):
             hits_at[i] += hits[:, :rank].any(axis=1).sum()
         r_chunk = r[queries]
@@ -100,6 +136,7 @@ def measure(method, path, ranks, threads):
     faiss.omp_set_num_threads(threads)
     data = np.load(path)
     features, labels = data['features'], data['labels']
+    gallery = (data['gallery_features'], data['gallery_labels']) if 'gallery_features' in data else ()
     baseline = memory_status()['VmRSS']
     try:  # reset the high-water mark to the current resident size (Linux 4.0+)
         with open('/proc/self/clear_refs', 'w') as file:
@@ -108,9 +145,10 @@ def measure(method, path, ranks, threads):
         pass
     start = time.perf_counter()
     if method == 'ours':
-        metrics = retrieval_metrics(torch.from_numpy(features), torch.from_numpy(labels), ranks)
+        metrics = retrieval_metrics(torch.from_numpy(features), torch.from_numpy(labels), ranks,
+                                    *map(torch.from_numpy, gallery))
     else:
-        metrics = faiss_metrics(features, labels, ranks)
+        metrics = faiss_metrics(features, labels, ranks, *gallery)
     seconds = time.perf_counter() - start
     return seconds, memory_status()['VmHWM'] - baseline, {key: float(value) for key, value in metrics.items()}
 
@@ -144,13 +182,35 @@ def run_worker(method, path, ranks, threads):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def compare(label, path, ranks, threads, repeats):
+    """Measure both methods on the features saved at path, print the comparison; returns the ratio ours/faiss."""
+    runs = {'ours': [], 'faiss': []}
+    for _ in range(repeats):
+        for method in runs:
+            runs[method].append(run_worker(method, path, ranks, threads))
+    best = {method: min(results, key=lambda result: result[0]) for method, results in runs.items()}
+    (ours_s, ours_peak, ours), (faiss_s, faiss_peak, reference) = best['ours'], best['faiss']
+    ratio = ours_s / faiss_s
+    print(f'\n{label}, ranks {ranks}: ours {ours_s:.1f} s, faiss {faiss_s:.1f} s, ratio ours/faiss {ratio:.2f}; '
+          f'peak memory above the features: ours {ours_peak / 2 ** 30:.3f} GiB, faiss {faiss_peak / 2 ** 30:.3f} GiB')
+    for name, metrics in (('ours', ours), ('faiss', reference)):
+        print(f'  {name:5s} ' + '  '.join(f'{key} {100 * value:.3f}' for key, value in metrics.items()))
+    difference = max(abs(ours[key] - reference[key]) for key in ours)
+    print(f'  largest difference between the two: {100 * difference:.4f} points')
+    if repeats > 1:
+        print('  all times (s): ' + '; '.join(f'{method} ' + ' '.join(f'{result[0]:.1f}' for result in results)
+                                              for method, results in runs.items()))
+    return ratio
+
+
 def main():
-    """Generate the features, measure both methods at both rank sets and print the comparison."""
+    """Generate the features of each case, measure both methods and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--num_images', default=60502, type=int, help='N: rows (SOP test set: 60,502)')
-    parser.add_argument('--dim', default=512, type=int, help='D: feature dimension')
-    parser.add_argument('--spread', default=2.15, type=float, help='noise around the class centres')
+    parser.add_argument('--cases', default='sop,inshop,large', help='comma-separated cases: sop (all-vs-all), inshop, large (queries against a gallery)')
+    parser.add_argument('--num_images', default=60502, type=int, help='sop: N rows (SOP test set: 60,502)')
+    parser.add_argument('--dim', default=512, type=int, help='sop: D, the feature dimension')
+    parser.add_argument('--spread', default=2.15, type=float, help='sop: noise around the class centres')
     parser.add_argument('--threads', default=None, type=int, help="threads of both methods (default: torch's)")
     parser.add_argument('--repeats', default=1, type=int, help='runs of each method; the fastest is kept')
     parser.add_argument('--seed', default=0, type=int, help='random seed of the features')
@@ -161,39 +221,39 @@ def main():
     if args.worker:
         print(json.dumps(measure(args.worker, args.data, [int(k) for k in args.ranks.split(',')], args.threads)))
         return
+    cases = args.cases.split(',')
     if args.num_images < 2 or args.repeats < 1:
         raise UserError('--num_images must be at least 2 and --repeats at least 1')
+    if not cases or not set(cases) <= {'sop', *GALLERY_CASES}:
+        raise UserError(f'--cases must be some of sop,{",".join(GALLERY_CASES)} separated by commas, '
+                        f'not {args.cases!r}')
     import torch
     threads = args.threads or torch.get_num_threads()
-    features, labels = make_features(args.num_images, args.dim, args.spread, args.seed)
-    print(f'N = {len(labels)}, D = {args.dim}, {labels.max() + 1} classes of {np.bincount(labels).min()} to '
-          f'{np.bincount(labels).max()} images, spread {args.spread}; {threads} threads on {os.cpu_count()} cores; '
-          f'features {features.nbytes / 2 ** 20:.0f} MiB')
+    print(f'{threads} threads on {os.cpu_count()} cores')
     print('float32 GEMM 2048 x 512 x 2048: ' + ', '.join(f'{name} {speed:.0f} GFLOP/s'
                                                         for name, speed in gemm_speeds(threads).items()))
     ratios = []
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, 'features.npz')
-        np.savez(path, features=features, labels=labels)
-        del features
-        for ranks in RANK_SETS:
-            runs = {'ours': [], 'faiss': []}
-            for _ in range(args.repeats):
-                for method in runs:
-                    runs[method].append(run_worker(method, path, ranks, threads))
-            best = {method: min(results, key=lambda result: result[0]) for method, results in runs.items()}
-            (ours_s, ours_peak, ours), (faiss_s, faiss_peak, reference) = best['ours'], best['faiss']
-            ratios.append(ours_s / faiss_s)
-            print(f'\nranks {ranks}: ours {ours_s:.1f} s, faiss {faiss_s:.1f} s, ratio ours/faiss {ratios[-1]:.2f}; '
-                  f'peak memory above the features: ours {ours_peak / 2 ** 30:.3f} GiB, '
-                  f'faiss {faiss_peak / 2 ** 30:.3f} GiB')
-            for name, metrics in (('ours', ours), ('faiss', reference)):
-                print(f'  {name:5s} ' + '  '.join(f'{key} {100 * value:.3f}' for key, value in metrics.items()))
-            difference = max(abs(ours[key] - reference[key]) for key in ours)
-            print(f'  largest difference between the two: {100 * difference:.4f} points')
-            if args.repeats > 1:
-                print('  all times (s): ' + '; '.join(f'{method} ' + ' '.join(f'{result[0]:.1f}' for result in results)
-                                                      for method, results in runs.items()))
+        if 'sop' in cases:
+            features, labels = make_features(args.num_images, args.dim, args.spread, args.seed)
+            print(f'\nsop: N = {len(labels)}, D = {args.dim}, {labels.max() + 1} classes of '
+                  f'{np.bincount(labels).min()} to {np.bincount(labels).max()} images, spread {args.spread}; '
+                  f'features {features.nbytes / 2 ** 20:.0f} MiB')
+            np.savez(path, features=features, labels=labels)
+            del features
+            ratios += [compare('sop', path, ranks, threads, args.repeats) for ranks in RANK_SETS]
+        for case in [case for case in GALLERY_CASES if case in cases]:
+            *sizes, spread, ranks = GALLERY_CASES[case]
+            queries, query_labels, gallery, gallery_labels = make_gallery(*sizes, spread, args.seed)
+            r = np.bincount(gallery_labels)[query_labels]
+            print(f'\n{case}: {len(queries)} queries x {len(gallery)} gallery items, D = {sizes[-1]}, R of 1 to '
+                  f'{r.max()} (mean {r.mean():.1f}), spread {spread}; features '
+                  f'{(queries.nbytes + gallery.nbytes) / 2 ** 20:.0f} MiB')
+            np.savez(path, features=queries, labels=query_labels, gallery_features=gallery,
+                     gallery_labels=gallery_labels)
+            del queries, gallery
+            ratios.append(compare(case, path, ranks, threads, args.repeats))
     print(f'\nworst ratio {max(ratios):.2f} (at most 1.0 means ours is no slower than faiss)')
 
 

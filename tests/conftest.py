@@ -113,6 +113,49 @@ def without_onednn():
         yield
 
 
+INSHOP_VIEWS = ('1_front', '2_side', '3_back', '4_full')
+
+
+def make_inshop(data_path, train_items=2, test_items=3, views=3, under_img=True):
+    """<data_path>/inshop in In-shop Clothes Retrieval's layout: Eval/list_eval_partition.txt (a count line, a header
+    line, then `image_name item_id evaluation_status` rows) and the images of Img/img.zip as Img/img/... (or img/...
+    when not under_img). Every item has the same file names, as the download's items do; a test item's first view is
+    a query, the others are gallery images, except the last item's, all queries (a query class with no gallery
+    image). Returns {image_name: (item id, split)}."""
+    root = os.path.join(data_path, 'inshop')
+    images = os.path.join(root, 'Img') if under_img else root
+    rows = {}
+    for number in range(1, train_items + test_items + 1):
+        item = f'id_{number:08d}'
+        kind = ('WOMEN/Dresses', 'MEN/Denim')[number % 2]
+        for view in range(views):
+            name = f'img/{kind}/{item}/{view + 1:02d}_{INSHOP_VIEWS[view % 4]}.jpg'
+            write_image(os.path.join(images, name), number, view)
+            last = number == train_items + test_items
+            split = 'train' if number <= train_items else 'query' if view == 0 or last else 'gallery'
+            rows[name] = (item, split)
+    os.makedirs(os.path.join(root, 'Eval'), exist_ok=True)
+    with open(os.path.join(root, 'Eval', 'list_eval_partition.txt'), 'w') as file:
+        file.write(f'{len(rows)}\nimage_name item_id evaluation_status\n')
+        # the download pads its columns with runs of spaces
+        file.writelines(f'{name:<60}{item:<20}{split}\n' for name, (item, split) in rows.items())
+    return rows
+
+
+def make_folder(data_path, name, classes, per_class=2, split=None, nested=False):
+    """<data_path>/<name>/[<split>/]<class>/[nested/]<file>: a labelled image folder as torchvision's ImageFolder
+    reads it. The file names repeat across classes; returns {class: [paths]}."""
+    written = {}
+    for number, class_name in enumerate(classes, 1):
+        folder = os.path.join(data_path, name, *([split] if split else []), class_name, *(['nested'] if nested else []))
+        written[class_name] = []
+        for k in range(per_class):
+            path = os.path.join(folder, f'img_{k}.jpg')
+            write_image(path, number, k)
+            written[class_name].append(path)
+    return written
+
+
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
     """A prepared CUB-layout data set of 4 classes x 4 images (8 train, 8 test), one per test module; its path."""

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import ROOT, make_cub
 from model import Model
-from utils import read_image, retrieval_metrics, test_transform
+from utils import read_image, retrieval_metrics
+from utils import test_transform as eval_transform  # aliased: pytest would collect a test_* name
 
 PREFIX = 'cub_googlenet_proxy_anchor_32'
 DATA_BASE_KEYS = {'test_images', 'test_labels', 'test_features', 'train_images', 'train_labels', 'train_features',
@@ -107,7 +108,7 @@ def test_data_base_and_checkpoint(trained):
     # the saved weights rebuild the model that embedded the test set
     net = Model('googlenet', 32, 2, pretrained=False)
     net.load_state_dict(torch.load(results(trained, f'{PREFIX}_2_model.pth'), weights_only=True))
-    image = test_transform()(read_image(os.path.join(trained, data_base['test_images'][4])))
+    image = eval_transform()(read_image(os.path.join(trained, data_base['test_images'][4])))
     with torch.no_grad():
         embedding = net.eval().embed(image[None])[0]
     assert torch.allclose(embedding, data_base['test_features'][4], atol=1e-4)
@@ -207,7 +208,7 @@ def test_query_outside_the_data_base_is_embedded_with_the_saved_model(trained):
     net = Model('googlenet', 32, 2, pretrained=False)
     net.load_state_dict(torch.load(results(trained, f'{PREFIX}_2_model.pth'), weights_only=True))
     with torch.no_grad():
-        query_feature = net.eval().embed(test_transform()(read_image(os.path.join(trained, query_path)))[None])[0]
+        query_feature = net.eval().embed(eval_transform()(read_image(os.path.join(trained, query_path)))[None])[0]
     query_feature = F.normalize(query_feature.double(), dim=0)
     similarities = (features @ query_feature).tolist()
     order = sorted(range(6), key=lambda i: -similarities[i])[:4]

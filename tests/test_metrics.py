@@ -187,3 +187,137 @@ def test_metrics_match_pytorch_metric_learning(sizes, seed):
     # (the fraction of all queries with a hit, as the reference implementation reports it)
     n, lone = len(labels), sum(size == 1 for size in sizes)
     assert got['recall@1'] * n == pytest.approx(reference['precision_at_1'] * (n - lone), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# queries against a separate gallery
+
+def brute_force_gallery(queries, query_labels, gallery, gallery_labels, ranks):
+    """Every metric from the full query x gallery cosine matrix with plain loops: per query, the whole gallery sorted
+    by similarity, other-class items first among exact ties; nothing excluded."""
+    queries = np.asarray(queries, dtype=np.float64)
+    gallery = np.asarray(gallery, dtype=np.float64)
+    sims = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ \
+        (gallery / np.linalg.norm(gallery, axis=1, keepdims=True)).T
+    query_labels, gallery_labels = list(np.asarray(query_labels)), list(np.asarray(gallery_labels))
+    hits_at = {k: 0 for k in ranks}
+    average_precisions, r_precisions = [], []
+    for q, label in enumerate(query_labels):
+        ranking = sorted(range(len(gallery_labels)), key=lambda j: (-sims[q, j], gallery_labels[j] == label))
+        relevant = [gallery_labels[j] == label for j in ranking]
+        for k in ranks:
+            hits_at[k] += any(relevant[:k])
+        r = sum(relevant)
+        if r == 0:
+            continue  # no gallery item of the class: MAP@R and R-Precision are undefined for this query
+        found, precision_sum = 0, 0.0
+        for position in range(1, r + 1):
+            if relevant[position - 1]:
+                found += 1
+                precision_sum += found / position
+        average_precisions.append(precision_sum / r)
+        r_precisions.append(found / r)
+    metrics = {f'recall@{k}': hits_at[k] / len(query_labels) for k in ranks}
+    metrics['map@r'] = float(np.mean(average_precisions)) if average_precisions else math.nan
+    metrics['r_precision'] = float(np.mean(r_precisions)) if r_precisions else math.nan
+    return metrics
+
+
+def split_query_gallery(features, labels, query_share, seed, query_only=2, gallery_only=2):
+    """Each item a query or a gallery item at random (query_share of them queries), except that the first
+    query_only classes are all queries (no gallery item: R = 0) and the next gallery_only all gallery."""
+    rng = np.random.default_rng(seed)
+    is_query = rng.random(len(labels)) < query_share
+    is_query[labels.numpy() < query_only] = True
+    is_query[(labels.numpy() >= query_only) & (labels.numpy() < query_only + gallery_only)] = False
+    is_query = torch.from_numpy(is_query)
+    return features[is_query], labels[is_query], features[~is_query], labels[~is_query]
+
+
+@pytest.mark.parametrize('n, num_classes, dim, spread, query_share, seed', [
+    (120, 12, 8, 1.0, 0.5, 0),
+    (150, 15, 16, 1.5, 0.8, 1),  # more queries than gallery items
+    (150, 15, 16, 1.5, 0.2, 2),  # more gallery items than queries
+    (60, 30, 4, 0.8, 0.5, 3),  # many classes of 1 or 2 items on either side
+])
+def test_gallery_metrics_match_brute_force(n, num_classes, dim, spread, query_share, seed):
+    """Classes with no gallery item (misses for Recall@K, left out of MAP@R), gallery classes no query has, K above
+    the gallery size, and blocks of one or seven rows, all as the full matrix says."""
+    features, labels = clustered(n, num_classes, dim, spread, seed)
+    queries, query_labels, gallery, gallery_labels = split_query_gallery(features, labels, query_share, seed)
+    ranks = [1, 2, 4, 8, len(gallery_labels), len(gallery_labels) + 5]
+    expected = brute_force_gallery(queries, query_labels, gallery, gallery_labels, ranks)
+    assert 0 < expected['recall@1'] < expected['recall@8'] < 1 and 0 < expected['map@r'] < 1
+    # the classes with no gallery item hold every query that never hits, even with the whole gallery ranked
+    lone = torch.isin(query_labels, gallery_labels, invert=True)
+    assert lone.any() and expected[f'recall@{len(gallery_labels)}'] == pytest.approx(1 - lone.double().mean().item())
+    for chunk_bytes in (32 * 2 ** 20, 4 * 1 * torch.get_num_threads(), 4 * 7 * 7 * torch.get_num_threads()):
+        got = retrieval_metrics(queries, query_labels, ranks, gallery, gallery_labels, chunk_bytes=chunk_bytes)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def test_gallery_hand_worked_example_with_duplicates_and_ties():
+    """Queries against a gallery on the unit circle; duplicates across the two sets are ordinary neighbours.
+
+    gallery: item  g0   g1   g2   g3   g4
+             angle  0    0   90  180  -90
+             label  0    1    0    1    2
+    q0 (0°, label 0) is a duplicate of g0 and of g1: g1, of another class, ties with g0 and ranks first; g2 and g4
+        tie at cosine ~0 (the same float either way), g4 first: g1 g0 g4 g2 g3. Hit at 2; R = 2 (g0, g2), g2 beyond
+        it: AP (1/2)/2 = 0.25, RP 1/2
+    q1 (180°, label 1) is a duplicate of g3, of its class: g3 g2 g4 g0 g1 (g0 before g1 in their tie at -1). Hit at
+        1; R = 2 (g3, g1): AP (1/1)/2 = 0.5, RP 1/2
+    q2 (45°, label 3): no gallery item of its class: a miss at every K, left out of MAP@R and R-Precision
+    q3 (90°, label 2): g2 (label 0) first, g4 (its class, -1) last at 5. R = 1: AP 0, RP 0
+    """
+    queries = angles(0, 180, 45, 90)
+    query_labels = torch.tensor([0, 1, 3, 2])
+    gallery = angles(0, 0, 90, 180, -90)
+    gallery_labels = torch.tensor([0, 1, 0, 1, 2])
+    got = retrieval_metrics(queries, query_labels, [1, 2, 4, 5, 100], gallery, gallery_labels)
+    assert got['recall@1'] == pytest.approx(1 / 4)  # q1
+    assert got['recall@2'] == pytest.approx(2 / 4)  # + q0
+    assert got['recall@4'] == pytest.approx(2 / 4)
+    assert got['recall@5'] == got['recall@100'] == pytest.approx(3 / 4)  # + q3; q2 never
+    assert got['map@r'] == pytest.approx((0.25 + 0.5 + 0) / 3)
+    assert got['r_precision'] == pytest.approx((0.5 + 0.5 + 0) / 3)
+    assert got == pytest.approx(brute_force_gallery(queries, query_labels, gallery, gallery_labels,
+                                                    [1, 2, 4, 5, 100]))
+
+
+def test_gallery_with_no_query_class_gives_nan_map_and_zero_recall():
+    features, labels = clustered(20, 4, 3, 1.0, 7)
+    got = retrieval_metrics(features[:10], labels[:10], [1, 5], features[10:], labels[10:] + 10)
+    assert got['recall@1'] == 0 and got['recall@5'] == 0
+    assert math.isnan(got['map@r']) and math.isnan(got['r_precision'])
+
+
+def test_an_empty_query_set_or_gallery_is_a_user_error():
+    with pytest.raises(UserError):
+        retrieval_metrics(torch.ones(0, 4), torch.tensor([], dtype=torch.long), [1], torch.ones(2, 4), [0, 1])
+    with pytest.raises(UserError):
+        retrieval_metrics(torch.ones(2, 4), torch.tensor([0, 1]), [1], torch.ones(0, 4), torch.tensor([]))
+
+
+@pytest.mark.parametrize('sizes, query_share, seed', [
+    ([1, 2, 3, 5, 8, 13, 30], 0.5, 0),  # very different class sizes
+    ([2, 2, 4, 4, 40, 6], 0.8, 1),  # more queries than gallery items
+    ([6, 6, 6, 6, 6, 9], 0.25, 2),  # more gallery items than queries
+])
+def test_gallery_metrics_match_pytorch_metric_learning(sizes, query_share, seed):
+    """PML with a separate reference set (ref_includes_query=False), one query class absent from the gallery."""
+    features, labels = clustered(None, None, 6, 1.3, seed, sizes=sizes)
+    queries, query_labels, gallery, gallery_labels = split_query_gallery(features, labels, query_share, seed,
+                                                                         query_only=1, gallery_only=1)
+    calculator = AccuracyCalculator(include=('precision_at_1', 'r_precision', 'mean_average_precision_at_r'),
+                                    knn_func=brute_force_knn, device=torch.device('cpu'))
+    reference = calculator.get_accuracy(queries, query_labels, gallery, gallery_labels, ref_includes_query=False)
+    got = retrieval_metrics(queries, query_labels, [1], gallery, gallery_labels)
+    assert got['map@r'] == pytest.approx(reference['mean_average_precision_at_r'], abs=1e-6)
+    assert got['r_precision'] == pytest.approx(reference['r_precision'], abs=1e-6)
+    # PML leaves the queries with no gallery item of their class out of precision@1; Recall@1 counts them as misses
+    n, lone = len(query_labels), torch.isin(query_labels, gallery_labels, invert=True).sum().item()
+    assert lone > 0 and 0 < reference['precision_at_1'] < 1
+    assert got['recall@1'] * n == pytest.approx(reference['precision_at_1'] * (n - lone), abs=1e-6)

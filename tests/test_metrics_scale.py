@@ -15,22 +15,26 @@ from conftest import ROOT
 from utils import retrieval_metrics
 
 
-def reference(features, labels, ranks):
-    """Every metric from the whole float64 cosine matrix: each query's others sorted by similarity, itself removed
-    by position. A stable sort on the negated similarity puts other-class items first among exact ties, the rule
-    retrieval_metrics documents."""
-    features = F.normalize(torch.as_tensor(features).double(), dim=1)
+def reference(features, labels, ranks, gallery_features=None, gallery_labels=None):
+    """Every metric from the whole float64 cosine matrix: each query's items sorted by similarity, the query itself
+    removed by position when there is no gallery. A stable sort on the negated similarity puts other-class items
+    first among exact ties, the rule retrieval_metrics documents."""
+    queries = F.normalize(torch.as_tensor(features).double(), dim=1)
     labels = torch.as_tensor(labels)
-    n = len(labels)
-    sims = features @ features.T
-    same = labels[:, None] == labels[None]  # (N, N)
+    n, itself = len(labels), gallery_features is None
+    items = queries if itself else F.normalize(torch.as_tensor(gallery_features).double(), dim=1)
+    item_labels = labels if itself else torch.as_tensor(gallery_labels)
+    sims = queries @ items.T  # (N, G)
+    same = labels[:, None] == item_labels[None]  # (N, G)
     key = torch.stack([-sims, same.double()], dim=-1)  # sort by similarity, then other-class first
-    key[torch.arange(n), torch.arange(n)] = math.inf  # the query itself goes last, then is cut off
-    order = sorted_order(key)[:, :n - 1]  # (N, N - 1)
-    hits = same.gather(1, order)  # (N, N - 1)
-    r = same.sum(1) - 1
+    if itself:
+        key[torch.arange(n), torch.arange(n)] = math.inf  # the query itself goes last, then is cut off
+    ranked = len(item_labels) - itself
+    order = sorted_order(key)[:, :ranked]  # (N, ranked)
+    hits = same.gather(1, order)  # (N, ranked)
+    r = hits.sum(1)
     metrics = {f'recall@{k}': hits[:, :k].any(1).double().mean().item() for k in ranks}
-    position = torch.arange(1, n, dtype=torch.float64)
+    position = torch.arange(1, ranked + 1, dtype=torch.float64)
     in_r = hits & (position[None] <= r[:, None])
     has_r = r > 0
     precision = in_r.cumsum(1) / position
@@ -102,6 +106,29 @@ def test_block_sweep_matches_the_whole_matrix(case, ranks):
         assert_same(retrieval_metrics(features, labels, ranks, chunk_bytes=4 * side * side), expected)
 
 
+def query_gallery(features, labels, query_share, seed):
+    """The items split at random into queries (query_share of them) and a gallery, with the last class all queries
+    (no gallery item) and the one before it all gallery items."""
+    rng = np.random.default_rng(seed)
+    is_query = torch.from_numpy(rng.random(len(labels)) < query_share)
+    is_query[labels == labels.max()] = True
+    is_query[labels == labels.max() - 1] = False
+    return features[is_query], labels[is_query], features[~is_query], labels[~is_query]
+
+
+@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('ranks, query_share', [([1, 2, 4, 8], 0.3), ([1, 10, 100, 1000], 0.7)])
+def test_gallery_block_sweep_matches_the_whole_matrix(case, ranks, query_share):
+    """With a gallery, fewer or more queries than gallery items, blocks of 5 x 5 to whole-matrix size give the
+    metrics of the full float64 query x gallery matrix, ties included, with a K beyond the gallery size."""
+    features, labels = CASES[case]()
+    split = query_gallery(features, labels, query_share, seed=len(labels))
+    expected = reference(*split[:2], ranks, *split[2:])
+    assert expected['recall@1'] < expected[f'recall@{ranks[-1]}'] < 1 and 0 < expected['map@r'] < 1
+    for side in (5, 37, 4096):
+        assert_same(retrieval_metrics(*split[:2], ranks, *split[2:], chunk_bytes=4 * side * side), expected)
+
+
 def test_no_block_is_n_by_n(monkeypatch):
     """Each thread's similarity block holds at most its share of chunk_bytes, and the blocks of the sweep cover the
     upper triangle of the matrix once: each pair is computed once, serving both of its items."""
@@ -121,6 +148,31 @@ def test_no_block_is_n_by_n(monkeypatch):
     sweep = [shape for shape in shapes if shape == (side, side)]
     assert len(sweep) == (n // side) * (n // side + 1) // 2  # 8 x 8 chunks: the diagonal and the blocks above it
     assert max(rows * columns for rows, columns in shapes) <= side * side < n * n
+
+
+def test_no_gallery_block_is_queries_by_gallery(monkeypatch):
+    """With a gallery, each thread's block also holds at most its share of chunk_bytes, and the blocks of the sweep
+    cover the queries x gallery matrix exactly once, more queries than gallery items or fewer."""
+    features, labels = data([4] * 150, 16, 1.0, seed=7)
+    side = 30
+    chunk_bytes = 4 * side * side * torch.get_num_threads()
+    for queries in (180, 420):
+        split = features[:queries], labels[:queries], features[queries:], labels[queries:]
+        shapes = []
+        original = utils.cosine_block
+
+        def recording(queries, items):
+            shapes.append((len(queries), len(items)))
+            return original(queries, items)
+
+        monkeypatch.setattr(utils, 'cosine_block', recording)
+        got = retrieval_metrics(*split[:2], [1, 2, 4, 8], *split[2:], chunk_bytes=chunk_bytes)
+        monkeypatch.undo()
+        assert_same(got, reference(*split[:2], [1, 2, 4, 8], *split[2:]))
+        kept = torch.isin(split[1], split[3]).sum().item()  # queries with a gallery item of their class
+        sweep = [shape for shape in shapes if shape[1] == side or shape[1] == len(split[3]) % side]
+        assert sum(rows * columns for rows, columns in sweep) == kept * len(split[3])
+        assert max(rows * columns for rows, columns in shapes) <= side * side < kept * len(split[3])
 
 
 def test_ties_rank_other_class_items_first():
@@ -144,6 +196,15 @@ def test_collapsed_embeddings_score_as_if_ranked_last():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     got = retrieval_metrics(features, labels, [1, 4, 5])
     assert got == {'recall@1': 0.0, 'recall@4': 0.0, 'recall@5': 1.0, 'map@r': 0.0, 'r_precision': 0.0}
+
+
+def test_collapsed_embeddings_against_a_gallery_score_as_if_ranked_last():
+    """All embeddings equal, queries and gallery: every other-class gallery item precedes the query's classmates."""
+    point = torch.tensor([[0.0, 1.0, 0.0]])
+    got = retrieval_metrics(point.repeat(3, 1), [0, 1, 5], [1, 3, 4, 10], point.repeat(5, 1), [0, 1, 1, 2, 2])
+    # q0: 4 others then its 1 item, at 5; q1: 3 others, then its 2 at 4 and 5; q2: no gallery item
+    assert got == {'recall@1': 0.0, 'recall@3': 0.0, 'recall@4': 1 / 3, 'recall@10': 2 / 3, 'map@r': 0.0,
+                   'r_precision': 0.0}
 
 
 def test_threads_give_the_same_answer_and_the_setting_is_restored():
@@ -180,9 +241,10 @@ def test_cuda_matches_cpu():
         assert cuda == pytest.approx(cpu, abs=1e-9)
 
 
-def test_peak_memory_is_far_below_the_full_matrix():
-    """At N = 12,000 the full matrix would take 549 MiB: the peak above the features stays under a third of that,
-    whatever the number of threads."""
+@pytest.mark.parametrize('gallery', [False, True])
+def test_peak_memory_is_far_below_the_full_matrix(gallery):
+    """At N = 12,000 the full matrix would take 549 MiB, and as much for 12,000 queries against a gallery of 12,000:
+    the peak above the features stays under a third of that, whatever the number of threads."""
     code = textwrap.dedent(f'''
         import sys, numpy as np, torch
         sys.path.insert(0, {ROOT!r})
@@ -194,14 +256,18 @@ def test_peak_memory_is_far_below_the_full_matrix():
                 return int(next(line for line in file if line.startswith(field)).split()[1]) * 1024
 
         rng = np.random.default_rng(0)
-        labels = torch.tensor(rng.integers(0, 2400, size=12000))
-        features = torch.tensor(rng.normal(size=(2400, 128))[labels.numpy()] + rng.normal(size=(12000, 128)),
+        n = 24000 if {gallery} else 12000
+        labels = torch.tensor(rng.integers(0, n // 5, size=n))
+        features = torch.tensor(rng.normal(size=(n // 5, 128))[labels.numpy()] + rng.normal(size=(n, 128)),
                                 dtype=torch.float32)
         retrieval_metrics(features[:50], labels[:50], [1])  # load the libraries' lazily loaded parts first
         baseline = rss('VmRSS')
         with open('/proc/self/clear_refs', 'w') as file:
             file.write('5')  # VmHWM := VmRSS
-        retrieval_metrics(features, labels, [1, 10, 100, 1000])
+        if {gallery}:
+            retrieval_metrics(features[:12000], labels[:12000], [1, 10, 100, 1000], features[12000:], labels[12000:])
+        else:
+            retrieval_metrics(features, labels, [1, 10, 100, 1000])
         print(rss('VmHWM') - baseline)
     ''')
     if not os.access('/proc/self/clear_refs', os.W_OK):

@@ -50,18 +50,18 @@ def parse_command(argv):
 def train_run(data_name, backbone, *extra):
     flags = {'--data_path': 'data', '--data_name': data_name, '--backbone_type': backbone,
              '--loss_name': 'proxy_anchor', '--resume': True}
-    if data_name == 'sop':
-        flags['--recalls'] = '1,10,100,1000'
+    if data_name in ('sop', 'inshop'):
+        flags['--recalls'] = {'sop': '1,10,100,1000', 'inshop': '1,10,20,30,40'}[data_name]
     for i in range(0, len(extra), 2):
         flags[extra[i]] = extra[i + 1]
     return 'train.py', flags
 
 
 def test_dry_run_lists_the_full_grid(script, tmp_path):
-    data_folders(tmp_path, ['car', 'cub', 'sop', 'notes'], prepared=['cub'])
+    data_folders(tmp_path, ['car', 'cub', 'sop', 'inshop', 'notes'], prepared=['cub'])
     commands, _ = dry_run(script, tmp_path)
     expected = []
-    for data_name in ('car', 'cub', 'sop'):
+    for data_name in ('car', 'cub', 'sop', 'inshop'):
         if data_name != 'cub':  # cub is prepared already: no data_utils.py for it
             expected.append(('data_utils.py', {'--data_path': 'data', '--data_name': data_name}))
         expected += [train_run(data_name, backbone) for backbone in BACKBONES]
@@ -111,7 +111,7 @@ def test_a_flag_that_would_change_the_grid_is_refused(script, tmp_path):
 def fabricate(root, data_name, backbone, epochs=20, final=None, best=None, ranks=None, suffix=''):
     """A statistics CSV as train.py writes it: recall rising to `final` (fractions) at the last epoch, except at
     epoch `best`, higher than the final one, which the table must not report."""
-    ranks = ranks or ([1, 10, 100, 1000] if data_name == 'sop' else [1, 2, 4, 8])
+    ranks = ranks or {'sop': [1, 10, 100, 1000], 'inshop': [1, 10, 20, 30, 40]}.get(data_name, [1, 2, 4, 8])
     final = final or [0.5 + 0.1 * i for i in range(len(ranks))] + [0.3]  # recalls, then MAP@R
     rows = []
     for epoch in range(1, epochs + 1):
@@ -149,10 +149,16 @@ def test_table_reports_the_final_epoch_beside_the_published_figures(script, tmp_
     fabricate(tmp_path, 'cub', 'inception', epochs=5, final=[0.655, 0.77, 0.851, 0.906, 0.3])
     fabricate(tmp_path, 'sop', 'inception', final=[0.775, 0.9, 0.96, 0.99, 0.45])
     fabricate(tmp_path, 'sop', 'googlenet', ranks=[1, 2, 4, 8], final=[0.7, 0.75, 0.8, 0.85, 0.4])  # wrong ranks
+    fabricate(tmp_path, 'inshop', 'inception', final=[0.905, 0.978, 0.985, 0.99, 0.992, 0.6])
+    # runs on folders of one's own images get their own tables, whatever the ranks, never a benchmark's
+    fabricate(tmp_path, 'digits', 'inception', epochs=3, final=[0.965, 0.985, 0.99, 0.995, 0.534])
+    fabricate(tmp_path, 'my_cars_2', 'resnet50', ranks=[1, 5], final=[0.4, 0.6, 0.2])
+    (tmp_path / 'results' / 'digits_inception_proxy_anchor_64_statistics.csv').write_text('not the tables\' dim')
     status, out, err = script('reproduce', '--table', cwd=tmp_path)
     assert status == 0, err
     tables = read_table(tmp_path / 'results' / 'benchmarks.md')
-    assert list(tables) == ['CARS196', 'CUB200', 'Stanford Online Products']
+    assert list(tables) == ['CARS196', 'CUB200', 'Stanford Online Products', 'In-shop Clothes', 'digits',
+                            'my_cars_2']
 
     car = tables['CARS196']
     assert car['header'] == ['R@1', 'R@2', 'R@4', 'R@8', 'MAP@R', 'Seeds']
@@ -177,6 +183,19 @@ def test_table_reports_the_final_epoch_beside_the_published_figures(script, tmp_
     assert sop['GoogLeNet', 'reproduced'] == ['70.0%', '-', '-', '-', '40.0%', '1']  # run at 1,2,4,8: R@1 only
     assert sop['ResNet50', 'published'][:4] == ['-'] * 4
 
+    inshop = tables['In-shop Clothes']
+    assert inshop['header'] == ['R@1', 'R@10', 'R@20', 'R@30', 'R@40', 'MAP@R', 'Seeds']
+    assert inshop['Inception', 'reproduced'] == ['90.5%', '97.8%', '98.5%', '99.0%', '99.2%', '60.0%', '1']
+    assert inshop['Inception', 'published'][:5] == ['91.9%', '98.1%', '98.7%', '99.0%', '99.1%']  # official repo
+    assert inshop['Inception', 'difference'][:5] == ['-1.4', '-0.3', '-0.2', '+0.0', '+0.1']
+
+    digits = tables['digits']  # the quick start's run: 3 of 20 epochs
+    assert digits['header'] == ['R@1', 'R@2', 'R@4', 'R@8', 'MAP@R', 'Seeds']
+    assert digits['Inception', 'reproduced'] == ['-'] * 5 + ['0 of 1 (training: seed 1 at epoch 3)']
+    assert set(digits) == {'header', ('Inception', 'reproduced')}  # no published rows, no other backbones
+    assert tables['my_cars_2']['header'] == ['R@1', 'R@5', 'MAP@R', 'Seeds']
+    assert tables['my_cars_2']['ResNet50', 'reproduced'] == ['40.0%', '60.0%', '20.0%', '1']
+
     figure = tmp_path / 'results' / 'benchmarks.png'
     with Image.open(figure) as image:
         assert image.format == 'PNG' and image.size[0] > 1000
@@ -188,7 +207,7 @@ def test_table_with_no_statistics_at_all(script, tmp_path):
     assert status == 0, err
     tables = read_table(tmp_path / 'results' / 'benchmarks.md')
     for rows in tables.values():
-        assert all(rows[backbone, 'reproduced'] == ['-'] * 5 + ['0 of 1']
+        assert all(rows[backbone, 'reproduced'] == ['-'] * (len(rows['header']) - 1) + ['0 of 1']
                    for backbone in ('ResNet50', 'Inception', 'GoogLeNet'))
 
 

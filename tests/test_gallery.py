@@ -1,0 +1,209 @@
+"""test.py --gallery DIR: search a folder of one's own photos with a model trained on a labelled folder (issue 10)."""
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data_utils
+import model
+import utils
+from conftest import make_folder, write_image
+from script_runner import error_sentence, load_script, temporaries
+
+PREFIX = 'pets_googlenet_proxy_anchor_16'
+EMBED = model.Model.embed
+DATA_BASE = f'{PREFIX}_1_data_base.pth'
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A 1-epoch train.py run on a labelled folder `pets` whose class names hold spaces; returns the run folder."""
+    data = str(tmp_path_factory.mktemp('data'))
+    make_folder(data, 'pets', ['black cat', 'dog', 'gold fish', 'tabby cat'])
+    data_utils.prepare(data, 'pets', workers=1)
+    run = tmp_path_factory.mktemp('run')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, 'argv', ['train.py', '--data_path', data, '--data_name', 'pets', '--backbone_type',
+                                    'googlenet', '--no_pretrained', '--feature_dim', '16', '--batch_size', '4',
+                                    '--num_epochs', '1', '--num_workers', '0'])
+        patch.chdir(run)
+        load_script('train').main()
+    return run
+
+
+def test_any_prepared_name_trains_under_the_seed_naming(trained):
+    names = set(os.listdir(trained / 'results'))
+    assert {f'{PREFIX}_statistics.csv', f'{PREFIX}_1_model.pth', DATA_BASE, f'{PREFIX}_checkpoint.pth'} <= names
+    data_base = torch.load(trained / 'results' / DATA_BASE, weights_only=True)
+    assert [os.path.basename(os.path.dirname(path)) for path in data_base['test_images']] == \
+        ['gold fish', 'gold fish', 'tabby cat', 'tabby cat']  # the second half of the sorted class names
+    assert 'gallery_features' not in data_base
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A folder of photos in nested folders and several formats, beside a file that is no image."""
+    folder = tmp_path / 'photos'
+    write_image(str(folder / 'holiday' / 'beach.jpg'), 3, 0, size=(60, 45))
+    os.makedirs(folder / 'holiday' / 'day 2')
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+        folder / 'holiday' / 'day 2' / 'boat.png')
+    Image.new('RGB', (33, 33), (20, 200, 90)).save(folder / 'scan.bmp')
+    (folder / 'notes.txt').write_text('not an image')
+    return folder
+
+
+@pytest.fixture
+def embedded(monkeypatch):
+    """The number of images Model.embed is given, over all calls."""
+    count = [0]
+    embed = model.Model.embed
+
+    def counting(self, images):
+        count[0] += len(images)
+        return embed(self, images)
+
+    monkeypatch.setattr(model.Model, 'embed', counting)
+    return count
+
+
+@pytest.fixture(scope='module')
+def independent(trained):
+    """independent(paths) -> (N, D) embeddings of image files by the saved model, computed here (each file once)."""
+    data_base = torch.load(trained / 'results' / DATA_BASE, weights_only=True)
+    net = model.Model('googlenet', 16, data_base['proxies'].size(0), pretrained=False)
+    net.load_state_dict(torch.load(trained / 'results' / f'{PREFIX}_1_model.pth', weights_only=True))
+    known = {}
+
+    @torch.inference_mode()
+    def embed(paths):
+        for path in paths:
+            key = (str(path), os.stat(path).st_mtime_ns)
+            if key not in known:  # model.Model.embed itself, not the counting stand-in of the `embedded` fixture
+                known[key] = EMBED(net.eval(), utils.test_transform()(utils.read_image(str(path)))[None])[0]
+        return torch.stack([known[str(path), os.stat(path).st_mtime_ns] for path in paths])
+    return embed
+
+
+def written(folder):
+    """[(similarity, path)] of the retrieval images test.py wrote, by rank."""
+    files = sorted((int(name.split('_')[2]), name) for name in os.listdir(folder) if name.startswith('retrieval_img_'))
+    return [(float(os.path.splitext(name)[0].split('_')[3]), folder / name) for _, name in files]
+
+
+def check_results(independent, folder, query, images):
+    """The results are the images nearest to the query by brute force, with their similarities and grey borders."""
+    features = independent([query] + images)
+    similarities = F.normalize(features[1:], dim=1) @ F.normalize(features[0], dim=0)
+    expected = similarities.sort(descending=True).values.tolist()
+    found = written(folder)
+    assert len(found) == len(images)
+    np.testing.assert_allclose([similarity for similarity, _ in found], expected, atol=2e-4)
+    pictures = [picture(path) for path in images]
+    for similarity, path in found:
+        with Image.open(path) as image:
+            pixels = np.asarray(image, dtype=float)
+        assert np.abs(pixels[1:4, 50:170].reshape(-1, 3).mean(axis=0) - 128).max() < 40  # grey: no labels
+        # the picture shown is the photo with that similarity
+        shown = int(np.argmin([np.abs(pixels[8:-8, 8:-8] - other).mean() for other in pictures]))
+        assert similarities[shown].item() == pytest.approx(similarity, abs=2e-4)
+
+
+def picture(path):
+    """An image as test.py draws it, without the border."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert('RGB').resize((224, 224), Image.BILINEAR), dtype=float)[8:-8, 8:-8]
+
+
+def gallery_run(script, run, query, folder, num=8):
+    status, out, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', folder,
+                              '--retrieval_num', num, cwd=run)
+    assert status == 0, err
+    return out, err
+
+
+def test_gallery_embeds_once_and_again_only_what_changed(script, trained, independent, photos, embedded, tmp_path):
+    query = tmp_path / 'query.png'
+    Image.new('RGB', (40, 40), (200, 120, 40)).save(query)
+    images = [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png', photos / 'scan.bmp']
+
+    out, err = gallery_run(script, trained, query, photos)
+    assert embedded[0] == 3 + 1  # the three photos (not notes.txt), then the query
+    assert f'gallery {photos}: 3 images, 3 embedded now, 0 from results/{PREFIX}_1_model_gallery_' in out
+    assert f'embedding {photos}: 100%' in err  # the progress bar
+    assert f'wrote the query and its 3 nearest images in {photos} to results/query/' in out
+    check_results(independent, trained / 'results' / 'query', query, images)
+    caches = [name for name in os.listdir(trained / 'results') if '_gallery_' in name]
+    assert len(caches) == 1 and not temporaries(str(trained / 'results'))
+
+    embedded[0] = 0
+    out, _ = gallery_run(script, trained, query, photos)
+    assert embedded[0] == 1  # only the query: every photo comes from the cache
+    assert f'gallery {photos}: 3 images, 0 embedded now, 3 from results/' in out
+    check_results(independent, trained / 'results' / 'query', query, images)
+
+    # a photo changed in place, one added and one removed
+    Image.new('RGB', (50, 30), (0, 0, 255)).save(photos / 'holiday' / 'beach.jpg', format='JPEG')
+    later = os.stat(photos / 'holiday' / 'beach.jpg').st_mtime + 5  # whatever the file system's time resolution
+    os.utime(photos / 'holiday' / 'beach.jpg', (later, later))
+    write_image(str(photos / 'new' / 'garden.jpeg'), 7, 1)
+    os.remove(photos / 'scan.bmp')
+    images = [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png',
+              photos / 'new' / 'garden.jpeg']
+    embedded[0] = 0
+    out, _ = gallery_run(script, trained, query, photos)
+    assert embedded[0] == 2 + 1
+    assert f'gallery {photos}: 3 images, 2 embedded now, 1 from results/' in out
+    check_results(independent, trained / 'results' / 'query', query, images)
+
+    # a query inside the folder is not its own result, and its embedding is the cached one
+    embedded[0] = 0
+    out, _ = gallery_run(script, trained, photos / 'holiday' / 'day 2' / 'boat.png', photos)
+    assert embedded[0] == 0
+    assert f'wrote the query and its 2 nearest images in {photos} to results/boat/' in out
+    check_results(independent, trained / 'results' / 'boat', photos / 'holiday' / 'day 2' / 'boat.png',
+                  [images[0], images[2]])
+
+    # the cache belongs to one model file: a model written anew (retrained under the same name) embeds all again
+    later = os.stat(trained / 'results' / f'{PREFIX}_1_model.pth').st_mtime + 5
+    os.utime(trained / 'results' / f'{PREFIX}_1_model.pth', (later, later))
+    embedded[0] = 0
+    out, _ = gallery_run(script, trained, photos / 'holiday' / 'day 2' / 'boat.png', photos)
+    assert embedded[0] == 3 and f'gallery {photos}: 3 images, 3 embedded now, 0 from' in out
+
+
+@pytest.mark.parametrize('content', ['nothing', 'no images', 'no folder', 'only the query'])
+def test_gallery_without_images_is_one_sentence(script, trained, tmp_path, content):
+    folder = tmp_path / 'empty'
+    if content != 'no folder':
+        os.makedirs(folder / 'sub')
+    if content == 'no images':
+        (folder / 'sub' / 'list.csv').write_text('a,b\n')
+    query = tmp_path / 'q.jpg'
+    write_image(str(query), 2, 0)
+    if content == 'only the query':
+        query = folder / 'sub' / 'q.jpg'
+        write_image(str(query), 2, 0)
+    status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', folder,
+                            cwd=trained)
+    line = error_sentence(status, err)
+    expected = {'nothing': f'--gallery {folder} holds no image', 'no images': f'--gallery {folder} holds no image',
+                'no folder': f'--gallery {folder} is not a folder',
+                'only the query': f'--gallery {folder} holds no image other than the query'}[content]
+    assert line.startswith(f'error: {expected}')
+    assert not os.path.exists(trained / 'results' / 'q')
+
+
+def test_gallery_needs_the_model_beside_the_data_base(script, trained, photos, tmp_path):
+    shutil.copyfile(trained / 'results' / DATA_BASE, tmp_path / 'alone_1_data_base.pth')
+    status, _, err = script('test', '--query_img_name', photos / 'scan.bmp', '--data_base',
+                            tmp_path / 'alone_1_data_base.pth', '--gallery', photos, cwd=tmp_path)
+    assert error_sentence(status, err).startswith(
+        f'error: --gallery needs the model saved beside data base {tmp_path / "alone_1_data_base.pth"} to embed its '
+        f'images, but no model {tmp_path / "alone_1_model.pth"} was found')
+    assert not os.path.exists(tmp_path / 'results')
