@@ -597,9 +597,13 @@ def train(args, ranks, device, rank, world):
         raise UserError(f'--batch_size {args.batch_size} is larger than the {len(train_data)} training images of '
                         f'{args.data_name}; use a smaller --batch_size')
     sampler = GlobalBatches(len(train_data), args.batch_size, rank, world, args.seed)
+    # the loader draws its workers' base seed from a generator of its own, not from the global one that dropout
+    # draws from: a new loader iterator each epoch (--num_workers 0) or one for the run (persistent workers) then
+    # leaves the training identical
     train_loader = DataLoader(train_data, batch_sampler=sampler, num_workers=args.num_workers,
                               pin_memory=device.type == 'cuda', persistent_workers=args.num_workers > 0,
-                              multiprocessing_context=worker_context(train_data, args.num_workers))
+                              multiprocessing_context=worker_context(train_data, args.num_workers),
+                              generator=torch.Generator().manual_seed(args.seed))
 
     model = Model(args.backbone_type, args.feature_dim, train_data.num_classes, not args.no_pretrained).to(device)
     if args.amp:

@@ -341,12 +341,19 @@ class ImageReader(Dataset):
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, None)
-        if epoch is not None:
-            # hash of a tuple of ints is stable across processes and runs; only the CPU generator drives the
-            # transforms, and torch.manual_seed would also queue GPU seeds, which costs more than a cached crop
-            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         image = self.cache[index] if self.cache is not None else read_image(self.images[index])
-        return self.transform(image), self.labels[index]
+        if epoch is None:
+            return self.transform(image), self.labels[index]
+        # only the CPU generator drives the transforms (torch.manual_seed would also queue GPU seeds, which costs more
+        # than a cached crop); the hash of a tuple of ints is stable across processes and runs. The generator's state
+        # is given back afterwards, so that loading in the training process itself (--num_workers 0) leaves the
+        # model's random draws (GoogLeNet's dropout) as they are when workers load
+        state = torch.default_generator.get_state()
+        torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        try:
+            return self.transform(image), self.labels[index]
+        finally:
+            torch.default_generator.set_state(state)
 
     def __len__(self):
         return len(self.images)

@@ -156,14 +156,19 @@ def make_folder(data_path, name, classes, per_class=2, split=None, nested=False)
     return written
 
 
+def prepared_cub(tmp_path_factory, num_classes, per_class):
+    """The path of a new folder holding a CUB-layout data set, prepared by data_utils.py."""
+    import data_utils
+    path = str(tmp_path_factory.mktemp('data'))
+    make_cub(path, num_classes=num_classes, per_class=per_class)
+    data_utils.prepare(path, 'cub', workers=1)
+    return path
+
+
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
     """A prepared CUB-layout data set of 4 classes x 4 images (8 train, 8 test), one per test module; its path."""
-    import data_utils
-    path = str(tmp_path_factory.mktemp('data'))
-    make_cub(path, num_classes=4, per_class=4)
-    data_utils.prepare(path, 'cub', workers=1)
-    return path
+    return prepared_cub(tmp_path_factory, num_classes=4, per_class=4)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from adamp import AdamP
 from PIL import Image
 
-from conftest import fast_epochs, make_cub
+from conftest import fast_epochs, make_cub, prepared_cub
 from script_runner import error_sentence, load_script
 from utils import ImageReader, ProxyAnchorLoss
 
@@ -49,8 +49,8 @@ def default_run(folder, *extra):
 
 def test_defaults_reproduce_the_seed_recipe_run(tmp_path):
     """With no new flag, train.py computes what it computed before the recipe became flags: the statistics CSV of
-    tests/data/default_run_statistics.csv, written by the code of commit 9baa799 on the same fixture, under the
-    seed's output name."""
+    tests/data/default_run_statistics.csv, written on the same fixture by train.py as of commit 9baa799 (with the
+    later fix that keeps data loading off the global random generator), under the seed's output name."""
     frame = default_run(str(tmp_path))
     expected = pd.read_csv(GOLDEN, index_col='epoch')
     assert list(frame.columns) == list(expected.columns) and list(frame.index) == [1, 2, 3]
@@ -139,11 +139,7 @@ def test_run_names_follow_the_flags_and_never_collide():
 @pytest.fixture(scope='module')
 def eight_classes(tmp_path_factory):
     """A prepared CUB-layout data set of 8 classes x 3 images: 4 training classes, 4 test classes."""
-    import data_utils
-    path = str(tmp_path_factory.mktemp('data8'))
-    make_cub(path, num_classes=8, per_class=3)
-    data_utils.prepare(path, 'cub', workers=1)
-    return path
+    return prepared_cub(tmp_path_factory, num_classes=8, per_class=3)
 
 
 def test_validation_split_holds_out_the_last_training_classes(eight_classes, tmp_path, script, small_crops):
