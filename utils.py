@@ -420,32 +420,36 @@ def entering(top, sims, floor, nearest, columns):
     The queries are the rows of sims (b, c), or its columns when columns is True. A value matters if it can enter a
     list, being above the query's floor and its current m-th value, or, when nearest (q,) is given, if it is at
     least the query's nearest same-class similarity, to be counted. Past the first blocks few queries have such
-    values, and those few: each query's largest value in the block (one cheap reduction) picks the queries to look
-    at, and their values that matter are gathered one by one rather than sorting whole rows. Returns (touched
+    values, and few of theirs: each query's largest value in the block (one cheap reduction) tells which queries to
+    look at, and their values that matter are gathered one by one rather than sorting whole rows. Returns (touched
     queries (t,) or None, their candidates (t, w) padded with -inf, counts (q,) of values >= nearest or None).
     """
     threshold = torch.maximum(floor, top[:, -1])  # (q,)
     if nearest is not None:
         threshold = torch.minimum(threshold, torch.nextafter(nearest, nearest.new_tensor(-math.inf)))
-    touched = (sims.amax(dim=0 if columns else 1) > threshold).nonzero()[:, 0]  # (t,) queries with a value that matters
+    dim = 0 if columns else 1  # along which a query's values lie
+    touched = (sims.amax(dim) > threshold).nonzero()[:, 0]  # (t,) the queries with a value that matters
     if len(touched) == 0:
         return None, None, None
-    if columns:
-        rows = sims.index_select(1, touched).T.contiguous()  # (t, b)
-    else:
-        rows = sims if len(touched) == len(threshold) else sims.index_select(0, touched)  # (t, c)
-    above = rows > threshold[touched, None]  # (t, w) at least one value per row
+    if len(touched) < len(threshold):
+        sims = sims.index_select(1 - dim, touched)  # (b, t) or (t, c)
+    shape = (1, -1) if columns else (-1, 1)
+    above = sims > threshold[touched].view(shape)
     beaten = None if nearest is None else torch.zeros_like(threshold, dtype=torch.int32)
-    if 8 * int(above.sum(dtype=torch.int32)) > rows.numel():  # most values take part: take each row's m largest
+    if 8 * int(above.sum(dtype=torch.int32)) > sims.numel():  # most values take part: take each one's m largest
         if beaten is not None:
-            beaten[touched] = (rows >= nearest[touched, None]).sum(1, dtype=torch.int32)
+            beaten[touched] = (sims >= nearest[touched].view(shape)).sum(dim, dtype=torch.int32)
+        rows = sims.T.contiguous() if columns else sims  # (t, w)
         return touched, rows.topk(min(top.size(1), rows.size(1)), dim=1).values, beaten
-    flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in rows of the values that matter, row by row
-    values = rows.view(-1)[flat]
-    owner = flat // rows.size(1)  # (E,) the row each value belongs to
+    flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in the block of the values that matter
+    values = sims.view(-1)[flat]
+    owner = flat % sims.size(1) if columns else flat // sims.size(1)  # (E,) the touched query each belongs to
+    if columns:
+        owner, order = owner.sort(stable=True)
+        values = values[order]
     if beaten is not None:
         beaten.index_add_(0, touched[owner], (values >= nearest[touched[owner]]).int())
-    counts = torch.bincount(owner, minlength=len(touched))  # (t,) every row has one at least
+    counts = torch.bincount(owner, minlength=len(touched))  # (t,) one at least each
     slot = torch.arange(len(owner), device=sims.device) - (counts.cumsum(0) - counts)[owner]
     candidates = sims.new_full((len(touched), int(counts.max())), -math.inf)
     candidates[owner, slot] = values
