@@ -414,17 +414,18 @@ def class_similarities(queries, keys, items, item_keys, first, ends, m, block_el
     return out
 
 
-def entering(top, sims, floor, nearest, columns):
-    """What one block changes for its queries, whose lists top (q, m) hold their m largest other-class values.
+def entering(sims, bound, nearest, m, columns):
+    """What one block changes for its queries, whose lists hold their m largest other-class values.
 
     The queries are the rows of sims (b, c), or its columns when columns is True. A value matters if it can enter a
-    list, being above the query's floor and its current m-th value, or, when nearest (q,) is given, if it is at
-    least the query's nearest same-class similarity, to be counted. Past the first blocks few queries have such
-    values, and few of theirs: each query's largest value in the block (one cheap reduction) tells which queries to
-    look at, and their values that matter are gathered one by one rather than sorting whole rows. Returns (touched
-    queries (t,) or None, their candidates (t, w) padded with -inf, counts (q,) of values >= nearest or None).
+    list, being above the query's bound (q,) (its floor and the last value its list needs), or, when nearest (q,) is
+    given, if it is at least the query's nearest same-class similarity, to be counted. Past the first blocks few
+    queries have such values, and few of theirs: each query's largest value in the block (one cheap reduction) tells
+    which queries to look at, and their values that matter are gathered one by one rather than sorting whole rows.
+    Returns (touched queries (t,) or None, their candidates (t, w <= m) padded with -inf, counts (q,) of values >=
+    nearest or None).
     """
-    threshold = torch.maximum(floor, top[:, -1])  # (q,)
+    threshold = bound  # (q,)
     if nearest is not None:
         threshold = torch.minimum(threshold, torch.nextafter(nearest, nearest.new_tensor(-math.inf)))
     dim = 0 if columns else 1  # along which a query's values lie
@@ -440,7 +441,7 @@ def entering(top, sims, floor, nearest, columns):
         if beaten is not None:
             beaten[touched] = (sims >= nearest[touched].view(shape)).sum(dim, dtype=torch.int32)
         rows = sims.T.contiguous() if columns else sims  # (t, w)
-        return touched, rows.topk(min(top.size(1), rows.size(1)), dim=1).values, beaten
+        return touched, rows.topk(min(m, rows.size(1)), dim=1).values, beaten
     flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in the block of the values that matter
     values = sims.view(-1)[flat]
     owner = flat % sims.size(1) if columns else flat // sims.size(1)  # (E,) the touched query each belongs to
@@ -541,6 +542,9 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
         floor = torch.where(has_r, torch.nextafter(least, -inf), inf)  # other-class values at or below never count
         nearest = torch.where(has_r, positives[:, 0], inf)  # (n,) the most similar of the class
         count = max(ranks) > m  # Recall@K for K <= m comes from the lists
+        # of each list only the first R values, and max(ranks) if Recall@K comes from it, need be exact: a value below
+        # them moves no same-class item that counts, so it need not enter
+        last = (r if count else r.clamp(min=max(ranks))).clamp(min=1) - 1  # (n,) index of the last value needed
         beating = torch.zeros(n, dtype=torch.int32, device=device)  # other-class items >= nearest, per query
         top = queries.new_full((n, m), -math.inf)  # (n, m) each query's m largest other-class similarities
 
@@ -556,9 +560,9 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
         def update(i, sims, columns):
             """Fold a block into the state of chunk i, whose queries are its rows or its columns."""
             lo, hi = chunks[i]
-            # top may be older than the other thread's latest merge: a lower m-th value, so still a safe bound
-            touched, candidates, beaten = entering(top[lo:hi], sims, floor[lo:hi], nearest[lo:hi] if count else None,
-                                                   columns)
+            # top may be older than the other thread's latest merge: a lower value at last, so still a safe bound
+            bound = torch.maximum(floor[lo:hi], top[lo:hi].gather(1, last[lo:hi, None])[:, 0])
+            touched, candidates, beaten = entering(sims, bound, nearest[lo:hi] if count else None, m, columns)
             with locks[i]:
                 if beaten is not None:
                     beating[lo:hi] += beaten
