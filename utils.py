@@ -415,7 +415,7 @@ def class_similarities(queries, keys, items, item_keys, first, ends, m, block_el
 
 
 def entering(sims, bound, nearest, m, columns):
-    """What one block changes for its queries, whose lists hold their m largest other-class values.
+    """What one block changes for its queries, whose lists hold their largest other-class values (m at most).
 
     The queries are the rows of sims (b, c), or its columns when columns is True. A value matters if it can enter a
     list, being above the query's bound (q,) (its floor and the last value its list needs), or, when nearest (q,) is
@@ -546,7 +546,7 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
         # them moves no same-class item that counts, so it need not enter
         last = (r if count else r.clamp(min=max(ranks))).clamp(min=1) - 1  # (n,) index of the last value needed
         beating = torch.zeros(n, dtype=torch.int32, device=device)  # other-class items >= nearest, per query
-        top = queries.new_full((n, m), -math.inf)  # (n, m) each query's m largest other-class similarities
+        top = queries.new_full((n, m), -math.inf)  # (n, m) each query's largest other-class similarities, exact to last
 
         def split(size):
             """Chunks (start, end) of side rows covering range(size)."""
@@ -584,7 +584,7 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
         list(pool.map(block, pairs))
 
     j = torch.arange(1, m + 1, device=device)  # (m,)
-    # other-class items at least as similar as each same-class one: exact up to m, which is all that matters
+    # other-class items at least as similar as each same-class one: exact up to last, which is all that matters
     before = m - torch.searchsorted(top.flip(1).contiguous(), positives, side='left')  # (n, m)
     position = j + before  # (n, m) rank of the j-th same-class item
     within_r = (j <= r[:, None]) & (position <= r[:, None])  # (n, m)
