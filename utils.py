@@ -462,38 +462,43 @@ def class_similarities(queries, keys, items, item_keys, first, ends, m, block_el
     return out
 
 
-def entering(top, sims, floor, nearest, columns):
-    """What one block changes for its queries, whose lists top (q, m) hold their m largest other-class values.
+def entering(sims, bound, nearest, m, columns):
+    """What one block changes for its queries, whose lists hold their largest other-class values (m at most).
 
     The queries are the rows of sims (b, c), or its columns when columns is True. A value matters if it can enter a
-    list, being above the query's floor and its current m-th value, or, when nearest (q,) is given, if it is at
-    least the query's nearest same-class similarity, to be counted. Past the first blocks few queries have such
-    values, and those few: each query's largest value in the block (one cheap reduction) picks the queries to look
-    at, and their values that matter are gathered one by one rather than sorting whole rows. Returns (touched
-    queries (t,) or None, their candidates (t, w) padded with -inf, counts (q,) of values >= nearest or None).
+    list, being above the query's bound (q,) (its floor and the last value its list needs), or, when nearest (q,) is
+    given, if it is at least the query's nearest same-class similarity, to be counted. Past the first blocks few
+    queries have such values, and few of theirs: each query's largest value in the block (one cheap reduction) tells
+    which queries to look at, and their values that matter are gathered one by one rather than sorting whole rows.
+    Returns (touched queries (t,) or None, their candidates (t, w <= m) padded with -inf, counts (q,) of values >=
+    nearest or None).
     """
-    threshold = torch.maximum(floor, top[:, -1])  # (q,)
+    threshold = bound  # (q,)
     if nearest is not None:
         threshold = torch.minimum(threshold, torch.nextafter(nearest, nearest.new_tensor(-math.inf)))
-    touched = (sims.amax(dim=0 if columns else 1) > threshold).nonzero()[:, 0]  # (t,) queries with a value that matters
+    dim = 0 if columns else 1  # along which a query's values lie
+    touched = (sims.amax(dim) > threshold).nonzero()[:, 0]  # (t,) the queries with a value that matters
     if len(touched) == 0:
         return None, None, None
-    if columns:
-        rows = sims.index_select(1, touched).T.contiguous()  # (t, b)
-    else:
-        rows = sims if len(touched) == len(threshold) else sims.index_select(0, touched)  # (t, c)
-    above = rows > threshold[touched, None]  # (t, w) at least one value per row
+    if len(touched) < len(threshold):
+        sims = sims.index_select(1 - dim, touched)  # (b, t) or (t, c)
+    shape = (1, -1) if columns else (-1, 1)
+    above = sims > threshold[touched].view(shape)
     beaten = None if nearest is None else torch.zeros_like(threshold, dtype=torch.int32)
-    if 8 * int(above.sum(dtype=torch.int32)) > rows.numel():  # most values take part: take each row's m largest
+    if 8 * int(above.sum(dtype=torch.int32)) > sims.numel():  # most values take part: take each one's m largest
         if beaten is not None:
-            beaten[touched] = (rows >= nearest[touched, None]).sum(1, dtype=torch.int32)
-        return touched, rows.topk(min(top.size(1), rows.size(1)), dim=1).values, beaten
-    flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in rows of the values that matter, row by row
-    values = rows.view(-1)[flat]
-    owner = flat // rows.size(1)  # (E,) the row each value belongs to
+            beaten[touched] = (sims >= nearest[touched].view(shape)).sum(dim, dtype=torch.int32)
+        rows = sims.T.contiguous() if columns else sims  # (t, w)
+        return touched, rows.topk(min(m, rows.size(1)), dim=1).values, beaten
+    flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in the block of the values that matter
+    values = sims.view(-1)[flat]
+    owner = flat % sims.size(1) if columns else flat // sims.size(1)  # (E,) the touched query each belongs to
+    if columns:
+        owner, order = owner.sort(stable=True)
+        values = values[order]
     if beaten is not None:
         beaten.index_add_(0, touched[owner], (values >= nearest[touched[owner]]).int())
-    counts = torch.bincount(owner, minlength=len(touched))  # (t,) every row has one at least
+    counts = torch.bincount(owner, minlength=len(touched))  # (t,) one at least each
     slot = torch.arange(len(owner), device=sims.device) - (counts.cumsum(0) - counts)[owner]
     candidates = sims.new_full((len(touched), int(counts.max())), -math.inf)
     candidates[owner, slot] = values
@@ -585,8 +590,11 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
         floor = torch.where(has_r, torch.nextafter(least, -inf), inf)  # other-class values at or below never count
         nearest = torch.where(has_r, positives[:, 0], inf)  # (n,) the most similar of the class
         count = max(ranks) > m  # Recall@K for K <= m comes from the lists
+        # of each list only the first R values, and max(ranks) if Recall@K comes from it, need be exact: a value below
+        # them moves no same-class item that counts, so it need not enter
+        last = (r if count else r.clamp(min=max(ranks))).clamp(min=1) - 1  # (n,) index of the last value needed
         beating = torch.zeros(n, dtype=torch.int32, device=device)  # other-class items >= nearest, per query
-        top = queries.new_full((n, m), -math.inf)  # (n, m) each query's m largest other-class similarities
+        top = queries.new_full((n, m), -math.inf)  # (n, m) each query's largest other-class similarities, exact to last
 
         def split(size):
             """Chunks (start, end) of side rows covering range(size)."""
@@ -600,9 +608,9 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
         def update(i, sims, columns):
             """Fold a block into the state of chunk i, whose queries are its rows or its columns."""
             lo, hi = chunks[i]
-            # top may be older than the other thread's latest merge: a lower m-th value, so still a safe bound
-            touched, candidates, beaten = entering(top[lo:hi], sims, floor[lo:hi], nearest[lo:hi] if count else None,
-                                                   columns)
+            # top may be older than the other thread's latest merge: a lower value at last, so still a safe bound
+            bound = torch.maximum(floor[lo:hi], top[lo:hi].gather(1, last[lo:hi, None])[:, 0])
+            touched, candidates, beaten = entering(sims, bound, nearest[lo:hi] if count else None, m, columns)
             with locks[i]:
                 if beaten is not None:
                     beating[lo:hi] += beaten
@@ -624,7 +632,7 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
         list(pool.map(block, pairs))
 
     j = torch.arange(1, m + 1, device=device)  # (m,)
-    # other-class items at least as similar as each same-class one: exact up to m, which is all that matters
+    # other-class items at least as similar as each same-class one: exact up to last, which is all that matters
     before = m - torch.searchsorted(top.flip(1).contiguous(), positives, side='left')  # (n, m)
     position = j + before  # (n, m) rank of the j-th same-class item
     within_r = (j <= r[:, None]) & (position <= r[:, None])  # (n, m)

@@ -207,7 +207,8 @@ def main():
     """Generate the features of each case, measure both methods and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--cases', default='sop,inshop,large', help='comma-separated cases: sop (all-vs-all), inshop, large (queries against a gallery)')
+    parser.add_argument('--cases', default='sop,inshop,large',
+                        help='comma-separated cases: sop (all-vs-all), inshop, large (queries against a gallery)')
     parser.add_argument('--num_images', default=60502, type=int, help='sop: N rows (SOP test set: 60,502)')
     parser.add_argument('--dim', default=512, type=int, help='sop: D, the feature dimension')
     parser.add_argument('--spread', default=2.15, type=float, help='sop: noise around the class centres')

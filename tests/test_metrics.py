@@ -1,5 +1,7 @@
 """Recall@K, MAP@R and R-Precision against brute force, a hand-worked example with duplicates, and PML."""
+import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+from conftest import ROOT
 from utils import UserError, recall, retrieval_metrics
 
 
@@ -321,3 +324,19 @@ def test_gallery_metrics_match_pytorch_metric_learning(sizes, query_share, seed)
     n, lone = len(query_labels), torch.isin(query_labels, gallery_labels, invert=True).sum().item()
     assert lone > 0 and 0 < reference['precision_at_1'] < 1
     assert got['recall@1'] * n == pytest.approx(reference['precision_at_1'] * (n - lone), abs=1e-6)
+
+
+def test_the_benchmarks_faiss_baseline_matches_brute_force():
+    """benchmarks/eval_speed.py's faiss baseline, on its own generated data, with and without a gallery."""
+    spec = importlib.util.spec_from_file_location('eval_speed', os.path.join(ROOT, 'benchmarks', 'eval_speed.py'))
+    eval_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_speed)
+    ranks = [1, 2, 4, 8]
+    queries, query_labels, gallery, gallery_labels = eval_speed.make_gallery(60, 300, 20, 80, 8, 1.0, seed=0)
+    expected = brute_force_gallery(queries, query_labels, gallery, gallery_labels, ranks)
+    assert 0 < expected['recall@1'] < expected['recall@8'] < 1
+    assert eval_speed.faiss_metrics(queries, query_labels, ranks, gallery, gallery_labels) == \
+        pytest.approx(expected, abs=1e-6)
+    features, labels = eval_speed.make_features(150, 8, 1.0, seed=0)
+    assert eval_speed.faiss_metrics(features, labels, ranks) == pytest.approx(brute_force(features, labels, ranks),
+                                                                              abs=1e-6)
