@@ -18,7 +18,6 @@ table of their own, without published figures.
 """
 import argparse
 import os
-import re
 import shlex
 import subprocess
 import sys
