@@ -142,6 +142,20 @@ def embed_gallery(folder, paths, model, model_path):
     return features
 
 
+def output_name(query_path, data_base):
+    """The query's folder name under results/: its file name without extension, as in the seed. Where the data base
+    holds other images of that name (In-shop's 01_1_front.jpg is in almost every item's folder), the names of the
+    folders above it come first, as many as make it unique: id_00000002_01_1_front."""
+    parts = os.path.normpath(os.path.splitext(query_path)[0]).split(os.sep)
+    others = {os.path.normpath(os.path.splitext(path)[0]) for key in ('test_images', 'gallery_images', 'train_images')
+              for path in data_base.get(key, ())} - {os.path.normpath(os.path.splitext(query_path)[0])}
+    for depth in range(1, len(parts) + 1):
+        tail = parts[-depth:]
+        if not any(other.split(os.sep)[-depth:] == tail for other in others):
+            return '_'.join(part for part in tail if part not in ('', '.', '..'))
+    return '_'.join(part for part in parts if part not in ('', '.', '..'))
+
+
 def framed(path, correct=None, border=True):
     """The image at `path` as 224 x 224 RGB; results get a border: green if correct, red if wrong, else grey."""
     image = to_pil_image(read_image(path)).resize((224, 224), Image.BILINEAR)
@@ -210,7 +224,7 @@ def main():
         raise UserError(f'--gallery {args.gallery} holds no image other than the query; add images to search')
     top = similarities.topk(num)
 
-    name = os.path.splitext(os.path.basename(query_path))[0]
+    name = output_name(query_path, data_base)
     results = []
     for rank, (similarity, position) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
         correct = None if query_label is None else labels[position].item() == query_label

@@ -338,7 +338,10 @@ def test_inshop_query_ranks_the_gallery(script, inshop_run, query_from):
     query_label = 0 if query_from == 'query' else 1
     hits = sum(labels[i] == query_label for i in order)
     assert f'wrote the query and its {len(order)} nearest images, {hits} of the same class' in out
-    found = results_of(run / 'results' / os.path.splitext(os.path.basename(query))[0])
+    # every item has the same file names: the folder is named by the item too, so queries never overwrite each other
+    item, stem = query.split(os.sep)[-2], os.path.splitext(os.path.basename(query))[0]
+    assert f'to results/{item}_{stem}/' in out
+    found = results_of(run / 'results' / f'{item}_{stem}')
     query_degree = 8.0 if query_from == 'query' else 20.0
     assert [rank for rank, _, _ in found] == list(range(1, len(order) + 1))
     for (rank, similarity, path), position in zip(found, order):
