@@ -65,7 +65,7 @@ def load_model(data_base, data_base_path, missing):
         raise UserError(f'{model_path} does not match the model data base {data_base_path} describes '
                         f'({args["backbone_type"]}, {args["feature_dim"]}-d); use the pair train.py wrote '
                         f'together') from None
-    return model.eval(), model_path
+    return model.to('cuda' if torch.cuda.is_available() else 'cpu').eval(), model_path  # a large --gallery: GPU
 
 
 @torch.inference_mode()
@@ -75,7 +75,8 @@ def embed_images(model, paths, bar=None, batch_size=32):
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for start in range(0, len(paths), batch_size):
             batch = list(pool.map(lambda path: test_transform()(read_image(path)), paths[start:start + batch_size]))
-            features.append(model.embed(torch.stack(batch)))  # (B, D)
+            device = next(model.parameters()).device
+            features.append(model.embed(torch.stack(batch).to(device)).float().cpu())  # (B, D)
             if bar is not None:
                 bar.update(len(batch))
     return torch.cat(features)
