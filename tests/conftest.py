@@ -156,6 +156,15 @@ def make_folder(data_path, name, classes, per_class=2, split=None, nested=False)
     return written
 
 
+def train_in(folder, *flags):
+    """Run train.py's main() in this process with these flags, in `folder` (its results/ go there)."""
+    from script_runner import load_script
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, 'argv', ['train.py', *map(str, flags)])
+        patch.chdir(folder)
+        load_script('train').main()
+
+
 def prepared_cub(tmp_path_factory, num_classes, per_class):
     """The path of a new folder holding a CUB-layout data set, prepared by data_utils.py."""
     import data_utils

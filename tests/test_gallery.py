@@ -1,7 +1,6 @@
 """test.py --gallery DIR: search a folder of one's own photos with a model trained on a labelled folder (issue 10)."""
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +11,8 @@ from PIL import Image
 import data_utils
 import model
 import utils
-from conftest import make_folder, write_image
-from script_runner import error_sentence, load_script, temporaries
+from conftest import make_folder, train_in, write_image
+from script_runner import error_sentence, temporaries
 
 PREFIX = 'pets_googlenet_proxy_anchor_16'
 EMBED = model.Model.embed
@@ -27,12 +26,8 @@ def trained(tmp_path_factory):
     make_folder(data, 'pets', ['black cat', 'dog', 'gold fish', 'tabby cat'])
     data_utils.prepare(data, 'pets', workers=1)
     run = tmp_path_factory.mktemp('run')
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, 'argv', ['train.py', '--data_path', data, '--data_name', 'pets', '--backbone_type',
-                                    'googlenet', '--no_pretrained', '--feature_dim', '16', '--batch_size', '4',
-                                    '--num_epochs', '1', '--num_workers', '0'])
-        patch.chdir(run)
-        load_script('train').main()
+    train_in(run, '--data_path', data, '--data_name', 'pets', '--backbone_type', 'googlenet', '--no_pretrained',
+             '--feature_dim', 16, '--batch_size', 4, '--num_epochs', 1, '--num_workers', 0)
     return run
 
 

@@ -13,23 +13,16 @@ from conftest import ROOT
 from utils import UserError, recall, retrieval_metrics
 
 
-def brute_force(features, labels, ranks):
-    """Every metric from the full cosine matrix with plain loops: per query, sort the others by similarity."""
-    features = np.asarray(features, dtype=np.float64)
-    features = features / np.linalg.norm(features, axis=1, keepdims=True)
-    labels = list(np.asarray(labels))
-    n = len(labels)
-    sims = features @ features.T
+def ranked_metrics(rankings, ranks):
+    """Every metric from each query's ranked relevance list (True where the item shares the query's class)."""
     hits_at = {k: 0 for k in ranks}
     average_precisions, r_precisions = [], []
-    for q in range(n):
-        others = sorted((j for j in range(n) if j != q), key=lambda j: -sims[q, j])
-        relevant = [labels[j] == labels[q] for j in others]
+    for relevant in rankings:
         for k in ranks:
             hits_at[k] += any(relevant[:k])
         r = sum(relevant)
         if r == 0:
-            continue  # no other item of the class: MAP@R and R-Precision are undefined for this query
+            continue  # no item of the class to find: MAP@R and R-Precision are undefined for this query
         found, precision_sum = 0, 0.0
         for position in range(1, r + 1):
             if relevant[position - 1]:
@@ -37,10 +30,24 @@ def brute_force(features, labels, ranks):
                 precision_sum += found / position
         average_precisions.append(precision_sum / r)
         r_precisions.append(found / r)
-    metrics = {f'recall@{k}': hits_at[k] / n for k in ranks}
+    metrics = {f'recall@{k}': hits_at[k] / len(rankings) for k in ranks}
     metrics['map@r'] = float(np.mean(average_precisions)) if average_precisions else math.nan
     metrics['r_precision'] = float(np.mean(r_precisions)) if r_precisions else math.nan
     return metrics
+
+
+def brute_force(features, labels, ranks):
+    """Every metric from the full cosine matrix with plain loops: per query, sort the others by similarity."""
+    features = np.asarray(features, dtype=np.float64)
+    features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    labels = list(np.asarray(labels))
+    n = len(labels)
+    sims = features @ features.T
+    rankings = []
+    for q in range(n):
+        others = sorted((j for j in range(n) if j != q), key=lambda j: -sims[q, j])
+        rankings.append([labels[j] == labels[q] for j in others])
+    return ranked_metrics(rankings, ranks)
 
 
 def clustered(n, num_classes, dim, spread, seed, sizes=None):
@@ -203,27 +210,11 @@ def brute_force_gallery(queries, query_labels, gallery, gallery_labels, ranks):
     sims = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ \
         (gallery / np.linalg.norm(gallery, axis=1, keepdims=True)).T
     query_labels, gallery_labels = list(np.asarray(query_labels)), list(np.asarray(gallery_labels))
-    hits_at = {k: 0 for k in ranks}
-    average_precisions, r_precisions = [], []
+    rankings = []
     for q, label in enumerate(query_labels):
         ranking = sorted(range(len(gallery_labels)), key=lambda j: (-sims[q, j], gallery_labels[j] == label))
-        relevant = [gallery_labels[j] == label for j in ranking]
-        for k in ranks:
-            hits_at[k] += any(relevant[:k])
-        r = sum(relevant)
-        if r == 0:
-            continue  # no gallery item of the class: MAP@R and R-Precision are undefined for this query
-        found, precision_sum = 0, 0.0
-        for position in range(1, r + 1):
-            if relevant[position - 1]:
-                found += 1
-                precision_sum += found / position
-        average_precisions.append(precision_sum / r)
-        r_precisions.append(found / r)
-    metrics = {f'recall@{k}': hits_at[k] / len(query_labels) for k in ranks}
-    metrics['map@r'] = float(np.mean(average_precisions)) if average_precisions else math.nan
-    metrics['r_precision'] = float(np.mean(r_precisions)) if r_precisions else math.nan
-    return metrics
+        rankings.append([gallery_labels[j] == label for j in ranking])
+    return ranked_metrics(rankings, ranks)
 
 
 def split_query_gallery(features, labels, query_share, seed, query_only=2, gallery_only=2):

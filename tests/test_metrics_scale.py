@@ -129,19 +129,24 @@ def test_gallery_block_sweep_matches_the_whole_matrix(case, ranks, query_share):
         assert_same(retrieval_metrics(*split[:2], ranks, *split[2:], chunk_bytes=4 * side * side), expected)
 
 
-def test_no_block_is_n_by_n(monkeypatch):
-    """Each thread's similarity block holds at most its share of chunk_bytes, and the blocks of the sweep cover the
-    upper triangle of the matrix once: each pair is computed once, serving both of its items."""
-    features, labels = data([4] * 100, 16, 1.0, seed=3)
-    n, side = len(labels), 50
-    shapes = []
-    original = utils.cosine_block
+def record_blocks(monkeypatch):
+    """Record the (rows, columns) of every similarity block utils.cosine_block computes from now on; returns the list."""
+    shapes, original = [], utils.cosine_block
 
     def recording(queries, items):
         shapes.append((len(queries), len(items)))
         return original(queries, items)
 
     monkeypatch.setattr(utils, 'cosine_block', recording)
+    return shapes
+
+
+def test_no_block_is_n_by_n(monkeypatch):
+    """Each thread's similarity block holds at most its share of chunk_bytes, and the blocks of the sweep cover the
+    upper triangle of the matrix once: each pair is computed once, serving both of its items."""
+    features, labels = data([4] * 100, 16, 1.0, seed=3)
+    n, side = len(labels), 50
+    shapes = record_blocks(monkeypatch)
     chunk_bytes = 4 * side * side * torch.get_num_threads()  # blocks of side x side, one per thread
     got = retrieval_metrics(features, labels, [1, 2, 4, 8], chunk_bytes=chunk_bytes)
     assert_same(got, reference(features, labels, [1, 2, 4, 8]))
@@ -161,14 +166,7 @@ def test_no_gallery_block_is_queries_by_gallery(monkeypatch):
         is_query = torch.arange(len(labels)) % 4 < per_class
         split = (features[order][is_query], labels[order][is_query], features[order][~is_query],
                  labels[order][~is_query])
-        shapes = []
-        original = utils.cosine_block
-
-        def recording(queries, items):
-            shapes.append((len(queries), len(items)))
-            return original(queries, items)
-
-        monkeypatch.setattr(utils, 'cosine_block', recording)
+        shapes = record_blocks(monkeypatch)
         got = retrieval_metrics(*split[:2], [1, 2, 4, 8], *split[2:], chunk_bytes=chunk_bytes)
         monkeypatch.undo()
         assert_same(got, reference(*split[:2], [1, 2, 4, 8], *split[2:]))

@@ -1,7 +1,6 @@
 """test.py retrieves for any image, embedding one outside the data base with the model saved beside it (issue 3)."""
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ from PIL import Image
 
 import data_utils
 import utils
-from conftest import make_cub
+from conftest import make_cub, train_in
 from model import Model
-from script_runner import error_sentence, load_script, temporaries
+from script_runner import error_sentence, temporaries
 
 PREFIX = 'cub_googlenet_proxy_anchor_16'
 DATA_BASE = f'{PREFIX}_1_data_base.pth'
@@ -26,12 +25,8 @@ def trained(tmp_path_factory):
     make_cub(data, num_classes=4, per_class=4)
     data_utils.prepare(data, 'cub', workers=1)
     run = tmp_path_factory.mktemp('run')
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, 'argv', ['train.py', '--data_path', data, '--data_name', 'cub', '--backbone_type',
-                                    'googlenet', '--no_pretrained', '--feature_dim', '16', '--batch_size', '4',
-                                    '--num_epochs', '1', '--num_workers', '0'])
-        patch.chdir(run)
-        load_script('train').main()
+    train_in(run, '--data_path', data, '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
+             '--feature_dim', 16, '--batch_size', 4, '--num_epochs', 1, '--num_workers', 0)
     assert (run / 'results' / DATA_BASE).exists() and (run / 'results' / f'{PREFIX}_1_model.pth').exists()
     return run
 
