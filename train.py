@@ -555,7 +555,6 @@ def main():
     """Train, evaluating and saving after every epoch."""
     args = get_args_parser().parse_args()
     ranks = check_args(args)
-    load_index(args.data_path, args.data_name, args.crop_type)  # an unprepared data set stops before any output
     device, rank, world = setup_device()
     try:
         with exclusive_run(prefix_of(args), rank, world):
@@ -575,13 +574,14 @@ def train(args, ranks, device, rank, world):
     if args.batch_size % world:
         raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, so it must be a '
                         f'multiple of {world}')
+    # an unprepared data set stops here, before anything is printed; In-shop and folders split that way evaluate
+    # queries against a gallery, and the test_* names then hold the queries
+    gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
         print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
     prefix = prefix_of(args)
     train_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, args.seed)
-    # In-shop and folders split that way evaluate queries against a gallery; the test_* names then hold the queries
-    gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
     test_data = ImageReader(args.data_path, args.data_name, 'query' if gallery else 'test', args.backbone_type,
                             args.crop_type)
     gallery_data = ImageReader(args.data_path, args.data_name, 'gallery', args.backbone_type, args.crop_type) \
