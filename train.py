@@ -137,10 +137,17 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------------------------------
 # several processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
 
-def set_cudnn(amp):
-    """cuDNN as the seed set it (deterministic, no autotuning), except in the --amp speed mode, which autotunes."""
+def set_kernels(amp):
+    """Fix for the whole run the kernel settings its figures depend on.
+
+    cuDNN as the seed set it (deterministic, no autotuning), except in the --amp speed mode, which autotunes. MKL
+    chooses a thread count per call until torch's is first set, and another count sums in another order: setting
+    it here makes the first epoch compute like the later ones (whose evaluation sets it) and a run in a process that
+    ran something before it compute like a fresh one.
+    """
     torch.backends.cudnn.deterministic = not amp
     torch.backends.cudnn.benchmark = amp
+    torch.set_num_threads(torch.get_num_threads())
 
 
 def setup_device():
@@ -298,7 +305,7 @@ def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     sampler = loader.batch_sampler
-    features = torch.zeros(sampler.size, args.feature_dim)  # (N, D)
+    features = torch.zeros(sampler.size, args.feature_dim, dtype=torch.float32)  # (N, D)
     total_loss, total_correct, total_num, start = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f'Train Epoch {epoch}/{args.num_epochs}', dynamic_ncols=True, disable=rank != 0)
     for step, ((images, labels), batch) in enumerate(zip(bar, sampler.global_batches()), 1):
@@ -570,7 +577,7 @@ def main():
 def train(args, ranks, device, rank, world):
     """The training run behind main()."""
     set_seed(args.seed)
-    set_cudnn(args.amp)
+    set_kernels(args.amp)
     if args.batch_size % world:
         raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, so it must be a '
                         f'multiple of {world}')

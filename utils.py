@@ -376,7 +376,7 @@ class ProxyAnchorLoss(nn.Module):
 
     def forward(self, cosines, labels):
         """Loss of a batch's (B, C) cosines against its (B,) labels, computed in float32."""
-        cosines = cosines.float()  # bf16/fp16 cosines lose too much inside exp(32 * .)
+        cosines = at_least_float32(cosines)  # bf16/fp16 cosines lose too much inside exp(32 * .)
         pos_mask = F.one_hot(labels, cosines.size(1)).bool()  # (B, C)
         with_pos = pos_mask.any(dim=0)  # (C,) the proxies P+ that have a positive in the batch
         pos_logits = (-self.scale * (cosines - self.margin)).masked_fill(~pos_mask, float('-inf'))
@@ -384,6 +384,11 @@ class ProxyAnchorLoss(nn.Module):
         pos_term = log1p_sum_exp(pos_logits)[with_pos].sum() / with_pos.sum()  # (C,) -> ()
         neg_term = log1p_sum_exp(neg_logits).sum() / cosines.size(1)
         return pos_term + neg_term
+
+
+def at_least_float32(x):
+    """x in float32 if it is in a narrower float type; float64 stays float64 (the golden run's reference)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def log1p_sum_exp(logits):
@@ -401,7 +406,7 @@ class NormalizedSoftmaxLoss(nn.Module):
 
     def forward(self, cosines, labels):
         """Loss of a batch's (B, C) cosines against its (B,) labels, computed in float32."""
-        return F.cross_entropy(self.scale * cosines.float(), labels)
+        return F.cross_entropy(self.scale * at_least_float32(cosines), labels)
 
 
 LOSSES = {'proxy_anchor': ProxyAnchorLoss, 'normalized_softmax': NormalizedSoftmaxLoss}

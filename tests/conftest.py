@@ -1,5 +1,6 @@
 """Fixtures that write small data sets in the exact raw layouts of the downloads (no download ever happens)."""
 import os
+import random
 import sys
 
 import numpy as np
@@ -103,6 +104,42 @@ class Pairs(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.images)
+
+
+def process_state():
+    """The process-wide settings and generators a computation in this process depends on."""
+    import utils
+    return {'threads': torch.get_num_threads(), 'onednn': torch.backends.mkldnn.enabled,
+            'cudnn': (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+            'deterministic': torch.are_deterministic_algorithms_enabled(),
+            'matmul': torch.get_float32_matmul_precision(), 'dtype': torch.get_default_dtype(),
+            'grad': torch.is_grad_enabled(), 'sizes': (utils.IMAGE_SIZE, utils.RESIZE_SIZE),
+            'rng': (torch.get_rng_state(), np.random.get_state(), random.getstate())}
+
+
+def set_process_state(state):
+    """Put back what process_state() read."""
+    import utils
+    torch.set_num_threads(state['threads'])
+    torch.backends.mkldnn.enabled = state['onednn']
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state['cudnn']
+    torch.use_deterministic_algorithms(state['deterministic'])
+    torch.set_float32_matmul_precision(state['matmul'])
+    torch.set_default_dtype(state['dtype'])
+    torch.set_grad_enabled(state['grad'])
+    utils.IMAGE_SIZE, utils.RESIZE_SIZE = state['sizes']
+    torch.set_rng_state(state['rng'][0])
+    np.random.set_state(state['rng'][1])
+    random.setstate(state['rng'][2])
+
+
+@pytest.fixture(autouse=True)
+def same_process_state():
+    """Whatever a test changes of the process-wide state is put back after it, so that no test computes differently
+    for what ran before it in this process (issue 14: a thread-count call left MKL in another mode)."""
+    state = process_state()
+    yield
+    set_process_state(state)
 
 
 @pytest.fixture

@@ -245,6 +245,6 @@ def test_googlenet_keeps_its_dropout_as_the_seed():
 @pytest.mark.parametrize('amp', [False, True])
 def test_cudnn_settings(amp):
     """The published recipe runs cuDNN deterministically without autotuning, as the seed; --amp autotunes."""
-    load_script('train').set_cudnn(amp)
+    load_script('train').set_kernels(amp)
     assert torch.backends.cudnn.deterministic is (not amp) and torch.backends.cudnn.benchmark is amp
-    load_script('train').set_cudnn(False)
+    load_script('train').set_kernels(False)

@@ -10,56 +10,14 @@ import torch
 from adamp import AdamP
 from PIL import Image
 
-from conftest import fast_epochs, make_cub, prepared_cub
+from conftest import fast_epochs, prepared_cub
 from script_runner import error_sentence, load_script
 from utils import ImageReader, ProxyAnchorLoss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOLDEN = os.path.join(HERE, 'data', 'default_run_statistics.csv')
-DEFAULT_RUN = ['--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', '8',
-               '--batch_size', '3', '--num_epochs', '3', '--warm_up', '1', '--num_workers', '0']
 DEFAULT_PREFIX = 'cub_googlenet_proxy_anchor_8'
 
 pytestmark = pytest.mark.usefixtures('without_onednn')  # see conftest.py: seconds per test saved
-
-
-def default_run(folder, *extra):
-    """train.py in-process on 4 classes x 4 CUB-layout images at 64-pixel crops, with the seed's recipe; returns
-    the statistics table. Batches of 3 out of 8 training images, so the last batch is partial."""
-    import data_utils
-    import utils
-    data_path = os.path.join(folder, 'data')
-    if not os.path.isdir(data_path):
-        make_cub(data_path, num_classes=4, per_class=4)
-        data_utils.prepare(data_path, 'cub', workers=1)
-    sizes = utils.IMAGE_SIZE, utils.RESIZE_SIZE
-    utils.IMAGE_SIZE, utils.RESIZE_SIZE = 64, 73
-    argv, cwd = sys.argv, os.getcwd()
-    try:
-        sys.argv = ['train.py', '--data_path', data_path, *DEFAULT_RUN, *extra]
-        os.chdir(folder)
-        with torch.backends.mkldnn.flags(enabled=False):
-            load_script('train').main()
-    finally:
-        sys.argv = argv
-        os.chdir(cwd)
-        utils.IMAGE_SIZE, utils.RESIZE_SIZE = sizes
-    return pd.read_csv(os.path.join(folder, 'results', f'{DEFAULT_PREFIX}_statistics.csv'), index_col='epoch')
-
-
-def test_defaults_reproduce_the_seed_recipe_run(tmp_path):
-    """With no new flag, train.py computes what it computed before the recipe became flags: the statistics CSV of
-    tests/data/default_run_statistics.csv, written on the same fixture by train.py as of commit 9baa799 (with the
-    later fix that keeps data loading off the global random generator), under the seed's output name."""
-    frame = default_run(str(tmp_path))
-    expected = pd.read_csv(GOLDEN, index_col='epoch')
-    assert list(frame.columns) == list(expected.columns) and list(frame.index) == [1, 2, 3]
-    pd.testing.assert_series_equal(frame['train_loss'], expected['train_loss'], rtol=1e-5, atol=0)
-    for column in expected.columns.drop('train_loss'):
-        assert frame[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-6), column
-    assert sorted(os.listdir(tmp_path / 'results')) == sorted(
-        f'{DEFAULT_PREFIX}_{name}' for name in ('3_data_base.pth', '3_model.pth', 'checkpoint.pth', 'statistics.csv',
-                                                'statistics.png'))  # and the run lock is gone
 
 
 @pytest.mark.parametrize('optimizer, kind, extra', [('adamp', AdamP, {}), ('adamw', torch.optim.AdamW, {}),
