@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import (CROP_TYPES, DATA_NAMES, UserError, atomic_path, atomic_save, image_extensions,
-                   image_files, index_path, remove_temporaries, run_main)
+from runtime import ArgumentParser, UserError, atomic_path, atomic_save, remove_temporaries, run_main
+from utils import CROP_TYPES, DATA_NAMES, image_extensions, image_files, index_path, one_of
 
 # what each data set's download looks like once extracted, and where to get it
 LAYOUTS = {
@@ -48,19 +48,20 @@ def inside(root, relative, source):
     return path
 
 
-def read_text_table(path, columns, root, data_name, header=False):
-    """Rows of a whitespace-separated annotation file, each split into exactly `columns` fields."""
+def read_text_table(path, columns, root, data_name, header_lines=0, what=None):
+    """(header lines, rows) of a whitespace-separated annotation file, each line split into fields; every row has
+    exactly `columns` fields (a malformed row is said as `what` they should be, if given)."""
     if not os.path.isfile(path):
         raise layout_error(root, data_name, path)
     with open(path, encoding='utf-8', errors='replace') as file:
         lines = [line.split() for line in file.read().splitlines() if line.strip()]
-    if header:
-        lines = lines[1:]
-    for number, fields in enumerate(lines, 2 if header else 1):
+    if len(lines) < header_lines:
+        raise UserError(f'{path} is malformed: it must start with {header_lines} header lines; download it again')
+    for number, fields in enumerate(lines[header_lines:], header_lines + 1):
         if len(fields) != columns:
-            raise UserError(f'{path} is malformed at line {number} (expected {columns} fields, found '
+            raise UserError(f'{path} is malformed at line {number} (expected {what or f"{columns} fields"}, found '
                             f'{len(fields)}); download the data set again')
-    return lines
+    return lines[:header_lines], lines[header_lines:]
 
 
 def to_number(text, path, kind=int):
@@ -94,7 +95,7 @@ def read_cub(root):
     """CUB-200-2011: [(source path, class id, (x1, y1, x2, y2))] from its text files; the split is by class."""
     def table(name, columns):
         path = os.path.join(root, name)
-        return path, read_text_table(path, columns, root, 'cub')
+        return path, read_text_table(path, columns, root, 'cub')[1]
 
     images_path, images = table('images.txt', 2)
     labels_path, labels = table('image_class_labels.txt', 2)
@@ -117,7 +118,7 @@ def read_sop(root):
     entries, test_classes = [], set()
     for split in ('train', 'test'):
         path = os.path.join(root, f'Ebay_{split}.txt')
-        for _, class_id, _, relative in read_text_table(path, 4, root, 'sop', header=True):
+        for _, class_id, _, relative in read_text_table(path, 4, root, 'sop', header_lines=1)[1]:
             class_id = to_number(class_id, path)
             entries.append((inside(root, relative, path), class_id, None))
             if split == 'test':
@@ -162,24 +163,21 @@ def read_inshop(root):
     repeat across items (01_1_front.jpg), so the prepared images keep their relative paths.
     """
     path = os.path.join(root, 'Eval', 'list_eval_partition.txt')
-    if not os.path.isfile(path):
-        raise layout_error(root, 'inshop', path)
-    with open(path, encoding='utf-8', errors='replace') as file:
-        lines = [line.split() for line in file.read().splitlines() if line.strip()]
-    if len(lines) < 2 or len(lines[0]) != 1:
+    statuses = ('train', 'query', 'gallery')
+    what = f'an image name, an item id and {one_of(statuses)}'
+    (count_line, _), rows = read_text_table(path, 3, root, 'inshop', header_lines=2, what=what)
+    if len(count_line) != 1:
         raise UserError(f'{path} is malformed: it must start with a count line and a header line; download it again')
-    count, rows = to_number(lines[0][0], path), lines[2:]
+    count = to_number(count_line[0], path)
     if count != len(rows):
         raise UserError(f'{path} is malformed: its first line counts {count} images but {len(rows)} rows follow; '
                         f'download it again')
     # Img/img.zip extracts to img/; kept inside Img/ or moved up beside Eval/
     images = os.path.join(root, 'Img') if os.path.isdir(os.path.join(root, 'Img', 'img')) else root
     entries = []
-    for number, fields in enumerate(rows, 3):
-        if len(fields) != 3 or fields[2] not in ('train', 'query', 'gallery'):
-            raise UserError(f'{path} is malformed at line {number} (expected an image name, an item id and train, '
-                            f'query or gallery); download it again')
-        relative, item, split = fields
+    for number, (relative, item, split) in enumerate(rows, 3):
+        if split not in statuses:
+            raise UserError(f'{path} is malformed at line {number} (expected {what}); download it again')
         source = inside(images, relative, path)
         entries.append((source, os.path.relpath(source, images), item, None, split))
     check_sources([source for source, *_ in entries], root, 'inshop')
@@ -236,7 +234,7 @@ def read_folder(root, data_name):
     """
     if not os.path.isdir(root):
         raise folder_error(root, f'there is no folder {root}: put your images there, or name one of the benchmarks '
-                                 f'{", ".join(DATA_NAMES)}')
+                                 f'{one_of(DATA_NAMES)}')
     entries = own_entries(root)
     folders = {name for name in entries if os.path.isdir(os.path.join(root, name))}
     skipped = defaultdict(list)
@@ -353,8 +351,8 @@ def make_demo(data_path, per_class=40):
 
 def get_args_parser():
     """The command-line flags of data_utils.py."""
-    parser = argparse.ArgumentParser(description='Prepare the data sets: RGB copies and a train/test index',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description='Prepare the data sets: RGB copies and a train/test index',
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
     parser.add_argument('--data_name', default=None,
                         help=f'dataset name: one of the benchmarks {", ".join(DATA_NAMES)}, or any folder of '
@@ -383,9 +381,9 @@ def main():
     else:
         names = [name for name in DATA_NAMES if os.path.isdir(os.path.join(args.data_path, name))]
         if not names:
-            raise UserError(f'no data set found under {args.data_path}: expected a folder car/, cub/, sop/ or '
-                            f'inshop/ there (see the README for each layout), or pass --data_path, or --data_name '
-                            f'for a folder of your own images')
+            raise UserError(f'no data set found under {args.data_path}: expected a folder '
+                            f'{one_of([f"{name}/" for name in DATA_NAMES])} there (see the README for each layout), '
+                            f'or pass --data_path, or --data_name for a folder of your own images')
     crop_types = CROP_TYPES if args.crop else CROP_TYPES[:1]
     for name in names:
         prepare(args.data_path, name, crop_types, args.workers)

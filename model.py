@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from utils import UserError
+from runtime import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BN_INCEPTION_URL = 'http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth'
@@ -258,9 +258,10 @@ class Model(nn.Module):
         embeddings = self.embed(images)  # (B, D)
         return embeddings, self.proxies(embeddings)  # (B, D), (B, C)
 
-    def head_parameters(self):
-        """Parameters trained during the warm-up, while the backbone is frozen."""
-        return list(self.embedding.parameters()) + list(self.proxies.parameters())
+    def parameter_groups(self):
+        """(backbone, head, proxies) parameters: the warm-up freezes the backbone and trains the embedding layer (the
+        head) and the proxies; the proxies have a learning rate of their own."""
+        return list(self.backbone.parameters()), list(self.embedding.parameters()), list(self.proxies.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def draw_structure(path):
     """Draw the network as a left-to-right block diagram into `path` (PNG)."""
     from matplotlib.patches import FancyBboxPatch
 
-    from utils import pyplot, save_figure
+    from runtime import pyplot, save_figure
     plt = pyplot()
     blocks = [('image\n3 x 224 x 224', '#e8e8e8'),
               ('backbone\nResNet-50,\nBN-Inception,\nGoogLeNet,\nViT-S/16 DINO,\nDINOv2 S | B,\nany timm model',

@@ -21,37 +21,46 @@ import os
 import shlex
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pandas as pd
 
 from model import check_backbone
-from utils import DATA_NAMES, ArgumentParser, UserError, atomic_path, index_path, pyplot, run_main, save_figure
+from runtime import ArgumentParser, UserError, atomic_path, pyplot, run_main, save_figure
+from utils import DATA_NAMES, index_path, one_of
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BACKBONES = ('resnet50', 'inception', 'googlenet')  # in the README's order
 BACKBONE_NAMES = {'resnet50': 'ResNet50', 'inception': 'Inception', 'googlenet': 'GoogLeNet'}
-DATA_TITLES = {'car': 'CARS196', 'cub': 'CUB200', 'sop': 'Stanford Online Products', 'inshop': 'In-shop Clothes'}
-RANKS = {'car': (1, 2, 4, 8), 'cub': (1, 2, 4, 8), 'sop': (1, 10, 100, 1000), 'inshop': (1, 10, 20, 30, 40)}
 DEFAULT_RANKS = (1, 2, 4, 8)  # train.py's --recalls
 LOSS, FEATURE_DIM = 'proxy_anchor', 512
 
-# published Recall@K (%) at RANKS[data]; None where the source gives no figure
-PUBLISHED = {
-    # the seed README
-    ('car', 'resnet50'): (87.0, 92.5, 95.6, 97.4),
-    ('car', 'inception'): (84.0, 90.5, 94.3, 96.6),
-    ('car', 'googlenet'): (78.8, 86.2, 91.5, 95.1),
-    ('cub', 'resnet50'): (70.0, 79.6, 86.9, 92.2),
-    ('cub', 'inception'): (66.7, 77.3, 85.7, 91.0),
-    ('cub', 'googlenet'): (62.5, 73.6, 82.8, 89.8),
-    # Proxy-Anchor (Kim et al., CVPR 2020), BN-Inception, 512-d; its R@10/100/1000 are not given at 512-d
-    ('sop', 'inception'): (79.1, None, None, None),
-    # the official Proxy-Anchor repository (tjddus9597/Proxy-Anchor-CVPR2020), BN-Inception, 512-d
-    ('inshop', 'inception'): (91.9, 98.1, 98.7, 99.0, 99.1),
+
+class Benchmark(NamedTuple):
+    """A benchmark's table: its title, the K of its Recall@K, where its published figures come from, and those
+    figures per backbone (Recall@K in %, None where the source gives none)."""
+    title: str
+    ranks: tuple
+    source: str
+    published: dict
+
+
+BENCHMARKS = {
+    'car': Benchmark('CARS196', (1, 2, 4, 8), 'the seed README', {
+        'resnet50': (87.0, 92.5, 95.6, 97.4), 'inception': (84.0, 90.5, 94.3, 96.6),
+        'googlenet': (78.8, 86.2, 91.5, 95.1)}),
+    'cub': Benchmark('CUB200', (1, 2, 4, 8), 'the seed README', {
+        'resnet50': (70.0, 79.6, 86.9, 92.2), 'inception': (66.7, 77.3, 85.7, 91.0),
+        'googlenet': (62.5, 73.6, 82.8, 89.8)}),
+    # its R@10/100/1000 are not given at 512-d
+    'sop': Benchmark('Stanford Online Products', (1, 10, 100, 1000),
+                     'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d; R@1 only',
+                     {'inception': (79.1, None, None, None)}),
+    'inshop': Benchmark('In-shop Clothes', (1, 10, 20, 30, 40),
+                        'the official Proxy-Anchor repository, BN-Inception 512-d',
+                        {'inception': (91.9, 98.1, 98.7, 99.0, 99.1)}),
 }
-SOURCES = {'car': 'the seed README', 'cub': 'the seed README',
-           'sop': 'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d; R@1 only',
-           'inshop': 'the official Proxy-Anchor repository, BN-Inception 512-d'}
+assert tuple(BENCHMARKS) == DATA_NAMES
 
 
 def run_name(data_path, data_name, backbone, seed, extra):
@@ -69,8 +78,9 @@ def present_data(data_path):
     """The data sets with a folder under data_path, in the README's order."""
     names = [name for name in DATA_NAMES if os.path.isdir(os.path.join(data_path, name))]
     if not names:
-        raise UserError(f'no data set found under {data_path}: expected a folder car/, cub/, sop/ or inshop/ there '
-                        f'(see the README for each layout), or pass --data_path')
+        folders = one_of([f'{name}/' for name in DATA_NAMES])
+        raise UserError(f'no data set found under {data_path}: expected a folder {folders} there (see the README for '
+                        f'each layout), or pass --data_path')
     return names
 
 
@@ -78,8 +88,9 @@ def train_flags(data_path, data_name, backbone, seed, extra):
     """train.py's flags for one run: everything else stays at the seed's defaults or as passed on in extra."""
     flags = ['--data_path', data_path, '--data_name', data_name, '--backbone_type', backbone, '--loss_name', LOSS,
              '--resume']
-    if RANKS.get(data_name, DEFAULT_RANKS) != DEFAULT_RANKS:
-        flags += ['--recalls', ','.join(map(str, RANKS[data_name]))]
+    ranks = BENCHMARKS[data_name].ranks if data_name in BENCHMARKS else DEFAULT_RANKS
+    if ranks != DEFAULT_RANKS:
+        flags += ['--recalls', ','.join(map(str, ranks))]
     if seed != 1:  # train.py's default: seed 1's command stays the seed's
         flags += ['--seed', str(seed)]
     return flags + list(extra)
@@ -115,8 +126,8 @@ def commands(data_path, extra, results='results', backbones=BACKBONES, seeds=(1,
                 flags = train_flags(data_path, data_name, backbone, seed, extra)
                 args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
                                                   'loss_name': LOSS, 'feature_dim': FEATURE_DIM, 'seed': seed}
-                if RANKS[data_name] != DEFAULT_RANKS:
-                    fixed['recalls'] = ','.join(map(str, RANKS[data_name]))
+                if BENCHMARKS[data_name].ranks != DEFAULT_RANKS:
+                    fixed['recalls'] = ','.join(map(str, BENCHMARKS[data_name].ranks))
                 for flag, value in fixed.items():
                     if getattr(args, flag) != value:
                         instead = ' from --seeds' if flag == 'seed' else ''
@@ -143,8 +154,8 @@ def final_epoch(path, data_name):
         return None
     last = frame.iloc[-1]  # the final epoch, never the best one
     row = {'epoch': int(frame.index[-1])}
-    ranks = RANKS.get(data_name) or [column[len('test_recall@'):] for column in frame.columns
-                                     if column.startswith('test_recall@')]
+    ranks = BENCHMARKS[data_name].ranks if data_name in BENCHMARKS else [
+        column[len('test_recall@'):] for column in frame.columns if column.startswith('test_recall@')]
     for key in [f'recall@{k}' for k in ranks] + ['map@r']:
         if f'test_{key}' in frame.columns and pd.notna(last[f'test_{key}']):
             row[key] = 100 * float(last[f'test_{key}'])
@@ -215,13 +226,14 @@ def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', ex
              'configuration with no finished run or a figure the source does not give. Written by '
              '`python reproduce.py --table`.', '']
     for data_name in DATA_NAMES:
-        ranks = RANKS[data_name]
-        lines += [f'## {DATA_TITLES[data_name]}', '', f'Published: {SOURCES[data_name]}.', '',
+        benchmark = BENCHMARKS[data_name]
+        ranks = benchmark.ranks
+        lines += [f'## {benchmark.title}', '', f'Published: {benchmark.source}.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
                   '|---|---|' + '---|' * (len(ranks) + 2)]
         for backbone in backbones:
             ours = reproduced(results, data_name, backbone, seeds, epochs, data_path, extra)
-            published = PUBLISHED.get((data_name, backbone), (None,) * len(ranks))
+            published = benchmark.published.get(backbone, (None,) * len(ranks))
             mine = [ours.get(f'recall@{k}') for k in ranks]
             difference = [None if a is None or b is None else a[0] - b for a, b in zip(mine, published)]
             name = BACKBONE_NAMES.get(backbone, backbone)
@@ -261,7 +273,7 @@ def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', e
         x, width = np.arange(len(backbones)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
             runs = [reproduced(results, data_name, b, seeds, epochs, data_path, extra) for b in backbones]
-            bars = [(-width / 2, [(PUBLISHED.get((data_name, b), (None,))[0], None) for b in backbones],
+            bars = [(-width / 2, [(BENCHMARKS[data_name].published.get(b, (None,))[0], None) for b in backbones],
                      published_colour, 'not published'),
                     (width / 2, [run.get('recall@1', (None, None)) for run in runs], reproduced_colour,
                      'not finished')]
@@ -281,7 +293,7 @@ def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', e
             axis.tick_params(axis='x', which='both', top=False, bottom=False)
             axis.set_xlim(-0.6, len(backbones) - 0.4)
             axis.set_ylim(0, 100)
-            axis.set_title(DATA_TITLES[data_name], fontsize=8)
+            axis.set_title(BENCHMARKS[data_name].title, fontsize=8)
         axes[0].set_ylabel('Recall@1 (%)')
         spread = 'mean ± sample std over finished seeds' if len(seeds) > 1 else 'final epoch'
         handles = [Patch(color=published_colour, label='published'),

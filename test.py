@@ -10,16 +10,17 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import to_pil_image
 from tqdm import tqdm
 
-from utils import (UserError, atomic_dir, atomic_save, image_files, pyplot, read_image, remove_temporaries, run_main,
-                   safe_load, test_transform)
+from runtime import (ArgumentParser, UserError, atomic_dir, atomic_save, pyplot, remove_temporaries, run_main,
+                     safe_load)
+from utils import image_files, load_data_base, read_image, searched_split, test_transform
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
 
 
 def get_args_parser():
     """The command-line flags of test.py; the seed's names and defaults are the public interface."""
-    parser = argparse.ArgumentParser(description='Show the images a trained model retrieves for a query',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description='Show the images a trained model retrieves for a query',
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg', type=str,
                         help='query image name: a test image of the data base, or any image file')
     parser.add_argument('--data_base', default='car_resnet50_proxy_anchor_512_20_data_base.pth', type=str,
@@ -187,12 +188,7 @@ def main():
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
     data_base_path = find_data_base(args.data_base)
-    data_base = safe_load(data_base_path, 'data base')
-    missing = {'test_images', 'test_labels', 'test_features', 'proxies', 'args'} - set(
-        data_base if isinstance(data_base, dict) else ())
-    if missing:
-        raise UserError(f'{data_base_path} is not a data base train.py wrote (it has no {", ".join(sorted(missing))}); '
-                        f'pass a results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth file')
+    data_base = load_data_base(data_base_path)
     if args.gallery is not None:  # a folder of photos without labels
         images = gallery_images(args.gallery)
         model, model_path = load_model(data_base, data_base_path, lambda model_path: (
@@ -200,8 +196,8 @@ def main():
             f'{model_path} was found; pass the data base of a train.py run'))
         split, features, labels = None, embed_gallery(args.gallery, images, model, model_path), None
     else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
-        model, split = None, 'gallery' if 'gallery_features' in data_base else 'test'
-        images, labels, features = (data_base[f'{split}_{key}'] for key in ('images', 'labels', 'features'))
+        model = None
+        split, images, labels, features = searched_split(data_base)
     index = find_query(args.query_img_name, images)
     # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
     known = None if index is not None or split == 'test' else find_query(args.query_img_name, data_base['test_images'])

@@ -3,20 +3,15 @@
 One GPU or the CPU: `python train.py ...`; several GPUs: `torchrun --nproc_per_node N train.py ...`.
 """
 import argparse
-import contextlib
-import fcntl
 import os
-import random
 import re
-import socket
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from adamp import AdamP
 import torch.nn.functional as F
+from adamp import AdamP
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import StepLR
@@ -24,15 +19,21 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from model import BACKBONES, TIMM_PREFIX, Model, backbone_file_name, check_backbone
-from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ArgumentParser, ImageReader, NormalizedSoftmaxLoss,
-                   ProxyAnchorLoss, UserError, atomic_path, atomic_save, load_index, parse_ranks, pyplot,
-                   remove_temporaries, retrieval_metrics, run_main, safe_load, save_figure, set_seed, umask)
+from runtime import (ArgumentParser, UserError, atomic_path, atomic_save, exclusive_run, gather, gather_shards,
+                     pyplot, remove_temporaries, rng_state, run_main, safe_load, save_figure, set_kernels,
+                     set_rng_state, set_seed, setup_device, unwrap)
+from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, load_index, make_data_base, parse_ranks,
+                   retrieval_metrics)
 
-# flags that change what a run computes: a resumed run must use the same ones
-RECIPE_FLAGS = ('data_name', 'crop_type', 'backbone_type', 'feature_dim', 'no_pretrained', 'loss_name', 'scale',
-                'margin', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma', 'batch_size', 'warm_up',
-                'seed', 'amp', 'val_fraction')
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
+BASE, NAMED = 'in every run name', 'names the run off its default'  # the two kinds of recipe flags
+
+
+def recipe(action, kind=NAMED):
+    """Mark a flag as changing what a run computes: --resume refuses another value, and off its default it names
+    the run (_<flag><value>) unless it is one of the name's base parts (data, backbone, loss, dimension)."""
+    action.recipe = kind
+    return action
 
 
 def default_workers():
@@ -45,64 +46,91 @@ def get_args_parser():
     """The command-line flags of train.py; the seed's names and defaults are the public interface."""
     parser = ArgumentParser(description='Train a proxy-based deep metric learning model',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # data
-    parser.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
-    parser.add_argument('--data_name', default='car', type=str,
-                        help=f'dataset name: {", ".join(DATA_NAMES)}, or any other folder prepared by data_utils.py')
-    parser.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
-                        help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)')
-    parser.add_argument('--cache_images', action='store_true',
-                        help='decode every image once into memory (3 x H x W bytes each, per process), so that '
-                             'epochs after the first only crop, resize and flip: several times faster input')
-    # model
-    parser.add_argument('--backbone_type', default='resnet50', type=check_backbone,
-                        help=f'backbone network type: {", ".join(BACKBONES)}, or {TIMM_PREFIX}<name> for any timm '
-                             f'model')
-    parser.add_argument('--feature_dim', default=512, type=int, help='feature dim')
-    parser.add_argument('--no_pretrained', action='store_true',
-                        help='start the backbone from random weights instead of its pretrained ones (offline runs)')
-    # loss
-    parser.add_argument('--loss_name', default='proxy_anchor', type=str, choices=list(LOSSES), help='loss name')
-    parser.add_argument('--scale', default=32.0, type=float, help="the loss's scale s (both losses)")
-    parser.add_argument('--margin', default=0.1, type=float, help='the margin m of Proxy-Anchor (that loss only)')
-    # optimisation
-    parser.add_argument('--optimizer', default='adamp', type=str, choices=list(OPTIMIZERS),
-                        help='AdamP, AdamW, or SGD with momentum 0.9')
-    parser.add_argument('--lr', default=1e-4, type=float,
-                        help='learning rate of the backbone and the embedding layer')
-    parser.add_argument('--proxy_lr', default=1e-2, type=float, help='learning rate of the proxies')
-    parser.add_argument('--weight_decay', default=0.0, type=float, help='weight decay of every parameter')
-    parser.add_argument('--lr_step', default=5, type=int, help='epochs between two learning-rate decays')
-    parser.add_argument('--lr_gamma', default=0.5, type=float, help='factor of each learning-rate decay')
-    parser.add_argument('--batch_size', default=64, type=int, help='training batch size (over all GPUs)')
-    parser.add_argument('--num_epochs', default=20, type=int, help='training epoch number')
-    parser.add_argument('--warm_up', default=2, type=int, help='warm up number: epochs with a frozen backbone')
-    parser.add_argument('--seed', default=1, type=int, help='random seed')
-    parser.add_argument('--amp', action='store_true',
-                        help='speed mode: bf16 autocast and channels_last on CUDA, and cuDNN picks its fastest '
-                             'kernels (cudnn.benchmark on, deterministic off); without it cuDNN is deterministic, as '
-                             'in the published recipe')
-    parser.add_argument('--num_workers', default=default_workers(), type=int,
-                        help='data loading processes per training process: min(8, cores / processes on this machine)')
-    parser.add_argument('--resume', action='store_true',
-                        help="continue this configuration's interrupted run from results/<name>_checkpoint.pth")
-    # evaluation
-    parser.add_argument('--recalls', default='1,2,4,8', type=str,
-                        help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at 1,10,100,1000, '
-                             'In-shop at 1,10,20,30,40); a K above the number of other test images retrieves them all')
-    parser.add_argument('--val_fraction', default=0.0, type=float,
-                        help='hold out this fraction of the training classes (the last ones by class id) as a '
-                             'validation set, evaluated every epoch like the test set; 0: none, as in the seed')
-    # naming
-    parser.add_argument('--run_name', default=None, type=str,
-                        help='appended to the output names (letters, digits, ".", "-", "_"), to tell apart runs the '
-                             'flags do not')
+    data = parser.add_argument_group('data')
+    data.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
+    recipe(data.add_argument('--data_name', default='car', type=str, help=f'dataset name: {", ".join(DATA_NAMES)}, '
+                                                                          f'or any other folder prepared by '
+                                                                          f'data_utils.py'), BASE)
+    recipe(data.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
+                             help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)'))
+    data.add_argument('--cache_images', action='store_true',
+                      help='decode every image once into memory (3 x H x W bytes each, per process), so that epochs '
+                           'after the first only crop, resize and flip: several times faster input')
+    model = parser.add_argument_group('model')
+    recipe(model.add_argument('--backbone_type', default='resnet50', type=check_backbone,
+                              help=f'backbone network type: {", ".join(BACKBONES)}, or {TIMM_PREFIX}<name> for any '
+                                   f'timm model'), BASE)
+    recipe(model.add_argument('--feature_dim', default=512, type=int, help='feature dim'), BASE)
+    recipe(model.add_argument('--no_pretrained', action='store_true',
+                              help='start the backbone from random weights instead of its pretrained ones (offline '
+                                   'runs)'))
+    loss = parser.add_argument_group('loss')
+    recipe(loss.add_argument('--loss_name', default='proxy_anchor', type=str, choices=list(LOSSES), help='loss name'),
+           BASE)
+    for flag, (hyper, losses) in loss_flags().items():
+        action = loss.add_argument(f'--{flag}', default=hyper.default, type=type(hyper.default),
+                                   help=f'{hyper.help} ({", ".join(losses)})')
+        if hyper.names_run:
+            recipe(action)
+    optimisation = parser.add_argument_group('optimisation')
+    recipe(optimisation.add_argument('--optimizer', default='adamp', type=str, choices=list(OPTIMIZERS),
+                                     help='AdamP, AdamW, or SGD with momentum 0.9'))
+    recipe(optimisation.add_argument('--lr', default=1e-4, type=float,
+                                     help='learning rate of the backbone and the embedding layer'))
+    recipe(optimisation.add_argument('--proxy_lr', default=1e-2, type=float, help='learning rate of the proxies'))
+    recipe(optimisation.add_argument('--weight_decay', default=0.0, type=float,
+                                     help='weight decay of every parameter'))
+    recipe(optimisation.add_argument('--lr_step', default=5, type=int, help='epochs between two learning-rate decays'))
+    recipe(optimisation.add_argument('--lr_gamma', default=0.5, type=float, help='factor of each learning-rate decay'))
+    recipe(optimisation.add_argument('--batch_size', default=64, type=int,
+                                     help='training batch size (over all GPUs)'))
+    # raising --num_epochs continues a run, so it is no recipe flag
+    optimisation.add_argument('--num_epochs', default=20, type=int, help='training epoch number')
+    recipe(optimisation.add_argument('--warm_up', default=2, type=int,
+                                     help='warm up number: epochs with a frozen backbone'))
+    recipe(optimisation.add_argument('--seed', default=1, type=int, help='random seed'))
+    recipe(optimisation.add_argument('--amp', action='store_true',
+                                     help='speed mode: bf16 autocast and channels_last on CUDA, and cuDNN picks its '
+                                          'fastest kernels (cudnn.benchmark on, deterministic off); without it cuDNN '
+                                          'is deterministic, as in the published recipe'))
+    run = parser.add_argument_group('running')
+    run.add_argument('--num_workers', default=default_workers(), type=int,
+                     help='data loading processes per training process: min(8, cores / processes on this machine)')
+    run.add_argument('--resume', action='store_true',
+                     help="continue this configuration's interrupted run from results/<name>_checkpoint.pth")
+    evaluation = parser.add_argument_group('evaluation')
+    evaluation.add_argument('--recalls', default='1,2,4,8', type=str,
+                            help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at '
+                                 '1,10,100,1000, In-shop at 1,10,20,30,40); a K above the number of other test images '
+                                 'retrieves them all')
+    recipe(evaluation.add_argument('--val_fraction', default=0.0, type=float,
+                                   help='hold out this fraction of the training classes (the last ones by class id) '
+                                        'as a validation set, evaluated every epoch like the test set; 0: none, as '
+                                        'in the seed'))
+    run.add_argument('--run_name', default=None, type=str,
+                     help='appended to the output names (letters, digits, ".", "-", "_"), to tell apart runs the '
+                          'flags do not')
     return parser
 
 
-# flags whose non-default values name a run, in --help's order: runs of other settings never share files
-NAMED_FLAGS = ('scale', 'margin', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma', 'seed',
-               'val_fraction')
+def loss_flags():
+    """{flag: (hyper-parameter, the losses that take it)} over LOSSES, in their order."""
+    flags = {}
+    for loss_name, entry in LOSSES.items():
+        for flag, hyper in entry.hyper.items():
+            if flag in flags and flags[flag][0] != hyper:
+                raise ValueError(f'--{flag} is declared twice with different defaults or ranges in LOSSES')
+            flags.setdefault(flag, (hyper, []))[1].append(loss_name)
+    return flags
+
+
+def flags_of(*kinds):
+    """train.py's flags of these recipe kinds, in --help's order."""
+    return tuple(action.dest for action in get_args_parser()._actions if getattr(action, 'recipe', None) in kinds)
+
+
+RECIPE_FLAGS = flags_of(BASE, NAMED)  # --resume refuses a checkpoint trained with other values
+NAMED_FLAGS = flags_of(NAMED)  # off their defaults they name the run, so runs of other settings never share files
 
 
 def check_args(args):
@@ -111,19 +139,24 @@ def check_args(args):
                       ('lr_step', 1)):
         if getattr(args, flag) < low:
             raise UserError(f'--{flag} must be at least {low}, not {getattr(args, flag)}')
-    for flag in ('scale', 'lr', 'proxy_lr'):
+    for flag in ('lr', 'proxy_lr'):
         if not getattr(args, flag) > 0:  # also refuses nan
             raise UserError(f'--{flag} must be positive, not {getattr(args, flag)}')
     if not 0 < args.lr_gamma <= 1:
         raise UserError(f'--lr_gamma must lie in (0, 1] (1 keeps the learning rate constant), not {args.lr_gamma}')
     if not args.weight_decay >= 0:
         raise UserError(f'--weight_decay must be 0 or more, not {args.weight_decay}')
-    if not args.margin >= 0:
-        raise UserError(f'--margin must be 0 or more, not {args.margin}')
     if not 0 <= args.val_fraction < 1:
         raise UserError(f'--val_fraction must lie in [0, 1), not {args.val_fraction}')
-    if args.loss_name != 'proxy_anchor' and args.margin != get_args_parser().get_default('margin'):
-        raise UserError(f'--margin is a parameter of the proxy_anchor loss only, not of {args.loss_name}; leave it out')
+    for flag, (hyper, losses) in loss_flags().items():
+        value = getattr(args, flag)
+        if not (value >= hyper.low if hyper.low_included else value > hyper.low):  # also refuses nan
+            bound = ('positive' if hyper.low == 0 else f'above {hyper.low}') if not hyper.low_included else \
+                f'{hyper.low:g} or more'
+            raise UserError(f'--{flag} must be {bound}, not {value}')
+        if args.loss_name not in losses and value != hyper.default:
+            raise UserError(f'--{flag} is a parameter of the {" and ".join(losses)} loss{"es" * (len(losses) > 1)} '
+                            f'only, not of {args.loss_name}; leave it out')
     if args.run_name is not None:
         if not re.fullmatch(r'[A-Za-z0-9._-]+', args.run_name):
             raise UserError(f'--run_name may hold only letters, digits, ".", "-" and "_" (it becomes part of file '
@@ -135,77 +168,176 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# several processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
 
-def set_kernels(amp):
-    """Fix for the whole run the kernel settings its figures depend on.
-
-    cuDNN as the seed set it (deterministic, no autotuning), except in the --amp speed mode, which autotunes. MKL
-    chooses a thread count per call until torch's is first set, and another count sums in another order: setting
-    it here makes the first epoch compute like the later ones (whose evaluation sets it) and a run in a process that
-    ran something before it compute like a fresh one.
-    """
-    torch.backends.cudnn.deterministic = not amp
-    torch.backends.cudnn.benchmark = amp
-    torch.set_num_threads(torch.get_num_threads())
-
-
-def setup_device():
-    """(device, rank, world size), joining the process group when started by torchrun."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
-    if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
-    if world > 1:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return device, rank, world
+def main():
+    """Train, evaluating and saving after every epoch."""
+    args = get_args_parser().parse_args()
+    ranks = check_args(args)
+    device, rank, world = setup_device()
+    try:
+        with exclusive_run(prefix_of(args), rank, world):
+            train(args, ranks, device, rank, world)
+    except torch.OutOfMemoryError:
+        raise UserError(f'{device} ran out of memory with --batch_size {args.batch_size}; try a smaller one, such '
+                        f'as --batch_size {max(1, args.batch_size // 2)}, or add --amp') from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-class GatherLayer(torch.autograd.Function):
-    """all_gather along dim 0 that sends each rank the summed gradient of its own slice."""
+def train(args, ranks, device, rank, world):
+    """The training run behind main(): the splits, the model and its recipe, a resumed state, then per epoch one
+    pass over the training set, the evaluation and the epoch's files."""
+    set_seed(args.seed)
+    set_kernels(args.amp)
+    if args.batch_size % world:
+        raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, so it must be a '
+                        f'multiple of {world}')
+    splits = load_splits(args, rank)
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
+        print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
+    sampler = GlobalBatches(len(splits['train']), args.batch_size, rank, world, args.seed)
+    # the loader draws its workers' base seed from a generator of its own, not from the global one that dropout
+    # draws from: a new loader iterator each epoch (--num_workers 0) or one for the run (persistent workers) then
+    # leaves the training identical
+    train_loader = DataLoader(splits['train'], batch_sampler=sampler, num_workers=args.num_workers,
+                              pin_memory=device.type == 'cuda', persistent_workers=args.num_workers > 0,
+                              multiprocessing_context=worker_context(splits['train'], args.num_workers),
+                              generator=torch.Generator().manual_seed(args.seed))
+    model = Model(args.backbone_type, args.feature_dim, splits['train'].num_classes, not args.no_pretrained).to(device)
+    if args.amp:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = make_optimizer(model, args)
+    loss_criterion = make_loss(args)
+    evaluated = [split for split in ('test', 'val') if split in splits]
+    columns = ['train_loss', 'train_accuracy'] + [f'{split}_{metric}' for split in evaluated for metric in
+                                                  [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']]
+    start_epoch, statistics = resume(args, model, optimizer, scheduler, columns, rank)
 
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)  # (W * B, ...)
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank computed the same global loss: sum their gradients
-        size = grad.size(0) // dist.get_world_size()
-        return grad[dist.get_rank() * size:(dist.get_rank() + 1) * size]
+    ddp_model, trainable = model, None
+    for epoch in range(start_epoch, args.num_epochs + 1):
+        if trainable is not (epoch > args.warm_up):
+            trainable = epoch > args.warm_up
+            set_backbone_trainable(model, trainable)
+            if world > 1:  # DDP registers the parameters that need gradients when it wraps the model
+                ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        sampler.set_epoch(epoch)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        stats, train_features = train_one_epoch(ddp_model, train_loader, loss_criterion, optimizer, autocast, device,
+                                                epoch, args, rank)
+        eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
+        features = {split: embed(model, data, eval_batch, args.num_workers, device, args.amp, rank, world)
+                    for split, data in splits.items() if split != 'train'}
+        features['train'] = train_features
+        scheduler.step()
+        if rank == 0:
+            statistics['train_loss'].append(stats['loss'])
+            statistics['train_accuracy'].append(stats['accuracy'])
+            report(evaluate(splits, features, ranks), statistics, stats, epoch, args, device)
+            save_epoch(args, epoch, model, optimizer, scheduler, statistics, splits, features)
 
 
-def gather(x):
-    """Concatenate a tensor over all ranks (itself when not distributed); differentiable."""
-    return GatherLayer.apply(x) if dist.is_initialized() else x
+def load_splits(args, rank):
+    """{'train', 'test' (the queries of a query/gallery data set), and 'gallery' or 'val' if any: ImageReader}.
+
+    An unprepared data set stops here, before anything is printed. In-shop and folders split that way evaluate
+    queries against a gallery."""
+    gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
+    read = lambda split, **kwargs: ImageReader(args.data_path, args.data_name, split, args.backbone_type,  # noqa
+                                               args.crop_type, **kwargs)
+    splits = {'train': read('train', seed=args.seed), 'test': read('query' if gallery else 'test')}
+    if gallery:
+        splits['gallery'] = read('gallery')
+    if args.val_fraction > 0:
+        splits['val'] = hold_out(splits['train'], args)
+    if args.cache_images:  # before any DataLoader worker starts, so that all of them share the decoded images
+        start = time.perf_counter()
+        caches = [data.cache_images() for data in splits.values()]
+        if rank == 0:
+            print(f'decoded {sum(map(len, caches))} images into memory ({sum(c.nbytes for c in caches) / 2 ** 30:.1f}'
+                  f' GiB) in {time.perf_counter() - start:.0f} s')
+    if args.batch_size > len(splits['train']):
+        raise UserError(f'--batch_size {args.batch_size} is larger than the {len(splits["train"])} training images of '
+                        f'{args.data_name}; use a smaller --batch_size')
+    return splits
 
 
-def unwrap(model):
-    """The Model inside a DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def resume(args, model, optimizer, scheduler, columns, rank):
+    """(first epoch, statistics so far): those of this configuration's checkpoint with --resume, else (1, empty)."""
+    prefix = prefix_of(args)
+    checkpoint_path = f'results/{prefix}_checkpoint.pth'
+    if rank == 0:  # what a run of this configuration killed mid-write left behind
+        remove_temporaries('results', f'{prefix}_')
+    if args.resume and os.path.exists(checkpoint_path):
+        checkpoint = load_checkpoint(checkpoint_path, args)
+        model.load_state_dict(checkpoint['model'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        set_rng_state(checkpoint['rng'])
+        if rank == 0:
+            print(f'resuming {checkpoint_path} after epoch {checkpoint["epoch"]}')
+        return checkpoint['epoch'] + 1, {column: checkpoint['statistics'][column] for column in columns}
+    if args.resume:
+        renamed_run(args)
+    if rank == 0:
+        if args.resume:
+            print(f'no checkpoint at {checkpoint_path}, so training starts at epoch 1')
+        elif os.path.exists(checkpoint_path):
+            print(f'{checkpoint_path} holds an earlier run, which this one replaces after its first epoch; '
+                  f'stop now and add --resume to continue that run instead')
+    return 1, {column: [] for column in columns}
 
 
-def batch_loss(model, images, labels, loss_criterion):
-    """Loss of the global batch: embeddings and labels are gathered over all ranks before the loss.
+def evaluate(splits, features, ranks):
+    """{split: metrics} for the test set (its queries against the gallery, if any) and the validation split."""
+    gallery = {'gallery_features': features['gallery'], 'gallery_labels': torch.tensor(splits['gallery'].labels)} \
+        if 'gallery' in splits else {}
+    return {split: retrieval_metrics(features[split], torch.tensor(splits[split].labels), ranks,
+                                     **(gallery if split == 'test' else {}))
+            for split in ('val', 'test') if split in splits}  # validation first: the test line ends the report
 
-    Proxy-Anchor's terms average over the proxies with positives in the batch, so the loss is only the
-    single-GPU loss when it sees the whole batch. Rows labelled PADDING (a rank's share of the last, partial batch
-    filled up to the others' length) are left out. Returns (loss, global embeddings, their cosines, their labels).
-    """
-    embeddings, cosines = model(images)  # (B, D), (B, C)
-    if dist.is_initialized():
-        labels, embeddings = gather(labels), gather(embeddings)  # (W * B,), (W * B, D)
-        keep = labels != PADDING
-        labels, embeddings = labels[keep], embeddings[keep]
-        cosines = unwrap(model).proxies(embeddings)  # (B_global, C)
-    return loss_criterion(cosines, labels), embeddings, cosines, labels
 
+def report(metrics, statistics, stats, epoch, args, device):
+    """Append an epoch's metrics to the statistics and print them, one line per split."""
+    memory = (f', peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
+              if device.type == 'cuda' else '')
+    for split, values in metrics.items():
+        for metric, value in values.items():
+            statistics[f'{split}_{metric}'].append(value)
+        ranks = [metric[len('recall@'):] for metric in values if metric.startswith('recall@')]
+        print(f'{split.capitalize()} Epoch {epoch}/{args.num_epochs} '
+              + ' '.join(f'R@{k}:{100 * values[f"recall@{k}"]:.2f}%' for k in ranks)
+              + f' MAP@R:{100 * values["map@r"]:.2f}% RP:{100 * values["r_precision"]:.2f}%'
+              + (f' | train {stats["images_per_second"]:.1f} images/s{memory}' if split == 'test' else ''))
+
+
+def save_epoch(args, epoch, model, optimizer, scheduler, statistics, splits, features):
+    """The epoch's statistics, model, data base and checkpoint, each written whole; the previous epoch's model and
+    data base go."""
+    prefix = prefix_of(args)
+    save_statistics(statistics, prefix)
+    weights = model.state_dict()
+    atomic_save(weights, f'results/{prefix}_{epoch}_model.pth')
+    proxies = F.normalize(model.proxies.weight.detach().cpu(), dim=-1)
+    atomic_save(make_data_base(args, epoch, {split: splits[split] for split in ('train', 'test', 'gallery')
+                                             if split in splits}, features, proxies),
+                f'results/{prefix}_{epoch}_data_base.pth')
+    # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
+    atomic_save({'model': weights, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                 'epoch': epoch, 'args': vars(args), 'rng': rng_state(), 'statistics': statistics},
+                f'results/{prefix}_checkpoint.pth')
+    for kind in ('model', 'data_base'):
+        if epoch > 1 and os.path.exists(f'results/{prefix}_{epoch - 1}_{kind}.pth'):
+            os.remove(f'results/{prefix}_{epoch - 1}_{kind}.pth')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one epoch: global batches dealt to the ranks, the loss over the gathered batch, the data sets' embeddings
 
 PADDING = -1  # the label of a padding row
 
@@ -248,48 +380,20 @@ class GlobalBatches(Sampler):
         return -(-self.size // self.batch_size)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# one epoch of training, and evaluation
+def batch_loss(model, images, labels, loss_criterion):
+    """Loss of the global batch: embeddings and labels are gathered over all ranks before the loss.
 
-class ChannelsLastAdamP(AdamP):
-    """AdamP that also steps channels_last weights (--amp): its per-channel views become reshapes.
-
-    AdamP flattens each weight with .view(), which channels_last strides do not allow; .reshape() gives the same
-    values (a copy only for channels_last), so the update is AdamP's exactly.
+    Proxy-Anchor's terms average over the proxies with positives in the batch, so the loss is only the
+    single-GPU loss when it sees the whole batch. Rows labelled PADDING (a rank's share of the last, partial batch
+    filled up to the others' length) are left out. Returns (loss, global embeddings, their cosines, their labels).
     """
-
-    def _channel_view(self, x):
-        return x.reshape(x.size(0), -1)
-
-    def _layer_view(self, x):
-        return x.reshape(1, -1)
-
-
-def make_optimizer(model, args):
-    """The optimizer over two groups, the proxies at --proxy_lr and every other parameter at --lr, and its StepLR."""
-    proxies = list(model.proxies.parameters())
-    others = [p for p in model.parameters() if all(p is not q for q in proxies)]
-    groups = [{'params': others}, {'params': proxies, 'lr': args.proxy_lr}]
-    if args.optimizer == 'adamp':  # the seed's: AdamP's defaults otherwise (betas 0.9/0.999, eps 1e-8)
-        optimizer = ChannelsLastAdamP(groups, lr=args.lr, weight_decay=args.weight_decay)
-    elif args.optimizer == 'adamw':
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    return optimizer, StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
-
-
-def make_loss(args):
-    """The loss with --scale (and --margin for Proxy-Anchor)."""
-    if args.loss_name == 'proxy_anchor':
-        return ProxyAnchorLoss(scale=args.scale, margin=args.margin)
-    return NormalizedSoftmaxLoss(scale=args.scale)
-
-
-def set_backbone_trainable(model, trainable):
-    """Freeze or unfreeze the backbone (the warm-up trains only the embedding layer and the proxies)."""
-    for parameter in model.backbone.parameters():
-        parameter.requires_grad_(trainable)
+    embeddings, cosines = model(images)  # (B, D), (B, C)
+    if dist.is_initialized():
+        labels, embeddings = gather(labels), gather(embeddings)  # (W * B,), (W * B, D)
+        keep = labels != PADDING
+        labels, embeddings = labels[keep], embeddings[keep]
+        cosines = unwrap(model).proxies(embeddings)  # (B_global, C)
+    return loss_criterion(cosines, labels), embeddings, cosines, labels
 
 
 def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device, epoch, args, rank):
@@ -358,37 +462,130 @@ def embed(model, dataset, batch_size, num_workers, device, amp, rank, world):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             features.append(unwrap(model).embed(images).float())
     features = torch.cat(features)  # (N / W, D)
-    if world > 1:
-        rows = -(-len(dataset) // world)
-        padded = features.new_zeros(rows, features.size(1))
-        padded[:len(features)] = features
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        features = features.new_empty(len(dataset), features.size(1))
-        for r, part in enumerate(parts):
-            features[r::world] = part[:len(range(r, len(dataset), world))]
-    return features.cpu()
+    return (gather_shards(features, len(dataset)) if world > 1 else features).cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# outputs: every file is written to a temporary name and renamed into place
+# the recipe: optimizer, loss, warm-up, validation split
 
-def rng_state():
-    """The random generators' states, in a form torch.load(weights_only=True) accepts."""
-    key, state, position, has_gauss, gauss = np.random.get_state()
-    return {'python': random.getstate(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'numpy': [key, torch.from_numpy(state.astype(np.int64)), position, has_gauss, gauss]}
+class ChannelsLastAdamP(AdamP):
+    """AdamP that also steps channels_last weights (--amp): its per-channel views become reshapes.
+
+    AdamP flattens each weight with .view(), which channels_last strides do not allow; .reshape() gives the same
+    values (a copy only for channels_last), so the update is AdamP's exactly.
+    """
+
+    def _channel_view(self, x):
+        return x.reshape(x.size(0), -1)
+
+    def _layer_view(self, x):
+        return x.reshape(1, -1)
 
 
-def set_rng_state(state):
-    """Restore what rng_state() saved."""
-    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    key, array, position, has_gauss, gauss = state['numpy']
-    np.random.set_state((key, array.numpy().astype(np.uint32), position, has_gauss, gauss))
+def make_optimizer(model, args):
+    """The optimizer over two groups, the proxies at --proxy_lr and the backbone and the head at --lr, and its
+    StepLR."""
+    backbone, head, proxies = model.parameter_groups()
+    groups = [{'params': backbone + head}, {'params': proxies, 'lr': args.proxy_lr}]
+    if args.optimizer == 'adamp':  # the seed's: AdamP's defaults otherwise (betas 0.9/0.999, eps 1e-8)
+        optimizer = ChannelsLastAdamP(groups, lr=args.lr, weight_decay=args.weight_decay)
+    elif args.optimizer == 'adamw':
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return optimizer, StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
+
+
+def make_loss(args):
+    """The --loss_name loss of LOSSES, with its hyper-parameters' flags."""
+    entry = LOSSES[args.loss_name]
+    return entry.build(**{flag: getattr(args, flag) for flag in entry.hyper})
+
+
+def set_backbone_trainable(model, trainable):
+    """Freeze or unfreeze the backbone (the warm-up trains only the embedding layer and the proxies)."""
+    for parameter in model.parameter_groups()[0]:
+        parameter.requires_grad_(trainable)
+
+
+def hold_out(train_data, args):
+    """Move the last --val_fraction of the training classes (by class id) out of train_data into a validation set,
+    which is embedded without augmentation like the test set; returns it."""
+    classes = train_data.num_classes
+    held = round(args.val_fraction * classes)
+    if held < 2 or classes - held < 2:
+        raise UserError(f'--val_fraction {args.val_fraction} of the {classes} training classes of {args.data_name} '
+                        f'holds out {held} and trains on {classes - held}, but each side needs at least 2 classes; '
+                        f'choose a fraction between {2 / classes:.3g} and {1 - 2 / classes:.3g}')
+    val_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, augment=False)
+    val_data.keep_classes(classes - held, classes)
+    train_data.keep_classes(0, classes - held)
+    return val_data
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# outputs: run names, checkpoints, statistics
+
+def flag_value(value):
+    """A flag's value as a run name shows it: 0.2, 1e-05, 64 for 64.0, 2, adamw; distinct values stay distinct."""
+    if isinstance(value, float):
+        return f'{value:g}' if float(f'{value:g}') == value else repr(value)
+    return str(value)
+
+
+def prefix_of(args, named_flags=None):
+    """The name every output of this run starts with: the seed's car_resnet50_proxy_anchor_512, then _<flag><value>
+    (_<flag> for a switch) for each of NAMED_FLAGS off its default (car_resnet50_proxy_anchor_512_margin0.2_seed2),
+    then _<--run_name>."""
+    name = f'{args.data_name}_{backbone_file_name(args.backbone_type)}_{args.loss_name}_{args.feature_dim}'
+    parser = get_args_parser()
+    for flag in NAMED_FLAGS if named_flags is None else named_flags:
+        value = getattr(args, flag, parser.get_default(flag))
+        if value != parser.get_default(flag):
+            name += f'_{flag}' + ('' if value is True else flag_value(value))
+    if getattr(args, 'run_name', None):
+        name += f'_{args.run_name}'
+    return name
+
+
+# the flags that named runs before every recipe flag did: such a run's files may still carry that name
+OLD_NAMED_FLAGS = ('scale', 'margin', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma', 'seed',
+                   'val_fraction')
+
+
+def renamed_run(args):
+    """A UserError if this run's checkpoint lies under the name it had before --crop_type, --no_pretrained,
+    --batch_size, --warm_up and --amp named runs: --resume says how to rename its files."""
+    old, new = prefix_of(args, OLD_NAMED_FLAGS), prefix_of(args)
+    path = f'results/{old}_checkpoint.pth'
+    if old == new or not os.path.isfile(path):
+        return
+    saved = safe_load(path, 'checkpoint').get('args', {})
+    parser = get_args_parser()
+    if all(saved.get(flag, parser.get_default(flag)) == getattr(args, flag) for flag in RECIPE_FLAGS):
+        raise UserError(f'this run was written as {old} before every recipe flag named runs; to resume it, rename its '
+                        f'files: for f in results/{old}_*; do mv "$f" "results/{new}${{f#results/{old}}}"; done')
+
+
+def load_checkpoint(path, args):
+    """The checkpoint of an interrupted run of the same configuration."""
+    checkpoint = safe_load(path, 'checkpoint')
+    missing = {'model', 'optimizer', 'scheduler', 'epoch', 'args', 'rng', 'statistics'} - set(
+        checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        raise UserError(f'{path} is not a checkpoint train.py wrote (it has no {", ".join(sorted(missing))}); move '
+                        f'it away and start afresh without --resume')
+    parser = get_args_parser()
+    for flag in RECIPE_FLAGS:
+        # a checkpoint from before a flag existed was trained with the flag's default
+        saved = checkpoint['args'].get(flag, parser.get_default(flag))
+        if saved != getattr(args, flag):
+            raise UserError(f'{path} was trained with --{flag} {saved}, not {getattr(args, flag)}; resume with the '
+                            f'same flags or start afresh without --resume')
+    if checkpoint['epoch'] >= args.num_epochs:
+        raise UserError(f'{path} already finished epoch {checkpoint["epoch"]} of {args.num_epochs}; raise '
+                        f'--num_epochs to train longer')
+    return checkpoint
 
 
 def save_statistics(statistics, prefix):
@@ -428,275 +625,6 @@ def plot_statistics(frame, path):
             axis.xaxis.get_major_locator().set_params(integer=True)
         figure.tight_layout(w_pad=2.5)
         save_figure(figure, path)
-
-
-def hold_out(train_data, args):
-    """Move the last --val_fraction of the training classes (by class id) out of train_data into a validation set,
-    which is embedded without augmentation like the test set; returns it."""
-    classes = train_data.num_classes
-    held = round(args.val_fraction * classes)
-    if held < 2 or classes - held < 2:
-        raise UserError(f'--val_fraction {args.val_fraction} of the {classes} training classes of {args.data_name} '
-                        f'holds out {held} and trains on {classes - held}, but each side needs at least 2 classes; '
-                        f'choose a fraction between {2 / classes:.3g} and {1 - 2 / classes:.3g}')
-    val_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, augment=False)
-    val_data.keep_classes(classes - held, classes)
-    train_data.keep_classes(0, classes - held)
-    return val_data
-
-
-def flag_value(value):
-    """A flag's value as a run name shows it: 0.2, 1e-05, 64 for 64.0, 2, adamw; distinct values stay distinct."""
-    if isinstance(value, float):
-        return f'{value:g}' if float(f'{value:g}') == value else repr(value)
-    return str(value)
-
-
-def prefix_of(args):
-    """The name every output of this run starts with: the seed's car_resnet50_proxy_anchor_512, then _<flag><value>
-    for each of NAMED_FLAGS off its default (car_resnet50_proxy_anchor_512_margin0.2_seed2), then _<--run_name>."""
-    name = f'{args.data_name}_{backbone_file_name(args.backbone_type)}_{args.loss_name}_{args.feature_dim}'
-    parser = get_args_parser()
-    for flag in NAMED_FLAGS:
-        value = getattr(args, flag, parser.get_default(flag))
-        if value != parser.get_default(flag):
-            name += f'_{flag}{flag_value(value)}'
-    if getattr(args, 'run_name', None):
-        name += f'_{args.run_name}'
-    return name
-
-
-class RunLock:
-    """An exclusive lock on a run's name, so that two processes never train (and write) under it at once.
-
-    fcntl.flock: the kernel releases it when its holder dies, even by SIGKILL, so a crashed run never blocks the
-    next one. The file names its holder, for the refusal, and is removed on release.
-    """
-
-    def __init__(self, path):
-        self.path, self.fd, self.folder = path, None, os.path.dirname(path) or '.'
-        self.made_folder = False
-
-    def acquire(self):
-        """Take the lock; returns None, or a description of the process that holds it."""
-        self.made_folder = not os.path.isdir(self.folder)
-        os.makedirs(self.folder, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 1000).decode(errors='replace').strip() or 'a process starting up'
-                os.close(fd)
-                return holder
-            try:  # the holder may have removed the file between our open and our lock: then lock the new one
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}'
-                 .encode())
-        self.fd = fd
-        return None
-
-    def release(self):
-        """Remove the file, then drop the lock; a folder made for it and left empty (a run that failed at once) goes
-        too, so that such a run leaves nothing behind."""
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path)
-        os.close(self.fd)
-        self.fd = None
-        if self.made_folder:
-            with contextlib.suppress(OSError):  # not empty: the run wrote its outputs there
-                os.rmdir(self.folder)
-
-
-@contextlib.contextmanager
-def exclusive_run(prefix, rank, world):
-    """Hold results/.<prefix>.lock for the block; a run of the same name already running is one UserError.
-
-    Rank 0 holds the lock for the whole torchrun job and tells the other ranks whether it got it.
-    """
-    lock = RunLock(os.path.join('results', f'.{prefix}.lock')) if rank == 0 else None
-    holder = lock.acquire() if lock else None
-    if world > 1:
-        shared = [holder]
-        dist.broadcast_object_list(shared, src=0)
-        holder = shared[0]
-    if holder is not None:
-        raise UserError(f'another process ({holder}) is training {prefix} right now, and two runs under one name '
-                        f'would mix their files; wait for it to end, or tell this run apart with --run_name')
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def load_checkpoint(path, args):
-    """The checkpoint of an interrupted run of the same configuration."""
-    checkpoint = safe_load(path, 'checkpoint')
-    missing = {'model', 'optimizer', 'scheduler', 'epoch', 'args', 'rng', 'statistics'} - set(
-        checkpoint if isinstance(checkpoint, dict) else ())
-    if missing:
-        raise UserError(f'{path} is not a checkpoint train.py wrote (it has no {", ".join(sorted(missing))}); move '
-                        f'it away and start afresh without --resume')
-    parser = get_args_parser()
-    for flag in RECIPE_FLAGS:
-        # a checkpoint from before a flag existed was trained with the flag's default
-        saved = checkpoint['args'].get(flag, parser.get_default(flag))
-        if saved != getattr(args, flag):
-            raise UserError(f'{path} was trained with --{flag} {saved}, not {getattr(args, flag)}; resume with the '
-                            f'same flags or start afresh without --resume')
-    if checkpoint['epoch'] >= args.num_epochs:
-        raise UserError(f'{path} already finished epoch {checkpoint["epoch"]} of {args.num_epochs}; raise '
-                        f'--num_epochs to train longer')
-    return checkpoint
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-
-def main():
-    """Train, evaluating and saving after every epoch."""
-    args = get_args_parser().parse_args()
-    ranks = check_args(args)
-    device, rank, world = setup_device()
-    try:
-        with exclusive_run(prefix_of(args), rank, world):
-            train(args, ranks, device, rank, world)
-    except torch.OutOfMemoryError:
-        raise UserError(f'{device} ran out of memory with --batch_size {args.batch_size}; try a smaller one, such '
-                        f'as --batch_size {max(1, args.batch_size // 2)}, or add --amp') from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train(args, ranks, device, rank, world):
-    """The training run behind main()."""
-    set_seed(args.seed)
-    set_kernels(args.amp)
-    if args.batch_size % world:
-        raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, so it must be a '
-                        f'multiple of {world}')
-    # an unprepared data set stops here, before anything is printed; In-shop and folders split that way evaluate
-    # queries against a gallery, and the test_* names then hold the queries
-    gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
-    if rank == 0:
-        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
-        print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
-    prefix = prefix_of(args)
-    train_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, args.seed)
-    test_data = ImageReader(args.data_path, args.data_name, 'query' if gallery else 'test', args.backbone_type,
-                            args.crop_type)
-    gallery_data = ImageReader(args.data_path, args.data_name, 'gallery', args.backbone_type, args.crop_type) \
-        if gallery else None
-    val_data = hold_out(train_data, args) if args.val_fraction > 0 else None
-    if args.cache_images:  # before any DataLoader worker starts, so that all of them share the decoded images
-        start = time.perf_counter()
-        caches = [data.cache_images() for data in (train_data, test_data, gallery_data, val_data) if data is not None]
-        if rank == 0:
-            print(f'decoded {sum(map(len, caches))} images into memory ({sum(c.nbytes for c in caches) / 2 ** 30:.1f}'
-                  f' GiB) in {time.perf_counter() - start:.0f} s')
-    if args.batch_size > len(train_data):
-        raise UserError(f'--batch_size {args.batch_size} is larger than the {len(train_data)} training images of '
-                        f'{args.data_name}; use a smaller --batch_size')
-    sampler = GlobalBatches(len(train_data), args.batch_size, rank, world, args.seed)
-    # the loader draws its workers' base seed from a generator of its own, not from the global one that dropout
-    # draws from: a new loader iterator each epoch (--num_workers 0) or one for the run (persistent workers) then
-    # leaves the training identical
-    train_loader = DataLoader(train_data, batch_sampler=sampler, num_workers=args.num_workers,
-                              pin_memory=device.type == 'cuda', persistent_workers=args.num_workers > 0,
-                              multiprocessing_context=worker_context(train_data, args.num_workers),
-                              generator=torch.Generator().manual_seed(args.seed))
-
-    model = Model(args.backbone_type, args.feature_dim, train_data.num_classes, not args.no_pretrained).to(device)
-    if args.amp:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = make_optimizer(model, args)
-    loss_criterion = make_loss(args)
-    evaluated = [('test', test_data)] + ([('val', val_data)] if val_data is not None else [])
-    columns = ['train_loss', 'train_accuracy'] + [f'{split}_{metric}' for split, _ in evaluated for metric in
-                                                  [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']]
-    statistics, start_epoch = {column: [] for column in columns}, 1
-    checkpoint_path = f'results/{prefix}_checkpoint.pth'
-    if rank == 0:  # what a run of this configuration killed mid-write left behind
-        remove_temporaries('results', f'{prefix}_')
-    if args.resume and os.path.exists(checkpoint_path):
-        checkpoint = load_checkpoint(checkpoint_path, args)
-        model.load_state_dict(checkpoint['model'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
-        statistics = {column: checkpoint['statistics'][column] for column in columns}
-        set_rng_state(checkpoint['rng'])
-        start_epoch = checkpoint['epoch'] + 1
-        if rank == 0:
-            print(f'resuming {checkpoint_path} after epoch {checkpoint["epoch"]}')
-    elif rank == 0:
-        if args.resume:
-            print(f'no checkpoint at {checkpoint_path}, so training starts at epoch 1')
-        elif os.path.exists(checkpoint_path):
-            print(f'{checkpoint_path} holds an earlier run, which this one replaces after its first epoch; '
-                  f'stop now and add --resume to continue that run instead')
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-
-    ddp_model, trainable = model, None
-    for epoch in range(start_epoch, args.num_epochs + 1):
-        if trainable is not (epoch > args.warm_up):
-            trainable = epoch > args.warm_up
-            set_backbone_trainable(model, trainable)
-            if world > 1:  # DDP registers the parameters that need gradients when it wraps the model
-                ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-        sampler.set_epoch(epoch)
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        stats, train_features = train_one_epoch(ddp_model, train_loader, loss_criterion, optimizer, autocast, device,
-                                                epoch, args, rank)
-        eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
-        features = {split: embed(model, data, eval_batch, args.num_workers, device, args.amp, rank, world)
-                    for split, data in (('test', test_data), ('gallery', gallery_data), ('val', val_data))
-                    if data is not None}
-        test_features = features['test']
-        scheduler.step()
-        if rank != 0:
-            continue
-        statistics['train_loss'].append(stats['loss'])
-        statistics['train_accuracy'].append(stats['accuracy'])
-        # each query of a query/gallery split ranks the gallery rather than the other queries
-        gallery_set = {'gallery_features': features['gallery'], 'gallery_labels': torch.tensor(gallery_data.labels)} \
-            if gallery else {}
-        memory = (f', peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
-                  if device.type == 'cuda' else '')
-        for split, data in reversed(evaluated):  # validation first: the test line ends the epoch's report
-            metrics = retrieval_metrics(features[split], torch.tensor(data.labels), ranks,
-                                        **(gallery_set if split == 'test' else {}))
-            for metric, value in metrics.items():
-                statistics[f'{split}_{metric}'].append(value)
-            print(f'{split.capitalize()} Epoch {epoch}/{args.num_epochs} '
-                  + ' '.join(f'R@{k}:{100 * metrics[f"recall@{k}"]:.2f}%' for k in ranks)
-                  + f' MAP@R:{100 * metrics["map@r"]:.2f}% RP:{100 * metrics["r_precision"]:.2f}%'
-                  + (f' | train {stats["images_per_second"]:.1f} images/s{memory}' if split == 'test' else ''))
-
-        save_statistics(statistics, prefix)
-        weights = model.state_dict()
-        atomic_save(weights, f'results/{prefix}_{epoch}_model.pth')
-        atomic_save({'test_images': test_data.images, 'test_labels': torch.tensor(test_data.labels),
-                     'test_features': test_features, 'train_images': train_data.images,
-                     'train_labels': torch.tensor(train_data.labels), 'train_features': train_features,
-                     'proxies': F.normalize(model.proxies.weight.detach().cpu(), dim=-1), 'args': vars(args),
-                     'epoch': epoch, **gallery_set, **({'gallery_images': gallery_data.images} if gallery else {})},
-                    f'results/{prefix}_{epoch}_data_base.pth')
-        # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
-        atomic_save({'model': weights, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                     'epoch': epoch, 'args': vars(args), 'rng': rng_state(), 'statistics': statistics},
-                    checkpoint_path)
-        for kind in ('model', 'data_base'):
-            if epoch > 1 and os.path.exists(f'results/{prefix}_{epoch - 1}_{kind}.pth'):
-                os.remove(f'results/{prefix}_{epoch - 1}_{kind}.pth')
 
 
 if __name__ == '__main__':

@@ -1,16 +1,11 @@
-"""Shared pieces: errors and safe file I/O, data reading and transforms, the two losses, retrieval metrics."""
-import argparse
+"""Data reading and transforms, the data base, the losses, and the retrieval metrics."""
 import bisect
 import contextlib
 import math
 import os
-import pickle
-import random
-import shutil
-import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,133 +15,16 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from runtime import UserError, safe_load
+
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
 CROP_TYPES = ('uncropped', 'cropped')
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# errors a user can cause, and files that are written whole or not at all
-
-class UserError(Exception):
-    """An error the user can fix: the scripts print its message as one sentence and exit non-zero."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (an unknown flag, a bad choice or number) are one UserError sentence, not its usage
-    text and exit status 2."""
-
-    def error(self, message):
-        raise UserError(f'{message}; see python {self.prog} --help')
-
-
-def run_main(main):
-    """Run a script's main(), turning a UserError into one sentence on stderr and exit status 1."""
-    try:
-        main()
-    except UserError as error:
-        message = str(error)
-        if '\nOriginal Traceback' in message:  # raised in a DataLoader worker, which prepends its traceback
-            message = message.rstrip().rsplit(f'{UserError.__name__}: ', 1)[-1]
-        sys.stderr.write(f'error: {message}\n')
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.stderr.write('interrupted\n')
-        sys.exit(130)
-
-
-def umask():
-    """This process's umask; reading it means setting it, so it is set straight back."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary file name beside `path`; it replaces `path` only if the block completes."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would hide results from the rest of a shared group
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a temporary folder beside `path`; it replaces the folder `path` only if the block completes."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    os.chmod(tmp, 0o777 & ~umask())  # not mkdtemp's 0700
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.', suffix='.old')
-            os.replace(path, os.path.join(old, 'previous'))
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def remove_temporaries(folder, prefix=''):
-    """Delete what atomic_path and atomic_dir left in `folder` for names starting with `prefix` when killed."""
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(folder):
-            if name.startswith(f'.{prefix}') and name.endswith(('.tmp', '.old')):
-                path = os.path.join(folder, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, with SciencePlots' 'science' styles registered."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    import scienceplots  # noqa: F401  registers the 'science' styles
-    return plt
-
-
-def save_figure(figure, path, dpi=150):
-    """Write a matplotlib figure as PNG through a temporary file, then close it."""
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format='png', dpi=dpi)
-    pyplot().close(figure)
-
-
-def atomic_save(obj, path):
-    """torch.save through a temporary file, so a crash never leaves a half-written `path`."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def safe_load(path, what='file'):
-    """torch.load with weights_only=True onto the CPU: tensors and plain containers only, never arbitrary code."""
-    if not os.path.isfile(path):
-        raise UserError(f'{what} {path} does not exist')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f'refused to load {what} {path}: it holds Python objects other than tensors and plain '
-                        f'containers, which could run code; only load files this project wrote') from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f'could not read {what} {path} ({type(error).__name__}); it may be truncated or not '
-                        f'a PyTorch file, so write it again') from None
+def one_of(names):
+    """'a, b, c or d': a list of names in a message."""
+    return ', '.join(names[:-1]) + f' or {names[-1]}' if len(names) > 1 else names[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -277,32 +155,10 @@ class ImageCache:
         return self.pixels.nbytes
 
 
-class SeededSampler(torch.utils.data.Sampler):
-    """Yields (index, epoch) so that an image's augmentation depends only on seed, epoch and index.
-
-    That makes a resumed run draw the same crops as an uninterrupted one, whatever the number of workers.
-    """
-
-    def __init__(self, sampler):
-        self.sampler, self.epoch = sampler, 0
-
-    def set_epoch(self, epoch):
-        """Select the shuffle order and augmentation seeds of one epoch."""
-        self.epoch = epoch
-        if hasattr(self.sampler, 'set_epoch'):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        return ((index, self.epoch) for index in self.sampler)
-
-    def __len__(self):
-        return len(self.sampler)
-
-
 class ImageReader(Dataset):
     """A prepared data set's train, test, query or gallery split as (uint8 image tensor (3, 224, 224), label) pairs.
 
-    Labels are 0..C-1 in class-id order. Given (index, epoch) by a SeededSampler, the augmentation is seeded
+    Labels are 0..C-1 in class-id order. Given (index, epoch) (train.py's GlobalBatches), the augmentation is seeded
     from (seed, epoch, index). `backbone_type` is accepted for the seed's interface: the per-backbone
     normalisation (ImageNet mean/std, or BN-Inception's BGR 0-255) is the model's first layer, run on the device.
     A query split and its gallery share their labels: a class has the same label in both.
@@ -360,6 +216,38 @@ class ImageReader(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the data base: what train.py writes after every epoch and test.py searches
+
+def make_data_base(args, epoch, splits, features, proxies):
+    """The data base of an epoch: each split's image paths, labels (a query split and its gallery share them) and
+    features (N, D), the (C, D) unit proxies, the run's flags and the epoch. `splits` and `features` map 'train',
+    'test' and, for a query/gallery data set, 'gallery' to an ImageReader and its features."""
+    data_base = {'proxies': proxies, 'args': vars(args), 'epoch': epoch}
+    for split, data in splits.items():
+        data_base.update({f'{split}_images': data.images, f'{split}_labels': torch.tensor(data.labels),
+                          f'{split}_features': features[split]})
+    return data_base
+
+
+def load_data_base(path):
+    """A data base train.py wrote; anything else is a UserError."""
+    data_base = safe_load(path, 'data base')
+    missing = {'test_images', 'test_labels', 'test_features', 'proxies', 'args'} - set(
+        data_base if isinstance(data_base, dict) else ())
+    if missing:
+        raise UserError(f'{path} is not a data base train.py wrote (it has no {", ".join(sorted(missing))}); pass a '
+                        f'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth file')
+    return data_base
+
+
+def searched_split(data_base):
+    """The split a query searches, and its images, labels and features: the gallery of a query/gallery data set
+    (In-shop), else the test set."""
+    split = 'gallery' if 'gallery_features' in data_base else 'test'
+    return split, *(data_base[f'{split}_{key}'] for key in ('images', 'labels', 'features'))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # losses: S is the (B, C) matrix of cosines between embeddings and proxies
 
 class ProxyAnchorLoss(nn.Module):
@@ -409,7 +297,29 @@ class NormalizedSoftmaxLoss(nn.Module):
         return F.cross_entropy(self.scale * at_least_float32(cosines), labels)
 
 
-LOSSES = {'proxy_anchor': ProxyAnchorLoss, 'normalized_softmax': NormalizedSoftmaxLoss}
+class HyperParameter(NamedTuple):
+    """A loss's hyper-parameter as train.py's flag of the same name: its default, the values it may take (above
+    `low`, or from `low` on when `low_included`), its help, and whether a value off the default names the run."""
+    default: float
+    low: float
+    low_included: bool
+    help: str
+    names_run: bool = True
+
+
+class LossEntry(NamedTuple):
+    """A loss train.py can train: its class, built with its hyper-parameters as keyword arguments and called on the
+    (B, C) cosines to the class proxies and the (B,) labels."""
+    build: type
+    hyper: dict
+
+
+SCALE = HyperParameter(32.0, 0.0, False, 'the scale s that multiplies the cosines')
+LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
+    'proxy_anchor': LossEntry(ProxyAnchorLoss, {'scale': SCALE, 'margin': HyperParameter(
+        0.1, 0.0, True, 'the margin m around each proxy')}),
+    'normalized_softmax': LossEntry(NormalizedSoftmaxLoss, {'scale': SCALE}),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -666,9 +576,3 @@ def parse_ranks(text):
         raise UserError(f'--recalls must be positive integers separated by commas, like 1,2,4,8, not {text!r}')
     return ranks
 
-
-def set_seed(seed):
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -43,7 +43,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from utils import UserError, run_main  # noqa: E402
+from runtime import UserError, run_main  # noqa: E402
 
 RANK_SETS = ('1,10,100,1000', '1,2,4,8')
 # name: (queries, gallery items, query classes, gallery classes, dimension, spread, ranks); see the docstring

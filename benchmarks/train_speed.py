@@ -47,7 +47,7 @@ def train_speed(model, batches, device, amp, warmup, steps):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
-    loss = LOSSES['proxy_anchor']()
+    loss = LOSSES['proxy_anchor'].build()
     # rank 1: train_one_epoch draws no progress bar
     train.train_one_epoch(model, (batches * warmup)[:warmup], loss, optimizer, autocast, device, 1, args, rank=1)
     stats = train.train_one_epoch(model, (batches * steps)[:steps], loss, optimizer, autocast, device, 1, args,

@@ -236,13 +236,13 @@ def script(capsys, monkeypatch):
     """script(name, *flags, cwd=...) -> (exit status, stdout, stderr) of `python <name>.py flags` run in cwd."""
     def run(name, *flags, cwd):
         from script_runner import load_script
-        import utils
+        import runtime
         module = load_script(name)
         monkeypatch.setattr(sys, 'argv', [f'{name}.py', *map(str, flags)])
         monkeypatch.chdir(cwd)
         capsys.readouterr()
         try:
-            utils.run_main(module.main)
+            runtime.run_main(module.main)
             status = 0
         except SystemExit as exit_:
             status = exit_.code

@@ -1,7 +1,7 @@
 """Run a top-level script's main() in this process as its command line would, and read what it printed.
 
 In-process runs skip the seconds of importing torch that a subprocess costs; they go through the same
-utils.run_main as `python <script>.py`, so an exception other than UserError still fails the test loudly.
+runtime.run_main as `python <script>.py`, so an exception other than UserError still fails the test loudly.
 """
 import importlib.util
 import os

@@ -35,7 +35,7 @@ def test_low_precision_cosines_give_the_float32_loss(loss_name, dtype, trained):
     """bf16 or fp16 cosines: a finite float32 loss within 1e-2 relative of the loss of the float32 cosines."""
     embeddings, proxies, labels = cosine_problem(trained)
     cosines = proxies(embeddings)  # (B, C) float32
-    loss = LOSSES[loss_name]()
+    loss = LOSSES[loss_name].build()
     expected = loss(cosines, labels)
     actual = loss(cosines.to(dtype), labels)
     assert actual.dtype == torch.float32 and torch.isfinite(actual)
@@ -48,7 +48,7 @@ def test_autocast_cosines_give_the_float32_loss_and_finite_gradients(loss_name, 
     """Cosines made by ProxyLinear under CPU autocast, as train.py --amp makes them: the float32 loss within 1e-2,
     and finite proxy gradients within 5% of float32's."""
     embeddings, proxies, labels = cosine_problem(0.5)
-    loss = LOSSES[loss_name]()
+    loss = LOSSES[loss_name].build()
     expected = loss(proxies(embeddings), labels)
     expected_grad, = torch.autograd.grad(expected, proxies.weight)
     with torch.autocast('cpu', dtype=dtype):
@@ -79,7 +79,7 @@ def test_train_one_epoch_with_amp_on_cpu():
     optimizer = train.ChannelsLastAdamP(model.parameters(), lr=1e-3)
     args = types.SimpleNamespace(amp=True, no_pretrained=True, num_epochs=1, feature_dim=16)
     loader = DataLoader(Pairs(images, labels), batch_sampler=train.GlobalBatches(8, 4, seed=1))
-    stats, features = train.train_one_epoch(model, loader, LOSSES['proxy_anchor'](), optimizer,
+    stats, features = train.train_one_epoch(model, loader, LOSSES['proxy_anchor'].build(), optimizer,
                                             lambda: torch.autocast('cpu', dtype=torch.bfloat16), torch.device('cpu'),
                                             1, args, rank=0)
     assert stats['loss'] > 0 and stats['images_per_second'] > 0

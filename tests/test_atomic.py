@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data_utils
+import runtime
 import utils
 from conftest import ROOT, make_cub, write_image
 from script_runner import temporaries
@@ -19,9 +20,9 @@ from script_runner import temporaries
 
 def write(folder, version):
     """One version of a 4 MB tensor file and of a 20,000-row CSV."""
-    utils.atomic_save({'version': version, 'values': torch.full((1_000_000,), float(version))},
+    runtime.atomic_save({'version': version, 'values': torch.full((1_000_000,), float(version))},
                       os.path.join(folder, 'big.pth'))
-    with utils.atomic_path(os.path.join(folder, 'table.csv')) as tmp:
+    with runtime.atomic_path(os.path.join(folder, 'table.csv')) as tmp:
         pd.DataFrame({'version': [version] * 20_000}).to_csv(tmp)
 
 
@@ -47,7 +48,7 @@ def test_sigkill_leaves_the_old_or_the_new_file_whole(tmp_path):
         versions.append(saved['version'])
         leftovers = temporaries(str(tmp_path))
         interrupted += bool(leftovers)
-        utils.remove_temporaries(str(tmp_path))
+        runtime.remove_temporaries(str(tmp_path))
         assert not temporaries(str(tmp_path))
     assert interrupted >= 3, 'too few kills landed mid-write for the test to mean anything'
     assert len(set(versions)) > 1
@@ -57,8 +58,8 @@ def test_outputs_keep_the_permissions_of_ordinary_files(tmp_path):
     """mkstemp makes 0600 files; outputs must honour the umask like any file the user writes (0644 under 022)."""
     old = os.umask(0o027)
     try:
-        utils.atomic_save({'x': torch.zeros(2)}, tmp_path / 'a.pth')
-        with utils.atomic_dir(tmp_path / 'folder') as folder:
+        runtime.atomic_save({'x': torch.zeros(2)}, tmp_path / 'a.pth')
+        with runtime.atomic_dir(tmp_path / 'folder') as folder:
             Image.new('RGB', (4, 4)).save(os.path.join(folder, 'b.jpg'))
     finally:
         os.umask(old)
@@ -67,9 +68,9 @@ def test_outputs_keep_the_permissions_of_ordinary_files(tmp_path):
 
 
 def test_failed_block_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    utils.atomic_save({'x': torch.ones(3)}, tmp_path / 'a.pth')
+    runtime.atomic_save({'x': torch.ones(3)}, tmp_path / 'a.pth')
     with pytest.raises(ZeroDivisionError):
-        with utils.atomic_path(tmp_path / 'a.pth') as tmp:
+        with runtime.atomic_path(tmp_path / 'a.pth') as tmp:
             with open(tmp, 'wb') as file:
                 file.write(b'half')
             1 / 0

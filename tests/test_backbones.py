@@ -100,8 +100,8 @@ def train_step(net, images, labels, amp):
         return torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp)
 
     loader = DataLoader(Pairs(images, labels), batch_sampler=train.GlobalBatches(len(images), len(images)))
-    train.train_one_epoch(net, loader, LOSSES['proxy_anchor'](), optimizer, autocast, torch.device('cpu'), 1, args,
-                          rank=0)
+    train.train_one_epoch(net, loader, LOSSES['proxy_anchor'].build(), optimizer, autocast, torch.device('cpu'), 1,
+                          args, rank=0)
 
 
 def snapshot(module):
@@ -273,14 +273,14 @@ def test_hub_reachable(monkeypatch):
 def test_vit_small_dino_trains_resumes_and_retrieves(script, tmp_path, prepared):
     """train.py --no_pretrained with vit_small_dino: an epoch of warm-up, then --resume for a second, then test.py on
     its data base, for a data base image and for an outside one."""
-    prefix = 'cub_vit_small_dino_proxy_anchor_8'
+    prefix = 'cub_vit_small_dino_proxy_anchor_8_no_pretrained_batch_size4_warm_up1'
     flags = ['--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'vit_small_dino', '--no_pretrained',
              '--feature_dim', '8', '--batch_size', '4', '--warm_up', '1', '--num_workers', '0']
     status, out, err = script('train', *flags, '--num_epochs', '1', cwd=tmp_path)
     assert status == 0, err
     status, out, err = script('train', *flags, '--num_epochs', '2', '--resume', cwd=tmp_path)
     assert status == 0, err
-    assert 'resuming results/cub_vit_small_dino_proxy_anchor_8_checkpoint.pth after epoch 1' in out
+    assert f'resuming results/{prefix}_checkpoint.pth after epoch 1' in out
     frame = pd.read_csv(tmp_path / 'results' / f'{prefix}_statistics.csv', index_col='epoch')
     assert list(frame.index) == [1, 2] and np.isfinite(frame.values).all()
     data_base = torch.load(tmp_path / 'results' / f'{prefix}_2_data_base.pth', weights_only=True)

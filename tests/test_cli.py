@@ -18,7 +18,7 @@ from model import Model
 from utils import read_image, retrieval_metrics
 from utils import test_transform as eval_transform  # aliased: pytest would collect a test_* name
 
-PREFIX = 'cub_googlenet_proxy_anchor_32'
+PREFIX = 'cub_googlenet_proxy_anchor_32_no_pretrained_batch_size4_warm_up1'
 DATA_BASE_KEYS = {'test_images', 'test_labels', 'test_features', 'train_images', 'train_labels', 'train_features',
                   'proxies'}
 GREEN, RED, GREY = (0, 160, 0), (220, 0, 0), (128, 128, 128)

@@ -13,7 +13,7 @@ import utils
 from conftest import make_inshop, make_folder, write_image
 from script_runner import error_sentence, load_script, temporaries
 
-PREFIX = 'inshop_googlenet_proxy_anchor_16'
+PREFIX = 'inshop_googlenet_proxy_anchor_16_no_pretrained_batch_size3'
 INSHOP_RANKS = [1, 10, 20, 30, 40]
 
 
@@ -170,8 +170,8 @@ def test_split_folders_are_used_as_given(tmp_path, splits):
 
 
 @pytest.mark.parametrize('layout, expected', [
-    ('no folder', 'there is no folder {root}: put your images there, or name one of the benchmarks car, cub, sop, '
-                  'inshop; a labelled image folder holds {root}/<class>/<images>'),
+    ('no folder', 'there is no folder {root}: put your images there, or name one of the benchmarks car, cub, sop '
+                  'or inshop; a labelled image folder holds {root}/<class>/<images>'),
     ('no class folders', '{root} holds images but no class folders'),
     ('three classes', '{root} holds 3 class folders with images, and split in halves that leaves fewer than two '
                       'classes on one side: it needs at least four'),

@@ -60,7 +60,7 @@ def inputs():
 
 def step(model, images, labels, loss_name):
     """One train.batch_loss and backward: the loss, gathered labels and the gradients that the test compares."""
-    loss, _, cosines, all_labels = train.batch_loss(model, images, labels, LOSSES[loss_name]())
+    loss, _, cosines, all_labels = train.batch_loss(model, images, labels, LOSSES[loss_name].build())
     loss.backward()
     net = train.unwrap(model)
     return {'loss': loss.detach(), 'cosines': cosines.detach(), 'labels': all_labels,
@@ -179,7 +179,7 @@ def test_torchrun_two_processes_train_and_only_rank_0_reports(tmp_path):
     assert 'with 2 processes' in output['0', 'stdout'] and 'Test Epoch 1/1' in output['0', 'stdout']
     assert 'Train Epoch 1/1' in output['0', 'stderr']  # tqdm's progress bar
     assert output['1', 'stdout'] == '' and 'Epoch' not in output['1', 'stderr']
-    prefix = 'cub_googlenet_proxy_anchor_8'
+    prefix = 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4_warm_up0'
     assert sorted(os.listdir(tmp_path / 'results')) == sorted(
         [f'{prefix}_1_data_base.pth', f'{prefix}_1_model.pth', f'{prefix}_checkpoint.pth',
          f'{prefix}_statistics.csv', f'{prefix}_statistics.png'])

@@ -11,9 +11,11 @@ from PIL import Image
 from scipy.io import loadmat, savemat
 
 import utils
+from runtime import UserError
 from conftest import make_car, make_cub, make_sop, write_image
 from script_runner import error_sentence, load_script, temporaries
 
+PREFIX = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4'  # the run TRAIN names
 TRAIN = ['--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', '16',
          '--batch_size', '4', '--num_workers', '0']
 
@@ -220,16 +222,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_pa
         assert f'the checkpoint of epoch {epoch - 1} is kept' in line and 'run again with --resume' in line
     results = tmp_path / 'results'
     assert not temporaries(str(tmp_path))
-    checkpoint = results / 'cub_googlenet_proxy_anchor_16_checkpoint.pth'
+    checkpoint = results / f'{PREFIX}_checkpoint.pth'
     if epoch == 1:
         assert not checkpoint.exists()
         return
     saved = torch.load(checkpoint, weights_only=True)
     assert saved['epoch'] == epoch - 1 and len(saved['statistics']['train_loss']) == epoch - 1
     assert all(torch.isfinite(value).all() for value in saved['model'].values() if value.is_floating_point())
-    assert len(pd.read_csv(results / 'cub_googlenet_proxy_anchor_16_statistics.csv')) == epoch - 1
-    assert (results / f'cub_googlenet_proxy_anchor_16_{epoch - 1}_model.pth').exists()
-    assert (results / f'cub_googlenet_proxy_anchor_16_{epoch - 1}_data_base.pth').exists()
+    assert len(pd.read_csv(results / f'{PREFIX}_statistics.csv')) == epoch - 1
+    assert (results / f'{PREFIX}_{epoch - 1}_model.pth').exists()
+    assert (results / f'{PREFIX}_{epoch - 1}_data_base.pth').exists()
 
 
 def test_out_of_memory_suggests_a_smaller_batch(script, tmp_path, prepared, monkeypatch):
@@ -268,7 +270,7 @@ def test_imagenet_weights_unavailable_offline(script, tmp_path, prepared, offlin
                                                       ('inception', 'bn_inception-52deb4733.pth')])
 def test_other_backbones_name_their_weights_offline(offline, backbone_type, file_name):
     from model import Model
-    with pytest.raises(utils.UserError) as error:
+    with pytest.raises(UserError) as error:
         Model(backbone_type, 16, 4, pretrained=True)
     message = str(error.value)
     assert f'put {file_name} in {offline}' in message and '--no_pretrained' in message and '\n' not in message
@@ -290,11 +292,11 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(script, tmp_path, prepared)
     os.makedirs(tmp_path / 'results')
     from model import Model
     torch.save(Model('googlenet', 16, 2, pretrained=False).state_dict(),
-               tmp_path / 'results' / 'cub_googlenet_proxy_anchor_16_checkpoint.pth')
+               tmp_path / 'results' / f'{PREFIX}_checkpoint.pth')
     status, _, err = script('train', '--data_path', prepared, *TRAIN, '--resume', cwd=tmp_path)
     line = error_sentence(status, err)
-    assert line.startswith('error: results/cub_googlenet_proxy_anchor_16_checkpoint.pth is not a checkpoint '
-                           'train.py wrote (it has no args, epoch, model, optimizer, rng, scheduler, statistics)')
+    assert line.startswith(f'error: results/{PREFIX}_checkpoint.pth is not a checkpoint train.py wrote (it has no '
+                           f'args, epoch, model, optimizer, rng, scheduler, statistics)')
 
 
 def test_data_base_that_is_not_a_data_base(script, tmp_path):
@@ -303,3 +305,19 @@ def test_data_base_that_is_not_a_data_base(script, tmp_path):
     assert error_sentence(status, err).startswith(f'error: {tmp_path / "x_2_model.pth"} is not a data base train.py '
                                                   f'wrote (it has no args, proxies, test_features')
     assert not os.path.exists(tmp_path / 'results')
+
+
+@pytest.mark.parametrize('name, flags, expected', [
+    ('train', ['--epochs', '3'], 'unrecognized arguments: --epochs 3 (did you mean --num_epochs?); see python '
+                                 'train.py --help'),
+    ('train', ['--lr', 'fast'], "argument --lr: invalid float value: 'fast'"),
+    ('data_utils', ['--data_nme', 'cub'], '--data_nme cub (did you mean --data_name or --data_path?)'),
+    ('data_utils', ['--workers', 'two'], "argument --workers: invalid int value: 'two'"),
+    ('test', ['--retrieval-num', '4'], '(did you mean --retrieval_num?)'),
+    ('test', ['--retrieval_num'], 'argument --retrieval_num: expected one argument'),
+])
+def test_every_script_says_a_bad_flag_in_one_sentence(script, tmp_path, name, flags, expected):
+    """One argparse base for every script: a bad flag is one sentence and exit status 1, never the usage text, and an
+    unknown flag close to a known one is suggested."""
+    status, out, err = script(name, *flags, cwd=tmp_path)
+    assert expected in error_sentence(status, err) and 'usage:' not in out + err

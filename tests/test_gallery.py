@@ -14,7 +14,7 @@ import utils
 from conftest import make_folder, train_in, write_image
 from script_runner import error_sentence, temporaries
 
-PREFIX = 'pets_googlenet_proxy_anchor_16'
+PREFIX = 'pets_googlenet_proxy_anchor_16_no_pretrained_batch_size4'
 EMBED = model.Model.embed
 DATA_BASE = f'{PREFIX}_1_data_base.pth'
 

@@ -29,7 +29,7 @@ from utils import ImageReader, retrieval_metrics
 # 4 classes x 4 CUB-layout images at 48-pixel crops (8 training images in batches of 3: the last one is partial)
 DEFAULT_RUN = ['--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', '8',
                '--batch_size', '3', '--num_epochs', '3', '--warm_up', '1', '--num_workers', '0']
-PREFIX = 'cub_googlenet_proxy_anchor_8'
+PREFIX = 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size3_warm_up1'
 EPOCHS, WARM_UP, BATCH, FEATURE_DIM, SEED = 3, 1, 3, 8, 1
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -56,7 +56,7 @@ def test_loss_learns_an_embedding_that_generalises_to_unseen_classes(loss_name, 
     # as the repository's recipe, a larger learning rate for the proxies than for the embedding
     optimizer = torch.optim.Adam([{'params': net.net.parameters()},
                                   {'params': net.proxies.parameters(), 'lr': 1e-1}], lr=1e-2)
-    loss_criterion = LOSSES[loss_name]()
+    loss_criterion = LOSSES[loss_name].build()
 
     def held_out_recall():
         with torch.no_grad():

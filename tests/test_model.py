@@ -69,8 +69,10 @@ def test_head_structure(run):
     expected = expected / expected.norm(dim=1, keepdim=True)
     assert torch.allclose(embeddings, expected, atol=1e-5)
     assert net.proxies.weight.shape == (NUM_CLASSES, FEATURE_DIM)
-    head = {id(p) for p in net.head_parameters()}
-    assert head == {id(net.embedding.weight), id(net.proxies.weight)}
+    backbone, head, proxies = ({id(p) for p in group} for group in net.parameter_groups())
+    assert head == {id(net.embedding.weight)} and proxies == {id(net.proxies.weight)}
+    assert backbone == {id(p) for p in net.backbone.parameters()}
+    assert len(backbone) + 2 == len(list(net.parameters()))  # every parameter in one group
 
 
 def test_input_normalisation(run):

@@ -14,7 +14,7 @@ from conftest import make_cub, train_in
 from model import Model
 from script_runner import error_sentence, temporaries
 
-PREFIX = 'cub_googlenet_proxy_anchor_16'
+PREFIX = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4'
 DATA_BASE = f'{PREFIX}_1_data_base.pth'
 
 

@@ -93,7 +93,7 @@ def test_resume_past_a_learning_rate_step_equals_an_uninterrupted_run(prepared, 
     4th: the 4th epoch runs at the same learning rates, and the run ends with the same scheduler, optimizer state
     and weights."""
     train = load_script('train')
-    prefix = 'cub_googlenet_proxy_anchor_8_lr_step2'
+    prefix = 'cub_googlenet_proxy_anchor_8_no_pretrained_lr_step2_batch_size8_warm_up1'
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
     one_go = flags(prepared, '--no_pretrained', '--lr_step', 2, epochs=4, warm_up=1, batch_size=8)
@@ -180,8 +180,9 @@ def test_an_epoch_trains_every_image_and_returns_its_training_embeddings(prepare
     steps = []
     optimizer.step = lambda: steps.append(1)
     args = load_script('train').get_args_parser().parse_args(['--feature_dim', '8'])  # pretrained: BatchNorm eval
-    stats, features = train.train_one_epoch(net, DataLoader(data, batch_sampler=sampler), LOSSES['proxy_anchor'](),
-                                            optimizer, torch.enable_grad, torch.device('cpu'), 1, args, 0)
+    loader = DataLoader(data, batch_sampler=sampler)
+    stats, features = train.train_one_epoch(net, loader, LOSSES['proxy_anchor'].build(), optimizer, torch.enable_grad,
+                                            torch.device('cpu'), 1, args, 0)
     assert len(steps) == 3 and features.shape == (8, 8)
     net.train()
     for module in net.backbone.modules():
@@ -200,8 +201,9 @@ def test_data_base_holds_the_normalised_proxies_and_the_training_pass_features(p
     original, passes = train.train_one_epoch, []
     monkeypatch.setattr(train, 'train_one_epoch', lambda *a: passes.append(original(*a)) or passes[-1])
     assert script('train', *flags(prepared, '--no_pretrained', epochs=1, warm_up=0), cwd=tmp_path)[0] == 0
-    data_base = train.safe_load(str(tmp_path / 'results' / 'cub_googlenet_proxy_anchor_8_1_data_base.pth'))
-    weights = train.safe_load(str(tmp_path / 'results' / 'cub_googlenet_proxy_anchor_8_1_model.pth'))
+    prefix = tmp_path / 'results' / 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4_warm_up0'
+    data_base = train.safe_load(f'{prefix}_1_data_base.pth')
+    weights = train.safe_load(f'{prefix}_1_model.pth')
     torch.testing.assert_close(data_base['proxies'], F.normalize(weights['proxies.weight'], dim=-1))
     torch.testing.assert_close(data_base['train_features'], passes[0][1])
     assert torch.allclose(data_base['train_features'].norm(dim=1), torch.ones(8), atol=1e-5)

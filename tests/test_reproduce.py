@@ -258,6 +258,23 @@ def test_seeds_train_every_configuration_once_per_seed_with_the_other_flags(scri
     assert comments == ['# cub_resnet50_proxy_anchor_512_margin0.2_seed2 already reached epoch 20: not trained again']
 
 
+@pytest.mark.parametrize('flag', ['crop_type', 'no_pretrained', 'scale', 'optimizer', 'lr', 'proxy_lr', 'weight_decay',
+                                  'lr_step', 'lr_gamma', 'batch_size', 'warm_up', 'amp', 'val_fraction'])
+def test_the_table_finds_a_run_of_any_flag_off_its_default(script, tmp_path, flag):
+    """reproduce.py --table with a recipe flag passed on reads the run train.py names after that flag, not the
+    default run's."""
+    from test_workbench import OFF_DEFAULT
+    flags = [f'--{flag}', *OFF_DEFAULT[flag][0]]
+    train = load_script('train')
+    name = train.prefix_of(train.get_args_parser().parse_args(['--data_name', 'cub', *flags]))
+    fabricate(tmp_path, 'cub', 'resnet50', final=[0.71, 0.8, 0.9, 0.95, 0.3],
+              suffix=name[len('cub_resnet50_proxy_anchor_512'):])
+    fabricate(tmp_path, 'cub', 'resnet50', final=[0.5, 0.6, 0.7, 0.8, 0.2])  # the default run: not this table's
+    status, out, err = script('reproduce', '--table', *flags, cwd=tmp_path)
+    assert status == 0, err
+    assert read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']['ResNet50', 'reproduced'][0] == '71.0%'
+
+
 @pytest.mark.parametrize('flags, expected', [(['--seeds', '1,x'], '--seeds must be integers separated by commas'),
                                              (['--seeds', '1,1'], '--seeds lists a seed twice'),
                                              (['--seed', '4'], 'sets --seed itself for each configuration of the '

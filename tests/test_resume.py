@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, make_cub
 
-PREFIX = 'cub_googlenet_proxy_anchor_16'
+PREFIX = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4_warm_up1'
 TRAIN = [sys.executable, os.path.join(ROOT, 'train.py'), '--data_name', 'cub', '--backbone_type', 'googlenet',
          '--no_pretrained', '--feature_dim', '16', '--batch_size', '4', '--num_epochs', '3', '--warm_up', '1']
 

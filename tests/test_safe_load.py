@@ -11,10 +11,11 @@ from scipy.io import loadmat, savemat
 
 import data_utils
 import utils
+from runtime import UserError
 from conftest import ROOT, make_car, make_cub, make_sop, write_image
 from script_runner import error_sentence, temporaries
 
-PREFIX = 'cub_googlenet_proxy_anchor_16'
+PREFIX = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4'
 
 
 class Payload:
@@ -186,6 +187,6 @@ def test_ebay_entry_outside_the_data_folder(script, tmp_path, split):
 def test_a_sibling_folder_with_the_same_prefix_is_outside(tmp_path):
     """'../cub_evil/x.jpg' from root 'cub' shares the prefix 'cub' as text but is outside it."""
     root = str(tmp_path / 'cub')
-    with pytest.raises(utils.UserError, match='lies outside'):
+    with pytest.raises(UserError, match='lies outside'):
         data_utils.inside(root, '../cub_evil/x.jpg', 'images.txt')
     assert data_utils.inside(root, 'images/a/../b.jpg', 'images.txt') == os.path.join(root, 'images', 'b.jpg')

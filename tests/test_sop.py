@@ -12,7 +12,7 @@ import torch
 from conftest import make_sop
 from script_runner import load_script
 
-PREFIX = 'sop_googlenet_proxy_anchor_16'
+PREFIX = 'sop_googlenet_proxy_anchor_16_no_pretrained_batch_size4_warm_up1'
 COLUMNS = ['train_loss', 'train_accuracy', 'test_recall@1', 'test_recall@10', 'test_recall@100', 'test_recall@1000',
            'test_map@r', 'test_r_precision']
 

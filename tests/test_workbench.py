@@ -15,7 +15,7 @@ from script_runner import error_sentence, load_script
 from utils import ImageReader, ProxyAnchorLoss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_PREFIX = 'cub_googlenet_proxy_anchor_8'
+DEFAULT_PREFIX = 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4'
 
 pytestmark = pytest.mark.usefixtures('without_onednn')  # see conftest.py: seconds per test saved
 
@@ -59,6 +59,25 @@ def test_normalized_softmax_takes_the_scale(tmp_path):
     assert loss(cosines, labels).item() == pytest.approx(torch.nn.functional.cross_entropy(8 * cosines, labels).item())
 
 
+# every flag that names a run, with values off its default (a switch: none); the whole recipe but the name's base
+OFF_DEFAULT = {'crop_type': [['cropped']], 'no_pretrained': [[]], 'scale': [['16'], ['64'], ['32.5']],
+               'margin': [['0.2'], ['0'], ['0.15']], 'optimizer': [['adamw'], ['sgd']],
+               'lr': [['3e-4'], ['1e-5'], ['0.00012345678'], ['0.000123456789']], 'proxy_lr': [['1e-3'], ['0.1']],
+               'weight_decay': [['1e-4'], ['0.05']], 'lr_step': [['10'], ['20']], 'lr_gamma': [['0.25'], ['1']],
+               'batch_size': [['32'], ['128']], 'warm_up': [['0'], ['5']], 'seed': [['2'], ['3'], ['12']],
+               'amp': [[]], 'val_fraction': [['0.2'], ['0.25']]}
+
+
+def test_every_recipe_flag_is_checked_on_resume_and_all_but_the_base_name_the_run():
+    """One list: the recipe flags are the name's base (data, backbone, loss, dimension) and the flags that name a
+    run, --num_epochs (raised to continue a run) and the running flags are neither."""
+    train = load_script('train')
+    assert set(train.NAMED_FLAGS) == set(OFF_DEFAULT)
+    assert set(train.RECIPE_FLAGS) == set(OFF_DEFAULT) | {'data_name', 'backbone_type', 'feature_dim', 'loss_name'}
+    assert not {'num_epochs', 'num_workers', 'resume', 'recalls', 'run_name', 'data_path', 'cache_images'} & set(
+        train.RECIPE_FLAGS)
+
+
 def names_of(variants):
     """{variant: run name} for lists of train.py flags added to one base configuration."""
     train = load_script('train')
@@ -78,20 +97,40 @@ def test_run_names_follow_the_flags_and_never_collide():
     train = load_script('train')
     order = [action.dest for action in train.get_args_parser()._actions if action.dest in train.NAMED_FLAGS]
     assert list(train.NAMED_FLAGS) == order
-    values = {'scale': ['16', '64', '32.5'], 'margin': ['0.2', '0', '0.15'], 'optimizer': ['adamw', 'sgd'],
-              'lr': ['3e-4', '1e-5', '0.00012345678', '0.000123456789'], 'proxy_lr': ['1e-3', '0.1'],
-              'weight_decay': ['1e-4', '0.05'], 'lr_step': ['10', '20'], 'lr_gamma': ['0.25', '1'],
-              'seed': ['2', '3', '12'], 'val_fraction': ['0.2', '0.25']}
-    assert set(values) == set(train.NAMED_FLAGS)
-    singles = [[f'--{flag}', value] for flag, options in values.items() for value in options]
+    singles = [[f'--{flag}', *value] for flag, options in OFF_DEFAULT.items() for value in options]
     pairs = [a + b for a in singles for b in singles if a[0] < b[0]]
-    named = [v + ['--run_name', text] for v in singles[:8] for text in ('a', 'b', 'x2')]
+    named = [v + ['--run_name', text] for v in singles[:12] for text in ('a', 'b', 'x2')]
     variants = [[]] + singles + pairs + named
     names = names_of(variants)
     assert len(set(names.values())) == len(variants)
     assert names[('--lr', '3e-4')].endswith('_lr0.0003') and names[('--scale', '64')].endswith('_scale64')
     assert names[('--optimizer', 'sgd', '--run_name', 'x2')].endswith('_optimizersgd_x2')
     assert names[('--lr', '0.00012345678')] != names[('--lr', '0.000123456789')]
+    # the flags that used to change what a run computes but not its name (issue 15)
+    assert names[('--no_pretrained',)] == 'cub_resnet50_proxy_anchor_512_no_pretrained'
+    assert names[('--amp', '--batch_size', '32')] == 'cub_resnet50_proxy_anchor_512_batch_size32_amp'
+    assert names[('--crop_type', 'cropped', '--warm_up', '0')] == \
+        'cub_resnet50_proxy_anchor_512_crop_typecropped_warm_up0'
+
+
+def test_a_run_named_before_every_recipe_flag_named_runs_is_told_how_to_rename(prepared, tmp_path, script):
+    """A --no_pretrained run's checkpoint under its old name (the default's): --resume says how to rename its files,
+    and the command it gives makes the run resume."""
+    run = ['--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
+           '--feature_dim', 8, '--batch_size', 4, '--warm_up', 1, '--num_workers', 0]
+    assert script('train', *run, '--num_epochs', 1, cwd=tmp_path)[0] == 0
+    new = 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4_warm_up1'
+    old = 'cub_googlenet_proxy_anchor_8'
+    for path in (tmp_path / 'results').iterdir():
+        path.rename(path.with_name(path.name.replace(new, old)))
+    status, _, err = script('train', *run, '--num_epochs', 2, '--resume', cwd=tmp_path)
+    line = error_sentence(status, err)
+    assert f'this run was written as {old} before every recipe flag named runs' in line
+    command = line.split('rename its files: ')[1]
+    subprocess.run(['bash', '-c', command], cwd=tmp_path, check=True)
+    status, out, err = script('train', *run, '--num_epochs', 2, '--resume', cwd=tmp_path)
+    assert status == 0, err
+    assert f'resuming results/{new}_checkpoint.pth after epoch 1' in out
 
 
 @pytest.fixture(scope='module')
@@ -118,7 +157,7 @@ def test_validation_split_holds_out_the_last_training_classes(eight_classes, tmp
                               2, '--warm_up', 1, '--num_workers', 0, '--val_fraction', 0.5, cwd=tmp_path)
     assert status == 0, err
     assert 'Val Epoch 2/2 R@1:' in out and 'Test Epoch 2/2 R@1:' in out
-    prefix = 'cub_googlenet_proxy_anchor_8_val_fraction0.5'
+    prefix = 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4_warm_up1_val_fraction0.5'
     frame = pd.read_csv(tmp_path / 'results' / f'{prefix}_statistics.csv', index_col='epoch')
     metrics = [f'recall@{k}' for k in (1, 2, 4, 8)] + ['map@r', 'r_precision']
     assert list(frame.columns) == ['train_loss', 'train_accuracy'] + [f'test_{m}' for m in metrics] + [
@@ -167,7 +206,7 @@ def test_a_second_process_under_the_same_name_is_refused_until_the_first_dies(pr
     holder = subprocess.Popen([sys.executable, '-c', f'''
 import sys, time
 sys.path.insert(0, {repr(os.path.dirname(HERE))})
-from train import RunLock
+from runtime import RunLock
 lock = RunLock({str(lock)!r})
 assert lock.acquire() is None
 print('locked', flush=True)
