@@ -35,7 +35,8 @@ def get_args_parser():
     """The command-line flags of export.py."""
     parser = ArgumentParser(description='Export a trained model as ONNX or TorchScript, checked against PyTorch',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--data_base', required=True, type=str,
+    # required, so no default to print (SUPPRESS keeps --help from showing 'default: None')
+    parser.add_argument('--data_base', required=True, default=argparse.SUPPRESS, type=str,
                         help='the data base of the run to export (a path, or a file name under results/); its '
                              'model is the _model.pth file beside it')
     parser.add_argument('--format', default='onnx', choices=list(FORMATS),
