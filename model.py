@@ -1,5 +1,5 @@
 """The network: an ImageNet backbone with global max pooling (or a ViT's class token), a normalised embedding head,
-and the class proxies."""
+and the class proxies; and a trained one, rebuilt from the files train.py writes."""
 import contextlib
 import difflib
 import os
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from runtime import UserError
+from runtime import UserError, safe_load
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BN_INCEPTION_URL = 'http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth'
@@ -262,6 +262,42 @@ class Model(nn.Module):
         """(backbone, head, proxies) parameters: the warm-up freezes the backbone and trains the embedding layer (the
         head) and the proxies; the proxies have a learning rate of their own."""
         return list(self.backbone.parameters()), list(self.embedding.parameters()), list(self.proxies.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a trained model: the data base and the weights train.py writes side by side under results/
+
+def find_data_base(name):
+    """The data base file: the path as given, else the same name under results/."""
+    for path in (name, os.path.join('results', name)):
+        if os.path.isfile(path):
+            return path
+    raise UserError(f'data base {name} was found neither as given nor under results/; train.py writes '
+                    f'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth, so train a model first')
+
+
+def open_data_base(name):
+    """(data base, its path): a data base train.py wrote, found as find_data_base finds it."""
+    from utils import load_data_base
+    path = find_data_base(name)
+    return load_data_base(path), path
+
+
+def load_model(data_base, data_base_path, missing, device='cpu'):
+    """(the model saved beside the data base, in eval mode on device, its path); missing(model path) is the error
+    when there is none."""
+    model_path = data_base_path.replace('_data_base.pth', '_model.pth')
+    if not os.path.isfile(model_path):
+        raise UserError(missing(model_path))
+    args = data_base['args']
+    model = Model(args['backbone_type'], args['feature_dim'], data_base['proxies'].size(0), pretrained=False)
+    try:
+        model.load_state_dict(safe_load(model_path, 'model'))
+    except RuntimeError:
+        raise UserError(f'{model_path} does not match the model data base {data_base_path} describes '
+                        f'({args["backbone_type"]}, {args["feature_dim"]}-d); use the pair train.py wrote '
+                        f'together') from None
+    return model.to(device).eval(), model_path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

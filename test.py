@@ -10,9 +10,10 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import to_pil_image
 from tqdm import tqdm
 
+from model import load_model, open_data_base
 from runtime import (ArgumentParser, UserError, atomic_dir, atomic_save, pyplot, remove_temporaries, run_main,
                      safe_load)
-from utils import image_files, load_data_base, read_image, searched_split, test_transform
+from utils import image_files, read_image, searched_split, test_transform
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
 
@@ -32,15 +33,6 @@ def get_args_parser():
     return parser
 
 
-def find_data_base(name):
-    """The data base file: the path as given, else the same name under results/."""
-    for path in (name, os.path.join('results', name)):
-        if os.path.isfile(path):
-            return path
-    raise UserError(f'data base {name} was found neither as given nor under results/; train.py writes '
-                    f'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth, so train a model first')
-
-
 def find_query(query, images):
     """Position of the query among images (by path, then by a file name no other image has), or None."""
     if query in images:
@@ -52,21 +44,9 @@ def find_query(query, images):
     return same_name[0] if len(same_name) == 1 and not os.path.isfile(query) else None
 
 
-def load_model(data_base, data_base_path, missing):
-    """The model saved beside the data base, in eval mode; missing(model path) is the error when there is none."""
-    from model import Model
-    model_path = data_base_path.replace('_data_base.pth', '_model.pth')
-    if not os.path.isfile(model_path):
-        raise UserError(missing(model_path))
-    args = data_base['args']
-    model = Model(args['backbone_type'], args['feature_dim'], data_base['proxies'].size(0), pretrained=False)
-    try:
-        model.load_state_dict(safe_load(model_path, 'model'))
-    except RuntimeError:
-        raise UserError(f'{model_path} does not match the model data base {data_base_path} describes '
-                        f'({args["backbone_type"]}, {args["feature_dim"]}-d); use the pair train.py wrote '
-                        f'together') from None
-    return model.to('cuda' if torch.cuda.is_available() else 'cpu').eval(), model_path  # a large --gallery: GPU
+def embedding_device():
+    """Where test.py embeds images: the GPU when there is one (a large --gallery), else the CPU."""
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 @torch.inference_mode()
@@ -89,7 +69,7 @@ def embed_query(query, data_base, data_base_path, model=None):
     if model is None:
         model, _ = load_model(data_base, data_base_path, lambda model_path: (
             f'{query} is not in data base {data_base_path} (a valid name is {example}), and no model {model_path} '
-            f'was found to embed it; query a data base image or train a model first'))
+            f'was found to embed it; query a data base image or train a model first'), embedding_device())
     if not os.path.isfile(query):
         raise UserError(f'query image {query} does not exist; a valid name is {example}')
     return embed_images(model, [query])[0]  # (D,)
@@ -187,13 +167,12 @@ def main():
     args = get_args_parser().parse_args()
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
-    data_base_path = find_data_base(args.data_base)
-    data_base = load_data_base(data_base_path)
+    data_base, data_base_path = open_data_base(args.data_base)
     if args.gallery is not None:  # a folder of photos without labels
         images = gallery_images(args.gallery)
         model, model_path = load_model(data_base, data_base_path, lambda model_path: (
             f'--gallery needs the model saved beside data base {data_base_path} to embed its images, but no model '
-            f'{model_path} was found; pass the data base of a train.py run'))
+            f'{model_path} was found; pass the data base of a train.py run'), embedding_device())
         split, features, labels = None, embed_gallery(args.gallery, images, model, model_path), None
     else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
         model = None
