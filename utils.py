@@ -669,12 +669,19 @@ def block_candidates(sims, bound, nearest, m, columns):
     return touched, candidates, ahead
 
 
+ONEDNN = True  # cosine_block's oneDNN path; False, or an op that is missing or fails, means a plain matmul
+
+
 def cosine_block(queries, items):
     """(b, D) and (c, D) unit rows -> (b, c) float32 cosines."""
-    if queries.device.type == 'cpu' and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+    if ONEDNN and queries.device.type == 'cpu' and torch.backends.mkldnn.is_available() and \
+            torch.backends.mkldnn.enabled:
         # oneDNN's float32 GEMM uses AVX-512 on any x86 CPU, while MKL's keeps to AVX2 on AMD ones, which makes it
-        # about 2.2 times slower there (benchmarks/eval_speed.py prints both)
-        return torch.ops.mkldnn._linear_pointwise(queries, items, None, 'none', [], '')
+        # about 2.2 times slower there (benchmarks/eval_speed.py prints both); the op is private, hence the fallback
+        try:
+            return torch.ops.mkldnn._linear_pointwise(queries, items, None, 'none', [], '')
+        except (AttributeError, RuntimeError):
+            pass
     return queries @ items.T
 
 

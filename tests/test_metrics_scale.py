@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -173,6 +174,41 @@ def test_no_gallery_block_is_queries_by_gallery(monkeypatch):
         queries, items = len(split[1]), len(split[3])
         assert shapes.count((side, side)) == (queries // side) * (items // side)  # 5 x 15 or 15 x 5 chunks
         assert max(rows * columns for rows, columns in shapes) <= side * side < queries * items
+
+
+def test_plain_matmul_gives_the_metrics_of_onednn(monkeypatch):
+    """cosine_block's fallback, a plain matmul, when its private oneDNN op is switched off, missing or failing: the
+    same metrics on cosines that are exact in any arithmetic, the float64 matrix's on continuous ones."""
+    calls, original = [], getattr(torch.ops.mkldnn, '_linear_pointwise', None)  # None where torch lacks it
+
+    def recording(*args):
+        calls.append(len(args[0]))
+        if original is None:
+            raise AttributeError('no _linear_pointwise in this torch')
+        return original(*args)
+
+    def failing(*args):
+        raise RuntimeError('oneDNN: unsupported')
+
+    for case in ('sop-like', 'uneven', 'gaussian'):
+        features, labels = CASES[case]()
+        split = query_gallery(features, labels, 0.5, seed=len(labels))
+        for inputs in ((features, labels, [1, 10, 100, 1000]), (*split[:2], [1, 2, 4, 8], *split[2:])):
+            monkeypatch.setattr(torch.ops, 'mkldnn', SimpleNamespace(_linear_pointwise=recording))
+            with_onednn = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
+            assert bool(calls) == (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            calls.clear()
+            monkeypatch.setattr(utils, 'ONEDNN', False)
+            switched_off = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
+            assert not calls
+            monkeypatch.undo()
+            for namespace in (SimpleNamespace(), SimpleNamespace(_linear_pointwise=failing)):  # missing, failing
+                monkeypatch.setattr(torch.ops, 'mkldnn', namespace)
+                assert retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37) == switched_off
+                monkeypatch.undo()
+            assert_same(switched_off, reference(*inputs))
+            if case != 'gaussian':  # cosines are multiples of 1/16: every GEMM gives the same floats
+                assert switched_off == with_onednn
 
 
 def test_ties_rank_other_class_items_first():
