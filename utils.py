@@ -415,7 +415,8 @@ LOSSES = {'proxy_anchor': ProxyAnchorLoss, 'normalized_softmax': NormalizedSoftm
 # ----------------------------------------------------------------------------------------------------------------------
 # retrieval metrics: similarities come block by block, so no N x N similarity matrix is ever held
 
-def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None, chunk_bytes=32 * 2 ** 20):
+def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None, chunk_bytes=32 * 2 ** 20,
+                      per_query=False, progress=None):
     """Recall@K for K in ranks, MAP@R and R-Precision (Musgrave et al., ECCV 2020), all as fractions.
 
     Each query (a row of features (N, D), its class in labels (N,)) ranks items by cosine similarity. Without a
@@ -432,11 +433,13 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
     A query with R = 0 (no other item, or no gallery item, of its class) counts as a miss for Recall@K and is left
     out of MAP@R and R-Precision, as pytorch-metric-learning's AccuracyCalculator does.
 
-    Returns {'recall@K': ..., 'map@r': ..., 'r_precision': ...}. chunk_bytes bounds the similarity blocks held at
-    once.
+    Returns {'recall@K': ..., 'map@r': ..., 'r_precision': ...}; with per_query, (that dict, each query's figures in
+    the order of features: 'recall@K' (N,) bool hits, 'ap@r' and 'r_precision' (N,) float64, NaN where R = 0).
+    chunk_bytes bounds the similarity blocks held at once; progress, when given, is called as progress(blocks done,
+    blocks in all) while they are swept.
     """
     ranks, symmetric = [int(k) for k in ranks], gallery_features is None
-    queries, keys, items, item_keys, first, r = sorted_by_class(features, labels, gallery_features,
+    queries, keys, items, item_keys, first, r, where = sorted_by_class(features, labels, gallery_features,
                                                                        gallery_labels)
     # On the CPU the blocks are spread over torch's threads, each running its ops single-threaded: ops that each
     # split across threads stall at every barrier on a busy machine. chunk_bytes holds one block per thread.
@@ -446,12 +449,15 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
         positives = same_class_similarities(queries, keys, items, item_keys, first, r, rows, pool,
                                             symmetric)  # (n, m)
         top, ahead_of_nearest = other_class_top(queries, keys, items, item_keys, positives, r, ranks, rows, pool,
-                                                symmetric)  # (n, m), (n,) or None
-    return metrics_from_lists(positives, top, ahead_of_nearest, r, ranks, total=len(labels))
+                                                symmetric, progress)  # (n, m), (n,) or None
+    metrics, hits, ap, rp = metrics_from_lists(positives, top, ahead_of_nearest, r, ranks, total=len(labels))
+    if not per_query:
+        return metrics
+    return metrics, in_query_order(hits, ap, rp, where, len(labels), ranks)
 
 
 def metrics_from_lists(positives, top, ahead_of_nearest, r, ranks, total):
-    """Every metric from each query's lists (the definitions are retrieval_metrics').
+    """Every metric, averaged and per query, from each query's lists (the definitions are retrieval_metrics').
 
     Per query: positives (n, m) its R same-class similarities, descending, then -inf; top (n, m) its largest
     other-class similarities, descending, exact in the values read here; ahead_of_nearest (n,) how many other-class
@@ -468,12 +474,21 @@ def metrics_from_lists(positives, top, ahead_of_nearest, r, ranks, total):
     first_miss = ahead[:, 0] if ahead_of_nearest is None else ahead_of_nearest  # (n,) ranked above the first hit
     has_r = r > 0
     hits = (first_miss[:, None] < torch.tensor(ranks, device=r.device)) & has_r[:, None]  # (n, K)
-    ap = (within_r * j / position.double()).sum(1) / r.double()  # (n,) AP@R
+    ap = (within_r * j / position.double()).sum(1) / r.double()  # (n,) AP@R; NaN (0 / 0) where R = 0
     rp = within_r.sum(1) / r.double()  # (n,) R-Precision
     metrics = {f'recall@{k}': hits[:, i].sum().item() / total for i, k in enumerate(ranks)}
     metrics['map@r'] = ap[has_r].mean().item()
     metrics['r_precision'] = rp[has_r].mean().item()
-    return metrics
+    return metrics, hits, ap, rp
+
+
+def in_query_order(hits, ap, rp, where, total, ranks):
+    """The per-query figures of the sorted queries put back at their rows where (n,) among all total queries; the
+    queries left out (no gallery item of their class) are misses with NaN AP@R and R-Precision."""
+    all_hits = hits.new_zeros((total, len(ranks)))
+    all_ap, all_rp = ap.new_full((total,), math.nan), rp.new_full((total,), math.nan)
+    all_hits[where], all_ap[where], all_rp[where] = hits, ap, rp
+    return {**{f'recall@{k}': all_hits[:, i] for i, k in enumerate(ranks)}, 'ap@r': all_ap, 'r_precision': all_rp}
 
 
 def recall(features, labels, ranks):
@@ -488,7 +503,7 @@ def sorted_by_class(features, labels, gallery_features, gallery_labels):
     """Queries and items as unit rows sorted by class key, so that each class is a run of rows.
 
     Returns queries (n, D), keys (n,), items (M, D), item_keys (M,), first (n,) the first item of each query's class,
-    r (n,) its R. Without a gallery the items are the queries; with one, a query
+    r (n,) its R and where (n,) its row in features. Without a gallery the items are the queries; with one, a query
     whose class has no gallery item (R = 0) is left out.
     """
     features = torch.as_tensor(features).float()
@@ -499,7 +514,7 @@ def sorted_by_class(features, labels, gallery_features, gallery_labels):
         keys, where = labels.sort(stable=True)
         queries = unit_rows(features[where])  # (N, D) a copy
         _, inverse, counts = torch.unique_consecutive(keys, return_inverse=True, return_counts=True)
-        return queries, keys, queries, keys, (counts.cumsum(0) - counts)[inverse], counts[inverse] - 1
+        return queries, keys, queries, keys, (counts.cumsum(0) - counts)[inverse], counts[inverse] - 1, where
     gallery_features = torch.as_tensor(gallery_features).float().to(features.device)
     gallery_labels = torch.as_tensor(gallery_labels).to(device=features.device, dtype=labels.dtype)
     if len(labels) == 0 or len(gallery_labels) == 0:
@@ -524,8 +539,9 @@ def query_gallery(features, labels, gallery_features, gallery_labels):
     keys = torch.searchsorted(classes, labels)  # (N,)
     kept = (counts[keys] > 0).nonzero()[:, 0]
     keys, order = keys[kept].sort(stable=True)
-    queries = unit_rows(features[kept[order]])  # (n, D)
-    return queries, keys, items, item_keys, (counts.cumsum(0) - counts)[keys], counts[keys]
+    where = kept[order]
+    queries = unit_rows(features[where])  # (n, D)
+    return queries, keys, items, item_keys, (counts.cumsum(0) - counts)[keys], counts[keys], where
 
 
 def same_class_similarities(queries, keys, items, item_keys, first, r, rows, pool, symmetric):
@@ -560,7 +576,7 @@ def same_class_similarities(queries, keys, items, item_keys, first, r, rows, poo
     return out
 
 
-def other_class_top(queries, keys, items, item_keys, positives, r, ranks, rows, pool, symmetric):
+def other_class_top(queries, keys, items, item_keys, positives, r, ranks, rows, pool, symmetric, progress):
     """(n, m) each query's largest other-class similarities, descending, and (n,) how many other-class items are at
     least as similar as its nearest same-class one, or None when no K exceeds m (the lists then give Recall@K).
 
@@ -605,7 +621,9 @@ def other_class_top(queries, keys, items, item_keys, positives, r, ranks, rows, 
             fold(pair[1], sims, columns=True)
 
     pairs = [(i, j) for i in range(len(chunks)) for j in range(i if symmetric else 0, len(item_chunks))]
-    list(pool.map(block, pairs))
+    for done, _ in enumerate(pool.map(block, pairs), 1):
+        if progress is not None:
+            progress(done, len(pairs))
     return top, ahead_of_nearest
 
 
