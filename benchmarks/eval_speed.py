@@ -29,8 +29,9 @@ Each measurement runs in a fresh process that loads the features from a .npy fil
 its resident memory and resets its high-water mark (`echo 5 > /proc/self/clear_refs`), runs the method once, and
 reads VmHWM from /proc/self/status: the peak reported is VmHWM minus the resident memory before the method, i.e. the
 memory the method needs above the features and the libraries. tracemalloc would miss it: torch and faiss allocate
-outside Python's allocator. The time is the wall-clock time of the method alone. Methods alternate, and with
---repeats above 1 the fastest repeat of each is kept, since other processes on the machine make single timings
+outside Python's allocator. The time is the wall-clock time of the method alone, and beside it the CPU time of
+all its threads, which other processes on a busy machine inflate less. Methods alternate, and with --repeats
+above 1 the fastest repeat of each is kept (and the least CPU time), since other processes make single timings
 noisy. The metrics are printed side by side: ours, per_query's means and before's are the same; faiss agrees
 but for near-ties: two cosines within float32 rounding (1e-7) of each other may swap places between the two GEMMs,
 which moves a figure by a few thousandths of a point at most. A first line compares the float32 GEMM of torch.mm
@@ -143,7 +144,8 @@ def load_utils(tree):
 
 
 def measure(method, path, ranks, threads, tree=None):
-    """Run in a fresh process: (seconds, peak bytes above the loaded features, metrics) of one method; per_query
+    """Run in a fresh process: (seconds, CPU seconds of all its threads, peak bytes above the loaded features,
+    metrics) of one method; per_query
     reports the means of its per-query figures, which must equal the averages."""
     import faiss
     import torch
@@ -162,7 +164,7 @@ def measure(method, path, ranks, threads, tree=None):
     except OSError:
         pass
     inputs = (torch.from_numpy(features), torch.from_numpy(labels), ranks, *map(torch.from_numpy, gallery))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if method in ('ours', 'before'):
         metrics = retrieval_metrics(*inputs)
     elif method == 'per_query':
@@ -170,13 +172,13 @@ def measure(method, path, ranks, threads, tree=None):
         _, per_query = retrieval_metrics(*inputs, per_query=True, progress=lambda done, total: blocks.append(done))
     else:
         metrics = faiss_metrics(features, labels, ranks, *gallery)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = memory_status()['VmHWM'] - baseline
     if method == 'per_query':
         metrics = {key: per_query[key].double().mean().item() for key in per_query if key.startswith('recall@')}
         metrics['map@r'] = per_query['ap@r'].nanmean().item()
         metrics['r_precision'] = per_query['r_precision'].nanmean().item()
-    return seconds, peak, {key: float(value) for key, value in metrics.items()}
+    return seconds, cpu_seconds, peak, {key: float(value) for key, value in metrics.items()}
 
 
 def gemm_speeds(threads, size=2048, dim=512, repeats=5):
@@ -213,23 +215,26 @@ RATIOS = (('ours', 'faiss'), ('per_query', 'ours'), ('ours', 'before'))  # (meth
 
 def compare(label, path, ranks, threads, repeats, tree):
     """Measure every method on the features saved at path, alternating, and print the comparison; returns the
-    ratios {(method, baseline): fastest time / fastest time}."""
+    ratios {(method, baseline): (fastest time / fastest time, least CPU time / least CPU time)}."""
     runs = {method: [] for method in ('ours', 'per_query', 'before', 'faiss') if method != 'before' or tree}
     for _ in range(repeats):
         for method in runs:
             runs[method].append(run_worker(method, path, ranks, threads, tree))
     best = {method: min(results, key=lambda result: result[0]) for method, results in runs.items()}
-    ratios = {pair: best[pair[0]][0] / best[pair[1]][0] for pair in RATIOS if set(pair) <= set(best)}
-    print(f'\n{label}, ranks {ranks}: ' + ', '.join(f'{method} {seconds:.1f} s' for method, (seconds, _, _)
-                                                    in best.items()) + '; ratio ' +
-          ', '.join(f'{method}/{baseline} {ratio:.2f}' for (method, baseline), ratio in ratios.items()))
-    print('  peak memory above the features: ' + ', '.join(f'{method} {peak / 2 ** 30:.3f} GiB'
-                                                            for method, (_, peak, _) in best.items()))
-    for method, (_, _, metrics) in best.items():
+    cpu = {method: min(result[1] for result in results) for method, results in runs.items()}
+    ratios = {pair: (best[pair[0]][0] / best[pair[1]][0], cpu[pair[0]] / cpu[pair[1]]) for pair in RATIOS
+              if set(pair) <= set(best)}
+    print(f'\n{label}, ranks {ranks}: ' + ', '.join(f'{method} {best[method][0]:.1f} s (CPU {cpu[method]:.1f} s)'
+                                                    for method in best))
+    print('  ratio ' + ', '.join(f'{method}/{baseline} {wall:.2f} (CPU {cpu_ratio:.2f})'
+                                 for (method, baseline), (wall, cpu_ratio) in ratios.items()))
+    print('  peak memory above the features: ' + ', '.join(f'{method} {best[method][2] / 2 ** 30:.3f} GiB'
+                                                            for method in best))
+    for method, (_, _, _, metrics) in best.items():
         print(f'  {method:9s} ' + '  '.join(f'{key} {100 * value:.3f}' for key, value in metrics.items()))
-    ours = best['ours'][2]
+    ours = best['ours'][3]
     for method in [method for method in best if method != 'ours']:
-        difference = max(abs(ours[key] - best[method][2][key]) for key in ours)
+        difference = max(abs(ours[key] - best[method][3][key]) for key in ours)
         print(f'  largest difference between ours and {method}: {100 * difference:.4f} points')
     if repeats > 1:
         print('  all times (s): ' + '; '.join(f'{method} ' + ' '.join(f'{result[0]:.1f}' for result in results)
@@ -310,8 +315,9 @@ def main():
     for (method, baseline), meaning in zip(RATIOS, meanings):
         found = [ratio[method, baseline] for ratio in ratios if (method, baseline) in ratio]
         if found:
-            print(f'{method}/{baseline}: worst {max(found):.2f}, all ' + ' '.join(f'{ratio:.2f}' for ratio in found)
-                  + f' (at most 1.0 means {meaning})')
+            print(f'{method}/{baseline}: worst {max(wall for wall, _ in found):.2f}, all '
+                  + ' '.join(f'{wall:.2f}' for wall, _ in found) + '; by CPU time '
+                  + ' '.join(f'{cpu:.2f}' for _, cpu in found) + f' (at most 1.0 means {meaning})')
 
 
 if __name__ == '__main__':
