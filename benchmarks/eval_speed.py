@@ -1,6 +1,7 @@
 """Time and peak memory of utils.retrieval_metrics against an exact faiss-cpu search, at SOP's and In-shop's sizes.
 
     python benchmarks/eval_speed.py [--cases sop,inshop,large] [--num_images 60502] [--spread 2.15] [--repeats 1]
+                                    [--baseline REVISION]
 
 The data, float32 unit rows, each its class centre plus Gaussian noise:
   sop     all-vs-all, Stanford Online Products' size: N = 60,502 rows of 512 dimensions in SOP-like classes (2 to 12
@@ -13,25 +14,31 @@ The data, float32 unit rows, each its class centre plus Gaussian noise:
   large   a large gallery: 10,000 queries of 4,000 classes against 500,000 gallery rows of 128 dimensions in 125,000
           classes, the queries' among them (4 gallery images per class on average); spread 1.2, Recall@1 near 0.84.
           Ranks 1,10,20,30,40.
-The two methods:
-  ours   utils.retrieval_metrics, as train.py calls it.
-  faiss  faiss.IndexFlatIP (exact inner product) over the items (all rows, or the gallery) searched with every
-         query for its k = max(max rank, max R) nearest (+1 without a gallery, the query then dropped from its own
-         list by position), and the metric arithmetic the seed's evaluation does on such lists (the hits among the
-         first K; precision at each hit among the first R).
-Both use the same number of threads (--threads, by default torch's, that is every core).
+The methods:
+  ours       utils.retrieval_metrics, as train.py calls it.
+  per_query  the same with per_query=True and a progress callback, as a report of the worst queries calls it.
+  before     with --baseline REVISION: retrieval_metrics of utils.py at that git revision (say main, or a commit),
+             so that one run times a change's before and after.
+  faiss      faiss.IndexFlatIP (exact inner product) over the items (all rows, or the gallery) searched with every
+             query for its k = max(max rank, max R) nearest (+1 without a gallery, the query then dropped from its
+             own list by position), and the metric arithmetic the seed's evaluation does on such lists (the hits
+             among the first K; precision at each hit among the first R).
+All use the same number of threads (--threads, by default torch's, that is every core).
 
 Each measurement runs in a fresh process that loads the features from a .npy file, imports its libraries, records
 its resident memory and resets its high-water mark (`echo 5 > /proc/self/clear_refs`), runs the method once, and
 reads VmHWM from /proc/self/status: the peak reported is VmHWM minus the resident memory before the method, i.e. the
 memory the method needs above the features and the libraries. tracemalloc would miss it: torch and faiss allocate
-outside Python's allocator. The time is the wall-clock time of the method alone. Methods alternate, and with
---repeats above 1 the fastest repeat of each is kept, since other processes on the machine make single timings
-noisy. The metrics of the two are printed side by side. They agree but for near-ties: two cosines within float32
-rounding (1e-7) of each other may swap places between the two GEMMs, which moves a figure by a few thousandths of
-a point at most. A first line compares the float32 GEMM of torch.mm (MKL) with utils.cosine_block's (oneDNN).
+outside Python's allocator. The time is the wall-clock time of the method alone, and beside it the CPU time of
+all its threads, which other processes on a busy machine inflate less. Methods alternate, and with --repeats
+above 1 the fastest repeat of each is kept (and the least CPU time), since other processes make single timings
+noisy. The metrics are printed side by side: ours, per_query's means and before's are the same; faiss agrees
+but for near-ties: two cosines within float32 rounding (1e-7) of each other may swap places between the two GEMMs,
+which moves a figure by a few thousandths of a point at most. A first line compares the float32 GEMM of torch.mm
+(MKL) with utils.cosine_block's (oneDNN).
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -127,11 +134,24 @@ def faiss_metrics(features, labels, ranks, gallery_features=None, gallery_labels
     return metrics
 
 
-def measure(method, path, ranks, threads):
-    """Run in a fresh process: (seconds, peak bytes above the loaded features, metrics) of one method."""
+def load_utils(tree):
+    """utils.py of the source tree in the folder tree, as a module of its own."""
+    sys.path.insert(0, tree)
+    spec = importlib.util.spec_from_file_location('utils_before', os.path.join(tree, 'utils.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(method, path, ranks, threads, tree=None):
+    """Run in a fresh process: (seconds, CPU seconds of all its threads, peak bytes above the loaded features,
+    metrics) of one method; per_query
+    reports the means of its per-query figures, which must equal the averages."""
     import faiss
     import torch
     from utils import retrieval_metrics
+    if method == 'before':
+        retrieval_metrics = load_utils(tree).retrieval_metrics
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     data = np.load(path)
@@ -143,14 +163,22 @@ def measure(method, path, ranks, threads):
             file.write('5')
     except OSError:
         pass
-    start = time.perf_counter()
-    if method == 'ours':
-        metrics = retrieval_metrics(torch.from_numpy(features), torch.from_numpy(labels), ranks,
-                                    *map(torch.from_numpy, gallery))
+    inputs = (torch.from_numpy(features), torch.from_numpy(labels), ranks, *map(torch.from_numpy, gallery))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if method in ('ours', 'before'):
+        metrics = retrieval_metrics(*inputs)
+    elif method == 'per_query':
+        blocks = []
+        _, per_query = retrieval_metrics(*inputs, per_query=True, progress=lambda done, total: blocks.append(done))
     else:
         metrics = faiss_metrics(features, labels, ranks, *gallery)
-    seconds = time.perf_counter() - start
-    return seconds, memory_status()['VmHWM'] - baseline, {key: float(value) for key, value in metrics.items()}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    peak = memory_status()['VmHWM'] - baseline
+    if method == 'per_query':
+        metrics = {key: per_query[key].double().mean().item() for key in per_query if key.startswith('recall@')}
+        metrics['map@r'] = per_query['ap@r'].nanmean().item()
+        metrics['r_precision'] = per_query['r_precision'].nanmean().item()
+    return seconds, cpu_seconds, peak, {key: float(value) for key, value in metrics.items()}
 
 
 def gemm_speeds(threads, size=2048, dim=512, repeats=5):
@@ -172,35 +200,46 @@ def gemm_speeds(threads, size=2048, dim=512, repeats=5):
     return speeds
 
 
-def run_worker(method, path, ranks, threads):
+def run_worker(method, path, ranks, threads, tree):
     """measure() in a child process of this script."""
     command = [sys.executable, os.path.abspath(__file__), '--worker', method, '--data', path, '--threads',
-               str(threads), '--ranks', ranks]
+               str(threads), '--ranks', ranks] + (['--tree', tree] if tree else [])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise UserError(f'the {method} measurement failed:\n{result.stderr}')
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def compare(label, path, ranks, threads, repeats):
-    """Measure both methods on the features saved at path, print the comparison; returns the ratio ours/faiss."""
-    runs = {'ours': [], 'faiss': []}
+RATIOS = (('ours', 'faiss'), ('per_query', 'ours'), ('ours', 'before'))  # (method, baseline) pairs printed
+
+
+def compare(label, path, ranks, threads, repeats, tree):
+    """Measure every method on the features saved at path, alternating, and print the comparison; returns the
+    ratios {(method, baseline): (fastest time / fastest time, least CPU time / least CPU time)}."""
+    runs = {method: [] for method in ('ours', 'per_query', 'before', 'faiss') if method != 'before' or tree}
     for _ in range(repeats):
         for method in runs:
-            runs[method].append(run_worker(method, path, ranks, threads))
+            runs[method].append(run_worker(method, path, ranks, threads, tree))
     best = {method: min(results, key=lambda result: result[0]) for method, results in runs.items()}
-    (ours_s, ours_peak, ours), (faiss_s, faiss_peak, reference) = best['ours'], best['faiss']
-    ratio = ours_s / faiss_s
-    print(f'\n{label}, ranks {ranks}: ours {ours_s:.1f} s, faiss {faiss_s:.1f} s, ratio ours/faiss {ratio:.2f}; '
-          f'peak memory above the features: ours {ours_peak / 2 ** 30:.3f} GiB, faiss {faiss_peak / 2 ** 30:.3f} GiB')
-    for name, metrics in (('ours', ours), ('faiss', reference)):
-        print(f'  {name:5s} ' + '  '.join(f'{key} {100 * value:.3f}' for key, value in metrics.items()))
-    difference = max(abs(ours[key] - reference[key]) for key in ours)
-    print(f'  largest difference between the two: {100 * difference:.4f} points')
+    cpu = {method: min(result[1] for result in results) for method, results in runs.items()}
+    ratios = {pair: (best[pair[0]][0] / best[pair[1]][0], cpu[pair[0]] / cpu[pair[1]]) for pair in RATIOS
+              if set(pair) <= set(best)}
+    print(f'\n{label}, ranks {ranks}: ' + ', '.join(f'{method} {best[method][0]:.1f} s (CPU {cpu[method]:.1f} s)'
+                                                    for method in best))
+    print('  ratio ' + ', '.join(f'{method}/{baseline} {wall:.2f} (CPU {cpu_ratio:.2f})'
+                                 for (method, baseline), (wall, cpu_ratio) in ratios.items()))
+    print('  peak memory above the features: ' + ', '.join(f'{method} {best[method][2] / 2 ** 30:.3f} GiB'
+                                                            for method in best))
+    for method, (_, _, _, metrics) in best.items():
+        print(f'  {method:9s} ' + '  '.join(f'{key} {100 * value:.3f}' for key, value in metrics.items()))
+    ours = best['ours'][3]
+    for method in [method for method in best if method != 'ours']:
+        difference = max(abs(ours[key] - best[method][3][key]) for key in ours)
+        print(f'  largest difference between ours and {method}: {100 * difference:.4f} points')
     if repeats > 1:
         print('  all times (s): ' + '; '.join(f'{method} ' + ' '.join(f'{result[0]:.1f}' for result in results)
                                               for method, results in runs.items()))
-    return ratio
+    return ratios
 
 
 def main():
@@ -215,12 +254,17 @@ def main():
     parser.add_argument('--threads', default=None, type=int, help="threads of both methods (default: torch's)")
     parser.add_argument('--repeats', default=1, type=int, help='runs of each method; the fastest is kept')
     parser.add_argument('--seed', default=0, type=int, help='random seed of the features')
-    parser.add_argument('--worker', default=None, choices=('ours', 'faiss'), help=argparse.SUPPRESS)
+    parser.add_argument('--baseline', default=None,
+                        help='a git revision whose utils.retrieval_metrics is timed too, as "before"')
+    parser.add_argument('--worker', default=None, choices=('ours', 'per_query', 'before', 'faiss'),
+                        help=argparse.SUPPRESS)
     parser.add_argument('--data', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--ranks', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--tree', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker, args.data, [int(k) for k in args.ranks.split(',')], args.threads)))
+        print(json.dumps(measure(args.worker, args.data, [int(k) for k in args.ranks.split(',')], args.threads,
+                                 args.tree)))
         return
     cases = args.cases.split(',')
     if args.num_images < 2 or args.repeats < 1:
@@ -235,7 +279,18 @@ def main():
                                                         for name, speed in gemm_speeds(threads).items()))
     ratios = []
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, 'features.npz')
+        path, tree = os.path.join(folder, 'features.npz'), None
+        if args.baseline:
+            tree = os.path.join(folder, 'before')
+            os.makedirs(tree)
+            archive = subprocess.run(['git', '-C', ROOT, 'archive', args.baseline], capture_output=True)
+            if archive.returncode:
+                raise UserError(f'--baseline {args.baseline!r} is not a git revision of {ROOT}: '
+                                f'{archive.stderr.decode().strip()}')
+            subprocess.run(['tar', '-x', '-C', tree], input=archive.stdout, check=True)
+            commit = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', args.baseline], capture_output=True,
+                                    text=True).stdout.strip()
+            print(f'before: utils.py of {args.baseline} ({commit})')
         if 'sop' in cases:
             features, labels = make_features(args.num_images, args.dim, args.spread, args.seed)
             print(f'\nsop: N = {len(labels)}, D = {args.dim}, {labels.max() + 1} classes of '
@@ -243,7 +298,7 @@ def main():
                   f'features {features.nbytes / 2 ** 20:.0f} MiB')
             np.savez(path, features=features, labels=labels)
             del features
-            ratios += [compare('sop', path, ranks, threads, args.repeats) for ranks in RANK_SETS]
+            ratios += [compare('sop', path, ranks, threads, args.repeats, tree) for ranks in RANK_SETS]
         for case in [case for case in GALLERY_CASES if case in cases]:
             *sizes, spread, ranks = GALLERY_CASES[case]
             queries, query_labels, gallery, gallery_labels = make_gallery(*sizes, spread, args.seed)
@@ -254,8 +309,15 @@ def main():
             np.savez(path, features=queries, labels=query_labels, gallery_features=gallery,
                      gallery_labels=gallery_labels)
             del queries, gallery
-            ratios.append(compare(case, path, ranks, threads, args.repeats))
-    print(f'\nworst ratio {max(ratios):.2f} (at most 1.0 means ours is no slower than faiss)')
+            ratios.append(compare(case, path, ranks, threads, args.repeats, tree))
+    print()
+    meanings = ('ours is no slower than faiss', 'the per-query figures cost no time', 'no slowdown since the baseline')
+    for (method, baseline), meaning in zip(RATIOS, meanings):
+        found = [ratio[method, baseline] for ratio in ratios if (method, baseline) in ratio]
+        if found:
+            print(f'{method}/{baseline}: worst {max(wall for wall, _ in found):.2f}, all '
+                  + ' '.join(f'{wall:.2f}' for wall, _ in found) + '; by CPU time '
+                  + ' '.join(f'{cpu:.2f}' for _, cpu in found) + f' (at most 1.0 means {meaning})')
 
 
 if __name__ == '__main__':

@@ -15,29 +15,44 @@ from utils import UserError, recall, retrieval_metrics
 
 def ranked_metrics(rankings, ranks):
     """Every metric from each query's ranked relevance list (True where the item shares the query's class)."""
-    hits_at = {k: 0 for k in ranks}
-    average_precisions, r_precisions = [], []
-    for relevant in rankings:
-        for k in ranks:
-            hits_at[k] += any(relevant[:k])
-        r = sum(relevant)
-        if r == 0:
-            continue  # no item of the class to find: MAP@R and R-Precision are undefined for this query
-        found, precision_sum = 0, 0.0
-        for position in range(1, r + 1):
-            if relevant[position - 1]:
-                found += 1
-                precision_sum += found / position
-        average_precisions.append(precision_sum / r)
-        r_precisions.append(found / r)
-    metrics = {f'recall@{k}': hits_at[k] / len(rankings) for k in ranks}
+    per_query = ranked_per_query(rankings, ranks)
+    average_precisions = [ap for ap in per_query['ap@r'] if not math.isnan(ap)]
+    r_precisions = [rp for rp in per_query['r_precision'] if not math.isnan(rp)]
+    metrics = {f'recall@{k}': sum(per_query[f'recall@{k}']) / len(rankings) for k in ranks}
     metrics['map@r'] = float(np.mean(average_precisions)) if average_precisions else math.nan
     metrics['r_precision'] = float(np.mean(r_precisions)) if r_precisions else math.nan
     return metrics
 
 
+def ranked_per_query(rankings, ranks):
+    """Each query's figures from its ranked relevance list: {'recall@K': [hit], 'ap@r': [AP], 'r_precision': [RP]},
+    NaN AP and RP for a query with no item of its class."""
+    per_query = {**{f'recall@{k}': [] for k in ranks}, 'ap@r': [], 'r_precision': []}
+    for relevant in rankings:
+        for k in ranks:
+            per_query[f'recall@{k}'].append(any(relevant[:k]))
+        r = sum(relevant)
+        if r == 0:  # no item of the class to find: MAP@R and R-Precision are undefined for this query
+            per_query['ap@r'].append(math.nan)
+            per_query['r_precision'].append(math.nan)
+            continue
+        found, precision_sum = 0, 0.0
+        for position in range(1, r + 1):
+            if relevant[position - 1]:
+                found += 1
+                precision_sum += found / position
+        per_query['ap@r'].append(precision_sum / r)
+        per_query['r_precision'].append(found / r)
+    return per_query
+
+
 def brute_force(features, labels, ranks):
     """Every metric from the full cosine matrix with plain loops: per query, sort the others by similarity."""
+    return ranked_metrics(rankings_of(features, labels), ranks)
+
+
+def rankings_of(features, labels):
+    """Each query's relevance list over the others sorted by similarity, from the full float64 cosine matrix."""
     features = np.asarray(features, dtype=np.float64)
     features = features / np.linalg.norm(features, axis=1, keepdims=True)
     labels = list(np.asarray(labels))
@@ -47,7 +62,7 @@ def brute_force(features, labels, ranks):
     for q in range(n):
         others = sorted((j for j in range(n) if j != q), key=lambda j: -sims[q, j])
         rankings.append([labels[j] == labels[q] for j in others])
-    return ranked_metrics(rankings, ranks)
+    return rankings
 
 
 def clustered(n, num_classes, dim, spread, seed, sizes=None):
@@ -205,6 +220,11 @@ def test_metrics_match_pytorch_metric_learning(sizes, seed):
 def brute_force_gallery(queries, query_labels, gallery, gallery_labels, ranks):
     """Every metric from the full query x gallery cosine matrix with plain loops: per query, the whole gallery sorted
     by similarity, other-class items first among exact ties; nothing excluded."""
+    return ranked_metrics(gallery_rankings_of(queries, query_labels, gallery, gallery_labels), ranks)
+
+
+def gallery_rankings_of(queries, query_labels, gallery, gallery_labels):
+    """Each query's relevance list over the whole gallery sorted by similarity, other-class items first among ties."""
     queries = np.asarray(queries, dtype=np.float64)
     gallery = np.asarray(gallery, dtype=np.float64)
     sims = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ \
@@ -214,7 +234,7 @@ def brute_force_gallery(queries, query_labels, gallery, gallery_labels, ranks):
     for q, label in enumerate(query_labels):
         ranking = sorted(range(len(gallery_labels)), key=lambda j: (-sims[q, j], gallery_labels[j] == label))
         rankings.append([gallery_labels[j] == label for j in ranking])
-    return ranked_metrics(rankings, ranks)
+    return rankings
 
 
 def split_query_gallery(features, labels, query_share, seed, query_only=2, gallery_only=2):
@@ -331,3 +351,86 @@ def test_the_benchmarks_faiss_baseline_matches_brute_force():
     features, labels = eval_speed.make_features(150, 8, 1.0, seed=0)
     assert eval_speed.faiss_metrics(features, labels, ranks) == pytest.approx(brute_force(features, labels, ranks),
                                                                               abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-query figures
+
+def assert_per_query(got, expected, ranks):
+    """got: retrieval_metrics' per-query tensors; expected: ranked_per_query's lists, in the same query order."""
+    assert got.keys() == expected.keys()
+    for k in ranks:
+        assert got[f'recall@{k}'].dtype == torch.bool
+        assert got[f'recall@{k}'].tolist() == expected[f'recall@{k}'], k
+    for key in ('ap@r', 'r_precision'):
+        assert got[key].dtype == torch.float64
+        assert got[key].tolist() == pytest.approx(expected[key], abs=1e-6, nan_ok=True), key
+
+
+def assert_means_are_the_averages(metrics, per_query, ranks):
+    """Recall@K is the mean hit over all queries; MAP@R and R-Precision the means over those with R > 0."""
+    for k in ranks:
+        assert per_query[f'recall@{k}'].double().mean().item() == pytest.approx(metrics[f'recall@{k}'], abs=1e-12)
+    assert per_query['ap@r'].nanmean().item() == pytest.approx(metrics['map@r'], abs=1e-12, nan_ok=True)
+    assert per_query['r_precision'].nanmean().item() == pytest.approx(metrics['r_precision'], abs=1e-12,
+                                                                      nan_ok=True)
+
+
+@pytest.mark.parametrize('n, num_classes, dim, spread, seed', [
+    (60, 6, 8, 1.0, 0),
+    (37, 30, 4, 0.8, 2),  # many classes of 1 or 2 items: NaN rows
+    (25, 2, 3, 2.0, 3),
+])
+def test_per_query_figures_match_brute_force(n, num_classes, dim, spread, seed):
+    """Each query's hits, AP@R and R-Precision in the caller's (unsorted) order, with blocks of one row or all."""
+    features, labels = clustered(n, num_classes, dim, spread, seed)
+    expected = ranked_per_query(rankings_of(features, labels), RANKS)
+    for chunk_bytes in (32 * 2 ** 20, 4 * 1 * torch.get_num_threads()):
+        metrics, per_query = retrieval_metrics(features, labels, RANKS, chunk_bytes=chunk_bytes, per_query=True)
+        assert metrics == retrieval_metrics(features, labels, RANKS, chunk_bytes=chunk_bytes)
+        assert_per_query(per_query, expected, RANKS)
+        assert_means_are_the_averages(metrics, per_query, RANKS)
+    lone = torch.bincount(labels)[labels] == 1  # a singleton's own row: a miss, NaN
+    assert torch.equal(per_query['ap@r'].isnan(), lone) and not per_query['recall@8'][lone].any()
+
+
+@pytest.mark.parametrize('n, num_classes, dim, spread, query_share, seed', [
+    (120, 12, 8, 1.0, 0.5, 0),
+    (60, 30, 4, 0.8, 0.5, 3),
+])
+def test_gallery_per_query_figures_match_brute_force(n, num_classes, dim, spread, query_share, seed):
+    """With a gallery: the queries with no gallery item of their class stay in their rows, misses with NaN."""
+    features, labels = clustered(n, num_classes, dim, spread, seed)
+    queries, query_labels, gallery, gallery_labels = split_query_gallery(features, labels, query_share, seed)
+    ranks = [1, 2, 4, 8, len(gallery_labels) + 5]
+    expected = ranked_per_query(gallery_rankings_of(queries, query_labels, gallery, gallery_labels), ranks)
+    for chunk_bytes in (32 * 2 ** 20, 4 * 7 * 7 * torch.get_num_threads()):
+        metrics, per_query = retrieval_metrics(queries, query_labels, ranks, gallery, gallery_labels,
+                                               chunk_bytes=chunk_bytes, per_query=True)
+        assert_per_query(per_query, expected, ranks)
+        assert_means_are_the_averages(metrics, per_query, ranks)
+    lone = torch.isin(query_labels, gallery_labels, invert=True)
+    assert lone.any() and torch.equal(per_query['ap@r'].isnan(), lone)
+
+
+def test_hand_worked_example_per_query():
+    """The eight items of test_hand_worked_example_with_duplicates, query by query."""
+    features = angles(0, 0, 30, 30, 105, -40, -75, -55)
+    labels = torch.tensor([0, 1, 2, 2, 3, 0, 1, 1])
+    _, per_query = retrieval_metrics(features, labels, [1, 2, 4], per_query=True)
+    assert per_query['recall@1'].tolist() == [False, False, True, True, False, False, True, False]
+    assert per_query['recall@2'].tolist() == [False, False, True, True, False, False, True, True]
+    assert per_query['recall@4'].tolist() == [True, False, True, True, False, True, True, True]
+    assert per_query['ap@r'].tolist() == pytest.approx([0, 0, 1, 1, math.nan, 0, 0.5, 0.25], nan_ok=True)
+    assert per_query['r_precision'].tolist() == pytest.approx([0, 0, 1, 1, math.nan, 0, 0.5, 0.5], nan_ok=True)
+
+
+def test_per_query_with_no_item_of_any_class():
+    """Only singletons, or a gallery with none of the queries' classes: every query a miss with NaN figures."""
+    features, labels = clustered(20, 4, 3, 1.0, 7)
+    for args in ((features[:5], torch.arange(5), [1, 2]), (features[:10], labels[:10], [1, 5], features[10:],
+                                                           labels[10:] + 10)):
+        metrics, per_query = retrieval_metrics(*args, per_query=True)
+        assert not any(per_query[f'recall@{k}'].any() for k in args[2])
+        assert per_query['ap@r'].isnan().all() and per_query['r_precision'].isnan().all()
+        assert len(per_query['ap@r']) == len(args[1]) and math.isnan(metrics['map@r'])

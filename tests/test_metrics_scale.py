@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,16 @@ def reference(features, labels, ranks, gallery_features=None, gallery_labels=Non
     """Every metric from the whole float64 cosine matrix: each query's items sorted by similarity, the query itself
     removed by position when there is no gallery. A stable sort on the negated similarity puts other-class items
     first among exact ties, the rule retrieval_metrics documents."""
+    per_query = reference_per_query(features, labels, ranks, gallery_features, gallery_labels)
+    metrics = {f'recall@{k}': per_query[f'recall@{k}'].double().mean().item() for k in ranks}
+    has_r = ~per_query['ap@r'].isnan()
+    metrics['map@r'] = per_query['ap@r'][has_r].mean().item()
+    metrics['r_precision'] = per_query['r_precision'][has_r].mean().item()
+    return metrics
+
+
+def reference_per_query(features, labels, ranks, gallery_features=None, gallery_labels=None):
+    """reference's figures of each query: 'recall@K' (N,) hits, 'ap@r' and 'r_precision' (N,), NaN where R = 0."""
     queries = F.normalize(torch.as_tensor(features).double(), dim=1)
     labels = torch.as_tensor(labels)
     n, itself = len(labels), gallery_features is None
@@ -33,14 +44,13 @@ def reference(features, labels, ranks, gallery_features=None, gallery_labels=Non
     order = sorted_order(key)[:, :ranked]  # (N, ranked)
     hits = same.gather(1, order)  # (N, ranked)
     r = hits.sum(1)
-    metrics = {f'recall@{k}': hits[:, :k].any(1).double().mean().item() for k in ranks}
+    per_query = {f'recall@{k}': hits[:, :k].any(1) for k in ranks}
     position = torch.arange(1, ranked + 1, dtype=torch.float64)
     in_r = hits & (position[None] <= r[:, None])
-    has_r = r > 0
     precision = in_r.cumsum(1) / position
-    metrics['map@r'] = ((precision * in_r).sum(1)[has_r] / r[has_r]).mean().item()
-    metrics['r_precision'] = (in_r.sum(1)[has_r] / r[has_r].double()).mean().item()
-    return metrics
+    per_query['ap@r'] = (precision * in_r).sum(1) / r  # NaN (0 / 0) where R = 0
+    per_query['r_precision'] = in_r.sum(1) / r.double()
+    return per_query
 
 
 def sorted_order(key):
@@ -129,6 +139,25 @@ def test_gallery_block_sweep_matches_the_whole_matrix(case, ranks, query_share):
         assert_same(retrieval_metrics(*split[:2], ranks, *split[2:], chunk_bytes=4 * side * side), expected)
 
 
+@pytest.mark.parametrize('case', CASES)
+def test_per_query_figures_match_the_whole_matrix(case):
+    """Each query's hits, AP@R and R-Precision from blocks of 37 x 37, in the caller's order, with and without a
+    gallery, at K within the lists and beyond them, equal the full float64 matrix's, and their means the averages."""
+    features, labels = CASES[case]()
+    split = query_gallery(features, labels, 0.5, seed=len(labels))
+    for args in ((features, labels), split[:2]):
+        for ranks in ([1, 2, 4, 8], [1, 10, 100, 1000]):
+            inputs = (*args, ranks, *([] if len(args[1]) == len(labels) else split[2:]))
+            metrics, per_query = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37, per_query=True)
+            expected = reference_per_query(*inputs)
+            assert per_query.keys() == expected.keys()
+            for key in expected:
+                assert torch.allclose(per_query[key].double(), expected[key].double(), rtol=0, atol=1e-9,
+                                      equal_nan=True), key
+            assert_same(metrics, reference(*inputs))
+            assert metrics == retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
+
+
 def record_blocks(monkeypatch):
     """Record the (rows, columns) of every similarity block utils.cosine_block computes from now on; returns the list."""
     shapes, original = [], utils.cosine_block
@@ -173,6 +202,52 @@ def test_no_gallery_block_is_queries_by_gallery(monkeypatch):
         queries, items = len(split[1]), len(split[3])
         assert shapes.count((side, side)) == (queries // side) * (items // side)  # 5 x 15 or 15 x 5 chunks
         assert max(rows * columns for rows, columns in shapes) <= side * side < queries * items
+
+
+def test_progress_counts_every_block_of_the_sweep():
+    """progress(done, total) is called once per block of the sweep, in order, ending at total."""
+    features, labels = data([4] * 100, 16, 1.0, seed=3)
+    calls = []
+    chunk_bytes = 4 * 50 * 50 * torch.get_num_threads()  # 8 chunks of 50 rows: 36 blocks from the diagonal on
+    got = retrieval_metrics(features, labels, [1, 2], chunk_bytes=chunk_bytes,
+                            progress=lambda *call: calls.append(call))
+    assert calls == [(done, 36) for done in range(1, 37)]
+    assert got == retrieval_metrics(features, labels, [1, 2], chunk_bytes=chunk_bytes)
+
+
+def test_plain_matmul_gives_the_metrics_of_onednn(monkeypatch):
+    """cosine_block's fallback, a plain matmul, when its private oneDNN op is switched off, missing or failing: the
+    same metrics on cosines that are exact in any arithmetic, the float64 matrix's on continuous ones."""
+    calls, original = [], getattr(torch.ops.mkldnn, '_linear_pointwise', None)  # None where torch lacks it
+
+    def recording(*args):
+        calls.append(len(args[0]))
+        if original is None:
+            raise AttributeError('no _linear_pointwise in this torch')
+        return original(*args)
+
+    def failing(*args):
+        raise RuntimeError('oneDNN: unsupported')
+
+    for case in ('sop-like', 'uneven', 'gaussian'):
+        features, labels = CASES[case]()
+        split = query_gallery(features, labels, 0.5, seed=len(labels))
+        for inputs in ((features, labels, [1, 10, 100, 1000]), (*split[:2], [1, 2, 4, 8], *split[2:])):
+            monkeypatch.setattr(torch.ops, 'mkldnn', SimpleNamespace(_linear_pointwise=recording))
+            with_onednn = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
+            assert bool(calls) == (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            calls.clear()
+            monkeypatch.setattr(utils, 'ONEDNN', False)
+            switched_off = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
+            assert not calls
+            monkeypatch.undo()
+            for namespace in (SimpleNamespace(), SimpleNamespace(_linear_pointwise=failing)):  # missing, failing
+                monkeypatch.setattr(torch.ops, 'mkldnn', namespace)
+                assert retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37) == switched_off
+                monkeypatch.undo()
+            assert_same(switched_off, reference(*inputs))
+            if case != 'gaussian':  # cosines are multiples of 1/16: every GEMM gives the same floats
+                assert switched_off == with_onednn
 
 
 def test_ties_rank_other_class_items_first():
@@ -244,7 +319,7 @@ def test_cuda_matches_cpu():
 @pytest.mark.parametrize('gallery', [False, True])
 def test_peak_memory_is_far_below_the_full_matrix(gallery):
     """At N = 12,000 the full matrix would take 549 MiB, and as much for 12,000 queries against a gallery of 12,000:
-    the peak above the features stays under a third of that, whatever the number of threads."""
+    the peak above the features stays under a third of that, whatever the number of threads, per query too."""
     code = textwrap.dedent(f'''
         import sys, numpy as np, torch
         sys.path.insert(0, {ROOT!r})
@@ -264,15 +339,18 @@ def test_peak_memory_is_far_below_the_full_matrix(gallery):
         baseline = rss('VmRSS')
         with open('/proc/self/clear_refs', 'w') as file:
             file.write('5')  # VmHWM := VmRSS
-        if {gallery}:
-            retrieval_metrics(features[:12000], labels[:12000], [1, 10, 100, 1000], features[12000:], labels[12000:])
-        else:
-            retrieval_metrics(features, labels, [1, 10, 100, 1000])
+        inputs = (features[:12000], labels[:12000], [1, 10, 100, 1000], features[12000:], labels[12000:]) \
+            if {gallery} else (features, labels, [1, 10, 100, 1000])
+        retrieval_metrics(*inputs)
+        print(rss('VmHWM') - baseline)
+        with open('/proc/self/clear_refs', 'w') as file:
+            file.write('5')
+        metrics, per_query = retrieval_metrics(*inputs, per_query=True)
         print(rss('VmHWM') - baseline)
     ''')
     if not os.access('/proc/self/clear_refs', os.W_OK):
         pytest.skip('needs Linux /proc/self/clear_refs to reset the peak resident size')
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    peak = int(result.stdout.split()[-1])
-    assert peak < 12000 ** 2 * 4 / 3, f'{peak / 2 ** 20:.0f} MiB'
+    for variant, peak in zip(('plain', 'per query'), map(int, result.stdout.split()[-2:])):
+        assert peak < 12000 ** 2 * 4 / 3, f'{variant}: {peak / 2 ** 20:.0f} MiB'
