@@ -12,6 +12,7 @@ from torch import nn
 from torchvision import models
 
 from runtime import UserError, safe_load
+from utils import load_data_base
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BN_INCEPTION_URL = 'http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth'
@@ -278,7 +279,6 @@ def find_data_base(name):
 
 def open_data_base(name):
     """(data base, its path): a data base train.py wrote, found as find_data_base finds it."""
-    from utils import load_data_base
     path = find_data_base(name)
     return load_data_base(path), path
 

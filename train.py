@@ -248,8 +248,9 @@ def load_splits(args, rank):
     An unprepared data set stops here, before anything is printed. In-shop and folders split that way evaluate
     queries against a gallery."""
     gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
-    read = lambda split, **kwargs: ImageReader(args.data_path, args.data_name, split, args.backbone_type,  # noqa
-                                               args.crop_type, **kwargs)
+    def read(split, **kwargs):
+        return ImageReader(args.data_path, args.data_name, split, args.backbone_type, args.crop_type, **kwargs)
+
     splits = {'train': read('train', seed=args.seed), 'test': read('query' if gallery else 'test')}
     if gallery:
         splits['gallery'] = read('gallery')
@@ -560,11 +561,18 @@ def renamed_run(args):
     path = f'results/{old}_checkpoint.pth'
     if old == new or not os.path.isfile(path):
         return
-    saved = safe_load(path, 'checkpoint').get('args', {})
-    parser = get_args_parser()
-    if all(saved.get(flag, parser.get_default(flag)) == getattr(args, flag) for flag in RECIPE_FLAGS):
+    checkpoint = safe_load(path, 'checkpoint')
+    if isinstance(checkpoint, dict) and not recipe_changes(checkpoint.get('args', {}), args):
         raise UserError(f'this run was written as {old} before every recipe flag named runs; to resume it, rename its '
                         f'files: for f in results/{old}_*; do mv "$f" "results/{new}${{f#results/{old}}}"; done')
+
+
+def recipe_changes(saved, args):
+    """[(flag, saved value)] of the recipe flags whose value in a checkpoint's saved args differs from args'; a
+    checkpoint from before a flag existed was trained with the flag's default."""
+    parser = get_args_parser()
+    return [(flag, saved.get(flag, parser.get_default(flag))) for flag in RECIPE_FLAGS
+            if saved.get(flag, parser.get_default(flag)) != getattr(args, flag)]
 
 
 def load_checkpoint(path, args):
@@ -575,13 +583,9 @@ def load_checkpoint(path, args):
     if missing:
         raise UserError(f'{path} is not a checkpoint train.py wrote (it has no {", ".join(sorted(missing))}); move '
                         f'it away and start afresh without --resume')
-    parser = get_args_parser()
-    for flag in RECIPE_FLAGS:
-        # a checkpoint from before a flag existed was trained with the flag's default
-        saved = checkpoint['args'].get(flag, parser.get_default(flag))
-        if saved != getattr(args, flag):
-            raise UserError(f'{path} was trained with --{flag} {saved}, not {getattr(args, flag)}; resume with the '
-                            f'same flags or start afresh without --resume')
+    for flag, saved in recipe_changes(checkpoint['args'], args)[:1]:
+        raise UserError(f'{path} was trained with --{flag} {saved}, not {getattr(args, flag)}; resume with the '
+                        f'same flags or start afresh without --resume')
     if checkpoint['epoch'] >= args.num_epochs:
         raise UserError(f'{path} already finished epoch {checkpoint["epoch"]} of {args.num_epochs}; raise '
                         f'--num_epochs to train longer')
