@@ -1,5 +1,6 @@
 """Retrieve the images nearest to a query from a trained model's data base, or from a folder of photos; draw them."""
 import argparse
+import csv
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -50,17 +51,32 @@ def embedding_device():
 
 
 @torch.inference_mode()
-def embed_images(model, paths, bar=None, batch_size=32):
-    """(N, D) embeddings of image files with the test-time transform, decoded on all cores; bar counts them."""
+def embed_images(model, paths, bar=None, batch_size=32, unreadable=None):
+    """(N, D) embeddings of image files with the test-time transform, decoded on all cores; bar counts them.
+
+    With a list `unreadable`, a file that cannot be read is appended to it and left out instead of stopping.
+    """
+    def decode(path):
+        try:
+            return test_transform()(read_image(path))
+        except UserError:
+            if unreadable is None:
+                raise
+            return None
+
     features = []
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for start in range(0, len(paths), batch_size):
-            batch = list(pool.map(lambda path: test_transform()(read_image(path)), paths[start:start + batch_size]))
-            device = next(model.parameters()).device
-            features.append(model.embed(torch.stack(batch).to(device)).float().cpu())  # (B, D)
+            decoded = list(pool.map(decode, paths[start:start + batch_size]))
+            batch = [image for image in decoded if image is not None]
+            if unreadable is not None:
+                unreadable += [path for path, image in zip(paths[start:], decoded) if image is None]
+            if batch:
+                device = next(model.parameters()).device
+                features.append(model.embed(torch.stack(batch).to(device)).float().cpu())  # (B, D)
             if bar is not None:
-                bar.update(len(batch))
-    return torch.cat(features)
+                bar.update(len(decoded))
+    return torch.cat(features) if features else torch.empty(0, 0)
 
 
 def embed_query(query, data_base, data_base_path, model=None):
@@ -94,10 +110,11 @@ def gallery_images(folder):
 
 
 def embed_gallery(folder, paths, model, model_path):
-    """(N, D) embeddings of the images below folder; unchanged files come from the cache in results/.
+    """(the readable images below folder, their (N, D) embeddings); unchanged files come from the cache in results/.
 
     A file is unchanged when its path, size and modification time are those cached, and the model file is the one
-    that embedded them; the others are embedded now and the cache rewritten whole.
+    that embedded them; the others are embedded now and the cache rewritten whole. Unreadable files are skipped,
+    counted and listed in one line, as data_utils.py does.
     """
     keys = [(path, status.st_size, status.st_mtime_ns) for path, status in ((p, os.stat(p)) for p in paths)]
     model_status = os.stat(model_path)
@@ -111,17 +128,30 @@ def embed_gallery(folder, paths, model, model_path):
                 known = {tuple(key): feature for key, feature in zip(cache['keys'], cache['features'])}
         except (UserError, KeyError, TypeError):
             print(f'{cache_path} is not a gallery cache this script wrote, so every image is embedded again')
-    todo = [key for key in keys if key not in known]
+    todo, unreadable = [key for key in keys if key not in known], []
     if todo:
         with tqdm(total=len(todo), desc=f'embedding {folder}', unit='img', dynamic_ncols=True) as bar:
-            known.update(zip(todo, embed_images(model, [path for path, _, _ in todo], bar)))
+            features = embed_images(model, [path for path, _, _ in todo], bar, unreadable=unreadable)
+        known.update(zip([key for key in todo if key[0] not in set(unreadable)], features))
+    keys = [key for key in keys if key in known]
+    if not keys:
+        raise UserError(f'--gallery {folder} holds no readable image ({len(unreadable)} unreadable); point it at a '
+                        f'folder of images')
     features = torch.stack([known[key] for key in keys])  # (N, D)
     if todo or len(known) != len(keys):  # new or changed files, or removed ones
         remove_temporaries('results', f'{os.path.basename(cache_path)}.')
         atomic_save({'model': model_key, 'keys': [list(key) for key in keys], 'features': features}, cache_path)
-    print(f'gallery {folder}: {len(paths)} images, {len(todo)} embedded now, {len(paths) - len(todo)} from '
-          f'{cache_path}')
-    return features
+    embedded = len(todo) - len(unreadable)
+    print(f'gallery {folder}: {len(keys)} images, {embedded} embedded now, {len(keys) - embedded} from {cache_path}')
+    report_unreadable(folder, unreadable)
+    return [path for path, _, _ in keys], features
+
+
+def report_unreadable(folder, unreadable):
+    """One line counting and listing the gallery's files that could not be read, if any."""
+    if unreadable:
+        print(f'gallery {folder}: skipped {len(unreadable)} unreadable image{"s" * (len(unreadable) > 1)} (missing, '
+              f'truncated or not an image): {", ".join(unreadable)}')
 
 
 def output_name(query_path, data_base):
@@ -162,6 +192,20 @@ def draw_row(query_image, results, path):
     plt.close(figure)
 
 
+def write_results(results, paths, path):
+    """Print the ranked results as text and write them as CSV: rank, path, similarity, same_class (empty when the
+    query's class is unknown, as for a --gallery of photos without labels)."""
+    rows = [(rank, result_path, f'{similarity:.4f}', '' if correct is None else correct)
+            for (_, rank, similarity, correct), result_path in zip(results, paths)]
+    with open(path, 'w', newline='') as file:
+        writer = csv.writer(file)
+        writer.writerow(('rank', 'path', 'similarity', 'same_class'))
+        writer.writerows(rows)
+    for rank, result_path, similarity, same_class in rows:
+        print(f'{rank:>4}  {similarity}  {result_path}' + {True: '  same class', False: '  other class'}.get(
+            same_class, ''))
+
+
 def main():
     """Find the query's nearest neighbours and write them under results/<query name>/."""
     args = get_args_parser().parse_args()
@@ -173,7 +217,12 @@ def main():
         model, model_path = load_model(data_base, data_base_path, lambda model_path: (
             f'--gallery needs the model saved beside data base {data_base_path} to embed its images, but no model '
             f'{model_path} was found; pass the data base of a train.py run'), embedding_device())
-        split, features, labels = None, embed_gallery(args.gallery, images, model, model_path), None
+        # a mistyped query is reported now, not after the whole gallery has been embedded
+        if (find_query(args.query_img_name, images) is None and not os.path.isfile(args.query_img_name)
+                and find_query(args.query_img_name, data_base['test_images']) is None):
+            raise UserError(f'query image {args.query_img_name} does not exist; pass an image file')
+        images, features = embed_gallery(args.gallery, images, model, model_path)
+        split, labels = None, None
     else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
         model = None
         split, images, labels, features = searched_split(data_base)
@@ -212,6 +261,8 @@ def main():
         for image, rank, similarity, _ in results:
             image.save(os.path.join(folder, f'retrieval_img_{rank}_{similarity:.4f}.jpg'))
         draw_row(query_image, results, os.path.join(folder, 'retrieval.png'))
+        write_results(results, [images[position] for position in top.indices.tolist()],
+                      os.path.join(folder, 'results.csv'))
     hits = sum(correct is True for *_, correct in results)
     summary = f', {hits} of the same class' if query_label is not None else ''
     searched = f' in {args.gallery}' if args.gallery is not None else ''

@@ -3,6 +3,7 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ import utils
 from conftest import make_folder, train_in, write_image
 from script_runner import error_sentence, temporaries
 
-PREFIX = 'pets_googlenet_proxy_anchor_16_no_pretrained_batch_size4'
+PREFIX = 'pets_timm-resnet18_proxy_anchor_16_no_pretrained_batch_size4'
 EMBED = model.Model.embed
 DATA_BASE = f'{PREFIX}_1_data_base.pth'
 
@@ -26,7 +27,7 @@ def trained(tmp_path_factory):
     make_folder(data, 'pets', ['black cat', 'dog', 'gold fish', 'tabby cat'])
     data_utils.prepare(data, 'pets', workers=1)
     run = tmp_path_factory.mktemp('run')
-    train_in(run, '--data_path', data, '--data_name', 'pets', '--backbone_type', 'googlenet', '--no_pretrained',
+    train_in(run, '--data_path', data, '--data_name', 'pets', '--backbone_type', 'timm/resnet18', '--no_pretrained',
              '--feature_dim', 16, '--batch_size', 4, '--num_epochs', 1, '--num_workers', 0)
     return run
 
@@ -71,7 +72,7 @@ def embedded(monkeypatch):
 def independent(trained):
     """independent(paths) -> (N, D) embeddings of image files by the saved model, computed here (each file once)."""
     data_base = torch.load(trained / 'results' / DATA_BASE, weights_only=True)
-    net = model.Model('googlenet', 16, data_base['proxies'].size(0), pretrained=False)
+    net = model.Model('timm/resnet18', 16, data_base['proxies'].size(0), pretrained=False)
     net.load_state_dict(torch.load(trained / 'results' / f'{PREFIX}_1_model.pth', weights_only=True))
     known = {}
 
@@ -99,6 +100,14 @@ def check_results(independent, folder, query, images):
     found = written(folder)
     assert len(found) == len(images)
     np.testing.assert_allclose([similarity for similarity, _ in found], expected, atol=2e-4)
+    table = pd.read_csv(folder / 'results.csv', keep_default_na=False)
+    assert list(table.columns) == ['rank', 'path', 'similarity', 'same_class']
+    assert table['rank'].tolist() == list(range(1, len(images) + 1))
+    np.testing.assert_allclose(table['similarity'], expected, atol=2e-4)
+    assert (table['same_class'] == '').all()  # the photos have no labels
+    # each listed path is the image of that similarity
+    order = [str(images[i]) for i in similarities.sort(descending=True).indices.tolist()]
+    assert [os.path.realpath(path) for path in table['path']] == [os.path.realpath(path) for path in order]
     pictures = [picture(path) for path in images]
     for similarity, path in found:
         with Image.open(path) as image:
@@ -202,3 +211,39 @@ def test_gallery_needs_the_model_beside_the_data_base(script, trained, photos, t
         f'error: --gallery needs the model saved beside data base {tmp_path / "alone_1_data_base.pth"} to embed its '
         f'images, but no model {tmp_path / "alone_1_model.pth"} was found')
     assert not os.path.exists(tmp_path / 'results')
+
+
+def test_unreadable_photos_are_skipped_counted_and_listed_in_one_line(script, trained, independent, photos, tmp_path):
+    truncated = photos / 'holiday' / 'cut.jpg'
+    with open(photos / 'holiday' / 'beach.jpg', 'rb') as file:
+        truncated.write_bytes(file.read()[:200])
+    fake = photos / 'fake.png'
+    fake.write_text('not a PNG')
+    query = tmp_path / 'query.png'
+    Image.new('RGB', (40, 40), (200, 120, 40)).save(query)
+    for _ in range(2):  # the second run reports them again, from the store
+        out, _ = gallery_run(script, trained, query, photos)
+        skipped = [line for line in out.splitlines() if ': skipped ' in line]
+        assert len(skipped) == 1 and f'gallery {photos}: skipped 2 unreadable images' in skipped[0]
+        assert str(truncated) in skipped[0] and str(fake) in skipped[0]
+        assert f'gallery {photos}: 3 images' in out
+    check_results(independent, trained / 'results' / 'query', query,
+                  [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png', photos / 'scan.bmp'])
+
+
+def test_results_are_printed_as_text(script, trained, photos, tmp_path):
+    query = tmp_path / 'query.png'
+    Image.new('RGB', (40, 40), (20, 120, 240)).save(query)
+    out, _ = gallery_run(script, trained, query, photos, num=2)
+    table = pd.read_csv(trained / 'results' / 'query' / 'results.csv', keep_default_na=False)
+    lines = [line.split() for line in out.splitlines() if line.startswith('   ')]
+    assert [(int(rank), float(similarity), path) for rank, similarity, path in lines] == \
+        list(zip(table['rank'], table['similarity'], table['path']))
+
+
+def test_missing_query_is_reported_before_the_gallery_is_embedded(script, trained, photos, embedded, tmp_path):
+    status, _, err = script('test', '--query_img_name', tmp_path / 'typo.jpg', '--data_base', DATA_BASE,
+                            '--gallery', photos, cwd=trained)
+    assert error_sentence(status, err) == f'error: query image {tmp_path / "typo.jpg"} does not exist; pass an ' \
+                                          f'image file'
+    assert embedded[0] == 0
