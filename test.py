@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import to_pil_image
-from tqdm import tqdm
 
+import gallery
 from model import load_model, open_data_base
-from runtime import (ArgumentParser, UserError, atomic_dir, atomic_save, pyplot, remove_temporaries, run_main,
-                     safe_load)
+from runtime import ArgumentParser, UserError, atomic_dir, pyplot, remove_temporaries, run_main
 from utils import image_files, read_image, searched_split, test_transform
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
@@ -30,7 +29,10 @@ def get_args_parser():
     parser.add_argument('--retrieval_num', default=8, type=int, help='retrieval number')
     parser.add_argument('--gallery', default=None, type=str,
                         help='a folder of your own images to search instead of the test set: every image below it, '
-                             'embedded by the model saved beside the data base and cached under results/')
+                             'embedded by the model saved beside the data base and kept under results/')
+    parser.add_argument('--index', default=None, choices=gallery.INDEXES,
+                        help=f'how --gallery is searched: exact, or a faiss index built once and saved beside the '
+                             f'embeddings (default: exact below {gallery.EXACT_BELOW:,} images, else ivfpq)')
     return parser
 
 
@@ -51,32 +53,15 @@ def embedding_device():
 
 
 @torch.inference_mode()
-def embed_images(model, paths, bar=None, batch_size=32, unreadable=None):
-    """(N, D) embeddings of image files with the test-time transform, decoded on all cores; bar counts them.
-
-    With a list `unreadable`, a file that cannot be read is appended to it and left out instead of stopping.
-    """
-    def decode(path):
-        try:
-            return test_transform()(read_image(path))
-        except UserError:
-            if unreadable is None:
-                raise
-            return None
-
+def embed_images(model, paths, batch_size=32):
+    """(N, D) embeddings of image files with the test-time transform, decoded on all cores."""
     features = []
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for start in range(0, len(paths), batch_size):
-            decoded = list(pool.map(decode, paths[start:start + batch_size]))
-            batch = [image for image in decoded if image is not None]
-            if unreadable is not None:
-                unreadable += [path for path, image in zip(paths[start:], decoded) if image is None]
-            if batch:
-                device = next(model.parameters()).device
-                features.append(model.embed(torch.stack(batch).to(device)).float().cpu())  # (B, D)
-            if bar is not None:
-                bar.update(len(decoded))
-    return torch.cat(features) if features else torch.empty(0, 0)
+            batch = list(pool.map(lambda path: test_transform()(read_image(path)), paths[start:start + batch_size]))
+            device = next(model.parameters()).device
+            features.append(model.embed(torch.stack(batch).to(device)).float().cpu())  # (B, D)
+    return torch.cat(features)
 
 
 def embed_query(query, data_base, data_base_path, model=None):
@@ -91,11 +76,11 @@ def embed_query(query, data_base, data_base_path, model=None):
     return embed_images(model, [query])[0]  # (D,)
 
 
-def gallery_cache_path(folder, model_path):
-    """results/<model>_gallery_<folder hash>.pth: one cache per model and folder."""
+def gallery_store_path(folder, model_path):
+    """results/<model>_gallery_<folder hash>/: one store per model file and folder."""
     digest = hashlib.sha1(os.path.realpath(folder).encode()).hexdigest()[:12]
     stem = os.path.basename(model_path)[:-len('.pth')]
-    return os.path.join('results', f'{stem}_gallery_{digest}.pth')
+    return os.path.join('results', f'{stem}_gallery_{digest}')
 
 
 def gallery_images(folder):
@@ -109,49 +94,36 @@ def gallery_images(folder):
     return paths
 
 
-def embed_gallery(folder, paths, model, model_path):
-    """(the readable images below folder, their (N, D) embeddings); unchanged files come from the cache in results/.
-
-    A file is unchanged when its path, size and modification time are those cached, and the model file is the one
-    that embedded them; the others are embedded now and the cache rewritten whole. Unreadable files are skipped,
-    counted and listed in one line, as data_utils.py does.
-    """
-    keys = [(path, status.st_size, status.st_mtime_ns) for path, status in ((p, os.stat(p)) for p in paths)]
-    model_status = os.stat(model_path)
-    model_key = [os.path.realpath(model_path), model_status.st_size, model_status.st_mtime_ns]
-    cache_path = gallery_cache_path(folder, model_path)
-    known = {}
-    if os.path.isfile(cache_path):
-        try:
-            cache = safe_load(cache_path, 'gallery cache')
-            if cache['model'] == model_key:
-                known = {tuple(key): feature for key, feature in zip(cache['keys'], cache['features'])}
-        except (UserError, KeyError, TypeError):
-            print(f'{cache_path} is not a gallery cache this script wrote, so every image is embedded again')
-    todo, unreadable = [key for key in keys if key not in known], []
-    if todo:
-        with tqdm(total=len(todo), desc=f'embedding {folder}', unit='img', dynamic_ncols=True) as bar:
-            features = embed_images(model, [path for path, _, _ in todo], bar, unreadable=unreadable)
-        known.update(zip([key for key in todo if key[0] not in set(unreadable)], features))
-    keys = [key for key in keys if key in known]
-    if not keys:
-        raise UserError(f'--gallery {folder} holds no readable image ({len(unreadable)} unreadable); point it at a '
-                        f'folder of images')
-    features = torch.stack([known[key] for key in keys])  # (N, D)
-    if todo or len(known) != len(keys):  # new or changed files, or removed ones
-        remove_temporaries('results', f'{os.path.basename(cache_path)}.')
-        atomic_save({'model': model_key, 'keys': [list(key) for key in keys], 'features': features}, cache_path)
-    embedded = len(todo) - len(unreadable)
-    print(f'gallery {folder}: {len(keys)} images, {embedded} embedded now, {len(keys) - embedded} from {cache_path}')
-    report_unreadable(folder, unreadable)
-    return [path for path, _, _ in keys], features
-
-
-def report_unreadable(folder, unreadable):
-    """One line counting and listing the gallery's files that could not be read, if any."""
-    if unreadable:
-        print(f'gallery {folder}: skipped {len(unreadable)} unreadable image{"s" * (len(unreadable) > 1)} (missing, '
-              f'truncated or not an image): {", ".join(unreadable)}')
+def search_gallery(args, data_base, data_base_path):
+    """(query path, [(path, cosine, None)] of its nearest images below --gallery): the folder's store brought up to
+    date first (gallery.py), then searched exactly or through --index."""
+    images = gallery_images(args.gallery)
+    model, model_path = load_model(data_base, data_base_path, lambda model_path: (
+        f'--gallery needs the model saved beside data base {data_base_path} to embed its images, but no model '
+        f'{model_path} was found; pass the data base of a train.py run'), embedding_device())
+    # a mistyped query is reported now, not after the whole gallery has been embedded
+    inside, known = find_query(args.query_img_name, images), find_query(args.query_img_name, data_base['test_images'])
+    if inside is None and known is None and not os.path.isfile(args.query_img_name):
+        raise UserError(f'query image {args.query_img_name} does not exist; pass an image file')
+    path = gallery_store_path(args.gallery, model_path)
+    if os.path.isfile(f'{path}.pth'):
+        print(f'{path}.pth is a gallery cache of an older version, no longer read; delete it')
+    with gallery.open_store(path, model_path, model.embedding.out_features) as store:
+        store.update(args.gallery, images, model)
+        row = None if inside is None else store.row(images[inside])
+        if row is not None:  # a photo of the folder: its stored embedding, and not its own result
+            query_path, query_feature = images[inside], store.block(row, row + 1)[0]
+        elif known is not None:  # a test image of the data base
+            query_path, query_feature = data_base['test_images'][known], data_base['test_features'][known]
+        else:
+            query_path, query_feature = args.query_img_name, embed_query(args.query_img_name, data_base,
+                                                                         data_base_path, model)
+        if len(store.current) <= (row is not None):
+            raise UserError(f'--gallery {args.gallery} holds no image other than the query; add images to search')
+        kind = args.index or gallery.default_index(len(store.current))
+        index = kind if kind == 'exact' else gallery.load_index(store, kind)
+        found = store.search(query_feature, args.retrieval_num, exclude=row, index=index)
+    return query_path, [(result, similarity, None) for result, similarity in found]
 
 
 def output_name(query_path, data_base):
@@ -206,6 +178,34 @@ def write_results(results, paths, path):
             same_class, ''))
 
 
+def search_data_base(args, data_base, data_base_path):
+    """(query path, its label or None, [(path, cosine, same class or None)] of its nearest images) in the test set,
+    or in the gallery of a data set evaluated queries against a gallery (In-shop)."""
+    split, images, labels, features = searched_split(data_base)
+    index = find_query(args.query_img_name, images)
+    # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
+    known = None if index is not None or split == 'test' else find_query(args.query_img_name, data_base['test_images'])
+    if index is not None:
+        query_feature, query_path = features[index], images[index]
+        query_label = labels[index].item()
+    elif known is not None:
+        query_feature, query_path = data_base['test_features'][known], data_base['test_images'][known]
+        query_label = data_base['test_labels'][known].item()
+    else:
+        query_feature, query_label, query_path = embed_query(args.query_img_name, data_base,
+                                                             data_base_path), None, args.query_img_name
+    if query_feature.size(0) != features.size(1):
+        raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
+                        f'holds {features.size(1)}-d features; use the pair train.py wrote together')
+    similarities = F.normalize(features.float(), dim=-1) @ F.normalize(query_feature.float(), dim=-1)  # (N,)
+    if index is not None:
+        similarities[index] = float('-inf')  # the query is not its own result
+    top = similarities.topk(min(args.retrieval_num, len(images) - (index is not None)))
+    return query_path, query_label, [
+        (images[position], similarity, None if query_label is None else labels[position].item() == query_label)
+        for similarity, position in zip(top.values.tolist(), top.indices.tolist())]
+
+
 def main():
     """Find the query's nearest neighbours and write them under results/<query name>/."""
     args = get_args_parser().parse_args()
@@ -213,47 +213,15 @@ def main():
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
     data_base, data_base_path = open_data_base(args.data_base)
     if args.gallery is not None:  # a folder of photos without labels
-        images = gallery_images(args.gallery)
-        model, model_path = load_model(data_base, data_base_path, lambda model_path: (
-            f'--gallery needs the model saved beside data base {data_base_path} to embed its images, but no model '
-            f'{model_path} was found; pass the data base of a train.py run'), embedding_device())
-        # a mistyped query is reported now, not after the whole gallery has been embedded
-        if (find_query(args.query_img_name, images) is None and not os.path.isfile(args.query_img_name)
-                and find_query(args.query_img_name, data_base['test_images']) is None):
-            raise UserError(f'query image {args.query_img_name} does not exist; pass an image file')
-        images, features = embed_gallery(args.gallery, images, model, model_path)
-        split, labels = None, None
-    else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
-        model = None
-        split, images, labels, features = searched_split(data_base)
-    index = find_query(args.query_img_name, images)
-    # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
-    known = None if index is not None or split == 'test' else find_query(args.query_img_name, data_base['test_images'])
-    if index is not None:
-        query_feature, query_path = features[index], images[index]
-        query_label = None if labels is None else labels[index].item()
-    elif known is not None:
-        query_feature, query_path = data_base['test_features'][known], data_base['test_images'][known]
-        query_label = None if labels is None else data_base['test_labels'][known].item()
+        query_path, ranked = search_gallery(args, data_base, data_base_path)
+        query_label = None
     else:
-        query_feature, query_label, query_path = embed_query(args.query_img_name, data_base, data_base_path,
-                                                             model), None, args.query_img_name
-    if query_feature.size(0) != features.size(1):
-        raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
-                        f'holds {features.size(1)}-d features; use the pair train.py wrote together')
-    similarities = F.normalize(features.float(), dim=-1) @ F.normalize(query_feature.float(), dim=-1)  # (N,)
-    if index is not None:
-        similarities[index] = float('-inf')  # the query is not its own result
-    num = min(args.retrieval_num, len(images) - (index is not None))
-    if num == 0:
-        raise UserError(f'--gallery {args.gallery} holds no image other than the query; add images to search')
-    top = similarities.topk(num)
+        query_path, query_label, ranked = search_data_base(args, data_base, data_base_path)
+    num = len(ranked)
 
     name = output_name(query_path, data_base)
-    results = []
-    for rank, (similarity, position) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-        correct = None if query_label is None else labels[position].item() == query_label
-        results.append((framed(images[position], correct), rank, similarity, correct))
+    results = [(framed(path, correct), rank, similarity, correct)
+               for rank, (path, similarity, correct) in enumerate(ranked, 1)]
     remove_temporaries('results', f'{name}.')  # left by a run killed while writing this query's folder
     with atomic_dir(os.path.join('results', name)) as folder:
         query_image = framed(query_path, border=False)
@@ -261,8 +229,7 @@ def main():
         for image, rank, similarity, _ in results:
             image.save(os.path.join(folder, f'retrieval_img_{rank}_{similarity:.4f}.jpg'))
         draw_row(query_image, results, os.path.join(folder, 'retrieval.png'))
-        write_results(results, [images[position] for position in top.indices.tolist()],
-                      os.path.join(folder, 'results.csv'))
+        write_results(results, [path for path, _, _ in ranked], os.path.join(folder, 'results.csv'))
     hits = sum(correct is True for *_, correct in results)
     summary = f', {hits} of the same class' if query_label is not None else ''
     searched = f' in {args.gallery}' if args.gallery is not None else ''

@@ -99,11 +99,12 @@ def check_results(independent, folder, query, images):
     expected = similarities.sort(descending=True).values.tolist()
     found = written(folder)
     assert len(found) == len(images)
-    np.testing.assert_allclose([similarity for similarity, _ in found], expected, atol=2e-4)
+    # the store keeps float16 rows: a unit row rounded so moves a cosine by at most 2 ** -11 (4.9e-4)
+    np.testing.assert_allclose([similarity for similarity, _ in found], expected, atol=6e-4)
     table = pd.read_csv(folder / 'results.csv', keep_default_na=False)
     assert list(table.columns) == ['rank', 'path', 'similarity', 'same_class']
     assert table['rank'].tolist() == list(range(1, len(images) + 1))
-    np.testing.assert_allclose(table['similarity'], expected, atol=2e-4)
+    np.testing.assert_allclose(table["similarity"], expected, atol=6e-4)
     assert (table['same_class'] == '').all()  # the photos have no labels
     # each listed path is the image of that similarity
     order = [str(images[i]) for i in similarities.sort(descending=True).indices.tolist()]
@@ -115,7 +116,7 @@ def check_results(independent, folder, query, images):
         assert np.abs(pixels[1:4, 50:170].reshape(-1, 3).mean(axis=0) - 128).max() < 40  # grey: no labels
         # the picture shown is the photo with that similarity
         shown = int(np.argmin([np.abs(pixels[8:-8, 8:-8] - other).mean() for other in pictures]))
-        assert similarities[shown].item() == pytest.approx(similarity, abs=2e-4)
+        assert similarities[shown].item() == pytest.approx(similarity, abs=6e-4)
 
 
 def picture(path):

@@ -1,0 +1,386 @@
+"""Plumbing for test.py --gallery: a folder's embeddings kept on disk, appended as the folder changes and searched
+memory-mapped, exactly or through a faiss index saved beside them. Imports nothing from the research files but
+utils.py's image reading.
+
+A store is one folder, results/<model>_gallery_<folder hash>/, for one model file and one photo folder:
+  meta.json                    {version, model, dim, dtype, generation}: written whole; names the two files below
+  keys-<generation>.jsonl      one line per image: [path, size, mtime_ns], or [path, size, mtime_ns, "unreadable"]
+  embeddings-<generation>.f16  row r: the embedding of the r-th line that is not unreadable, (D,) float16
+  index-<kind>.faiss / .json   an index over the rows and what it was built from (hnsw, ivfpq)
+New and changed images are appended a chunk at a time, the rows first and then their keys, so a run killed while
+embedding loses at most the chunk it was on: rows without keys are cut off when the store is next opened. The row of
+a removed or changed image stays until a compaction writes the live rows into a new generation.
+"""
+import contextlib
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from runtime import RunLock, UserError, atomic_path, remove_temporaries
+from utils import read_image, test_transform
+
+VERSION = 1  # of the store's layout; a store or index of another version is written anew
+DTYPE = np.float16  # half of float32's disk and page cache at no measurable loss of recall (benchmarks/index_speed.py)
+CHUNK = 256  # images embedded, then appended and synced together: what an interruption can lose
+BATCH = 32  # images per forward pass
+SEARCH_ROWS = 1 << 16  # rows the exact search reads from the memory map per step: 64 MiB of float16 at 512-d
+COMPACT_FRACTION = 0.25  # compact when dead rows (removed or changed images) are this share of the store
+INDEXES = ('exact', 'hnsw', 'ivfpq')
+EXACT_BELOW = 1_000_000  # the default --index: exact below this many images, ivfpq from it (README)
+# HNSW: 16 links per node and faiss's default construction depth, half the build time of 32 links at the same
+# recall after re-ranking (measured at 50,000 vectors); the search depth grows to the candidates asked for
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 128
+# IVF-PQ: faiss's fast-scan codes, 4 bits per 8 dimensions (32 bytes a 512-d row); with 8-bit codes training the
+# product quantizer took minutes at 20,000 rows on this machine, with 4-bit codes seconds
+IVFPQ_BITS = 4
+IVFPQ_MIN = 39 * 2 ** IVFPQ_BITS  # k-means of 16 centroids per part: faiss asks for 39 training rows per centroid
+IVFPQ_NPROBE = 32  # inverted lists visited per query
+RERANK = 20  # approximate candidates per result, re-ranked by their exact cosines from the store
+
+
+def candidates(k):
+    """How many approximate neighbours to fetch from an index for k exact ones."""
+    return max(RERANK * k, 200)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the store
+
+@contextlib.contextmanager
+def open_store(path, model_path, dim):
+    """The Store at path, held by this process alone for the block: a second one stops with one sentence."""
+    lock = RunLock(os.path.join(path, '.lock'))
+    holder = lock.acquire()
+    if holder is not None:
+        raise UserError(f'another process ({holder}) is using gallery store {path} right now; wait for it to end')
+    try:
+        yield Store(path, model_path, dim)
+    finally:
+        lock.release()
+
+
+class Store:
+    """The embeddings of one photo folder by one model file, on disk and memory-mapped (see the module docstring)."""
+
+    def __init__(self, path, model_path, dim):
+        status = os.stat(model_path)
+        self.path, self.dim = path, dim
+        self.model = [os.path.realpath(model_path), status.st_size, status.st_mtime_ns]
+        meta = self.read_json('meta.json')
+        expected = {'version': VERSION, 'model': self.model, 'dim': dim, 'dtype': np.dtype(DTYPE).name}
+        if meta is None or {key: meta.get(key) for key in expected} != expected:
+            if meta is not None:
+                print(f'gallery store {path} was written by another model file or version, so it is written anew')
+            meta = {**expected, 'generation': uuid.uuid4().hex[:12]}
+            self.write_json('meta.json', meta)
+        self.generation = meta['generation']
+        self.remove_others()
+        self.load()
+
+    def file(self, kind, generation=None):
+        """The path of this generation's keys or embeddings file."""
+        extension = {'keys': 'jsonl', 'embeddings': np.dtype(DTYPE).str[1:]}[kind]  # f2: float16
+        return os.path.join(self.path, f'{kind}-{generation or self.generation}.{extension}')
+
+    def read_json(self, name):
+        """A JSON file of the store, or None when it is missing or not JSON."""
+        try:
+            with open(os.path.join(self.path, name)) as file:
+                return json.load(file)
+        except (OSError, ValueError):
+            return None
+
+    def write_json(self, name, value):
+        """Write a JSON file of the store whole."""
+        with atomic_path(os.path.join(self.path, name)) as tmp, open(tmp, 'w') as file:
+            json.dump(value, file)
+
+    def remove_others(self):
+        """Delete other generations' files and what a killed run left half-written."""
+        remove_temporaries(self.path)
+        mine = {os.path.basename(self.file('keys')), os.path.basename(self.file('embeddings'))}
+        for name in os.listdir(self.path):
+            if name.startswith(('keys-', 'embeddings-')) and name not in mine:
+                os.remove(os.path.join(self.path, name))
+
+    def load(self):
+        """Read the keys, cut off what an interrupted append left without keys, and map the embeddings."""
+        keys_path, rows_path = self.file('keys'), self.file('embeddings')
+        for path in (keys_path, rows_path):
+            open(path, 'ab').close()
+        with open(keys_path, 'rb') as file:
+            text = file.read()
+        whole = text[:text.rfind(b'\n') + 1]  # a line cut short by a kill is dropped
+        self.keys, self.row_of, self.unreadable = [], {}, set()
+        for line in whole.splitlines():
+            path, size, mtime, *unreadable = json.loads(line)
+            if unreadable:
+                self.unreadable.add((path, size, mtime))
+            else:
+                self.row_of[path, size, mtime] = len(self.keys)  # a later row of the same key wins
+                self.keys.append((path, size, mtime))
+        row_bytes = self.dim * np.dtype(DTYPE).itemsize
+        if os.path.getsize(rows_path) < len(self.keys) * row_bytes:  # never written so: the keys follow their rows
+            raise UserError(f'gallery store {self.path} has fewer embeddings than keys; delete the folder and run '
+                            f'again to embed the gallery anew')
+        for path, size in ((keys_path, len(whole)), (rows_path, len(self.keys) * row_bytes)):
+            if os.path.getsize(path) > size:
+                os.truncate(path, size)
+        # copy-on-write ('c') maps the file like 'r' but gives torch the writable array it wants; nothing writes it
+        self.rows = (np.memmap(rows_path, dtype=DTYPE, mode='c', shape=(len(self.keys), self.dim))
+                     if self.keys else np.zeros((0, self.dim), DTYPE))
+        self.live, self.current = np.zeros(len(self.keys), dtype=bool), {}
+
+    def read(self, start, stop):
+        """Rows start:stop of the memory-mapped embeddings, as stored: a (stop - start, D) tensor on the map."""
+        return torch.from_numpy(np.asarray(self.rows[start:stop]))
+
+    def block(self, start, stop):
+        """Rows start:stop of the memory-mapped embeddings as a float32 tensor (stop - start, D)."""
+        return self.read(start, stop).float()
+
+    def vectors(self, rows):
+        """The embeddings of these rows (sorted), read from the memory map alone: (len(rows), D) float32."""
+        return torch.from_numpy(np.asarray(self.rows[np.asarray(rows, dtype=np.int64)])).float()
+
+    def append(self, keys, features, unreadable):
+        """Add a chunk: its embeddings (N, D), synced, then their keys and the unreadable files' keys, synced."""
+        with open(self.file('embeddings'), 'ab') as file:
+            file.write(np.ascontiguousarray(features, dtype=DTYPE).tobytes())
+            file.flush()
+            os.fsync(file.fileno())
+        lines = [json.dumps(list(key)) for key in keys] + [json.dumps([*key, 'unreadable']) for key in unreadable]
+        with open(self.file('keys'), 'a') as file:
+            file.write(''.join(f'{line}\n' for line in lines))
+            file.flush()
+            os.fsync(file.fileno())
+
+    def update(self, folder, paths, model):
+        """Embed what is new or changed below folder, note what was removed, and compact when it is time; prints
+        what it did in a line, and a line each for unreadable images and images that changed while embedded."""
+        keys = []
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):  # removed since the folder was listed
+                status = os.stat(path)
+                keys.append((path, status.st_size, status.st_mtime_ns))
+        todo = [key for key in keys if key not in self.row_of and key not in self.unreadable]
+        changed = []
+        if todo:
+            with tqdm(total=len(todo), desc=f'embedding {folder}', unit='img', dynamic_ncols=True) as bar, \
+                    ThreadPoolExecutor(os.cpu_count()) as pool:
+                for start in range(0, len(todo), CHUNK):
+                    chunk = todo[start:start + CHUNK]
+                    images = list(pool.map(read_unchanged, chunk))
+                    changed += [key[0] for key, image in zip(chunk, images) if image == 'changed']
+                    good = [(key, image) for key, image in zip(chunk, images) if isinstance(image, torch.Tensor)]
+                    features = embed([image for _, image in good], model)
+                    self.append([key for key, _ in good], features,
+                                [key for key, image in zip(chunk, images) if image == 'unreadable'])
+                    bar.update(len(chunk))
+            self.load()
+        current = [key for key in keys if key in self.row_of]
+        self.live[[self.row_of[key] for key in current]] = True
+        self.current = {key[0]: self.row_of[key] for key in current}
+        unreadable = [key[0] for key in keys if key in self.unreadable]
+        embedded = sum(key in self.row_of for key in todo)
+        print(f'gallery {folder}: {len(current)} images, {embedded} embedded now, {len(current) - embedded} from '
+              f'{self.path}/')
+        if unreadable:
+            print(f'gallery {folder}: skipped {len(unreadable)} unreadable image{"s" * (len(unreadable) > 1)} '
+                  f'(missing, truncated or not an image): {", ".join(unreadable)}')
+        if changed:
+            print(f'gallery {folder}: {len(changed)} image{"s" * (len(changed) > 1)} changed while being embedded '
+                  f'and {"were" if len(changed) > 1 else "was"} left out (such as {changed[0]}); run again to embed '
+                  f'{"them" if len(changed) > 1 else "it"}')
+        dead = len(self.keys) - len(current)
+        if dead and dead >= COMPACT_FRACTION * len(self.keys):
+            self.compact(current, [key for key in keys if key in self.unreadable])
+
+    def compact(self, current, unreadable):
+        """Write the live rows (the keys `current`, in order) and the unreadable keys into a new generation, streamed
+        a block at a time; the new meta.json is the moment it takes over, and the old files go after."""
+        generation = uuid.uuid4().hex[:12]
+        rows = np.array([self.row_of[key] for key in current], dtype=np.int64)
+        with atomic_path(self.file('embeddings', generation)) as tmp, open(tmp, 'wb') as file:
+            for start in range(0, len(rows), SEARCH_ROWS):
+                file.write(np.ascontiguousarray(self.rows[rows[start:start + SEARCH_ROWS]]).tobytes())
+        with atomic_path(self.file('keys', generation)) as tmp, open(tmp, 'w') as file:
+            file.writelines(f'{json.dumps(list(key))}\n' for key in current)
+            file.writelines(f'{json.dumps([*key, "unreadable"])}\n' for key in unreadable)
+        meta = {'version': VERSION, 'model': self.model, 'dim': self.dim, 'dtype': np.dtype(DTYPE).name,
+                'generation': generation}
+        self.write_json('meta.json', meta)
+        del self.rows  # unmapped before its file is removed
+        self.generation = generation
+        self.remove_others()
+        self.load()
+        self.live[:] = True
+        self.current = {key[0]: self.row_of[key] for key in current}
+
+    def row(self, path):
+        """The live row of an image path listed by the last update, or None."""
+        return self.current.get(path)
+
+    def search(self, query, k, exclude=None, index='exact'):
+        """[(path, cosine)] of the k live rows nearest to query (D,), best first, leaving out row `exclude`.
+
+        Candidates come from the memory map a block at a time (`index` 'exact') or from a faiss index; either way
+        they are re-ranked by their float32 cosines with the rows. The exact scan multiplies in float16 (its half
+        products are accurate to about 1e-4 on unit rows, and converting the rows to float32 costs more than the
+        product itself), keeping the candidates(k) best, so only near-ties among more than that many could differ
+        from a float32 scan.
+        """
+        query = F.normalize(query.float(), dim=0)
+        allowed = self.live.copy()
+        if exclude is not None:
+            allowed[exclude] = False
+        if index == 'exact':
+            values, rows = torch.zeros(0), torch.zeros(0, dtype=torch.long)  # the best candidates(k) so far
+            for start in range(0, len(self.keys), SEARCH_ROWS):
+                block = self.read(start, start + SEARCH_ROWS)  # (B, D)
+                similarities = (block @ query.to(block.dtype)).float()  # (B,)
+                similarities[~torch.from_numpy(allowed[start:start + len(block)])] = float('-inf')
+                values = torch.cat([values, similarities])
+                rows = torch.cat([rows, torch.arange(start, start + len(block))])
+                top = values.topk(min(candidates(k), len(values)))
+                values, rows = top.values, rows[top.indices]
+            rows = rows[values > float('-inf')].numpy()
+        else:
+            rows = index_search(index, query[None].numpy(), candidates(k))[0]
+            rows = rows[(rows >= 0) & (rows < len(self.keys))]
+            rows = rows[allowed[rows]]
+        rows = np.unique(rows)  # sorted: the memory map reads them in order
+        similarities = self.vectors(rows) @ query if len(rows) else torch.zeros(0)  # (R,)
+        top = similarities.topk(min(k, len(rows)))
+        return [(self.keys[row][0], value) for row, value in zip(rows[top.indices.numpy()].tolist(),
+                                                                  top.values.tolist())]
+
+
+def read_unchanged(key):
+    """An image decoded with the test-time transform; 'unreadable', or 'changed' when its size or modification
+    time are no longer those of key (it was being written while read)."""
+    path, size, mtime = key
+    try:
+        image = test_transform()(read_image(path))
+    except UserError:
+        image = 'unreadable'
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return 'changed'
+    return image if (status.st_size, status.st_mtime_ns) == (size, mtime) else 'changed'
+
+
+@torch.inference_mode()
+def embed(images, model):
+    """(N, D) float32 NumPy embeddings of (3, 224, 224) uint8 image tensors, BATCH at a time."""
+    device = next(model.parameters()).device
+    features = [model.embed(torch.stack(images[start:start + BATCH]).to(device)).float().cpu()
+                for start in range(0, len(images), BATCH)]
+    return torch.cat(features).numpy() if features else np.zeros((0, model.embedding.out_features), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# faiss indexes over the store's rows; row r is the index's id r, and dead rows are filtered out after a search
+
+def default_index(count):
+    """The --index used when none is given: exact below EXACT_BELOW images, else ivfpq."""
+    return 'exact' if count < EXACT_BELOW else 'ivfpq'
+
+
+def ivfpq_shape(count, dim):
+    """(inverted lists, sub-vectors) of the IVF-PQ index for count vectors: about sqrt(count) lists with at least
+    39 training vectors each (faiss's minimum), and sub-vectors of 8 dimensions."""
+    lists = max(1, min(int(np.sqrt(count)), count // 39))
+    parts = max(part for part in range(1, dim + 1) if dim % part == 0 and part <= max(1, dim // 8))
+    return lists, parts
+
+
+def new_index(kind, dim, count):
+    """An empty faiss index of this kind for count vectors of dim dimensions (L2, which on unit vectors ranks as
+    the cosine does)."""
+    import faiss
+    if kind == 'hnsw':
+        index = faiss.IndexHNSWFlat(dim, HNSW_M)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return index
+    lists, parts = ivfpq_shape(count, dim)
+    return faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(dim), dim, lists, parts, IVFPQ_BITS)
+
+
+def build_index(kind, vectors, count, dim, start=0, index=None):
+    """Train (ivfpq) and fill a new index from vectors(start, stop) -> (stop - start, D) float32, or extend `index`
+    with rows start:count."""
+    if index is None:
+        index = new_index(kind, dim, count)
+        if kind == 'ivfpq':  # trained on rows spread evenly over the store, 64 per list (k-means needs 39)
+            lists, _ = ivfpq_shape(count, dim)
+            index.train(sampled_rows(vectors, np.linspace(0, count - 1, min(count, max(64 * lists, 10_000)))
+                                     .astype(np.int64)))
+    for begin in range(start, count, SEARCH_ROWS):
+        index.add(np.ascontiguousarray(vectors(begin, min(begin + SEARCH_ROWS, count)), dtype=np.float32))
+    return index
+
+
+def sampled_rows(vectors, sample):
+    """The rows `sample` (sorted), read block by block so a memory map is read once in order: (len, D) float32."""
+    parts = []
+    for begin in range(0, int(sample[-1]) + 1, SEARCH_ROWS):
+        inside = sample[(sample >= begin) & (sample < begin + SEARCH_ROWS)]
+        if len(inside):
+            parts.append(vectors(begin, begin + SEARCH_ROWS)[inside - begin])
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def index_search(index, queries, k):
+    """(Q, k) ids of the approximate nearest rows of float32 queries (Q, D); -1 where fewer were found."""
+    import faiss
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+    else:
+        index.nprobe = min(IVFPQ_NPROBE, index.nlist)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+
+
+def load_index(store, kind):
+    """The store's index of this kind: read from disk if built from the same model, store generation and rows;
+    extended if the store has grown since; built anew otherwise. Prints what it did."""
+    import faiss
+    if kind == 'ivfpq' and store.live.sum() < IVFPQ_MIN:
+        raise UserError(f'--index ivfpq learns its codes from the gallery and needs at least {IVFPQ_MIN} images for '
+                        f'that, but this one holds {store.live.sum()}; use --index exact (or hnsw)')
+    path = os.path.join(store.path, f'index-{kind}.faiss')
+    made = {'version': VERSION, 'model': store.model, 'generation': store.generation, 'dim': store.dim}
+    meta, index = store.read_json(f'index-{kind}.json'), None
+    if meta is not None and os.path.isfile(path):
+        try:
+            index = faiss.read_index(path)
+        except RuntimeError:
+            index = None
+        valid = (index is not None and {key: meta.get(key) for key in made} == made and
+                 index.ntotal == meta.get('rows') <= len(store.keys) and index.d == store.dim)
+        if not valid:
+            print(f'{path} was built from another model or an older store, so it is built anew')
+            index = None
+        elif kind == 'ivfpq' and len(store.keys) > 2 * meta['trained_on']:
+            print(f'{path} was trained on {meta["trained_on"]} images and the store has grown to {len(store.keys)}, '
+                  f'so it is trained anew')
+            index = None
+    if index is not None and index.ntotal == len(store.keys):
+        return index
+    begin, before = time.perf_counter(), 0 if index is None else index.ntotal
+    trained_on = len(store.keys) if index is None else meta['trained_on']
+    index = build_index(kind, lambda a, b: store.block(a, b).numpy(), len(store.keys), store.dim, before, index)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, tmp)
+    store.write_json(f'index-{kind}.json', {**made, 'rows': index.ntotal, 'trained_on': trained_on})
+    done = f'extended by {index.ntotal - before} images' if before else f'built over {index.ntotal} images'
+    print(f'index {kind}: {done} in {time.perf_counter() - begin:.1f} s, saved as {path}')
+    return index
