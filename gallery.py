@@ -136,7 +136,10 @@ class Store:
         # copy-on-write ('c') maps the file like 'r' but gives torch the writable array it wants; nothing writes it
         self.rows = (np.memmap(rows_path, dtype=DTYPE, mode='c', shape=(len(self.keys), self.dim))
                      if self.keys else np.zeros((0, self.dim), DTYPE))
-        self.live, self.current = np.zeros(len(self.keys), dtype=bool), {}
+        # every image's latest row is live until an update lists the folder and finds some removed
+        self.live = np.zeros(len(self.keys), dtype=bool)
+        self.live[list(self.row_of.values())] = True
+        self.current = {key[0]: row for key, row in self.row_of.items()}
 
     def read(self, start, stop):
         """Rows start:stop of the memory-mapped embeddings, as stored: a (stop - start, D) tensor on the map."""
@@ -186,6 +189,7 @@ class Store:
                     bar.update(len(chunk))
             self.load()
         current = [key for key in keys if key in self.row_of]
+        self.live[:] = False
         self.live[[self.row_of[key] for key in current]] = True
         self.current = {key[0]: self.row_of[key] for key in current}
         unreadable = [key[0] for key in keys if key in self.unreadable]
@@ -221,8 +225,6 @@ class Store:
         self.generation = generation
         self.remove_others()
         self.load()
-        self.live[:] = True
-        self.current = {key[0]: self.row_of[key] for key in current}
 
     def row(self, path):
         """The live row of an image path listed by the last update, or None."""

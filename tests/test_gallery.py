@@ -248,3 +248,22 @@ def test_missing_query_is_reported_before_the_gallery_is_embedded(script, traine
     assert error_sentence(status, err) == f'error: query image {tmp_path / "typo.jpg"} does not exist; pass an ' \
                                           f'image file'
     assert embedded[0] == 0
+
+
+def test_index_flag_gives_the_exact_results_and_refuses_ivfpq_on_few_images(script, trained, photos, tmp_path):
+    query = tmp_path / 'query.png'
+    Image.new('RGB', (40, 40), (200, 120, 40)).save(query)
+    gallery_run(script, trained, query, photos)
+    exact = (trained / 'results' / 'query' / 'results.csv').read_text()
+    status, out, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
+                              '--index', 'hnsw', cwd=trained)
+    assert status == 0, err
+    assert 'index hnsw: built over 3 images' in out
+    assert (trained / 'results' / 'query' / 'results.csv').read_text() == exact
+    status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
+                            '--index', 'ivfpq', cwd=trained)
+    assert error_sentence(status, err) == ('error: --index ivfpq learns its codes from the gallery and needs at least '
+                                           '624 images for that, but this one holds 3; use --index exact (or hnsw)')
+    status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
+                            '--index', 'flat', cwd=trained)
+    assert error_sentence(status, err).startswith("error: argument --index: invalid choice: 'flat'")
