@@ -27,7 +27,7 @@ from runtime import RunLock, UserError, atomic_path, remove_temporaries
 from utils import read_image, test_transform
 
 VERSION = 1  # of the store's layout; a store or index of another version is written anew
-DTYPE = np.float16  # half of float32's disk and page cache at no measurable loss of recall (benchmarks/index_speed.py)
+DTYPE = np.float16  # half of float32's disk and page cache; exact recall@10 0.9997 at 200,000 rows (index_speed.py)
 CHUNK = 256  # images embedded, then appended and synced together: what an interruption can lose
 BATCH = 32  # images per forward pass
 SEARCH_ROWS = 1 << 16  # rows the exact search reads from the memory map per step: 64 MiB of float16 at 512-d

@@ -118,8 +118,12 @@ def search_gallery(args, data_base, data_base_path):
         else:
             query_path, query_feature = args.query_img_name, embed_query(args.query_img_name, data_base,
                                                                          data_base_path, model)
+        if query_feature.size(0) != store.dim:
+            raise UserError(f'the model embeds in {store.dim} dimensions but data base {data_base_path} holds '
+                            f'{query_feature.size(0)}-d features; use the pair train.py wrote together')
         if len(store.current) <= (row is not None):
-            raise UserError(f'--gallery {args.gallery} holds no image other than the query; add images to search')
+            raise UserError(f'--gallery {args.gallery} holds no readable image other than the query; add images to '
+                            f'search')
         kind = args.index or gallery.default_index(len(store.current))
         index = kind if kind == 'exact' else gallery.load_index(store, kind)
         found = store.search(query_feature, args.retrieval_num, exclude=row, index=index)

@@ -199,7 +199,7 @@ def test_gallery_without_images_is_one_sentence(script, trained, tmp_path, conte
     line = error_sentence(status, err)
     expected = {'nothing': f'--gallery {folder} holds no image', 'no images': f'--gallery {folder} holds no image',
                 'no folder': f'--gallery {folder} is not a folder',
-                'only the query': f'--gallery {folder} holds no image other than the query'}[content]
+                'only the query': f'--gallery {folder} holds no readable image other than the query'}[content]
     assert line.startswith(f'error: {expected}')
     assert not os.path.exists(trained / 'results' / 'q')
 

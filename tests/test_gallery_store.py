@@ -48,8 +48,13 @@ def album(folder, count, first=0):
 
 @torch.inference_mode()
 def independent(network, paths):
-    """(N, D) embeddings computed here, one image at a time, by Model.embed itself."""
-    return torch.cat([EMBED(network, utils.test_transform()(utils.read_image(path))[None]) for path in paths])
+    """(N, D) embeddings computed here, one image at a time, by Model.embed itself (each file version once)."""
+    known = network.__dict__.setdefault('known', {})
+    for path in paths:
+        key = (path, os.stat(path).st_mtime_ns)
+        if key not in known:
+            known[key] = EMBED(network, utils.test_transform()(utils.read_image(path))[None])[0]
+    return torch.stack([known[path, os.stat(path).st_mtime_ns] for path in paths])
 
 
 def store_of(tmp_path, network):
