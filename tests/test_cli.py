@@ -139,7 +139,7 @@ def interior(image):
 def check_retrieval(folder, expected_order, similarities, images, correct, cwd):
     """The files of one test.py run: query, results in the brute-force order with their similarities and borders."""
     assert sorted(os.listdir(folder)) == sorted(
-        ['query_img.jpg', 'retrieval.png'] + [os.path.basename(p) for *_, p in retrieved(folder)])
+        ['query_img.jpg', 'results.csv', 'retrieval.png'] + [os.path.basename(p) for *_, p in retrieved(folder)])
     with Image.open(os.path.join(folder, 'retrieval.png')) as figure:
         assert figure.format == 'PNG'
     with Image.open(os.path.join(folder, 'query_img.jpg')) as query:
