@@ -252,13 +252,22 @@ def set_rng_state(state):
     np.random.set_state((key, array.numpy().astype(np.uint32), position, has_gauss, gauss))
 
 
+@contextlib.contextmanager
+def cpu_generator_seeded(seed):
+    """Seed torch's CPU generator for the block, then give its state back: the caller's draws go on untouched."""
+    state = torch.default_generator.get_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(state)
+
+
 def set_kernels(amp):
     """Fix for the whole run the kernel settings its figures depend on.
 
-    cuDNN as the seed set it (deterministic, no autotuning), except in the --amp speed mode, which autotunes. MKL
-    chooses a thread count per call until torch's is first set, and another count sums in another order: setting
-    it here makes the first epoch compute like the later ones (whose evaluation sets it) and a run in a process that
-    ran something before it compute like a fresh one.
+    cuDNN as the seed set it, except in the --amp speed mode, which autotunes. Until torch's thread count is first
+    set, MKL picks one per call and sums in another order, so it is set here, once, before anything is computed.
     """
     torch.backends.cudnn.deterministic = not amp
     torch.backends.cudnn.benchmark = amp

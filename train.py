@@ -198,9 +198,7 @@ def train(args, ranks, device, rank, world):
         name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
         print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
     sampler = GlobalBatches(len(splits['train']), args.batch_size, rank, world, args.seed)
-    # the loader draws its workers' base seed from a generator of its own, not from the global one that dropout
-    # draws from: a new loader iterator each epoch (--num_workers 0) or one for the run (persistent workers) then
-    # leaves the training identical
+    # the workers' seeds come from a generator of the loader's own, so dropout draws the same for any --num_workers
     train_loader = DataLoader(splits['train'], batch_sampler=sampler, num_workers=args.num_workers,
                               pin_memory=device.type == 'cuda', persistent_workers=args.num_workers > 0,
                               multiprocessing_context=worker_context(splits['train'], args.num_workers),

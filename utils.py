@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from runtime import UserError, safe_load
+from runtime import UserError, cpu_generator_seeded, safe_load
 
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
 CROP_TYPES = ('uncropped', 'cropped')
@@ -200,16 +200,9 @@ class ImageReader(Dataset):
         image = self.cache[index] if self.cache is not None else read_image(self.images[index])
         if epoch is None:
             return self.transform(image), self.labels[index]
-        # only the CPU generator drives the transforms (torch.manual_seed would also queue GPU seeds, which costs more
-        # than a cached crop); the hash of a tuple of ints is stable across processes and runs. The generator's state
-        # is given back afterwards, so that loading in the training process itself (--num_workers 0) leaves the
-        # model's random draws (GoogLeNet's dropout) as they are when workers load
-        state = torch.default_generator.get_state()
-        torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-        try:
+        # a hash of ints is the same in every process, so an image's augmentation does not depend on who loads it
+        with cpu_generator_seeded(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF):
             return self.transform(image), self.labels[index]
-        finally:
-            torch.default_generator.set_state(state)
 
     def __len__(self):
         return len(self.images)
