@@ -314,13 +314,13 @@ class PMLLoss(EmbeddingLoss):
     """A pytorch-metric-learning loss, with the miner that picks its pairs or triplets if it has one.
 
     Its embeddings are cast to float32 at least (as for PP's own losses under --amp). A loss built with num_classes
-    holds its class weights as a parameter: PML keeps them as `proxies` (C, D), or as `W` or `fc` (D, C * K) whose
-    column c * K + k is class c's k-th centre.
+    (given here too: PML's ProxyNCALoss does not keep it) holds its class weights as a parameter: PML keeps them as
+    `proxies` (C, D), or as `W` or `fc` (D, C * K) whose column c * K + k is class c's k-th centre.
     """
 
-    def __init__(self, loss, miner=None):
+    def __init__(self, loss, miner=None, num_classes=None):
         super().__init__()
-        self.loss, self.miner = loss, miner
+        self.loss, self.miner, self.num_classes = loss, miner, num_classes
 
     def forward(self, embeddings, labels):
         """Loss of a batch's (B, D) embeddings against its (B,) labels, on the miner's tuples if there is a miner."""
@@ -330,13 +330,12 @@ class PMLLoss(EmbeddingLoss):
 
     def class_proxies(self):
         """The PML loss's class weights as (C, K, D), or None for a loss without them."""
-        num_classes = getattr(self.loss, 'num_classes', None)
         for name, transposed in (('proxies', False), ('W', True), ('fc', True)):
             weight = getattr(self.loss, name, None)
-            if num_classes and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+            if self.num_classes and isinstance(weight, nn.Parameter) and weight.dim() == 2:
                 rows = weight.T if transposed else weight  # (C * K, D)
-                if rows.size(0) % num_classes == 0:
-                    return rows.reshape(num_classes, rows.size(0) // num_classes, rows.size(1))  # (C, K, D)
+                if rows.size(0) % self.num_classes == 0:
+                    return rows.reshape(self.num_classes, -1, rows.size(1))  # (C, K, D)
         return None
 
 
@@ -351,7 +350,8 @@ def class_cosines(embeddings, proxies):
 
 def proxy_nca(num_classes, embedding_size, proxy_nca_scale):
     """Proxy-NCA (Movshovitz-Attias et al., ICCV 2017) as the official code runs it: ProxyNCALoss(softmax_scale=32)."""
-    return PMLLoss(pml_losses().ProxyNCALoss(num_classes, embedding_size, softmax_scale=proxy_nca_scale))
+    return PMLLoss(pml_losses().ProxyNCALoss(num_classes, embedding_size, softmax_scale=proxy_nca_scale),
+                   num_classes=num_classes)
 
 
 def soft_triple(num_classes, embedding_size, soft_triple_centers, soft_triple_la, soft_triple_gamma,
@@ -360,18 +360,20 @@ def soft_triple(num_classes, embedding_size, soft_triple_centers, soft_triple_la
     gamma = 0.1, delta = 0.01."""
     return PMLLoss(pml_losses().SoftTripleLoss(num_classes, embedding_size, centers_per_class=soft_triple_centers,
                                                la=soft_triple_la, gamma=soft_triple_gamma,
-                                               margin=soft_triple_margin))
+                                               margin=soft_triple_margin), num_classes=num_classes)
 
 
 def arcface(num_classes, embedding_size, arcface_margin, arcface_scale):
     """ArcFace (Deng et al., CVPR 2019): an additive angular margin in degrees; PML's defaults, the paper's 0.5 rad
     and s = 64."""
-    return PMLLoss(pml_losses().ArcFaceLoss(num_classes, embedding_size, margin=arcface_margin, scale=arcface_scale))
+    return PMLLoss(pml_losses().ArcFaceLoss(num_classes, embedding_size, margin=arcface_margin, scale=arcface_scale),
+                   num_classes=num_classes)
 
 
 def cosface(num_classes, embedding_size, cosface_margin, cosface_scale):
     """CosFace (Wang et al., CVPR 2018): an additive cosine margin; PML's defaults, the paper's m = 0.35, s = 64."""
-    return PMLLoss(pml_losses().CosFaceLoss(num_classes, embedding_size, margin=cosface_margin, scale=cosface_scale))
+    return PMLLoss(pml_losses().CosFaceLoss(num_classes, embedding_size, margin=cosface_margin, scale=cosface_scale),
+                   num_classes=num_classes)
 
 
 def multi_similarity(ms_alpha, ms_beta, ms_base, ms_epsilon):
@@ -517,14 +519,18 @@ def check_loss_name(name):
 
 
 def pml_parameters(cls):
-    """{name: inspect.Parameter} of a PML loss class's own constructor parameters, its base classes' included."""
-    from pytorch_metric_learning.losses import BaseMetricLossFunction
+    """{name: inspect.Parameter} of a PML loss class's constructor, and of its base class's where it passes its
+    *args on (CosFaceLoss(*args, margin, scale) takes ArcFaceLoss's num_classes and embedding_size)."""
     parameters = {}
     for klass in cls.__mro__:
-        if isinstance(klass, type) and issubclass(klass, BaseMetricLossFunction) and '__init__' in vars(klass):
-            for name, parameter in inspect.signature(klass.__init__).parameters.items():
-                if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                    parameters.setdefault(name, parameter)
+        if '__init__' not in vars(klass):
+            continue
+        signature = inspect.signature(klass.__init__).parameters
+        for name, parameter in signature.items():
+            if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                parameters.setdefault(name, parameter)
+        if not any(parameter.kind == parameter.VAR_POSITIONAL for parameter in signature.values()):
+            break
     return parameters
 
 
@@ -556,7 +562,8 @@ def pml_entry(name, loss_args):
 def pml_built(cls, loss_args, given, num_classes=None, embedding_size=None):
     """A PML loss class built with its --loss_args and, when it takes them, num_classes and embedding_size."""
     sizes = {'num_classes': num_classes, 'embedding_size': embedding_size}
-    return PMLLoss(cls(**{key: sizes[key] for key in given}, **loss_args))
+    return PMLLoss(cls(**{key: sizes[key] for key in given}, **loss_args),
+                   num_classes=num_classes if 'num_classes' in given else None)
 
 
 def canonical_loss_args(text):
