@@ -426,11 +426,12 @@ class ClassBalancedBatches(GlobalBatches):
 
     An epoch sees every image at least once: each class's images, shuffled, are cut into groups of M, its last group
     filled up with other images of the class (a class smaller than M repeats its images to fill its one group). Each
-    batch then takes one group from each of P different classes, drawn with odds in proportion to the groups each
-    has left, so that large classes spread over the epoch; once fewer than P classes have groups left, the batch is
-    filled up with a fresh group of other classes. So an epoch is about (number of groups) / P batches, all full (the
-    official code instead draws len(dataset) // batch_size batches with replacement). The draws are seeded by
-    seed + epoch, so a resumed run and every torchrun rank draw the same batches.
+    batch then takes one group from each of the P classes with the most groups left (ties, the common case, broken
+    at random), which spreads large classes over the epoch and sees every group exactly once whenever the groups can
+    be dealt so; once fewer than P classes have groups left, the batch is filled up with a fresh group of other
+    classes. So an epoch is about (number of groups) / P batches, all full (the official code instead draws
+    len(dataset) // batch_size batches with replacement). The draws are seeded by seed + epoch, so a resumed run and
+    every torchrun rank draw the same batches.
     """
 
     def __init__(self, labels, batch_size, images_per_class, rank=0, world=1, seed=0):
@@ -455,7 +456,8 @@ class ClassBalancedBatches(GlobalBatches):
         left = torch.tensor([len(group) for group in groups], dtype=torch.float64)  # (C,) groups not yet drawn
         classes, batches = self.batch_size // self.per_class, []
         while left.sum() > 0:
-            chosen = torch.multinomial(left, min(classes, int((left > 0).sum())), generator=generator).tolist()
+            priority = torch.where(left > 0, left + torch.rand(len(left), generator=generator, dtype=left.dtype), -1)
+            chosen = priority.topk(min(classes, int((left > 0).sum()))).indices.tolist()
             batch = []
             for label in chosen:
                 batch += groups[label][len(groups[label]) - int(left[label])].tolist()

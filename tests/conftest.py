@@ -282,7 +282,7 @@ def recorded(monkeypatch):
         result = (fake or original)(model, loader, loss_criterion, optimizer, *rest)
         after = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
         epochs.append({'before': before, 'after': after, 'lrs': [g['lr'] for g in optimizer.param_groups],
-                       'optimizer': optimizer, 'model': net})
+                       'optimizer': optimizer, 'model': net, 'loader': loader, 'loss': loss_criterion})
         return result
 
     monkeypatch.setattr(train, 'train_one_epoch', wrapper)
