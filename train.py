@@ -369,7 +369,8 @@ def save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statist
                 f'results/{prefix}_{epoch}_data_base.pth')
     # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
     atomic_save({'model': weights, 'loss': loss_criterion.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'scheduler': scheduler.state_dict(), 'epoch': epoch, 'args': vars(args), 'rng': rng_state(), 'statistics': statistics},
+                 'scheduler': scheduler.state_dict(), 'epoch': epoch, 'args': vars(args), 'rng': rng_state(),
+                 'statistics': statistics},
                 f'results/{prefix}_checkpoint.pth')
     for kind in ('model', 'data_base'):
         if epoch > 1 and os.path.exists(f'results/{prefix}_{epoch - 1}_{kind}.pth'):
@@ -467,13 +468,16 @@ class ClassBalancedBatches(GlobalBatches):
             fillers = torch.multinomial(others, classes - len(chosen), generator=generator).tolist() \
                 if len(chosen) < classes else []
             for label in fillers:
-                images = members[label]
-                batch += (images[torch.randperm(len(images), generator=generator)[:self.per_class]] if
-                          len(images) >= self.per_class else torch.cat(
-                              [images, self.fill(images, self.per_class - len(images), generator)])).tolist()
+                batch += self.fresh_group(members[label], generator).tolist()
             batches.append(batch)
         self.drawn = self.epoch, batches
         return batches
+
+    def fresh_group(self, images, generator):
+        """M of a class's images drawn at random, all of them and repeats for a class smaller than M."""
+        if len(images) >= self.per_class:
+            return self.fill(images, self.per_class, generator)
+        return torch.cat([images, self.fill(images, self.per_class - len(images), generator)])
 
     @staticmethod
     def fill(images, count, generator):

@@ -68,8 +68,8 @@ OFF_DEFAULT = {'crop_type': [['cropped']], 'no_pretrained': [[]], 'scale': [['16
                'amp': [[]], 'val_fraction': [['0.2'], ['0.25']],
                'images_per_class': [['4'], ['2']], 'loss_args': [['margin=0.2'], ['margin=0.2,swap=True']]}
 # the baseline losses' hyper-parameters (issue 17): one value off its default each
-OFF_DEFAULT.update({flag: [[str(2 * hyper.default + 1)]] for flag, (hyper, _) in load_script('train').loss_flags().items()
-                    if flag not in OFF_DEFAULT})
+OFF_DEFAULT.update({flag: [[str(2 * hyper.default + 1)]]
+                    for flag, (hyper, _) in load_script('train').loss_flags().items() if flag not in OFF_DEFAULT})
 
 
 def test_every_recipe_flag_is_checked_on_resume_and_all_but_the_base_name_the_run():
