@@ -231,8 +231,9 @@ def train(args, ranks, device, rank, world):
                               generator=torch.Generator().manual_seed(args.seed))
     num_classes = splits['train'].num_classes
     # a loss on embeddings has no use for the model's proxies: it holds class proxies of its own, or none
-    model = Model(args.backbone_type, args.feature_dim, num_classes if loss_entry(args.loss_name).cosines else 0,
-                  not args.no_pretrained).to(device)
+    on_cosines = loss_entry(args.loss_name, args.loss_args).cosines
+    model = Model(args.backbone_type, args.feature_dim, num_classes if on_cosines else 0, not args.no_pretrained).to(
+        device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
     loss_criterion = make_loss(args, num_classes).to(device)

@@ -197,3 +197,24 @@ def test_the_figure_says_accuracy_does_not_apply(monkeypatch):
     assert len(figure.axes) == 2  # the training panel and the test panel: no accuracy axis
     assert [line.get_label() for line in training.get_lines()] == ['loss']
     assert any('train accuracy: does not apply' in text.get_text() for text in training.texts)
+
+
+@pytest.mark.parametrize('loss_args, proxies', [('margin=0.4,Tn=1', 0), ('sub_centers=2', 2)])
+def test_a_pml_loss_by_name_reaches_the_run(prepared, tmp_path, script, recorded, monkeypatch, loss_args, proxies):
+    """pml/<Name> with --loss_args: the run trains that class with those arguments, its weights (if any) in the
+    proxy group, and the model without proxies; RankedListLoss needs its two arguments, which --loss_args gives."""
+    from conftest import fast_epochs
+    fast_epochs(monkeypatch, recorded)
+    name = 'pml/RankedListLoss' if proxies == 0 else 'pml/SubCenterArcFaceLoss'
+    status, _, err = script('train', *run_flags(prepared, name, '--loss_args', loss_args, epochs=1), cwd=tmp_path)
+    assert status == 0, err
+    loss, optimizer = recorded[0]['loss'], recorded[0]['optimizer']
+    assert type(loss.loss).__name__ == name[len('pml/'):]
+    assert recorded[0]['model'].proxies.weight.shape == (0, 8)
+    own = list(loss.parameters())
+    assert len(own) == (1 if proxies else 0)
+    assert all(any(p is q for q in optimizer.param_groups[1]['params']) for p in own)
+    if proxies:
+        assert loss.loss.sub_centers == 2 and loss.class_proxies().shape == (2, 2, 8)
+    else:
+        assert (loss.loss.margin, loss.loss.Tn) == (0.4, 1)
