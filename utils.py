@@ -9,7 +9,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -439,7 +439,7 @@ class LossEntry(NamedTuple):
     EmbeddingLoss, called on the batch's (B, D) embeddings and labels; the model then builds no proxies. source:
     where the loss and its settings come from.
     """
-    build: type
+    build: Callable
     hyper: dict
     cosines: bool = True
     source: str = ''
