@@ -238,7 +238,8 @@ class Model(nn.Module):
 
     backbone_type: 'resnet50', 'inception' (BN-Inception), 'googlenet', 'vit_small_dino', 'dinov2_small',
     'dinov2_base' or 'timm/<timm model name>'. feature_dim (512): embedding size. num_classes: the number of
-    training classes, one proxy each. pretrained (True): the backbone's published weights.
+    training classes, one proxy each (0 for a loss on embeddings, which needs none). pretrained (True): the
+    backbone's published weights.
     """
 
     def __init__(self, backbone_type, feature_dim, num_classes, pretrained=True):
@@ -249,6 +250,8 @@ class Model(nn.Module):
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.embedding = nn.Linear(width, feature_dim, bias=False)
         self.proxies = ProxyLinear(num_classes, feature_dim)
+        # none for a loss on embeddings: an empty weight that wants no gradient, which DDP would wait for in vain
+        self.proxies.weight.requires_grad_(num_classes > 0)
 
     def embed(self, images):
         """(B, 3, H, W) images in 0-255 -> (B, feature_dim) unit embeddings."""
@@ -290,9 +293,12 @@ def load_model(data_base, data_base_path, missing, device='cpu'):
     if not os.path.isfile(model_path):
         raise UserError(missing(model_path))
     args = data_base['args']
-    model = Model(args['backbone_type'], args['feature_dim'], data_base['proxies'].size(0), pretrained=False)
+    weights = safe_load(model_path, 'model')
+    # the model's own proxies: the data base's may be a loss's instead, or none
+    proxies = weights['proxies.weight'].size(0) if 'proxies.weight' in weights else data_base['proxies'].size(0)
+    model = Model(args['backbone_type'], args['feature_dim'], proxies, pretrained=False)
     try:
-        model.load_state_dict(safe_load(model_path, 'model'))
+        model.load_state_dict(weights)
     except RuntimeError:
         raise UserError(f'{model_path} does not match the model data base {data_base_path} describes '
                         f'({args["backbone_type"]}, {args["feature_dim"]}-d); use the pair train.py wrote '
