@@ -157,7 +157,8 @@ def per_class(labels, item_labels, hit, ap, names, gallery):
 
 def worst_queries(per_query, labels, item_labels, images, item_images, similarities, neighbours, names, count):
     """The `count` queries of lowest AP@R (queries with R = 0 have none and are left out), worst first, each with
-    its nearest items: a frame of position, image, class, ap@r, r_precision, hit@1 and neighbours [(item, sim)]."""
+    its nearest items: a frame of position, image, class, ap@r, r_precision, hit@1, nearest (JSON [[image,
+    similarity], ...], for the CSV) and neighbours [(item position, similarity)]."""
     ap = per_query['ap@r'].numpy()
     ranked = np.flatnonzero(~np.isnan(ap))
     order = ranked[np.lexsort((ranked, ap[ranked]))][:count]  # lowest AP@R first, ties by position
@@ -165,7 +166,7 @@ def worst_queries(per_query, labels, item_labels, images, item_images, similarit
         'position': order, 'image': [images[q] for q in order], 'class': [names[labels[q]] for q in order],
         'ap@r': ap[order], 'r_precision': per_query['r_precision'].numpy()[order],
         'hit@1': per_query['recall@1'].numpy()[order],
-        'nearest': [' '.join(f'{item_images[i]}:{s:.4f}' for i, s in zip(neighbours[q], similarities[q]))
+        'nearest': [json.dumps([[item_images[i], round(float(s), 6)] for i, s in zip(neighbours[q], similarities[q])])
                     for q in order],
         'neighbours': [list(zip(neighbours[q].tolist(), similarities[q].tolist())) for q in order]})
 
@@ -237,9 +238,9 @@ def embedding_map(found, path):
         xy = PCA(2, random_state=0).fit_transform(points)
         method = f'PCA (the first two principal components; t-SNE takes too long beyond {TSNE_LIMIT:,} embeddings)'
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(7, 7))
+    figure, axis = plt.subplots(figsize=(4.6, 4.6))
     colours = plt.get_cmap('tab20')(labels % 20)
-    size = 30 if len(points) <= 1000 else 4 if len(points) <= 10000 else 1
+    size = 16 if len(points) <= 1000 else 3 if len(points) <= 10000 else 0.5
     queries = len(found['labels'])
     axis.scatter(xy[:queries, 0], xy[:queries, 1], c=colours[:queries], s=size, marker='o', linewidths=0)
     if found['gallery']:
@@ -247,9 +248,10 @@ def embedding_map(found, path):
     classes = np.unique(labels)
     if len(classes) <= 20:
         for label in classes:
-            axis.scatter([], [], color=plt.get_cmap('tab20')(label % 20), label=found['names'][label], s=30)
-        axis.legend(fontsize=7, loc='best', markerscale=1, title='class', title_fontsize=8)
-    axis.set(xticks=[], yticks=[], title=method.split(' (')[0] + f' of {len(points):,} test embeddings')
+            axis.scatter([], [], color=plt.get_cmap('tab20')(label % 20), label=found['names'][label], s=16)
+        axis.legend(fontsize=7, loc='best', title='class', title_fontsize=7)
+    axis.set(xticks=[], yticks=[])
+    axis.set_title(method.split(' (')[0] + f' of {len(points):,} test embeddings', fontsize=9)
     figure.tight_layout()
     save_figure(figure, path, dpi=110)
     return method
@@ -259,7 +261,8 @@ def embedding_map(found, path):
 # the page: every string that goes into it is escaped
 
 def page(found, data_base, data_base_path, statistics_csv, missing, method, curves):
-    """The report's index.html."""
+    """The report's index.html: the run and its headline metrics, the classes it fails beside the pairs it confuses,
+    the map beside the training curves, then the worst queries (the long part) last."""
     args, metrics, esc = data_base['args'], found['metrics'], html.escape
     epoch = data_base.get('epoch')
     heading = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}
@@ -275,32 +278,40 @@ def page(found, data_base, data_base_path, statistics_csv, missing, method, curv
     parts.append(table([heading.get(key, key.replace('recall', 'Recall')) for key in metrics],
                        [[percent(value) for value in metrics.values()]]))
     parts.append(f'<p>{esc(agreement(metrics, statistics_csv, epoch))}</p>')
-    if curves:
-        parts.append('<h2>Training curves</h2><img class="wide" src="statistics.png" alt="training curves">')
-    parts += worst_section(found)
-    parts.append('<h2>Most confused classes</h2>')
-    parts.append(f'<p>How often images of the second class are among the {found["k"]} nearest of the first '
-                 f'class\'s queries; the share is of all those queries\' nearest. '
-                 f'<a href="confused_pairs.csv">confused_pairs.csv</a></p>')
-    parts.append(table(['query class', 'retrieved class', 'count', 'share'],
-                       [[row.query_class, row.retrieved_class, row.count, percent(row.share)]
-                        for row in found['pairs'].itertuples()]))
-    parts.append('<h2>Embedding map</h2>')
+    parts.append(f'<div class="row"><div>{classes_section(found)}</div><div>{pairs_section(found)}</div></div>')
     marks = ' Queries are dots, gallery images crosses.' if found['gallery'] else ''
-    parts.append(f'<p>{esc(method)}, coloured by class (20 colours, repeated beyond 20 classes).{marks}</p>'
-                 f'<img class="map" src="map.png" alt="2-D map of the test embeddings">')
+    pictures = [f'<div><h2>Embedding map</h2><p>{esc(method)}, coloured by class (20 colours, repeated beyond 20 '
+                f'classes).{marks}</p><img class="map" src="map.png" alt="2-D map of the test embeddings"></div>']
+    if curves:
+        pictures.append('<div><h2>Training curves</h2><p>train.py\'s statistics figure of this run.</p>'
+                        '<img class="curves" src="statistics.png" alt="training curves"></div>')
+    parts.append(f'<div class="row">{"".join(pictures)}</div>')
+    parts += worst_section(found)
+    return PAGE.format(title=esc(os.path.basename(data_base_path)), body='\n'.join(parts))
+
+
+def classes_section(found):
+    """The per-class table, worst first, with the total of its image counts."""
     per = found['per_class']
-    counts = (['queries', 'gallery_images'] if found['gallery'] else ['images'])
+    counts = ['queries', 'gallery_images'] if found['gallery'] else ['images']
     names = '' if found['named'] else (' The data set\'s index is not where the data base says, so classes are '
                                        'shown by their labels.')
-    parts.append('<h2>Classes, worst first</h2>')
-    parts.append(f'<p>{len(per):,} classes by MAP@R, then Recall@1.{esc(names)} <a href="classes.csv">'
-                 f'classes.csv</a></p>')
-    parts.append('<div class="scroll">' + table(
-        ['class', *[c.replace('_', ' ') for c in counts], 'Recall@1', 'MAP@R'],
-        [[row['class'], *[f'{row[c]:,}' for c in counts], percent(row['recall@1']), percent(row['map@r'])]
-         for row in per.to_dict('records')], total=['all', *[f'{per[c].sum():,}' for c in counts], '', '']) + '</div>')
-    return PAGE.format(title=esc(os.path.basename(data_base_path)), body='\n'.join(parts))
+    return (f'<h2>Classes, worst first</h2><p>{len(per):,} classes by MAP@R, then Recall@1.{html.escape(names)} '
+            f'<a href="classes.csv">classes.csv</a></p><div class="scroll">' + table(
+                ['class', *[c.replace('_', ' ') for c in counts], 'Recall@1', 'MAP@R'],
+                [[row['class'], *[f'{row[c]:,}' for c in counts], percent(row['recall@1']), percent(row['map@r'])]
+                 for row in per.to_dict('records')],
+                total=['all', *[f'{per[c].sum():,}' for c in counts], '', '']) + '</div>')
+
+
+def pairs_section(found):
+    """The most confused class pairs, with their counts."""
+    return (f'<h2>Most confused classes</h2><p>How often images of the second class are among the {found["k"]} '
+            f'nearest of the first class\'s queries, and their share of those nearest. '
+            f'<a href="confused_pairs.csv">confused_pairs.csv</a></p>' + table(
+                ['query class', 'retrieved class', 'count', 'share'],
+                [[row['query_class'], row['retrieved_class'], row['count'], percent(row['share'])]
+                 for row in found['pairs'].to_dict('records')]))
 
 
 def worst_section(found):
@@ -364,9 +375,11 @@ h1 {{font-size: 1.4em; word-break: break-all}} h2 {{font-size: 1.15em; margin-to
 table {{border-collapse: collapse; font-size: 0.9em}} th, td {{padding: 0.2em 0.7em; border-bottom: 1px solid #eee;
 text-align: left}} th {{background: #f3f3f3; position: sticky; top: 0}} tfoot td {{font-weight: bold}}
 tr.right td {{color: #070}} tr.wrong td {{color: #b00}}
-.missing {{background: #fff4d6; padding: 0.5em}} .wide {{max-width: 100%}} .map {{width: 640px; max-width: 100%}}
+.missing {{background: #fff4d6; padding: 0.5em}} .wide {{max-width: 100%}}
+.row {{display: flex; flex-wrap: wrap; gap: 0 3em; align-items: flex-start}} .row > div {{flex: 1 1 0; min-width: 22em}}
+.map, .curves {{max-width: 100%}}
 .query p {{margin: 0.8em 0 0.2em; font-size: 0.9em; word-break: break-all}}
-.scroll {{max-height: 32em; overflow-y: auto; display: inline-block}}
+.scroll {{max-height: 24em; overflow-y: auto}}
 </style></head>
 <body>
 {body}
