@@ -5,6 +5,7 @@ import html
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -39,8 +40,7 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
         missing = draw_queries(found, folder, framed, draw_row)
         curves = f'{run}_statistics.png'
         if os.path.isfile(curves):
-            with open(curves, 'rb') as source, open(os.path.join(folder, 'statistics.png'), 'wb') as target:
-                target.write(source.read())
+            shutil.copyfile(curves, os.path.join(folder, 'statistics.png'))
         else:
             missing.append(f'the training curves ({curves})')
         method = embedding_map(found, os.path.join(folder, 'map.png'))
@@ -371,12 +371,14 @@ PAGE = '''<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{font-family: system-ui, sans-serif; max-width: 1240px; margin: 1.5em auto; padding: 0 1em; color: #222}}
-h1 {{font-size: 1.4em; word-break: break-all}} h2 {{font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ccc}}
+h1 {{font-size: 1.4em; word-break: break-all}}
+h2 {{font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ccc}}
 table {{border-collapse: collapse; font-size: 0.9em}} th, td {{padding: 0.2em 0.7em; border-bottom: 1px solid #eee;
 text-align: left}} th {{background: #f3f3f3; position: sticky; top: 0}} tfoot td {{font-weight: bold}}
 tr.right td {{color: #070}} tr.wrong td {{color: #b00}}
 .missing {{background: #fff4d6; padding: 0.5em}} .wide {{max-width: 100%}}
-.row {{display: flex; flex-wrap: wrap; gap: 0 3em; align-items: flex-start}} .row > div {{flex: 1 1 0; min-width: 22em}}
+.row {{display: flex; flex-wrap: wrap; gap: 0 3em; align-items: flex-start}}
+.row > div {{flex: 1 1 0; min-width: 22em}}
 .map, .curves {{max-width: 100%}}
 .query p {{margin: 0.8em 0 0.2em; font-size: 0.9em; word-break: break-all}}
 .scroll {{max-height: 24em; overflow-y: auto}}
