@@ -11,6 +11,7 @@ from torchvision.transforms.v2.functional import to_pil_image
 from tqdm import tqdm
 
 from model import load_model, open_data_base
+from report import write_report
 from runtime import (ArgumentParser, UserError, atomic_dir, atomic_save, pyplot, remove_temporaries, run_main,
                      safe_load)
 from utils import image_files, read_image, searched_split, test_transform
@@ -30,6 +31,10 @@ def get_args_parser():
     parser.add_argument('--gallery', default=None, type=str,
                         help='a folder of your own images to search instead of the test set: every image below it, '
                              'embedded by the model saved beside the data base and cached under results/')
+    parser.add_argument('--report', action='store_true',
+                        help='instead of one query, write an HTML report on the whole test set: '
+                             'results/<data base name>_report/index.html')
+    parser.add_argument('--report_queries', default=20, type=int, help='worst queries the report shows')
     return parser
 
 
@@ -168,6 +173,8 @@ def main():
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
     data_base, data_base_path = open_data_base(args.data_base)
+    if args.report:  # the whole test set instead of one query
+        return write_report(args, data_base, data_base_path, framed, draw_row)
     if args.gallery is not None:  # a folder of photos without labels
         images = gallery_images(args.gallery)
         model, model_path = load_model(data_base, data_base_path, lambda model_path: (

@@ -109,6 +109,8 @@ def get_args_parser():
                      help='data loading processes per training process: min(8, cores / processes on this machine)')
     run.add_argument('--resume', action='store_true',
                      help="continue this configuration's interrupted run from results/<name>_checkpoint.pth")
+    run.add_argument('--tensorboard', action='store_true',
+                     help="also log each epoch's figures for TensorBoard in results/tensorboard/<name>/")
     evaluation = parser.add_argument_group('evaluation')
     evaluation.add_argument('--recalls', default='1,2,4,8', type=str,
                             help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at '
@@ -245,6 +247,7 @@ def train(args, ranks, device, rank, world):
     columns = ['train_loss', 'train_accuracy'] + [f'{split}_{metric}' for split in evaluated for metric in
                                                   [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']]
     start_epoch, statistics = resume(args, model, loss_criterion, optimizer, scheduler, columns, rank)
+    writer = tensorboard_writer(args, start_epoch) if args.tensorboard and rank == 0 else None
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
@@ -265,12 +268,17 @@ def train(args, ranks, device, rank, world):
         features = {split: embed(model, data, eval_batch, args.num_workers, device, args.amp, rank, world)
                     for split, data in splits.items() if split != 'train'}
         features['train'] = train_features
+        rates = [group['lr'] for group in optimizer.param_groups]  # the epoch's, before the decay
         scheduler.step()
         if rank == 0:
             statistics['train_loss'].append(stats['loss'])
             statistics['train_accuracy'].append(stats['accuracy'])
             report(evaluate(splits, features, ranks), statistics, stats, epoch, args, device)
+            if writer is not None:
+                log_epoch(writer, epoch, statistics, stats, rates)
             save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statistics, splits, features)
+    if writer is not None:
+        writer.close()
 
 
 def load_splits(args, rank):
@@ -353,6 +361,31 @@ def report(metrics, statistics, stats, epoch, args, device):
               + ' '.join(f'R@{k}:{100 * values[f"recall@{k}"]:.2f}%' for k in ranks)
               + f' MAP@R:{100 * values["map@r"]:.2f}% RP:{100 * values["r_precision"]:.2f}%'
               + (f' | train {stats["images_per_second"]:.1f} images/s{memory}' if split == 'test' else ''))
+
+
+def tensorboard_writer(args, start_epoch):
+    """A TensorBoard writer into results/tensorboard/<run name>/, one folder per run as `tensorboard --logdir
+    results/tensorboard` shows them. purge_step hides what an earlier process logged there from start_epoch on: the
+    epochs a resumed run trains again (logged, then killed before its checkpoint), or all of an earlier run that a
+    fresh one replaces; so no step is shown twice."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow, and only --tensorboard needs it
+    return SummaryWriter(os.path.join('results', 'tensorboard', prefix_of(args)), purge_step=start_epoch)
+
+
+LR_GROUPS = ('backbone_and_head', 'proxies')  # make_optimizer's parameter groups, in order
+
+
+def log_epoch(writer, epoch, statistics, stats, rates):
+    """An epoch's figures as TensorBoard scalars at step `epoch`: each statistics column under its split
+    (train/loss, test/recall@1, val/map@r, ...), the training images per second and each parameter group's learning
+    rate (lr/backbone_and_head, lr/proxies); flushed, so that a crash loses no finished epoch."""
+    for column, values in statistics.items():
+        split, metric = column.split('_', 1)
+        writer.add_scalar(f'{split}/{metric}', values[-1], epoch)
+    writer.add_scalar('train/images_per_second', stats['images_per_second'], epoch)
+    for group, rate in zip(LR_GROUPS, rates):
+        writer.add_scalar(f'lr/{group}', rate, epoch)
+    writer.flush()
 
 
 def save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statistics, splits, features):
