@@ -85,13 +85,10 @@ def query_files(names):
     return queries
 
 
-def embed_query(query, data_base, data_base_path, model=None):
-    """Embed an image that is not in the data base with the model saved beside the data base (or `model`)."""
-    example = data_base['test_images'][0]
+def embed_query(query, data_base, model):
+    """Embed an image that is not in the data base with the model saved beside the data base."""
     if not os.path.isfile(query):
-        raise UserError(f'query image {query} does not exist; a valid name is {example}')
-    if model is None:
-        model = query_model(query, data_base, data_base_path)
+        raise UserError(f'query image {query} does not exist; a valid name is {data_base["test_images"][0]}')
     return embed_images(model, [query])[0]  # (D,)
 
 
@@ -221,7 +218,7 @@ def main():
         else:
             if model is None and os.path.isfile(query):  # loaded once, for the first query outside the data base
                 model = query_model(query, data_base, data_base_path)
-            query_feature, query_label, query_path = embed_query(query, data_base, data_base_path, model), None, query
+            query_feature, query_label, query_path = embed_query(query, data_base, model), None, query
         if query_feature.size(0) != features.size(1):
             raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
                             f'holds {features.size(1)}-d features; use the pair train.py wrote together')

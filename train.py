@@ -24,8 +24,7 @@ from runtime import (ArgumentParser, UserError, atomic_path, atomic_save, exclus
                      pyplot, remove_temporaries, rng_state, run_main, safe_load, save_figure, set_kernels,
                      set_rng_state, set_seed, setup_device, unwrap)
 from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, folder_name, index_path, load_index,
-                   make_data_base,
-                   mean_pairwise_cosine, one_of, parse_ranks, retrieval_metrics)
+                   make_data_base, mean_pairwise_cosine, one_of, parse_ranks, retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
 CPU_BACKBONE = 'timm/resnet18'  # what the collapse warning suggests: it trains from random weights on a CPU

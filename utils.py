@@ -53,8 +53,10 @@ def not_prepared(data_path, data_name, path):
         return UserError(f'--data_path {data_path} does not exist; pass the folder that holds your data sets, one '
                          f'folder each')
     if not os.path.isdir(os.path.join(data_path, data_name)):
+        # results/ is where train.py writes (and locks) when run in the data folder itself
         present = sorted(name for name in os.listdir(data_path) if not name.startswith('.')
-                         and os.path.isdir(os.path.join(data_path, name)))
+                         and os.path.isdir(os.path.join(data_path, name))
+                         and os.path.realpath(os.path.join(data_path, name)) != os.path.realpath('results'))
         close = difflib.get_close_matches(data_name, present, n=3, cutoff=0.6)
         known = (f'did you mean {one_of(close)}?' if close else
                  f'it holds {one_of(present)}' if present else 'it holds no data set folder')
