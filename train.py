@@ -272,14 +272,16 @@ def write_demo(data_path):
 
 
 def warn_if_collapsed(test_features, epoch, args):
-    """One line when the epoch's test embeddings have collapsed onto one direction: the metrics then rank noise."""
+    """One line when the epoch's test embeddings have collapsed onto one direction: their similarities then say
+    nothing to a reader, and their rankings turn on differences in the sixth decimal, which training may wipe out."""
     cosine = mean_pairwise_cosine(test_features)
     if cosine > COLLAPSED:
         tries = ([f'--backbone_type {CPU_BACKBONE}'] if args.backbone_type != CPU_BACKBONE else []) + \
             (['pretrained weights (without --no_pretrained)'] if args.no_pretrained else []) + \
             [f'a lower --lr than {args.lr:g}']
-        print(f'warning: the test embeddings of epoch {epoch} have collapsed (mean cosine between two test images '
-              f'{cosine:.6f}), so the figures above rank noise; try {one_of(tries)}')
+        print(f'warning: the test embeddings of epoch {epoch} have collapsed onto one direction (mean cosine '
+              f'between two test images {cosine:.6f}), so every similarity reads about 1.000 and the figures above '
+              f'rest on tiny differences; try {one_of(tries)}')
 
 
 def load_splits(args, rank):
