@@ -4,6 +4,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -14,20 +15,26 @@ from model import load_model, open_data_base
 from report import write_report
 from runtime import (ArgumentParser, UserError, atomic_dir, atomic_save, pyplot, remove_temporaries, run_main,
                      safe_load)
-from utils import image_files, read_image, searched_split, test_transform
+from utils import check_images, image_files, read_image, searched_split, test_transform
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
+RESULT_COLUMNS = ['rank', 'path', 'similarity', 'same_class']  # results.csv, one row per result
 
 
 def get_args_parser():
     """The command-line flags of test.py; the seed's names and defaults are the public interface."""
     parser = ArgumentParser(description='Show the images a trained model retrieves for a query',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg', type=str,
-                        help='query image name: a test image of the data base, or any image file')
+    parser.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg', type=str, nargs='+',
+                        help='query image name: test images of the data base, any image files, or folders of them '
+                             '(every image below each); the model and data base load once, and each query gets '
+                             'its own folder under results/')
     parser.add_argument('--data_base', default='car_resnet50_proxy_anchor_512_20_data_base.pth', type=str,
                         help='queried database (a path, or a file name under results/)')
     parser.add_argument('--retrieval_num', default=8, type=int, help='retrieval number')
+    parser.add_argument('--data_path', default=None, type=str,
+                        help="the folder that holds the data base's data set now, if it has moved since training "
+                             "(the one holding <data_name>/); by default the data base's own --data_path")
     parser.add_argument('--gallery', default=None, type=str,
                         help='a folder of your own images to search instead of the test set: every image below it, '
                              'embedded by the model saved beside the data base and cached under results/')
@@ -68,16 +75,34 @@ def embed_images(model, paths, bar=None, batch_size=32):
     return torch.cat(features)
 
 
-def embed_query(query, data_base, data_base_path, model=None):
-    """Embed an image that is not in the data base with the model saved beside the data base (or `model`)."""
-    example = data_base['test_images'][0]
-    if model is None:
-        model, _ = load_model(data_base, data_base_path, lambda model_path: (
-            f'{query} is not in data base {data_base_path} (a valid name is {example}), and no model {model_path} '
-            f'was found to embed it; query a data base image or train a model first'), embedding_device())
+def query_files(names):
+    """The queries --query_img_name names: each image as given, each folder as every image below it (sorted)."""
+    queries = []
+    for name in [names] if isinstance(names, str) else names:
+        if os.path.isdir(name):
+            images = image_files(name)[0]
+            if not images:
+                raise UserError(f'--query_img_name {name} is a folder without any image (any format PIL reads, '
+                                f'searched in all its folders); name images or a folder of them')
+            queries += images
+        else:  # a file, or a data base image named by its file name alone
+            queries.append(name)
+    return queries
+
+
+def embed_query(query, data_base, model):
+    """Embed an image that is not in the data base with the model saved beside the data base."""
     if not os.path.isfile(query):
-        raise UserError(f'query image {query} does not exist; a valid name is {example}')
+        raise UserError(f'query image {query} does not exist; a valid name is {data_base["test_images"][0]}')
     return embed_images(model, [query])[0]  # (D,)
+
+
+def query_model(query, data_base, data_base_path):
+    """The model saved beside the data base, which embeds a query that is not in it."""
+    example = data_base['test_images'][0]
+    return load_model(data_base, data_base_path, lambda model_path: (
+        f'{query} is not in data base {data_base_path} (a valid name is {example}), and no model {model_path} '
+        f'was found to embed it; query a data base image or train a model first'), embedding_device())[0]
 
 
 def gallery_cache_path(folder, model_path):
@@ -129,13 +154,14 @@ def embed_gallery(folder, paths, model, model_path):
     return features
 
 
-def output_name(query_path, data_base):
+def output_name(query_path, data_base, queries=()):
     """The query's folder name under results/: its file name without extension, as in the seed. Where the data base
-    holds other images of that name (In-shop's 01_1_front.jpg is in almost every item's folder), the names of the
-    folders above it come first, as many as make it unique: id_00000002_01_1_front."""
+    (or another of this run's queries) holds other images of that name (In-shop's 01_1_front.jpg is in almost every
+    item's folder), the names of the folders above it come first, as many as make it unique: id_00000002_01_1_front."""
     parts = os.path.normpath(os.path.splitext(query_path)[0]).split(os.sep)
     others = {os.path.normpath(os.path.splitext(path)[0]) for key in ('test_images', 'gallery_images', 'train_images')
-              for path in data_base.get(key, ())} - {os.path.normpath(os.path.splitext(query_path)[0])}
+              for path in data_base.get(key, ())} | {os.path.normpath(os.path.splitext(path)[0]) for path in queries}
+    others -= {os.path.normpath(os.path.splitext(query_path)[0])}
     for depth in range(1, len(parts) + 1):
         tail = parts[-depth:]
         if not any(other.split(os.sep)[-depth:] == tail for other in others):
@@ -168,13 +194,14 @@ def draw_row(query_image, results, path):
 
 
 def main():
-    """Find the query's nearest neighbours and write them under results/<query name>/."""
+    """Find each query's nearest neighbours and write them under results/<query name>/."""
     args = get_args_parser().parse_args()
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
-    data_base, data_base_path = open_data_base(args.data_base)
+    data_base, data_base_path = open_data_base(args.data_base, args.data_path)
     if args.report:  # the whole test set instead of one query
         return write_report(args, data_base, data_base_path, framed, draw_row)
+    queries = query_files(args.query_img_name)
     if args.gallery is not None:  # a folder of photos without labels
         images = gallery_images(args.gallery)
         model, model_path = load_model(data_base, data_base_path, lambda model_path: (
@@ -183,35 +210,48 @@ def main():
         split, features, labels = None, embed_gallery(args.gallery, images, model, model_path), None
     else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
         model = None
+        check_images(data_base, data_base_path, args.data_path)
         split, images, labels, features = searched_split(data_base)
-    index = find_query(args.query_img_name, images)
-    # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
-    known = None if index is not None or split == 'test' else find_query(args.query_img_name, data_base['test_images'])
-    if index is not None:
-        query_feature, query_path = features[index], images[index]
-        query_label = None if labels is None else labels[index].item()
-    elif known is not None:
-        query_feature, query_path = data_base['test_features'][known], data_base['test_images'][known]
-        query_label = None if labels is None else data_base['test_labels'][known].item()
-    else:
-        query_feature, query_label, query_path = embed_query(args.query_img_name, data_base, data_base_path,
-                                                             model), None, args.query_img_name
-    if query_feature.size(0) != features.size(1):
-        raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
-                        f'holds {features.size(1)}-d features; use the pair train.py wrote together')
-    similarities = F.normalize(features.float(), dim=-1) @ F.normalize(query_feature.float(), dim=-1)  # (N,)
-    if index is not None:
-        similarities[index] = float('-inf')  # the query is not its own result
-    num = min(args.retrieval_num, len(images) - (index is not None))
-    if num == 0:
-        raise UserError(f'--gallery {args.gallery} holds no image other than the query; add images to search')
-    top = similarities.topk(num)
+    for query in queries:
+        index = find_query(query, images)
+        # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
+        known = None if index is not None or split == 'test' else find_query(query, data_base['test_images'])
+        if index is not None:
+            query_feature, query_path = features[index], images[index]
+            query_label = None if labels is None else labels[index].item()
+        elif known is not None:
+            query_feature, query_path = data_base['test_features'][known], data_base['test_images'][known]
+            query_label = None if labels is None else data_base['test_labels'][known].item()
+        else:
+            if model is None and os.path.isfile(query):  # loaded once, for the first query outside the data base
+                model = query_model(query, data_base, data_base_path)
+            query_feature, query_label, query_path = embed_query(query, data_base, model), None, query
+        if query_feature.size(0) != features.size(1):
+            raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
+                            f'holds {features.size(1)}-d features; use the pair train.py wrote together')
+        similarities = F.normalize(features.float(), dim=-1) @ F.normalize(query_feature.float(), dim=-1)  # (N,)
+        if index is not None:
+            similarities[index] = float('-inf')  # the query is not its own result
+        num = min(args.retrieval_num, len(images) - (index is not None))
+        if num == 0:
+            raise UserError(f'--gallery {args.gallery} holds no image other than the query; add images to search')
+        top = similarities.topk(num)
+        ranked = [(rank, images[position], similarity,
+                   None if query_label is None else labels[position].item() == query_label)
+                  for rank, (similarity, position) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
+        name = output_name(query_path, data_base, queries if len(queries) > 1 else ())
+        write_results(query_path, ranked, name)
+        print_results(query_path, ranked)
+        hits = sum(correct is True for *_, correct in ranked)
+        summary = f', {hits} of the same class' if query_label is not None else ''
+        searched = f' in {args.gallery}' if args.gallery is not None else ''
+        print(f'wrote the query and its {num} nearest images{searched}{summary} to results/{name}/')
 
-    name = output_name(query_path, data_base)
-    results = []
-    for rank, (similarity, position) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-        correct = None if query_label is None else labels[position].item() == query_label
-        results.append((framed(images[position], correct), rank, similarity, correct))
+
+def write_results(query_path, ranked, name):
+    """results/<name>/: the query, each result framed and named by its rank and similarity, the row of them all
+    (retrieval.png) and results.csv, written whole. ranked: [(rank, path, similarity, same class or None)]."""
+    results = [(framed(path, correct), rank, similarity, correct) for rank, path, similarity, correct in ranked]
     remove_temporaries('results', f'{name}.')  # left by a run killed while writing this query's folder
     with atomic_dir(os.path.join('results', name)) as folder:
         query_image = framed(query_path, border=False)
@@ -219,10 +259,17 @@ def main():
         for image, rank, similarity, _ in results:
             image.save(os.path.join(folder, f'retrieval_img_{rank}_{similarity:.4f}.jpg'))
         draw_row(query_image, results, os.path.join(folder, 'retrieval.png'))
-    hits = sum(correct is True for *_, correct in results)
-    summary = f', {hits} of the same class' if query_label is not None else ''
-    searched = f' in {args.gallery}' if args.gallery is not None else ''
-    print(f'wrote the query and its {num} nearest images{searched}{summary} to results/{name}/')
+        # same_class is empty where the query's class is unknown (a photo of your own, a gallery without labels)
+        pd.DataFrame(ranked, columns=RESULT_COLUMNS).to_csv(os.path.join(folder, 'results.csv'), index=False)
+
+
+def print_results(query_path, ranked):
+    """The ranked results as a table: rank, similarity, whether the class is the query's (when known), path."""
+    print(f'{query_path}:')
+    print(f'{"rank":>6}  {"similarity":>10}  {"same class":<10}  path')
+    for rank, path, similarity, correct in ranked:
+        same = '' if correct is None else 'yes' if correct else 'no'
+        print(f'{rank:>6}  {similarity:>10.4f}  {same:<10}  {path}')
 
 
 if __name__ == '__main__':

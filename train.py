@@ -8,6 +8,7 @@ import inspect
 import math
 import os
 import re
+import shlex
 import time
 
 import pandas as pd
@@ -25,11 +26,13 @@ from model import BACKBONES, TIMM_PREFIX, Model, backbone_file_name, check_backb
 from runtime import (ArgumentParser, UserError, atomic_path, atomic_save, exclusive_run, gather, gather_shards,
                      pyplot, remove_temporaries, rng_state, run_main, safe_load, save_figure, set_kernels,
                      set_rng_state, set_seed, setup_device, unwrap)
-from utils import (CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, EmbeddingLoss, ImageReader, canonical_loss_args,
-                   check_loss_name, class_cosines, load_index, loss_entry, make_data_base, parse_ranks,
-                   retrieval_metrics)
+from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, EmbeddingLoss, ImageReader,
+                   canonical_loss_args, check_loss_name, class_cosines, folder_name, index_path, load_index,
+                   loss_entry, make_data_base, mean_pairwise_cosine, one_of, parse_ranks, retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
+CPU_BACKBONE = 'timm/resnet18'  # what the collapse warning suggests: it trains from random weights on a CPU
+DEMO = 'digits'  # the demo data set that train.py writes itself when there is no folder of that name
 BASE, NAMED = 'in every run name', 'names the run off its default'  # the two kinds of recipe flags
 
 
@@ -52,9 +55,10 @@ def get_args_parser():
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group('data')
     data.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
-    recipe(data.add_argument('--data_name', default='car', type=str, help=f'dataset name: {", ".join(DATA_NAMES)}, '
-                                                                          f'or any other folder prepared by '
-                                                                          f'data_utils.py'), BASE)
+    recipe(data.add_argument('--data_name', default='car', type=folder_name,
+                             help=f'dataset name: {", ".join(DATA_NAMES)}, or any other folder prepared by '
+                                  f'data_utils.py; {DEMO} is written and prepared first if there is no such folder'),
+           BASE)
     recipe(data.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
                              help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)'))
     data.add_argument('--cache_images', action='store_true',
@@ -219,6 +223,11 @@ def train(args, ranks, device, rank, world):
     if args.batch_size % world:
         raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, so it must be a '
                         f'multiple of {world}')
+    if args.data_name == DEMO:
+        if rank == 0:
+            write_demo(args.data_path)
+        if world > 1:  # the other ranks read the demo once rank 0 has written it
+            dist.barrier()
     splits = load_splits(args, rank)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
@@ -274,11 +283,44 @@ def train(args, ranks, device, rank, world):
             statistics['train_loss'].append(stats['loss'])
             statistics['train_accuracy'].append(stats['accuracy'])
             report(evaluate(splits, features, ranks), statistics, stats, epoch, args, device)
+            warn_if_collapsed(features['test'], epoch, args)
             if writer is not None:
                 log_epoch(writer, epoch, statistics, stats, rates)
             save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statistics, splits, features)
     if writer is not None:
         writer.close()
+    if rank == 0:
+        prefix = prefix_of(args)
+        last = f'results/{prefix}_{args.num_epochs}'
+        print(f'wrote {last}_data_base.pth, {last}_model.pth (epoch {args.num_epochs}) and '
+              f'results/{prefix}_statistics.csv; see a retrieval: python test.py --data_base {last}_data_base.pth '
+              f'--query_img_name {shlex.quote(splits["test"].images[0])}')
+
+
+def write_demo(data_path):
+    """Write and prepare the handwritten-digits demo as <data_path>/digits when there is no such folder; a folder of
+    that name is the user's and is never written into, only prepared if it is not yet."""
+    import data_utils
+    root = os.path.join(data_path, DEMO)
+    if not os.path.exists(root):
+        print(f'there is no {root}, so the handwritten-digits demo is written there first')
+        data_utils.make_demo(data_path)
+    elif os.path.isfile(index_path(data_path, DEMO)):
+        return
+    data_utils.prepare(data_path, DEMO, workers=1)
+
+
+def warn_if_collapsed(test_features, epoch, args):
+    """One line when the epoch's test embeddings have collapsed onto one direction: their similarities then say
+    nothing to a reader, and their rankings turn on differences in the sixth decimal, which training may wipe out."""
+    cosine = mean_pairwise_cosine(test_features)
+    if cosine > COLLAPSED:
+        tries = ([f'--backbone_type {CPU_BACKBONE}'] if args.backbone_type != CPU_BACKBONE else []) + \
+            (['pretrained weights (without --no_pretrained)'] if args.no_pretrained else []) + \
+            [f'a lower --lr than {args.lr:g}']
+        print(f'warning: the test embeddings of epoch {epoch} have collapsed onto one direction (mean cosine '
+              f'between two test images {cosine:.6f}), so every similarity reads about 1.000 and the figures above '
+              f'rest on tiny differences; try {one_of(tries)}')
 
 
 def load_splits(args, rank):
@@ -397,7 +439,7 @@ def save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statist
     atomic_save(weights, f'results/{prefix}_{epoch}_model.pth')
     proxies = F.normalize(data_base_proxies(model, loss_criterion).detach().cpu(), dim=-1)
     atomic_save(make_data_base(args, epoch, {split: splits[split] for split in ('train', 'test', 'gallery')
-                                             if split in splits}, features, proxies),
+                                             if split in splits}, features, proxies, weights),
                 f'results/{prefix}_{epoch}_data_base.pth')
     # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
     atomic_save({'model': weights, 'loss': loss_criterion.state_dict(), 'optimizer': optimizer.state_dict(),

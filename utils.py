@@ -4,6 +4,7 @@ import bisect
 import contextlib
 import difflib
 import functools
+import hashlib
 import inspect
 import math
 import os
@@ -44,9 +45,33 @@ def load_index(data_path, data_name, crop_type='uncropped'):
     instead of 'test' for In-shop and folders split that way)."""
     path = index_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
-        raise UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
-                        f'`python data_utils.py --data_path {data_path} --data_name {data_name}` first')
+        raise not_prepared(data_path, data_name, path)
     return safe_load(path, 'data index')
+
+
+def not_prepared(data_path, data_name, path):
+    """The UserError for a data set without an index: a --data_path that does not exist, a --data_name with no
+    folder (with the close names that have one), or a folder data_utils.py has not prepared yet."""
+    if not os.path.isdir(data_path):
+        return UserError(f'--data_path {data_path} does not exist; pass the folder that holds your data sets, one '
+                         f'folder each')
+    if not os.path.isdir(os.path.join(data_path, data_name)):
+        # results/ is where train.py writes (and locks) when run in the data folder itself
+        present = sorted(name for name in os.listdir(data_path) if not name.startswith('.')
+                         and os.path.isdir(os.path.join(data_path, name))
+                         and os.path.realpath(os.path.join(data_path, name)) != os.path.realpath('results'))
+        close = difflib.get_close_matches(data_name, present, n=3, cutoff=0.6)
+        known = (f'did you mean {one_of(close)}?' if close else
+                 f'it holds {one_of(present)}' if present else 'it holds no data set folder')
+        return UserError(f'there is no data set {data_name} under {data_path} ({known}); pass the name of a folder '
+                         f'there, or put your data set there as {os.path.join(data_path, data_name)}')
+    return UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
+                     f'`python data_utils.py --data_path {data_path} --data_name {data_name}` first')
+
+
+def folder_name(text):
+    """A folder name as typed, without the trailing slash that shell completion adds (--data_name digits/)."""
+    return text.rstrip('/') or text
 
 
 def train_transform():
@@ -215,25 +240,68 @@ class ImageReader(Dataset):
 # ----------------------------------------------------------------------------------------------------------------------
 # the data base: what train.py writes after every epoch and test.py searches
 
-def make_data_base(args, epoch, splits, features, proxies):
+def make_data_base(args, epoch, splits, features, proxies, weights):
     """The data base of an epoch: each split's image paths, labels (a query split and its gallery share them) and
-    features (N, D), the (C, D) unit proxies, the run's flags and the epoch. `splits` and `features` map 'train',
-    'test' and, for a query/gallery data set, 'gallery' to an ImageReader and its features."""
-    data_base = {'proxies': proxies, 'args': vars(args), 'epoch': epoch}
+    features (N, D), the (C, D) unit proxies, the run's flags, the epoch, and the digest of the model's weights
+    (`weights`, its state dict). `splits` and `features` map 'train', 'test' and, for a query/gallery data set,
+    'gallery' to an ImageReader and its features.
+
+    The image paths are absolute, and `data_root` records the absolute --data_path they lie under, so that test.py
+    finds them from any working folder and, when the data has moved, below the folder its --data_path names."""
+    data_base = {'proxies': proxies, 'args': vars(args), 'epoch': epoch, 'data_root': os.path.abspath(args.data_path),
+                 'weights_sha256': weights_sha256(weights)}
     for split, data in splits.items():
-        data_base.update({f'{split}_images': data.images, f'{split}_labels': torch.tensor(data.labels),
-                          f'{split}_features': features[split]})
+        data_base.update({f'{split}_images': [os.path.abspath(path) for path in data.images],
+                          f'{split}_labels': torch.tensor(data.labels), f'{split}_features': features[split]})
     return data_base
+
+
+def weights_sha256(state_dict):
+    """SHA-256 hex digest of a state dict's names, dtypes, shapes and bytes, in key order: it tells one model's
+    weights from another's of the same shapes."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f'{name} {tensor.dtype} {tuple(tensor.shape)}\n'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included
+    return digest.hexdigest()
+
+
+def moved_images(data_base, data_path):
+    """The data base with its image paths moved from the data root it was written with to data_path.
+
+    A data base written before `data_root` was recorded holds its paths as train.py was given them, relative to
+    its working folder or absolute, below its args' data_path."""
+    root = data_base.get('data_root', data_base['args']['data_path'])
+    moved = dict(data_base)
+    for key in [key for key in data_base if key.endswith('_images')]:
+        moved[key] = [os.path.join(os.path.abspath(data_path), os.path.relpath(path, root)) for path in data_base[key]]
+    return moved
+
+
+def check_images(data_base, data_base_path, data_path=None):
+    """A UserError unless the images of the split a query searches are where the data base says: it names where they
+    were looked for and how to point test.py at their new place."""
+    _, images, _, _ = searched_split(data_base)
+    missing = next((path for path in images if not os.path.isfile(path)), None)
+    if missing is not None:
+        root = data_base.get('data_root', data_base['args']['data_path'])
+        where = f'under --data_path {data_path}' if data_path is not None else f'under {root}, where it was trained'
+        raise UserError(f'the images of data base {data_base_path} are not {where} (there is no {missing}); if they '
+                        f'moved, pass the folder that now holds {data_base["args"]["data_name"]}/ as --data_path')
+
+
+DATA_BASE_FILE = 'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth'
 
 
 def load_data_base(path):
     """A data base train.py wrote; anything else is a UserError."""
-    data_base = safe_load(path, 'data base')
+    data_base = safe_load(path, 'data base', f'a {DATA_BASE_FILE} file train.py wrote')
     missing = {'test_images', 'test_labels', 'test_features', 'proxies', 'args'} - set(
         data_base if isinstance(data_base, dict) else ())
     if missing:
         raise UserError(f'{path} is not a data base train.py wrote (it has no {", ".join(sorted(missing))}); pass a '
-                        f'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth file')
+                        f'{DATA_BASE_FILE} file')
     return data_base
 
 
@@ -668,6 +736,19 @@ def in_query_order(hits, ap, rp, where, total, ranks):
     all_ap, all_rp = ap.new_full((total,), math.nan), rp.new_full((total,), math.nan)
     all_hits[where], all_ap[where], all_rp[where] = hits, ap, rp
     return {**{f'recall@{k}': all_hits[:, i] for i, k in enumerate(ranks)}, 'ap@r': all_ap, 'r_precision': all_rp}
+
+
+COLLAPSED = 0.999  # a mean cosine above this: the images' embeddings are all nearly one direction
+
+
+def mean_pairwise_cosine(features):
+    """The mean cosine between two distinct rows of features (N, D), from their sum in O(N D): near 1 when the
+    embeddings have collapsed onto one direction, so that rankings among them are noise."""
+    units = F.normalize(torch.as_tensor(features).double(), dim=1)  # (N, D)
+    n, total = len(units), units.sum(0)  # (D,)
+    if n < 2:
+        return math.nan
+    return ((total @ total - (units * units).sum()) / (n * (n - 1))).item()  # all pairs minus the diagonal
 
 
 def recall(features, labels, ranks):

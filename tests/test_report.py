@@ -7,7 +7,6 @@ import html.parser
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pandas as pd
