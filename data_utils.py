@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from runtime import ArgumentParser, UserError, atomic_path, atomic_save, remove_temporaries, run_main
-from utils import CROP_TYPES, DATA_NAMES, image_extensions, image_files, index_path, one_of
+from utils import CROP_TYPES, DATA_NAMES, folder_name, image_extensions, image_files, index_path, one_of
 
 # what each data set's download looks like once extracted, and where to get it
 LAYOUTS = {
@@ -282,20 +282,41 @@ def read_data_set(root, data_name):
 
 
 def convert(task):
-    """Write one image as RGB (cropped to its box if given); returns an error text, or None on success."""
+    """Write one image as RGB (cropped to its box if given), unless its copy is up to date; returns (what happened:
+    'kept', 'written', 'updated' or 'failed', an error text or None).
+
+    A copy takes its source's modification time, so a copy whose time differs is stale: the photo was edited (or
+    replaced) after it was prepared. Copies are written atomically, so an existing one is complete."""
     source, target, box = task
-    if os.path.exists(target):  # written atomically, so an existing file is complete
-        return None
     try:
+        source_time = os.stat(source).st_mtime_ns
+        existed = os.path.exists(target)
+        if existed and os.stat(target).st_mtime_ns == source_time:
+            return 'kept', None
         with Image.open(source) as image:
             image = image.convert('RGB')
             if box is not None:
                 image = image.crop(tuple(int(round(v)) for v in box))
             with atomic_path(target) as tmp:
                 image.save(tmp, format='JPEG')
+                os.utime(tmp, ns=(source_time, source_time))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return f'{source}: {error}'
-    return None
+        return 'failed', f'{source}: {error}'
+    return 'updated' if existed else 'written', None
+
+
+def remove_stale(folder, targets):
+    """Delete the files below a prepared folder that are no copy of a current source (their photo was deleted or
+    renamed), and the folders that leaves empty; returns how many files went."""
+    removed = 0
+    for parent, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            if os.path.join(parent, name) not in targets:
+                os.remove(os.path.join(parent, name))
+                removed += 1
+        if parent != folder and not os.listdir(parent):
+            os.rmdir(parent)
+    return removed
 
 
 def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
@@ -315,14 +336,19 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
         tasks = [(source, os.path.join(folder, name), box if crop_type == 'cropped' else None)
                  for source, name, _, box, _ in entries]
         with multiprocessing.Pool(workers or os.cpu_count()) as pool:
-            errors = [error for error in tqdm(pool.imap(convert, tasks, chunksize=16), total=len(tasks),
-                                              desc=f'{data_name} {crop_type}', unit='img', dynamic_ncols=True)
-                      if error is not None]
+            outcomes = list(tqdm(pool.imap(convert, tasks, chunksize=16), total=len(tasks),
+                                 desc=f'{data_name} {crop_type}', unit='img', dynamic_ncols=True))
+        errors = [error for _, error in outcomes if error is not None]
         if errors:
             listing = '\n'.join(f'  {error}' for error in errors)
             print(f'{len(errors)} unreadable images:\n{listing}')
             raise UserError(f'{len(errors)} images of {data_name} could not be read (listed above); replace them '
                             f'with good copies from the download and run data_utils.py again')
+        updated = sum(outcome == 'updated' for outcome, _ in outcomes)
+        removed = remove_stale(folder, {target for _, target, _ in tasks})
+        if updated or removed:
+            print(f'{data_name} {crop_type}: wrote {updated} copies anew (their photos changed since they were '
+                  f'prepared) and removed {removed} (their photos are gone)')
         index = {split: defaultdict(list) for split in SPLITS if any(entry[4] == split for entry in entries)}
         for _, name, class_id, _, split in entries:
             index[split][class_id].append(f'{crop_type}/{name}')
@@ -336,8 +362,11 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
 def make_demo(data_path, per_class=40):
     """Write scikit-learn's handwritten digits as a labelled image folder <data_path>/digits/<digit>/: a demo."""
     from sklearn.datasets import load_digits
-    digits = load_digits()
     root = os.path.join(data_path, 'digits')
+    if os.path.exists(root):  # the user's folder, or a demo written before: never written over
+        print(f'{root} exists, so no demo is written into it')
+        return
+    digits = load_digits()
     for digit in range(10):
         folder = os.path.join(root, str(digit))
         os.makedirs(folder, exist_ok=True)
@@ -354,7 +383,7 @@ def get_args_parser():
     parser = ArgumentParser(description='Prepare the data sets: RGB copies and a train/test index',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
-    parser.add_argument('--data_name', default=None,
+    parser.add_argument('--data_name', default=None, type=folder_name,
                         help=f'dataset name: one of the benchmarks {", ".join(DATA_NAMES)}, or any folder of '
                              f'labelled images under --data_path; by default every benchmark found there')
     parser.add_argument('--crop', action='store_true', help='also write the bounding-box cropped variant')

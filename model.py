@@ -12,7 +12,7 @@ from torch import nn
 from torchvision import models
 
 from runtime import UserError, safe_load
-from utils import load_data_base
+from utils import load_data_base, moved_images, weights_sha256
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BN_INCEPTION_URL = 'http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth'
@@ -126,10 +126,16 @@ def check_backbone(backbone_type):
     """The --backbone_type value itself if it names a backbone, else one UserError (train.py's argparse type)."""
     if backbone_type in BACKBONES:
         return backbone_type
-    if not backbone_type.startswith(TIMM_PREFIX):
-        raise UserError(f'unknown --backbone_type {backbone_type}: choose one of {", ".join(BACKBONES)}, or '
-                        f'{TIMM_PREFIX}<name> for any timm model, such as {TIMM_PREFIX}convnext_small.fb_in22k')
     import timm
+    if not backbone_type.startswith(TIMM_PREFIX):
+        if timm.is_model(backbone_type):  # resnet18: a timm name without the prefix
+            raise UserError(f'unknown --backbone_type {backbone_type}: timm models take the prefix {TIMM_PREFIX}, so '
+                            f'pass --backbone_type {TIMM_PREFIX}{backbone_type} (the named backbones are '
+                            f'{", ".join(BACKBONES)})')
+        close = difflib.get_close_matches(backbone_type, BACKBONES, n=2)
+        hint = f' (did you mean {" or ".join(close)}?)' if close else ''
+        raise UserError(f'unknown --backbone_type {backbone_type}: choose one of {", ".join(BACKBONES)}, or '
+                        f'{TIMM_PREFIX}<name> for any timm model, such as {TIMM_PREFIX}convnext_small.fb_in22k{hint}')
     name = timm_name(backbone_type)
     if not timm.is_model(name):  # is_model ignores a weights tag: resnet18.a1_in1k is known if resnet18 is
         close = difflib.get_close_matches(name, timm.list_models() + timm.list_models(pretrained=True), n=3)
@@ -238,7 +244,8 @@ class Model(nn.Module):
 
     backbone_type: 'resnet50', 'inception' (BN-Inception), 'googlenet', 'vit_small_dino', 'dinov2_small',
     'dinov2_base' or 'timm/<timm model name>'. feature_dim (512): embedding size. num_classes: the number of
-    training classes, one proxy each. pretrained (True): the backbone's published weights.
+    training classes, one proxy each (0 for a loss on embeddings, which needs none). pretrained (True): the
+    backbone's published weights.
     """
 
     def __init__(self, backbone_type, feature_dim, num_classes, pretrained=True):
@@ -249,6 +256,8 @@ class Model(nn.Module):
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.embedding = nn.Linear(width, feature_dim, bias=False)
         self.proxies = ProxyLinear(num_classes, feature_dim)
+        # none for a loss on embeddings: an empty weight that wants no gradient, which DDP would wait for in vain
+        self.proxies.weight.requires_grad_(num_classes > 0)
 
     def embed(self, images):
         """(B, 3, H, W) images in 0-255 -> (B, feature_dim) unit embeddings."""
@@ -277,26 +286,38 @@ def find_data_base(name):
                     f'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth, so train a model first')
 
 
-def open_data_base(name):
-    """(data base, its path): a data base train.py wrote, found as find_data_base finds it."""
+def open_data_base(name, data_path=None):
+    """(data base, its path): a data base train.py wrote, found as find_data_base finds it; with data_path, its
+    images are looked for below that folder instead of where they were trained (the data has moved)."""
     path = find_data_base(name)
-    return load_data_base(path), path
+    data_base = load_data_base(path)
+    return (data_base if data_path is None else moved_images(data_base, data_path)), path
 
 
 def load_model(data_base, data_base_path, missing, device='cpu'):
     """(the model saved beside the data base, in eval mode on device, its path); missing(model path) is the error
-    when there is none."""
+    when there is none. Weights other than those the data base was written with are refused: a model of the same
+    shapes from another run would embed queries in another space, and every similarity would be wrong."""
     model_path = data_base_path.replace('_data_base.pth', '_model.pth')
     if not os.path.isfile(model_path):
         raise UserError(missing(model_path))
     args = data_base['args']
-    model = Model(args['backbone_type'], args['feature_dim'], data_base['proxies'].size(0), pretrained=False)
+    weights = safe_load(model_path, 'model', f'the _model.pth file train.py wrote beside data base {data_base_path}')
+    # the model's own proxies: the data base's may be a loss's instead, or none
+    proxies = (weights['proxies.weight'].size(0) if isinstance(weights, dict) and 'proxies.weight' in weights
+               else data_base['proxies'].size(0))
+    model = Model(args['backbone_type'], args['feature_dim'], proxies, pretrained=False)
     try:
-        model.load_state_dict(safe_load(model_path, 'model'))
-    except RuntimeError:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError):  # other shapes or names, or no state dict at all
         raise UserError(f'{model_path} does not match the model data base {data_base_path} describes '
                         f'({args["backbone_type"]}, {args["feature_dim"]}-d); use the pair train.py wrote '
                         f'together') from None
+    # a data base written before the digest was recorded cannot be checked, and says nothing
+    if 'weights_sha256' in data_base and weights_sha256(weights) != data_base['weights_sha256']:
+        raise UserError(f'{model_path} holds other weights than those data base {data_base_path} was written with '
+                        f'(a model of another run or epoch); put the _model.pth file train.py wrote with this data '
+                        f'base beside it')
     return model.to(device).eval(), model_path
 
 

@@ -5,8 +5,9 @@
     python reproduce.py --table                             # results/benchmarks.md and .png from the CSVs so far
 
 The grid: each data set found under --data_path (car, cub, sop, inshop) x each backbone of --backbones (by default
-the tables' resnet50, inception, googlenet; any train.py --backbone_type, such as vit_small_dino) x each seed of
---seeds (by default 1), with the Proxy-Anchor loss and train.py's defaults, which are the seed's hyper-parameters; SOP
+the tables' resnet50, inception, googlenet; any train.py --backbone_type, such as vit_small_dino) x each loss of
+--losses (by default proxy_anchor; any train.py --loss_name) x each seed of --seeds (by default 1), with train.py's
+defaults, which are the seed's hyper-parameters; SOP
 is evaluated at Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the ranks their results are quoted at.
 Every run is started with --resume, so running this again after an interruption continues the unfinished
 configuration from its checkpoint, and one whose statistics CSV already reaches the final epoch is not trained again.
@@ -17,6 +18,7 @@ from the test set. Runs of the same configuration on other prepared data sets (t
 table of their own, without published figures.
 """
 import argparse
+import itertools
 import os
 import shlex
 import subprocess
@@ -27,13 +29,13 @@ import pandas as pd
 
 from model import check_backbone
 from runtime import ArgumentParser, UserError, atomic_path, pyplot, run_main, save_figure
-from utils import DATA_NAMES, index_path, one_of
+from utils import DATA_NAMES, check_loss_name, index_path, one_of
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BACKBONES = ('resnet50', 'inception', 'googlenet')  # in the README's order
 BACKBONE_NAMES = {'resnet50': 'ResNet50', 'inception': 'Inception', 'googlenet': 'GoogLeNet'}
 DEFAULT_RANKS = (1, 2, 4, 8)  # train.py's --recalls
-LOSS, FEATURE_DIM = 'proxy_anchor', 512
+LOSS, FEATURE_DIM = 'proxy_anchor', 512  # the published figures are Proxy-Anchor's
 
 
 class Benchmark(NamedTuple):
@@ -63,10 +65,10 @@ BENCHMARKS = {
 assert tuple(BENCHMARKS) == DATA_NAMES
 
 
-def run_name(data_path, data_name, backbone, seed, extra):
+def run_name(data_path, data_name, backbone, seed, extra, loss=LOSS):
     """The name train.py gives this run's outputs, with every flag passed on (car_resnet50_proxy_anchor_512_seed2)."""
     from train import prefix_of
-    return prefix_of(train_args(train_flags(data_path, data_name, backbone, seed, extra)))
+    return prefix_of(train_args(train_flags(data_path, data_name, backbone, seed, extra, loss)))
 
 
 def statistics_path(results, name):
@@ -84,9 +86,9 @@ def present_data(data_path):
     return names
 
 
-def train_flags(data_path, data_name, backbone, seed, extra):
+def train_flags(data_path, data_name, backbone, seed, extra, loss=LOSS):
     """train.py's flags for one run: everything else stays at the seed's defaults or as passed on in extra."""
-    flags = ['--data_path', data_path, '--data_name', data_name, '--backbone_type', backbone, '--loss_name', LOSS,
+    flags = ['--data_path', data_path, '--data_name', data_name, '--backbone_type', backbone, '--loss_name', loss,
              '--resume']
     ranks = BENCHMARKS[data_name].ranks if data_name in BENCHMARKS else DEFAULT_RANKS
     if ranks != DEFAULT_RANKS:
@@ -113,32 +115,31 @@ def finished_epochs(path):
     return len(pd.read_csv(path)) if os.path.isfile(path) else 0
 
 
-def commands(data_path, extra, results='results', backbones=BACKBONES, seeds=(1,)):
+def commands(data_path, extra, results='results', backbones=BACKBONES, seeds=(1,), losses=(LOSS,)):
     """[(description, argv)] of the whole grid: data_utils.py for an unprepared set, then each train.py run, once
-    per seed."""
+    per loss and seed."""
     grid = []
     for data_name in present_data(data_path):
         if not os.path.isfile(index_path(data_path, data_name)):
             grid.append((f'prepare {data_name}', [sys.executable, os.path.join(ROOT, 'data_utils.py'),
                                                   '--data_path', data_path, '--data_name', data_name]))
-        for backbone in backbones:
-            for seed in seeds:
-                flags = train_flags(data_path, data_name, backbone, seed, extra)
-                args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
-                                                  'loss_name': LOSS, 'feature_dim': FEATURE_DIM, 'seed': seed}
-                if BENCHMARKS[data_name].ranks != DEFAULT_RANKS:
-                    fixed['recalls'] = ','.join(map(str, BENCHMARKS[data_name].ranks))
-                for flag, value in fixed.items():
-                    if getattr(args, flag) != value:
-                        instead = ' from --seeds' if flag == 'seed' else ''
-                        raise UserError(f'reproduce.py sets --{flag} itself for each configuration of the tables'
-                                        f'{instead}; leave it out')
-                name = run_name(data_path, data_name, backbone, seed, extra)
-                epochs, done = args.num_epochs, finished_epochs(statistics_path(results, name))
-                if done >= epochs:
-                    print(f'# {name} already reached epoch {done}: not trained again')
-                    continue
-                grid.append((f'train {name}', [sys.executable, os.path.join(ROOT, 'train.py')] + flags))
+        for backbone, loss, seed in itertools.product(backbones, losses, seeds):
+            flags = train_flags(data_path, data_name, backbone, seed, extra, loss)
+            args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
+                                              'loss_name': loss, 'feature_dim': FEATURE_DIM, 'seed': seed}
+            if BENCHMARKS[data_name].ranks != DEFAULT_RANKS:
+                fixed['recalls'] = ','.join(map(str, BENCHMARKS[data_name].ranks))
+            for flag, value in fixed.items():
+                if getattr(args, flag) != value:
+                    instead = {'seed': ' from --seeds', 'loss_name': ' from --losses'}.get(flag, '')
+                    raise UserError(f'reproduce.py sets --{flag} itself for each configuration of the tables'
+                                    f'{instead}; leave it out')
+            name = run_name(data_path, data_name, backbone, seed, extra, loss)
+            epochs, done = args.num_epochs, finished_epochs(statistics_path(results, name))
+            if done >= epochs:
+                print(f'# {name} already reached epoch {done}: not trained again')
+                continue
+            grid.append((f'train {name}', [sys.executable, os.path.join(ROOT, 'train.py')] + flags))
     return grid
 
 
@@ -162,13 +163,14 @@ def final_epoch(path, data_name):
     return row
 
 
-def reproduced(results, data_name, backbone, seeds, epochs, data_path='data', extra=()):
+def reproduced(results, data_name, backbone, seeds, epochs, data_path='data', extra=(), loss=LOSS):
     """One configuration over its seeds: {'seeds': the finished ones, 'training': [(seed, epoch)] of the unfinished,
     'ranks': the K of every Recall@K found, metric: (mean, sample standard deviation or None for one seed) over the
     finished seeds}."""
     finished, summary = [], {'seeds': [], 'training': [], 'ranks': set()}
     for seed in seeds:
-        row = final_epoch(statistics_path(results, run_name(data_path, data_name, backbone, seed, extra)), data_name)
+        row = final_epoch(statistics_path(results, run_name(data_path, data_name, backbone, seed, extra, loss)),
+                          data_name)
         if row is None:
             continue
         summary['ranks'] |= {int(key[len('recall@'):]) for key in row if key.startswith('recall@')}
@@ -184,14 +186,15 @@ def reproduced(results, data_name, backbone, seeds, epochs, data_path='data', ex
     return summary
 
 
-def other_data(results, backbones, seeds, data_path, extra):
-    """The data names beyond the benchmarks with a run of the tables' configurations in results, sorted."""
+def other_data(results, configurations, seeds, data_path, extra):
+    """The data names beyond the benchmarks with a run of the tables' configurations (backbone, loss) in results,
+    sorted."""
     found = set()
     names = os.listdir(results) if os.path.isdir(results) else []
-    for backbone in backbones:
+    for backbone, loss in configurations:
         for seed in seeds:
             # a run's name is the data name followed by what the other flags add, the same for every data name
-            tail = run_name(data_path, 'x', backbone, seed, extra)[1:] + '_statistics.csv'
+            tail = run_name(data_path, 'x', backbone, seed, extra, loss)[1:] + '_statistics.csv'
             found |= {name[:-len(tail)] for name in names if name.endswith(tail) and len(name) > len(tail)}
     return sorted(found - set(DATA_NAMES))
 
@@ -214,10 +217,19 @@ def seeds_cell(summary, requested):
     return text
 
 
-def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', extra=()):
-    """results/benchmarks.md: per data set, the reproduced final-epoch figures beside the published ones."""
+def label(backbone, loss, losses):
+    """A row's name: the backbone's, followed by the loss's when the table compares losses."""
+    name = BACKBONE_NAMES.get(backbone, backbone)
+    return name if tuple(losses) == (LOSS,) else f'{name}, {loss}'
+
+
+def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', extra=(), losses=(LOSS,)):
+    """results/benchmarks.md: per data set, the reproduced final-epoch figures beside the published ones (those of
+    Proxy-Anchor: other losses have none)."""
+    configurations = list(itertools.product(backbones, losses))
+    named = 'Proxy-Anchor loss' if tuple(losses) == (LOSS,) else f'losses {", ".join(losses)}'
     lines = ['# Reproduced benchmarks', '',
-             f'Proxy-Anchor loss, {FEATURE_DIM}-d embeddings, train.py defaults (the seed\'s hyper-parameters)'
+             f'{named}, {FEATURE_DIM}-d embeddings, train.py defaults (the seed\'s hyper-parameters)'
              + (f' with {shlex.join(extra)}' if extra else '') + '. '
              f'"reproduced" is the final epoch of each run (the statistics CSV\'s last row, after {epochs} epochs), '
              'never the best one: the mean ± sample standard deviation over the seeds that have finished (asked for: '
@@ -231,27 +243,27 @@ def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', ex
         lines += [f'## {benchmark.title}', '', f'Published: {benchmark.source}.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
                   '|---|---|' + '---|' * (len(ranks) + 2)]
-        for backbone in backbones:
-            ours = reproduced(results, data_name, backbone, seeds, epochs, data_path, extra)
-            published = benchmark.published.get(backbone, (None,) * len(ranks))
+        for backbone, loss in configurations:
+            ours = reproduced(results, data_name, backbone, seeds, epochs, data_path, extra, loss)
+            published = benchmark.published.get(backbone, (None,) * len(ranks)) if loss == LOSS else \
+                (None,) * len(ranks)
             mine = [ours.get(f'recall@{k}') for k in ranks]
             difference = [None if a is None or b is None else a[0] - b for a, b in zip(mine, published)]
-            name = BACKBONE_NAMES.get(backbone, backbone)
-            lines.append(f'| {name} | reproduced | ' + ' | '.join(map(cell, mine)) +
+            lines.append(f'| {label(backbone, loss, losses)} | reproduced | ' + ' | '.join(map(cell, mine)) +
                          f' | {cell(ours.get("map@r"))} | {seeds_cell(ours, len(seeds))} |')
             lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | |')
             lines.append('| | difference | ' + ' | '.join(cell(d, signed=True) for d in difference) + ' | | |')
         lines.append('')
-    for data_name in other_data(results, backbones, seeds, data_path, extra):  # your own images: nothing published
-        runs = {backbone: reproduced(results, data_name, backbone, seeds, epochs, data_path, extra)
-                for backbone in backbones}
+    for data_name in other_data(results, configurations, seeds, data_path, extra):  # your own images: none published
+        runs = {(backbone, loss): reproduced(results, data_name, backbone, seeds, epochs, data_path, extra, loss)
+                for backbone, loss in configurations}
         ranks = sorted(set().union(*(run['ranks'] for run in runs.values())))
         lines += [f'## {data_name}', '', 'Not a benchmark: nothing published to compare with.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
                   '|---|---|' + '---|' * (len(ranks) + 2)]
-        for backbone, run in runs.items():
+        for (backbone, loss), run in runs.items():
             if run['seeds'] or run['training']:
-                lines.append(f'| {BACKBONE_NAMES.get(backbone, backbone)} | reproduced | ' +
+                lines.append(f'| {label(backbone, loss, losses)} | reproduced | ' +
                              ' | '.join(cell(run.get(f'recall@{k}')) for k in ranks) +
                              f' | {cell(run.get("map@r"))} | {seeds_cell(run, len(seeds))} |')
         lines.append('')
@@ -261,20 +273,24 @@ def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', ex
     return path
 
 
-def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', extra=()):
+def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', extra=(), losses=(LOSS,)):
     """results/benchmarks.png: reproduced (mean over the finished seeds, their spread as error bars) against
-    published Recall@1, one panel per data set."""
+    published Recall@1, one panel per data set, one pair of bars per backbone and loss."""
+    configurations = list(itertools.product(backbones, losses))
     import numpy as np
     from matplotlib.patches import Patch
     plt = pyplot()
     published_colour, reproduced_colour = '0.65', 'tab:blue'
     with plt.style.context(['science', 'no-latex']):
-        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(9.5 * max(1, len(backbones) / 3), 2.9), sharey=True)
-        x, width = np.arange(len(backbones)), 0.38
+        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(9.5 * max(1, len(configurations) / 3), 2.9),
+                                 sharey=True)
+        x, width = np.arange(len(configurations)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
-            runs = [reproduced(results, data_name, b, seeds, epochs, data_path, extra) for b in backbones]
-            bars = [(-width / 2, [(BENCHMARKS[data_name].published.get(b, (None,))[0], None) for b in backbones],
-                     published_colour, 'not published'),
+            runs = [reproduced(results, data_name, b, seeds, epochs, data_path, extra, loss)
+                    for b, loss in configurations]
+            published = [BENCHMARKS[data_name].published.get(b, (None,))[0] if loss == LOSS else None
+                         for b, loss in configurations]
+            bars = [(-width / 2, [(value, None) for value in published], published_colour, 'not published'),
                     (width / 2, [run.get('recall@1', (None, None)) for run in runs], reproduced_colour,
                      'not finished')]
             for offset, values, colour, missing in bars:
@@ -287,11 +303,11 @@ def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', e
                              yerr=spread, error_kw={'elinewidth': 0.8, 'capsize': 2, 'ecolor': 'black'})
                     axis.text(position, value + (spread or 0) + 1, f'{value:.1f}', ha='center', va='bottom',
                               fontsize=5.5)
-            tilted = len(backbones) > 3  # more names than fit side by side
-            axis.set_xticks(x, [BACKBONE_NAMES.get(b, b) for b in backbones], fontsize=7, rotation=35 if tilted else 0,
-                            ha='right' if tilted else 'center')
+            tilted = len(configurations) > 3  # more names than fit side by side
+            axis.set_xticks(x, [label(b, loss, losses) for b, loss in configurations], fontsize=7,
+                            rotation=35 if tilted else 0, ha='right' if tilted else 'center')
             axis.tick_params(axis='x', which='both', top=False, bottom=False)
-            axis.set_xlim(-0.6, len(backbones) - 0.4)
+            axis.set_xlim(-0.6, len(configurations) - 0.4)
             axis.set_ylim(0, 100)
             axis.set_title(BENCHMARKS[data_name].title, fontsize=8)
         axes[0].set_ylabel('Recall@1 (%)')
@@ -308,6 +324,14 @@ def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', e
 def backbone_list(text):
     """--backbones: comma-separated backbone types, each checked as train.py checks --backbone_type."""
     return tuple(check_backbone(name) for name in text.split(','))
+
+
+def loss_list(text):
+    """--losses: comma-separated distinct loss names, each checked as train.py checks --loss_name."""
+    losses = tuple(check_loss_name(name) for name in text.split(','))
+    if len(set(losses)) != len(losses):
+        raise argparse.ArgumentTypeError(f'--losses lists a loss twice: {text}')
+    return losses
 
 
 def seed_list(text):
@@ -332,6 +356,9 @@ def get_args_parser():
                         help='datasets path: every one of car/, cub/, sop/ and inshop/ found there is run')
     parser.add_argument('--backbones', default=','.join(BACKBONES), type=backbone_list,
                         help='comma-separated backbones to train and tabulate: any train.py --backbone_type')
+    parser.add_argument('--losses', default=LOSS, type=loss_list,
+                        help='comma-separated losses to train and tabulate: any train.py --loss_name (the published '
+                             'figures are proxy_anchor\'s)')
     parser.add_argument('--seeds', default='1', type=seed_list,
                         help='comma-separated random seeds: every configuration is trained once per seed, and the '
                              'table reports the mean ± sample standard deviation over them')
@@ -347,7 +374,7 @@ def main():
     args, extra = get_args_parser().parse_known_args()
     epochs = train_args(['--data_path', args.data_path] + extra).num_epochs
     if not args.table:
-        grid = commands(args.data_path, extra, backbones=args.backbones, seeds=args.seeds)
+        grid = commands(args.data_path, extra, backbones=args.backbones, seeds=args.seeds, losses=args.losses)
         for number, (description, argv) in enumerate(grid, 1):
             if args.dry_run:
                 print(shlex.join(argv))
@@ -358,7 +385,7 @@ def main():
                                 f'finished runs are skipped and this one resumes from its last checkpoint')
         if args.dry_run:
             return
-    grid = args.backbones, args.seeds, args.data_path, extra
+    grid = args.backbones, args.seeds, args.data_path, extra, args.losses
     print(f'wrote {table("results", epochs, *grid)} and {figure("results", epochs, *grid)}')
 
 

@@ -138,18 +138,49 @@ def atomic_save(obj, path):
         torch.save(obj, tmp)
 
 
-def safe_load(path, what='file'):
-    """torch.load with weights_only=True onto the CPU: tensors and plain containers only, never arbitrary code."""
+def safe_load(path, what='file', expected='a file this project wrote'):
+    """torch.load with weights_only=True onto the CPU: tensors and plain containers only, never arbitrary code.
+
+    A file that is no PyTorch file at all (a CSV, an image, a text file named .pth) is refused for what it is, in
+    one sentence that names `expected`, what the caller wanted instead."""
     if not os.path.isfile(path):
         raise UserError(f'{what} {path} does not exist')
+    kind = non_torch_kind(path)
+    if kind is not None:
+        raise UserError(f'{path} is not a {what} but {kind}; pass {expected}')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f'refused to load {what} {path}: it holds Python objects other than tensors and plain '
                         f'containers, which could run code; only load files this project wrote') from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as error:
+        # a pickle stream cut short or garbled fails in the unpickler's own bookkeeping (KeyError, IndexError)
         raise UserError(f'could not read {what} {path} ({type(error).__name__}); it may be truncated or not '
                         f'a PyTorch file, so write it again') from None
+
+
+TORCH_MAGIC = (b'PK\x03\x04', b'\x80')  # torch.save's zip archive, or the pickle stream of its legacy format
+
+
+def non_torch_kind(path):
+    """What a file is when it cannot be a PyTorch file ('a JPEG image', 'a text file', 'an empty file'), else None."""
+    with open(path, 'rb') as file:
+        head = file.read(4096)
+    if head.startswith(TORCH_MAGIC):
+        return None
+    if not head:
+        return 'an empty file'
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            return f'a {image.format} image'
+    except (UnidentifiedImageError, OSError, ValueError):
+        pass
+    try:
+        head.decode('utf-8')
+        return 'a text file'
+    except UnicodeDecodeError as error:  # a multi-byte character cut by the 4096-byte read is still text
+        return 'a text file' if error.start > len(head) - 4 else 'neither a PyTorch file nor text'
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -252,13 +283,22 @@ def set_rng_state(state):
     np.random.set_state((key, array.numpy().astype(np.uint32), position, has_gauss, gauss))
 
 
+@contextlib.contextmanager
+def cpu_generator_seeded(seed):
+    """Seed torch's CPU generator for the block, then give its state back: the caller's draws go on untouched."""
+    state = torch.default_generator.get_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(state)
+
+
 def set_kernels(amp):
     """Fix for the whole run the kernel settings its figures depend on.
 
-    cuDNN as the seed set it (deterministic, no autotuning), except in the --amp speed mode, which autotunes. MKL
-    chooses a thread count per call until torch's is first set, and another count sums in another order: setting
-    it here makes the first epoch compute like the later ones (whose evaluation sets it) and a run in a process that
-    ran something before it compute like a fresh one.
+    cuDNN as the seed set it, except in the --amp speed mode, which autotunes. Until torch's thread count is first
+    set, MKL picks one per call and sums in another order, so it is set here, once, before anything is computed.
     """
     torch.backends.cudnn.deterministic = not amp
     torch.backends.cudnn.benchmark = amp

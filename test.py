@@ -1,10 +1,10 @@
 """Retrieve the images nearest to a query from a trained model's data base, or from a folder of photos; draw them."""
 import argparse
-import csv
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -12,27 +12,38 @@ from torchvision.transforms.v2.functional import to_pil_image
 
 import gallery
 from model import load_model, open_data_base
+from report import write_report
 from runtime import ArgumentParser, UserError, atomic_dir, pyplot, remove_temporaries, run_main
-from utils import image_files, read_image, searched_split, test_transform
+from utils import check_images, image_files, read_image, searched_split, test_transform
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
+RESULT_COLUMNS = ['rank', 'path', 'similarity', 'same_class']  # results.csv, one row per result
 
 
 def get_args_parser():
     """The command-line flags of test.py; the seed's names and defaults are the public interface."""
     parser = ArgumentParser(description='Show the images a trained model retrieves for a query',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg', type=str,
-                        help='query image name: a test image of the data base, or any image file')
+    parser.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg', type=str, nargs='+',
+                        help='query image name: test images of the data base, any image files, or folders of them '
+                             '(every image below each); the model and data base load once, and each query gets '
+                             'its own folder under results/')
     parser.add_argument('--data_base', default='car_resnet50_proxy_anchor_512_20_data_base.pth', type=str,
                         help='queried database (a path, or a file name under results/)')
     parser.add_argument('--retrieval_num', default=8, type=int, help='retrieval number')
+    parser.add_argument('--data_path', default=None, type=str,
+                        help="the folder that holds the data base's data set now, if it has moved since training "
+                             "(the one holding <data_name>/); by default the data base's own --data_path")
     parser.add_argument('--gallery', default=None, type=str,
                         help='a folder of your own images to search instead of the test set: every image below it, '
                              'embedded by the model saved beside the data base and kept under results/')
     parser.add_argument('--index', default=None, choices=gallery.INDEXES,
                         help=f'how --gallery is searched: exact, or a faiss index built once and saved beside the '
                              f'embeddings (default: exact below {gallery.EXACT_BELOW:,} images, else ivfpq)')
+    parser.add_argument('--report', action='store_true',
+                        help='instead of one query, write an HTML report on the whole test set: '
+                             'results/<data base name>_report/index.html')
+    parser.add_argument('--report_queries', default=20, type=int, help='worst queries the report shows')
     return parser
 
 
@@ -64,16 +75,34 @@ def embed_images(model, paths, batch_size=32):
     return torch.cat(features)
 
 
-def embed_query(query, data_base, data_base_path, model=None):
-    """Embed an image that is not in the data base with the model saved beside the data base (or `model`)."""
-    example = data_base['test_images'][0]
-    if model is None:
-        model, _ = load_model(data_base, data_base_path, lambda model_path: (
-            f'{query} is not in data base {data_base_path} (a valid name is {example}), and no model {model_path} '
-            f'was found to embed it; query a data base image or train a model first'), embedding_device())
+def query_files(names):
+    """The queries --query_img_name names: each image as given, each folder as every image below it (sorted)."""
+    queries = []
+    for name in [names] if isinstance(names, str) else names:
+        if os.path.isdir(name):
+            images = image_files(name)[0]
+            if not images:
+                raise UserError(f'--query_img_name {name} is a folder without any image (any format PIL reads, '
+                                f'searched in all its folders); name images or a folder of them')
+            queries += images
+        else:  # a file, or a data base image named by its file name alone
+            queries.append(name)
+    return queries
+
+
+def embed_query(query, data_base, model):
+    """Embed an image that is not in the data base with the model saved beside the data base."""
     if not os.path.isfile(query):
-        raise UserError(f'query image {query} does not exist; a valid name is {example}')
+        raise UserError(f'query image {query} does not exist; a valid name is {data_base["test_images"][0]}')
     return embed_images(model, [query])[0]  # (D,)
+
+
+def query_model(query, data_base, data_base_path):
+    """The model saved beside the data base, which embeds a query that is not in it."""
+    example = data_base['test_images'][0]
+    return load_model(data_base, data_base_path, lambda model_path: (
+        f'{query} is not in data base {data_base_path} (a valid name is {example}), and no model {model_path} '
+        f'was found to embed it; query a data base image or train a model first'), embedding_device())[0]
 
 
 def gallery_store_path(folder, model_path):
@@ -94,49 +123,52 @@ def gallery_images(folder):
     return paths
 
 
-def search_gallery(args, data_base, data_base_path):
-    """(query path, [(path, cosine, None)] of its nearest images below --gallery): the folder's store brought up to
-    date first (gallery.py), then searched exactly or through --index."""
+def search_gallery(args, queries, data_base, data_base_path):
+    """Each query's (path, None, [(rank, path, cosine, None)] of its nearest images below --gallery): the folder's
+    store brought up to date first (gallery.py), then searched exactly or through --index."""
     images = gallery_images(args.gallery)
     model, model_path = load_model(data_base, data_base_path, lambda model_path: (
         f'--gallery needs the model saved beside data base {data_base_path} to embed its images, but no model '
         f'{model_path} was found; pass the data base of a train.py run'), embedding_device())
     # a mistyped query is reported now, not after the whole gallery has been embedded
-    inside, known = find_query(args.query_img_name, images), find_query(args.query_img_name, data_base['test_images'])
-    if inside is None and known is None and not os.path.isfile(args.query_img_name):
-        raise UserError(f'query image {args.query_img_name} does not exist; pass an image file')
+    found = [(query, find_query(query, images), find_query(query, data_base['test_images'])) for query in queries]
+    for query, inside, known in found:
+        if inside is None and known is None and not os.path.isfile(query):
+            raise UserError(f'query image {query} does not exist; pass an image file')
     path = gallery_store_path(args.gallery, model_path)
     if os.path.isfile(f'{path}.pth'):
         print(f'{path}.pth is a gallery cache of an older version, no longer read; delete it')
     with gallery.open_store(path, model_path, model.embedding.out_features) as store:
         store.update(args.gallery, images, model)
-        row = None if inside is None else store.row(images[inside])
-        if row is not None:  # a photo of the folder: its stored embedding, and not its own result
-            query_path, query_feature = images[inside], store.block(row, row + 1)[0]
-        elif known is not None:  # a test image of the data base
-            query_path, query_feature = data_base['test_images'][known], data_base['test_features'][known]
-        else:
-            query_path, query_feature = args.query_img_name, embed_query(args.query_img_name, data_base,
-                                                                         data_base_path, model)
-        if query_feature.size(0) != store.dim:
-            raise UserError(f'the model embeds in {store.dim} dimensions but data base {data_base_path} holds '
-                            f'{query_feature.size(0)}-d features; use the pair train.py wrote together')
-        if len(store.current) <= (row is not None):
-            raise UserError(f'--gallery {args.gallery} holds no readable image other than the query; add images to '
-                            f'search')
         kind = args.index or gallery.default_index(len(store.current))
         index = kind if kind == 'exact' else gallery.load_index(store, kind)
-        found = store.search(query_feature, args.retrieval_num, exclude=row, index=index)
-    return query_path, [(result, similarity, None) for result, similarity in found]
+        for query, inside, known in found:
+            row = None if inside is None else store.row(images[inside])
+            if row is not None:  # a photo of the folder: its stored embedding, and not its own result
+                query_path, query_feature = images[inside], store.block(row, row + 1)[0]
+            elif known is not None:  # a test image of the data base
+                query_path, query_feature = data_base['test_images'][known], data_base['test_features'][known]
+            else:
+                query_path, query_feature = query, embed_query(query, data_base, model)
+            if query_feature.size(0) != store.dim:
+                raise UserError(f'the model embeds in {store.dim} dimensions but data base {data_base_path} holds '
+                                f'{query_feature.size(0)}-d features; use the pair train.py wrote together')
+            if len(store.current) <= (row is not None):
+                raise UserError(f'--gallery {args.gallery} holds no readable image other than the query; add '
+                                f'images to search')
+            results = store.search(query_feature, args.retrieval_num, exclude=row, index=index)
+            yield query_path, None, [(rank, result, similarity, None)
+                                     for rank, (result, similarity) in enumerate(results, 1)]
 
 
-def output_name(query_path, data_base):
+def output_name(query_path, data_base, queries=()):
     """The query's folder name under results/: its file name without extension, as in the seed. Where the data base
-    holds other images of that name (In-shop's 01_1_front.jpg is in almost every item's folder), the names of the
-    folders above it come first, as many as make it unique: id_00000002_01_1_front."""
+    (or another of this run's queries) holds other images of that name (In-shop's 01_1_front.jpg is in almost every
+    item's folder), the names of the folders above it come first, as many as make it unique: id_00000002_01_1_front."""
     parts = os.path.normpath(os.path.splitext(query_path)[0]).split(os.sep)
     others = {os.path.normpath(os.path.splitext(path)[0]) for key in ('test_images', 'gallery_images', 'train_images')
-              for path in data_base.get(key, ())} - {os.path.normpath(os.path.splitext(query_path)[0])}
+              for path in data_base.get(key, ())} | {os.path.normpath(os.path.splitext(path)[0]) for path in queries}
+    others -= {os.path.normpath(os.path.splitext(query_path)[0])}
     for depth in range(1, len(parts) + 1):
         tail = parts[-depth:]
         if not any(other.split(os.sep)[-depth:] == tail for other in others):
@@ -168,64 +200,65 @@ def draw_row(query_image, results, path):
     plt.close(figure)
 
 
-def write_results(results, paths, path):
-    """Print the ranked results as text and write them as CSV: rank, path, similarity, same_class (empty when the
-    query's class is unknown, as for a --gallery of photos without labels)."""
-    rows = [(rank, result_path, f'{similarity:.4f}', '' if correct is None else correct)
-            for (_, rank, similarity, correct), result_path in zip(results, paths)]
-    with open(path, 'w', newline='') as file:
-        writer = csv.writer(file)
-        writer.writerow(('rank', 'path', 'similarity', 'same_class'))
-        writer.writerows(rows)
-    for rank, result_path, similarity, same_class in rows:
-        print(f'{rank:>4}  {similarity}  {result_path}' + {True: '  same class', False: '  other class'}.get(
-            same_class, ''))
-
-
-def search_data_base(args, data_base, data_base_path):
-    """(query path, its label or None, [(path, cosine, same class or None)] of its nearest images) in the test set,
-    or in the gallery of a data set evaluated queries against a gallery (In-shop)."""
+def search_data_base(args, queries, data_base, data_base_path):
+    """Each query's (path, its label or None, [(rank, path, cosine, same class or None)] of its nearest images) in
+    the test set, or in the gallery of a data set evaluated queries against a gallery (In-shop)."""
     split, images, labels, features = searched_split(data_base)
-    index = find_query(args.query_img_name, images)
-    # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
-    known = None if index is not None or split == 'test' else find_query(args.query_img_name, data_base['test_images'])
-    if index is not None:
-        query_feature, query_path = features[index], images[index]
-        query_label = labels[index].item()
-    elif known is not None:
-        query_feature, query_path = data_base['test_features'][known], data_base['test_images'][known]
-        query_label = data_base['test_labels'][known].item()
-    else:
-        query_feature, query_label, query_path = embed_query(args.query_img_name, data_base,
-                                                             data_base_path), None, args.query_img_name
-    if query_feature.size(0) != features.size(1):
-        raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
-                        f'holds {features.size(1)}-d features; use the pair train.py wrote together')
-    similarities = F.normalize(features.float(), dim=-1) @ F.normalize(query_feature.float(), dim=-1)  # (N,)
-    if index is not None:
-        similarities[index] = float('-inf')  # the query is not its own result
-    top = similarities.topk(min(args.retrieval_num, len(images) - (index is not None)))
-    return query_path, query_label, [
-        (images[position], similarity, None if query_label is None else labels[position].item() == query_label)
-        for similarity, position in zip(top.values.tolist(), top.indices.tolist())]
+    model = None
+    for query in queries:
+        index = find_query(query, images)
+        # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
+        known = None if index is not None or split == 'test' else find_query(query, data_base['test_images'])
+        if index is not None:
+            query_feature, query_path, query_label = features[index], images[index], labels[index].item()
+        elif known is not None:
+            query_feature, query_path = data_base['test_features'][known], data_base['test_images'][known]
+            query_label = data_base['test_labels'][known].item()
+        else:
+            if model is None and os.path.isfile(query):  # loaded once, for the first query outside the data base
+                model = query_model(query, data_base, data_base_path)
+            query_feature, query_label, query_path = embed_query(query, data_base, model), None, query
+        if query_feature.size(0) != features.size(1):
+            raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
+                            f'holds {features.size(1)}-d features; use the pair train.py wrote together')
+        similarities = F.normalize(features.float(), dim=-1) @ F.normalize(query_feature.float(), dim=-1)  # (N,)
+        if index is not None:
+            similarities[index] = float('-inf')  # the query is not its own result
+        top = similarities.topk(min(args.retrieval_num, len(images) - (index is not None)))
+        yield query_path, query_label, [
+            (rank, images[position], similarity,
+             None if query_label is None else labels[position].item() == query_label)
+            for rank, (similarity, position) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
 
 
 def main():
-    """Find the query's nearest neighbours and write them under results/<query name>/."""
+    """Find each query's nearest neighbours and write them under results/<query name>/."""
     args = get_args_parser().parse_args()
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
-    data_base, data_base_path = open_data_base(args.data_base)
+    data_base, data_base_path = open_data_base(args.data_base, args.data_path)
+    if args.report:  # the whole test set instead of one query
+        return write_report(args, data_base, data_base_path, framed, draw_row)
+    queries = query_files(args.query_img_name)
     if args.gallery is not None:  # a folder of photos without labels
-        query_path, ranked = search_gallery(args, data_base, data_base_path)
-        query_label = None
-    else:
-        query_path, query_label, ranked = search_data_base(args, data_base, data_base_path)
-    num = len(ranked)
+        searches = search_gallery(args, queries, data_base, data_base_path)
+    else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
+        check_images(data_base, data_base_path, args.data_path)
+        searches = search_data_base(args, queries, data_base, data_base_path)
+    for query_path, query_label, ranked in searches:
+        name = output_name(query_path, data_base, queries if len(queries) > 1 else ())
+        write_results(query_path, ranked, name)
+        print_results(query_path, ranked)
+        hits = sum(correct is True for *_, correct in ranked)
+        summary = f', {hits} of the same class' if query_label is not None else ''
+        searched = f' in {args.gallery}' if args.gallery is not None else ''
+        print(f'wrote the query and its {len(ranked)} nearest images{searched}{summary} to results/{name}/')
 
-    name = output_name(query_path, data_base)
-    results = [(framed(path, correct), rank, similarity, correct)
-               for rank, (path, similarity, correct) in enumerate(ranked, 1)]
+
+def write_results(query_path, ranked, name):
+    """results/<name>/: the query, each result framed and named by its rank and similarity, the row of them all
+    (retrieval.png) and results.csv, written whole. ranked: [(rank, path, similarity, same class or None)]."""
+    results = [(framed(path, correct), rank, similarity, correct) for rank, path, similarity, correct in ranked]
     remove_temporaries('results', f'{name}.')  # left by a run killed while writing this query's folder
     with atomic_dir(os.path.join('results', name)) as folder:
         query_image = framed(query_path, border=False)
@@ -233,11 +266,17 @@ def main():
         for image, rank, similarity, _ in results:
             image.save(os.path.join(folder, f'retrieval_img_{rank}_{similarity:.4f}.jpg'))
         draw_row(query_image, results, os.path.join(folder, 'retrieval.png'))
-        write_results(results, [path for path, _, _ in ranked], os.path.join(folder, 'results.csv'))
-    hits = sum(correct is True for *_, correct in results)
-    summary = f', {hits} of the same class' if query_label is not None else ''
-    searched = f' in {args.gallery}' if args.gallery is not None else ''
-    print(f'wrote the query and its {num} nearest images{searched}{summary} to results/{name}/')
+        # same_class is empty where the query's class is unknown (a photo of your own, a gallery without labels)
+        pd.DataFrame(ranked, columns=RESULT_COLUMNS).to_csv(os.path.join(folder, 'results.csv'), index=False)
+
+
+def print_results(query_path, ranked):
+    """The ranked results as a table: rank, similarity, whether the class is the query's (when known), path."""
+    print(f'{query_path}:')
+    print(f'{"rank":>6}  {"similarity":>10}  {"same class":<10}  path')
+    for rank, path, similarity, correct in ranked:
+        same = '' if correct is None else 'yes' if correct else 'no'
+        print(f'{rank:>6}  {similarity:>10.4f}  {same:<10}  {path}')
 
 
 if __name__ == '__main__':

@@ -1,10 +1,14 @@
-"""Train an embedding with Proxy-Anchor or Normalized-Softmax and report Recall@K on the unseen test classes.
+"""Train an embedding with Proxy-Anchor, Normalized-Softmax or a baseline loss and report Recall@K on the unseen
+test classes.
 
 One GPU or the CPU: `python train.py ...`; several GPUs: `torchrun --nproc_per_node N train.py ...`.
 """
 import argparse
+import inspect
+import math
 import os
 import re
+import shlex
 import time
 
 import pandas as pd
@@ -22,10 +26,13 @@ from model import BACKBONES, TIMM_PREFIX, Model, backbone_file_name, check_backb
 from runtime import (ArgumentParser, UserError, atomic_path, atomic_save, exclusive_run, gather, gather_shards,
                      pyplot, remove_temporaries, rng_state, run_main, safe_load, save_figure, set_kernels,
                      set_rng_state, set_seed, setup_device, unwrap)
-from utils import (CROP_TYPES, DATA_NAMES, LOSSES, ImageReader, load_index, make_data_base, parse_ranks,
-                   retrieval_metrics)
+from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, EmbeddingLoss, ImageReader,
+                   canonical_loss_args, check_loss_name, class_cosines, folder_name, index_path, load_index,
+                   loss_entry, make_data_base, mean_pairwise_cosine, one_of, parse_ranks, retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
+CPU_BACKBONE = 'timm/resnet18'  # what the collapse warning suggests: it trains from random weights on a CPU
+DEMO = 'digits'  # the demo data set that train.py writes itself when there is no folder of that name
 BASE, NAMED = 'in every run name', 'names the run off its default'  # the two kinds of recipe flags
 
 
@@ -44,13 +51,14 @@ def default_workers():
 
 def get_args_parser():
     """The command-line flags of train.py; the seed's names and defaults are the public interface."""
-    parser = ArgumentParser(description='Train a proxy-based deep metric learning model',
+    parser = ArgumentParser(description='Train a deep metric learning model',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group('data')
     data.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
-    recipe(data.add_argument('--data_name', default='car', type=str, help=f'dataset name: {", ".join(DATA_NAMES)}, '
-                                                                          f'or any other folder prepared by '
-                                                                          f'data_utils.py'), BASE)
+    recipe(data.add_argument('--data_name', default='car', type=folder_name,
+                             help=f'dataset name: {", ".join(DATA_NAMES)}, or any other folder prepared by '
+                                  f'data_utils.py; {DEMO} is written and prepared first if there is no such folder'),
+           BASE)
     recipe(data.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
                              help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)'))
     data.add_argument('--cache_images', action='store_true',
@@ -65,8 +73,12 @@ def get_args_parser():
                               help='start the backbone from random weights instead of its pretrained ones (offline '
                                    'runs)'))
     loss = parser.add_argument_group('loss')
-    recipe(loss.add_argument('--loss_name', default='proxy_anchor', type=str, choices=list(LOSSES), help='loss name'),
-           BASE)
+    recipe(loss.add_argument('--loss_name', default='proxy_anchor', type=check_loss_name,
+                             help=f'loss name: {", ".join(LOSSES)}, or {PML_PREFIX}<class name> for any '
+                                  f'pytorch-metric-learning loss'), BASE)
+    recipe(loss.add_argument('--loss_args', default='', type=canonical_loss_args,
+                             help=f'parameters of a {PML_PREFIX}<class name> loss, name=value,... (numbers, True/False '
+                                  f'or words); the others are at their defaults'))
     for flag, (hyper, losses) in loss_flags().items():
         action = loss.add_argument(f'--{flag}', default=hyper.default, type=type(hyper.default),
                                    help=f'{hyper.help} ({", ".join(losses)})')
@@ -84,6 +96,9 @@ def get_args_parser():
     recipe(optimisation.add_argument('--lr_gamma', default=0.5, type=float, help='factor of each learning-rate decay'))
     recipe(optimisation.add_argument('--batch_size', default=64, type=int,
                                      help='training batch size (over all GPUs)'))
+    recipe(optimisation.add_argument('--images_per_class', default=0, type=int,
+                                     help='M: class-balanced batches of batch_size / M classes with M images each '
+                                          '(the official code\'s --IPC); 0: the seed\'s shuffled order'))
     # raising --num_epochs continues a run, so it is no recipe flag
     optimisation.add_argument('--num_epochs', default=20, type=int, help='training epoch number')
     recipe(optimisation.add_argument('--warm_up', default=2, type=int,
@@ -98,6 +113,8 @@ def get_args_parser():
                      help='data loading processes per training process: min(8, cores / processes on this machine)')
     run.add_argument('--resume', action='store_true',
                      help="continue this configuration's interrupted run from results/<name>_checkpoint.pth")
+    run.add_argument('--tensorboard', action='store_true',
+                     help="also log each epoch's figures for TensorBoard in results/tensorboard/<name>/")
     evaluation = parser.add_argument_group('evaluation')
     evaluation.add_argument('--recalls', default='1,2,4,8', type=str,
                             help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at '
@@ -148,6 +165,19 @@ def check_args(args):
         raise UserError(f'--weight_decay must be 0 or more, not {args.weight_decay}')
     if not 0 <= args.val_fraction < 1:
         raise UserError(f'--val_fraction must lie in [0, 1), not {args.val_fraction}')
+    if args.images_per_class:
+        if args.images_per_class < 2:
+            raise UserError(f'--images_per_class must be at least 2 (a class-balanced batch needs pairs of a class), '
+                            f'not {args.images_per_class}; leave it out for the seed\'s shuffled batches')
+        if args.batch_size % args.images_per_class:
+            low = args.batch_size - args.batch_size % args.images_per_class
+            raise UserError(f'--batch_size {args.batch_size} is not a multiple of --images_per_class '
+                            f'{args.images_per_class}; use --batch_size {max(low, args.images_per_class)} or '
+                            f'{low + args.images_per_class}')
+    if args.loss_args and not args.loss_name.startswith(PML_PREFIX):
+        raise UserError(f'--loss_args sets the parameters of a {PML_PREFIX}<class name> loss, not of '
+                        f'{args.loss_name}, whose parameters are flags of their own (see --help); leave it out')
+    loss_entry(args.loss_name, args.loss_args)  # an unknown or missing parameter of a PML loss stops here
     for flag, (hyper, losses) in loss_flags().items():
         value = getattr(args, flag)
         if not (value >= hyper.low if hyper.low_included else value > hyper.low):  # also refuses nan
@@ -193,27 +223,40 @@ def train(args, ranks, device, rank, world):
     if args.batch_size % world:
         raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, so it must be a '
                         f'multiple of {world}')
+    if args.data_name == DEMO:
+        if rank == 0:
+            write_demo(args.data_path)
+        if world > 1:  # the other ranks read the demo once rank 0 has written it
+            dist.barrier()
     splits = load_splits(args, rank)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
         print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
-    sampler = GlobalBatches(len(splits['train']), args.batch_size, rank, world, args.seed)
-    # the loader draws its workers' base seed from a generator of its own, not from the global one that dropout
-    # draws from: a new loader iterator each epoch (--num_workers 0) or one for the run (persistent workers) then
-    # leaves the training identical
+    sampler = make_sampler(splits['train'], args, rank, world)
+    # the workers' seeds come from a generator of the loader's own, so dropout draws the same for any --num_workers
     train_loader = DataLoader(splits['train'], batch_sampler=sampler, num_workers=args.num_workers,
                               pin_memory=device.type == 'cuda', persistent_workers=args.num_workers > 0,
                               multiprocessing_context=worker_context(splits['train'], args.num_workers),
                               generator=torch.Generator().manual_seed(args.seed))
-    model = Model(args.backbone_type, args.feature_dim, splits['train'].num_classes, not args.no_pretrained).to(device)
+    num_classes = splits['train'].num_classes
+    # a loss on embeddings has no use for the model's proxies: it holds class proxies of its own, or none
+    on_cosines = loss_entry(args.loss_name, args.loss_args).cosines
+    model = Model(args.backbone_type, args.feature_dim, num_classes if on_cosines else 0, not args.no_pretrained).to(
+        device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = make_optimizer(model, args)
-    loss_criterion = make_loss(args)
+    loss_criterion = make_loss(args, num_classes).to(device)
+    if world > 1:  # every rank computes the same global loss, so parameters equal at the start stay equal
+        for parameter in loss_criterion.parameters():
+            dist.broadcast(parameter.data, 0)
+    if rank == 0:
+        pair_hint(args, loss_criterion)
+    optimizer, scheduler = make_optimizer(model, args, loss_criterion)
     evaluated = [split for split in ('test', 'val') if split in splits]
     columns = ['train_loss', 'train_accuracy'] + [f'{split}_{metric}' for split in evaluated for metric in
                                                   [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']]
-    start_epoch, statistics = resume(args, model, optimizer, scheduler, columns, rank)
+    start_epoch, statistics = resume(args, model, loss_criterion, optimizer, scheduler, columns, rank)
+    writer = tensorboard_writer(args, start_epoch) if args.tensorboard and rank == 0 else None
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
@@ -234,12 +277,50 @@ def train(args, ranks, device, rank, world):
         features = {split: embed(model, data, eval_batch, args.num_workers, device, args.amp, rank, world)
                     for split, data in splits.items() if split != 'train'}
         features['train'] = train_features
+        rates = [group['lr'] for group in optimizer.param_groups]  # the epoch's, before the decay
         scheduler.step()
         if rank == 0:
             statistics['train_loss'].append(stats['loss'])
             statistics['train_accuracy'].append(stats['accuracy'])
             report(evaluate(splits, features, ranks), statistics, stats, epoch, args, device)
-            save_epoch(args, epoch, model, optimizer, scheduler, statistics, splits, features)
+            warn_if_collapsed(features['test'], epoch, args)
+            if writer is not None:
+                log_epoch(writer, epoch, statistics, stats, rates)
+            save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statistics, splits, features)
+    if writer is not None:
+        writer.close()
+    if rank == 0:
+        prefix = prefix_of(args)
+        last = f'results/{prefix}_{args.num_epochs}'
+        print(f'wrote {last}_data_base.pth, {last}_model.pth (epoch {args.num_epochs}) and '
+              f'results/{prefix}_statistics.csv; see a retrieval: python test.py --data_base {last}_data_base.pth '
+              f'--query_img_name {shlex.quote(splits["test"].images[0])}')
+
+
+def write_demo(data_path):
+    """Write and prepare the handwritten-digits demo as <data_path>/digits when there is no such folder; a folder of
+    that name is the user's and is never written into, only prepared if it is not yet."""
+    import data_utils
+    root = os.path.join(data_path, DEMO)
+    if not os.path.exists(root):
+        print(f'there is no {root}, so the handwritten-digits demo is written there first')
+        data_utils.make_demo(data_path)
+    elif os.path.isfile(index_path(data_path, DEMO)):
+        return
+    data_utils.prepare(data_path, DEMO, workers=1)
+
+
+def warn_if_collapsed(test_features, epoch, args):
+    """One line when the epoch's test embeddings have collapsed onto one direction: their similarities then say
+    nothing to a reader, and their rankings turn on differences in the sixth decimal, which training may wipe out."""
+    cosine = mean_pairwise_cosine(test_features)
+    if cosine > COLLAPSED:
+        tries = ([f'--backbone_type {CPU_BACKBONE}'] if args.backbone_type != CPU_BACKBONE else []) + \
+            (['pretrained weights (without --no_pretrained)'] if args.no_pretrained else []) + \
+            [f'a lower --lr than {args.lr:g}']
+        print(f'warning: the test embeddings of epoch {epoch} have collapsed onto one direction (mean cosine '
+              f'between two test images {cosine:.6f}), so every similarity reads about 1.000 and the figures above '
+              f'rest on tiny differences; try {one_of(tries)}')
 
 
 def load_splits(args, rank):
@@ -265,10 +346,16 @@ def load_splits(args, rank):
     if args.batch_size > len(splits['train']):
         raise UserError(f'--batch_size {args.batch_size} is larger than the {len(splits["train"])} training images of '
                         f'{args.data_name}; use a smaller --batch_size')
+    classes, per_batch = splits['train'].num_classes, args.batch_size // max(1, args.images_per_class)
+    if args.images_per_class and per_batch > classes:
+        raise UserError(f'--batch_size {args.batch_size} with --images_per_class {args.images_per_class} asks for '
+                        f'{per_batch} classes per batch, but the training set of {args.data_name} has only {classes}; '
+                        f'use a --batch_size of at most {classes * args.images_per_class} or a larger '
+                        f'--images_per_class')
     return splits
 
 
-def resume(args, model, optimizer, scheduler, columns, rank):
+def resume(args, model, loss_criterion, optimizer, scheduler, columns, rank):
     """(first epoch, statistics so far): those of this configuration's checkpoint with --resume, else (1, empty)."""
     prefix = prefix_of(args)
     checkpoint_path = f'results/{prefix}_checkpoint.pth'
@@ -277,6 +364,7 @@ def resume(args, model, optimizer, scheduler, columns, rank):
     if args.resume and os.path.exists(checkpoint_path):
         checkpoint = load_checkpoint(checkpoint_path, args)
         model.load_state_dict(checkpoint['model'])
+        loss_criterion.load_state_dict(checkpoint.get('loss', {}))  # a checkpoint from before losses had any
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
         set_rng_state(checkpoint['rng'])
@@ -317,20 +405,46 @@ def report(metrics, statistics, stats, epoch, args, device):
               + (f' | train {stats["images_per_second"]:.1f} images/s{memory}' if split == 'test' else ''))
 
 
-def save_epoch(args, epoch, model, optimizer, scheduler, statistics, splits, features):
+def tensorboard_writer(args, start_epoch):
+    """A TensorBoard writer into results/tensorboard/<run name>/, one folder per run as `tensorboard --logdir
+    results/tensorboard` shows them. purge_step hides what an earlier process logged there from start_epoch on: the
+    epochs a resumed run trains again (logged, then killed before its checkpoint), or all of an earlier run that a
+    fresh one replaces; so no step is shown twice."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow, and only --tensorboard needs it
+    return SummaryWriter(os.path.join('results', 'tensorboard', prefix_of(args)), purge_step=start_epoch)
+
+
+LR_GROUPS = ('backbone_and_head', 'proxies')  # make_optimizer's parameter groups, in order
+
+
+def log_epoch(writer, epoch, statistics, stats, rates):
+    """An epoch's figures as TensorBoard scalars at step `epoch`: each statistics column under its split
+    (train/loss, test/recall@1, val/map@r, ...), the training images per second and each parameter group's learning
+    rate (lr/backbone_and_head, lr/proxies); flushed, so that a crash loses no finished epoch."""
+    for column, values in statistics.items():
+        split, metric = column.split('_', 1)
+        writer.add_scalar(f'{split}/{metric}', values[-1], epoch)
+    writer.add_scalar('train/images_per_second', stats['images_per_second'], epoch)
+    for group, rate in zip(LR_GROUPS, rates):
+        writer.add_scalar(f'lr/{group}', rate, epoch)
+    writer.flush()
+
+
+def save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statistics, splits, features):
     """The epoch's statistics, model, data base and checkpoint, each written whole; the previous epoch's model and
     data base go."""
     prefix = prefix_of(args)
     save_statistics(statistics, prefix)
     weights = model.state_dict()
     atomic_save(weights, f'results/{prefix}_{epoch}_model.pth')
-    proxies = F.normalize(model.proxies.weight.detach().cpu(), dim=-1)
+    proxies = F.normalize(data_base_proxies(model, loss_criterion).detach().cpu(), dim=-1)
     atomic_save(make_data_base(args, epoch, {split: splits[split] for split in ('train', 'test', 'gallery')
-                                             if split in splits}, features, proxies),
+                                             if split in splits}, features, proxies, weights),
                 f'results/{prefix}_{epoch}_data_base.pth')
     # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
-    atomic_save({'model': weights, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                 'epoch': epoch, 'args': vars(args), 'rng': rng_state(), 'statistics': statistics},
+    atomic_save({'model': weights, 'loss': loss_criterion.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'scheduler': scheduler.state_dict(), 'epoch': epoch, 'args': vars(args), 'rng': rng_state(),
+                 'statistics': statistics},
                 f'results/{prefix}_checkpoint.pth')
     for kind in ('model', 'data_base'):
         if epoch > 1 and os.path.exists(f'results/{prefix}_{epoch - 1}_{kind}.pth'):
@@ -381,12 +495,82 @@ class GlobalBatches(Sampler):
         return -(-self.size // self.batch_size)
 
 
+class ClassBalancedBatches(GlobalBatches):
+    """GlobalBatches of P = batch_size / M classes with M images each (--images_per_class M), like PML's
+    MPerClassSampler and the official Proxy-Anchor code's --IPC, dealt to the ranks as GlobalBatches deals them.
+
+    An epoch sees every image at least once: each class's images, shuffled, are cut into groups of M, its last group
+    filled up with other images of the class (a class smaller than M repeats its images to fill its one group). Each
+    batch then takes one group from each of the P classes with the most groups left (ties, the common case, broken
+    at random), which spreads large classes over the epoch and sees every group exactly once whenever the groups can
+    be dealt so; once fewer than P classes have groups left, the batch is filled up with a fresh group of other
+    classes. So an epoch is about (number of groups) / P batches, all full (the official code instead draws
+    len(dataset) // batch_size batches with replacement). The draws are seeded by seed + epoch, so a resumed run and
+    every torchrun rank draw the same batches.
+    """
+
+    def __init__(self, labels, batch_size, images_per_class, rank=0, world=1, seed=0):
+        super().__init__(len(labels), batch_size, rank, world, seed)
+        self.labels, self.per_class = torch.as_tensor(labels), images_per_class
+        self.drawn = None  # (epoch, its batches): the epoch loop and the loader both read them
+
+    def global_batches(self):
+        """The epoch's global batches of data-set indices, each M images of each of P classes, one class after
+        another."""
+        if self.drawn is not None and self.drawn[0] == self.epoch:
+            return self.drawn[1]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        members = [(self.labels == label).nonzero()[:, 0] for label in self.labels.unique()]  # per class
+        groups = []  # per class: its groups of M images
+        for images in members:
+            images = images[torch.randperm(len(images), generator=generator)]
+            whole = len(images) - len(images) % self.per_class  # the images in full groups: the last one's fillers
+            groups.append(torch.cat([images, self.fill(images[:whole] if whole else images,
+                                                       -len(images) % self.per_class, generator)]).view(
+                -1, self.per_class))
+        left = torch.tensor([len(group) for group in groups], dtype=torch.float64)  # (C,) groups not yet drawn
+        classes, batches = self.batch_size // self.per_class, []
+        while left.sum() > 0:
+            priority = torch.where(left > 0, left + torch.rand(len(left), generator=generator, dtype=left.dtype), -1)
+            chosen = priority.topk(min(classes, int((left > 0).sum()))).indices.tolist()
+            batch = []
+            for label in chosen:
+                batch += groups[label][len(groups[label]) - int(left[label])].tolist()
+                left[label] -= 1
+            others = torch.ones(len(groups), dtype=torch.float64)
+            others[chosen] = 0
+            fillers = torch.multinomial(others, classes - len(chosen), generator=generator).tolist() \
+                if len(chosen) < classes else []
+            for label in fillers:
+                batch += self.fresh_group(members[label], generator).tolist()
+            batches.append(batch)
+        self.drawn = self.epoch, batches
+        return batches
+
+    def fresh_group(self, images, generator):
+        """M of a class's images drawn at random, all of them and repeats for a class smaller than M."""
+        if len(images) >= self.per_class:
+            return self.fill(images, self.per_class, generator)
+        return torch.cat([images, self.fill(images, self.per_class - len(images), generator)])
+
+    @staticmethod
+    def fill(images, count, generator):
+        """count more of a class's images drawn from images: without repeats where there are enough."""
+        if len(images) >= count:
+            return images[torch.randperm(len(images), generator=generator)[:count]]
+        return images[torch.randint(len(images), (count,), generator=generator)]
+
+    def __len__(self):
+        return len(self.global_batches())
+
+
 def batch_loss(model, images, labels, loss_criterion):
     """Loss of the global batch: embeddings and labels are gathered over all ranks before the loss.
 
-    Proxy-Anchor's terms average over the proxies with positives in the batch, so the loss is only the
-    single-GPU loss when it sees the whole batch. Rows labelled PADDING (a rank's share of the last, partial batch
-    filled up to the others' length) are left out. Returns (loss, global embeddings, their cosines, their labels).
+    Proxy-Anchor's terms average over the proxies with positives in the batch, and a pair-based loss pairs every
+    image with every other, so the loss is only the single-GPU loss when it sees the whole batch. Rows labelled
+    PADDING (a rank's share of the last, partial batch filled up to the others' length) are left out. Returns
+    (loss, global embeddings, their cosines to the class proxies or None for a loss without any, their labels).
     """
     embeddings, cosines = model(images)  # (B, D), (B, C)
     if dist.is_initialized():
@@ -394,7 +578,11 @@ def batch_loss(model, images, labels, loss_criterion):
         keep = labels != PADDING
         labels, embeddings = labels[keep], embeddings[keep]
         cosines = unwrap(model).proxies(embeddings)  # (B_global, C)
-    return loss_criterion(cosines, labels), embeddings, cosines, labels
+    if not isinstance(loss_criterion, EmbeddingLoss):
+        return loss_criterion(cosines, labels), embeddings, cosines, labels
+    own = loss_criterion.class_proxies()  # (C, K, D) or None
+    cosines = class_cosines(embeddings, own) if own is not None else None
+    return loss_criterion(embeddings, labels), embeddings, cosines, labels
 
 
 def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device, epoch, args, rank):
@@ -435,6 +623,10 @@ def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device
         features[rows] = embeddings.detach().float().cpu()
         total_num += labels.size(0)
         total_loss += loss.item() * labels.size(0)
+        if cosines is None:  # no class proxies: accuracy does not apply
+            total_correct = math.nan
+            bar.set_postfix(loss=f'{total_loss / total_num:.4f}')
+            continue
         total_correct += (cosines.argmax(dim=-1) == labels).sum().item()
         bar.set_postfix(loss=f'{total_loss / total_num:.4f}', acc=f'{100 * total_correct / total_num:.2f}%')
     if device.type == 'cuda':
@@ -483,11 +675,12 @@ class ChannelsLastAdamP(AdamP):
         return x.reshape(1, -1)
 
 
-def make_optimizer(model, args):
-    """The optimizer over two groups, the proxies at --proxy_lr and the backbone and the head at --lr, and its
-    StepLR."""
+def make_optimizer(model, args, loss_criterion=None):
+    """The optimizer over two groups, the proxies (the model's, and the loss's own parameters) at --proxy_lr and the
+    backbone and the head at --lr, and its StepLR."""
     backbone, head, proxies = model.parameter_groups()
-    groups = [{'params': backbone + head}, {'params': proxies, 'lr': args.proxy_lr}]
+    own = list(loss_criterion.parameters()) if loss_criterion is not None else []
+    groups = [{'params': backbone + head}, {'params': proxies + own, 'lr': args.proxy_lr}]
     if args.optimizer == 'adamp':  # the seed's: AdamP's defaults otherwise (betas 0.9/0.999, eps 1e-8)
         optimizer = ChannelsLastAdamP(groups, lr=args.lr, weight_decay=args.weight_decay)
     elif args.optimizer == 'adamw':
@@ -497,10 +690,40 @@ def make_optimizer(model, args):
     return optimizer, StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
 
 
-def make_loss(args):
-    """The --loss_name loss of LOSSES, with its hyper-parameters' flags."""
-    entry = LOSSES[args.loss_name]
-    return entry.build(**{flag: getattr(args, flag) for flag in entry.hyper})
+def make_loss(args, num_classes=None):
+    """The --loss_name loss, with its hyper-parameters' flags (or --loss_args), and the number of training classes
+    and the embedding size when it holds class proxies of its own."""
+    entry = loss_entry(args.loss_name, args.loss_args)
+    sizes = {'num_classes': num_classes, 'embedding_size': args.feature_dim}
+    wanted = inspect.signature(entry.build).parameters
+    return entry.build(**{flag: getattr(args, flag) for flag in entry.hyper},
+                       **{key: value for key, value in sizes.items() if key in wanted})
+
+
+def pair_hint(args, loss_criterion):
+    """One line for a pair-based loss trained on the seed's shuffled batches, which may hold few positive pairs."""
+    if isinstance(loss_criterion, EmbeddingLoss) and loss_criterion.class_proxies() is None \
+            and not args.images_per_class:
+        print(f'{args.loss_name} learns from pairs of one class within a batch, which shuffled batches of '
+              f'{args.batch_size} may hold few of; pass --images_per_class 4 (or 2) for class-balanced batches')
+
+
+def make_sampler(data, args, rank, world):
+    """This rank's GlobalBatches of the training set: class-balanced with --images_per_class, else shuffled."""
+    if args.images_per_class:
+        return ClassBalancedBatches(data.labels, args.batch_size, args.images_per_class, rank, world, args.seed)
+    return GlobalBatches(len(data), args.batch_size, rank, world, args.seed)
+
+
+def data_base_proxies(model, loss_criterion):
+    """The class proxies a data base stores: the model's (C, D), or those the loss holds itself, (C, D) or (C, K, D)
+    for K per class, or (0, D) for a loss without any."""
+    if isinstance(loss_criterion, EmbeddingLoss):
+        own = loss_criterion.class_proxies()
+        if own is None:
+            return model.proxies.weight.new_zeros(0, model.proxies.weight.size(1))
+        return own[:, 0] if own.size(1) == 1 else own
+    return model.proxies.weight
 
 
 def set_backbone_trainable(model, trainable):
@@ -538,7 +761,9 @@ def prefix_of(args, named_flags=None):
     """The name every output of this run starts with: the seed's car_resnet50_proxy_anchor_512, then _<flag><value>
     (_<flag> for a switch) for each of NAMED_FLAGS off its default (car_resnet50_proxy_anchor_512_margin0.2_seed2),
     then _<--run_name>."""
-    name = f'{args.data_name}_{backbone_file_name(args.backbone_type)}_{args.loss_name}_{args.feature_dim}'
+    # pml/<class name> becomes pml-<class name>, as a timm backbone's name does
+    name = (f'{args.data_name}_{backbone_file_name(args.backbone_type)}_{args.loss_name.replace("/", "-")}_'
+            f'{args.feature_dim}')
     parser = get_args_parser()
     for flag in NAMED_FLAGS if named_flags is None else named_flags:
         value = getattr(args, flag, parser.get_default(flag))
@@ -596,7 +821,8 @@ def save_statistics(statistics, prefix):
     """Rewrite the statistics CSV (one row per epoch) and redraw its curves."""
     frame = pd.DataFrame(statistics, index=pd.RangeIndex(1, len(statistics['train_loss']) + 1, name='epoch'))
     with atomic_path(f'results/{prefix}_statistics.csv') as tmp:
-        frame.to_csv(tmp, index_label='epoch')
+        # a loss without class proxies has no train accuracy: "n/a", which pandas reads back as NaN
+        frame.to_csv(tmp, index_label='epoch', na_rep='n/a')
     plot_statistics(frame, f'results/{prefix}_statistics.png')
 
 
@@ -612,11 +838,17 @@ def plot_statistics(frame, path):
         left = axes[0]
         left.plot(frame.index, frame['train_loss'], marker='o', markersize=3, label='loss')
         left.set(xlabel='epoch', ylabel='train loss', title='training')
-        twin = left.twinx()
-        twin.plot(frame.index, 100 * frame['train_accuracy'], marker='s', markersize=3, color='tab:red',
-                  label='accuracy')
-        twin.set_ylabel('train accuracy (%)')
-        left.legend(handles=left.get_lines() + twin.get_lines(), loc='best', fontsize=7)
+        lines = left.get_lines()
+        if frame['train_accuracy'].notna().any():
+            twin = left.twinx()
+            twin.plot(frame.index, 100 * frame['train_accuracy'], marker='s', markersize=3, color='tab:red',
+                      label='accuracy')
+            twin.set_ylabel('train accuracy (%)')
+            lines += twin.get_lines()
+        else:  # a loss without class proxies
+            left.text(0.5, 0.04, 'train accuracy: does not apply\n(the loss has no class proxies)',
+                      transform=left.transAxes, ha='center', va='bottom', fontsize=7, color='tab:red')
+        left.legend(handles=lines, loc='best', fontsize=7)
         for axis, (split, title) in zip(axes[1:], panels):
             for column in frame.columns:
                 if column.startswith(f'{split}_'):

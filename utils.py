@@ -1,11 +1,16 @@
 """Data reading and transforms, the data base, the losses, and the retrieval metrics."""
+import ast
 import bisect
 import contextlib
+import difflib
+import functools
+import hashlib
+import inspect
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -15,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from runtime import UserError, safe_load
+from runtime import UserError, cpu_generator_seeded, safe_load
 
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
 CROP_TYPES = ('uncropped', 'cropped')
@@ -40,9 +45,33 @@ def load_index(data_path, data_name, crop_type='uncropped'):
     instead of 'test' for In-shop and folders split that way)."""
     path = index_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
-        raise UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
-                        f'`python data_utils.py --data_path {data_path} --data_name {data_name}` first')
+        raise not_prepared(data_path, data_name, path)
     return safe_load(path, 'data index')
+
+
+def not_prepared(data_path, data_name, path):
+    """The UserError for a data set without an index: a --data_path that does not exist, a --data_name with no
+    folder (with the close names that have one), or a folder data_utils.py has not prepared yet."""
+    if not os.path.isdir(data_path):
+        return UserError(f'--data_path {data_path} does not exist; pass the folder that holds your data sets, one '
+                         f'folder each')
+    if not os.path.isdir(os.path.join(data_path, data_name)):
+        # results/ is where train.py writes (and locks) when run in the data folder itself
+        present = sorted(name for name in os.listdir(data_path) if not name.startswith('.')
+                         and os.path.isdir(os.path.join(data_path, name))
+                         and os.path.realpath(os.path.join(data_path, name)) != os.path.realpath('results'))
+        close = difflib.get_close_matches(data_name, present, n=3, cutoff=0.6)
+        known = (f'did you mean {one_of(close)}?' if close else
+                 f'it holds {one_of(present)}' if present else 'it holds no data set folder')
+        return UserError(f'there is no data set {data_name} under {data_path} ({known}); pass the name of a folder '
+                         f'there, or put your data set there as {os.path.join(data_path, data_name)}')
+    return UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
+                     f'`python data_utils.py --data_path {data_path} --data_name {data_name}` first')
+
+
+def folder_name(text):
+    """A folder name as typed, without the trailing slash that shell completion adds (--data_name digits/)."""
+    return text.rstrip('/') or text
 
 
 def train_transform():
@@ -200,16 +229,9 @@ class ImageReader(Dataset):
         image = self.cache[index] if self.cache is not None else read_image(self.images[index])
         if epoch is None:
             return self.transform(image), self.labels[index]
-        # only the CPU generator drives the transforms (torch.manual_seed would also queue GPU seeds, which costs more
-        # than a cached crop); the hash of a tuple of ints is stable across processes and runs. The generator's state
-        # is given back afterwards, so that loading in the training process itself (--num_workers 0) leaves the
-        # model's random draws (GoogLeNet's dropout) as they are when workers load
-        state = torch.default_generator.get_state()
-        torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-        try:
+        # a hash of ints is the same in every process, so an image's augmentation does not depend on who loads it
+        with cpu_generator_seeded(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF):
             return self.transform(image), self.labels[index]
-        finally:
-            torch.default_generator.set_state(state)
 
     def __len__(self):
         return len(self.images)
@@ -218,25 +240,68 @@ class ImageReader(Dataset):
 # ----------------------------------------------------------------------------------------------------------------------
 # the data base: what train.py writes after every epoch and test.py searches
 
-def make_data_base(args, epoch, splits, features, proxies):
+def make_data_base(args, epoch, splits, features, proxies, weights):
     """The data base of an epoch: each split's image paths, labels (a query split and its gallery share them) and
-    features (N, D), the (C, D) unit proxies, the run's flags and the epoch. `splits` and `features` map 'train',
-    'test' and, for a query/gallery data set, 'gallery' to an ImageReader and its features."""
-    data_base = {'proxies': proxies, 'args': vars(args), 'epoch': epoch}
+    features (N, D), the (C, D) unit proxies, the run's flags, the epoch, and the digest of the model's weights
+    (`weights`, its state dict). `splits` and `features` map 'train', 'test' and, for a query/gallery data set,
+    'gallery' to an ImageReader and its features.
+
+    The image paths are absolute, and `data_root` records the absolute --data_path they lie under, so that test.py
+    finds them from any working folder and, when the data has moved, below the folder its --data_path names."""
+    data_base = {'proxies': proxies, 'args': vars(args), 'epoch': epoch, 'data_root': os.path.abspath(args.data_path),
+                 'weights_sha256': weights_sha256(weights)}
     for split, data in splits.items():
-        data_base.update({f'{split}_images': data.images, f'{split}_labels': torch.tensor(data.labels),
-                          f'{split}_features': features[split]})
+        data_base.update({f'{split}_images': [os.path.abspath(path) for path in data.images],
+                          f'{split}_labels': torch.tensor(data.labels), f'{split}_features': features[split]})
     return data_base
+
+
+def weights_sha256(state_dict):
+    """SHA-256 hex digest of a state dict's names, dtypes, shapes and bytes, in key order: it tells one model's
+    weights from another's of the same shapes."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f'{name} {tensor.dtype} {tuple(tensor.shape)}\n'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included
+    return digest.hexdigest()
+
+
+def moved_images(data_base, data_path):
+    """The data base with its image paths moved from the data root it was written with to data_path.
+
+    A data base written before `data_root` was recorded holds its paths as train.py was given them, relative to
+    its working folder or absolute, below its args' data_path."""
+    root = data_base.get('data_root', data_base['args']['data_path'])
+    moved = dict(data_base)
+    for key in [key for key in data_base if key.endswith('_images')]:
+        moved[key] = [os.path.join(os.path.abspath(data_path), os.path.relpath(path, root)) for path in data_base[key]]
+    return moved
+
+
+def check_images(data_base, data_base_path, data_path=None):
+    """A UserError unless the images of the split a query searches are where the data base says: it names where they
+    were looked for and how to point test.py at their new place."""
+    _, images, _, _ = searched_split(data_base)
+    missing = next((path for path in images if not os.path.isfile(path)), None)
+    if missing is not None:
+        root = data_base.get('data_root', data_base['args']['data_path'])
+        where = f'under --data_path {data_path}' if data_path is not None else f'under {root}, where it was trained'
+        raise UserError(f'the images of data base {data_base_path} are not {where} (there is no {missing}); if they '
+                        f'moved, pass the folder that now holds {data_base["args"]["data_name"]}/ as --data_path')
+
+
+DATA_BASE_FILE = 'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth'
 
 
 def load_data_base(path):
     """A data base train.py wrote; anything else is a UserError."""
-    data_base = safe_load(path, 'data base')
+    data_base = safe_load(path, 'data base', f'a {DATA_BASE_FILE} file train.py wrote')
     missing = {'test_images', 'test_labels', 'test_features', 'proxies', 'args'} - set(
         data_base if isinstance(data_base, dict) else ())
     if missing:
         raise UserError(f'{path} is not a data base train.py wrote (it has no {", ".join(sorted(missing))}); pass a '
-                        f'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth file')
+                        f'{DATA_BASE_FILE} file')
     return data_base
 
 
@@ -297,6 +362,126 @@ class NormalizedSoftmaxLoss(nn.Module):
         return F.cross_entropy(self.scale * at_least_float32(cosines), labels)
 
 
+class EmbeddingLoss(nn.Module):
+    """Base of the losses called on the batch's (B, D) embeddings and (B,) labels instead of on cosines to the
+    model's proxies: the pair-based ones, and those holding class proxies of their own (class_proxies())."""
+
+    def class_proxies(self):
+        """The loss's own class proxies as (C, K, D), K per class (K = 1 but for multi-centre losses), or None."""
+        return None
+
+
+class PMLLoss(EmbeddingLoss):
+    """A pytorch-metric-learning loss, with the miner that picks its pairs or triplets if it has one.
+
+    Its embeddings are cast to float32 at least (as for PP's own losses under --amp). A loss built with num_classes
+    (given here too: PML's ProxyNCALoss does not keep it) holds its class weights as a parameter: PML keeps them as
+    `proxies` (C, D), or as `W` or `fc` (D, C * K) whose column c * K + k is class c's k-th centre.
+    """
+
+    def __init__(self, loss, miner=None, num_classes=None):
+        super().__init__()
+        self.loss, self.miner, self.num_classes = loss, miner, num_classes
+
+    def forward(self, embeddings, labels):
+        """Loss of a batch's (B, D) embeddings against its (B,) labels, on the miner's tuples if there is a miner."""
+        embeddings = at_least_float32(embeddings)
+        tuples = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, tuples)
+
+    def class_proxies(self):
+        """The PML loss's class weights as (C, K, D), or None for a loss without them."""
+        for name, transposed in (('proxies', False), ('W', True), ('fc', True)):
+            weight = getattr(self.loss, name, None)
+            if self.num_classes and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+                rows = weight.T if transposed else weight  # (C * K, D)
+                if rows.size(0) % self.num_classes == 0:
+                    return rows.reshape(self.num_classes, -1, rows.size(1))  # (C, K, D)
+        return None
+
+
+def class_cosines(embeddings, proxies):
+    """(B, C) cosines of (B, D) embeddings to (C, K, D) class proxies, each class's nearest centre."""
+    centres = F.normalize(proxies.detach(), dim=-1).flatten(0, 1)  # (C * K, D)
+    return (embeddings.detach().float() @ centres.float().T).view(len(embeddings), *proxies.shape[:2]).amax(-1)
+
+
+# the baselines of the official Proxy-Anchor code (code/losses.py) and pytorch-metric-learning, with the settings
+# given there; each flag below is one of their parameters
+
+def proxy_nca(num_classes, embedding_size, proxy_nca_scale):
+    """Proxy-NCA (Movshovitz-Attias et al., ICCV 2017) as the official code runs it: ProxyNCALoss(softmax_scale=32)."""
+    return PMLLoss(pml_losses().ProxyNCALoss(num_classes, embedding_size, softmax_scale=proxy_nca_scale),
+                   num_classes=num_classes)
+
+
+def soft_triple(num_classes, embedding_size, soft_triple_centers, soft_triple_la, soft_triple_gamma,
+                soft_triple_margin):
+    """SoftTriple (Qian et al., ICCV 2019): K centres per class; PML's defaults, the paper's K = 10, lambda = 20,
+    gamma = 0.1, delta = 0.01."""
+    return PMLLoss(pml_losses().SoftTripleLoss(num_classes, embedding_size, centers_per_class=soft_triple_centers,
+                                               la=soft_triple_la, gamma=soft_triple_gamma,
+                                               margin=soft_triple_margin), num_classes=num_classes)
+
+
+def arcface(num_classes, embedding_size, arcface_margin, arcface_scale):
+    """ArcFace (Deng et al., CVPR 2019): an additive angular margin in degrees; PML's defaults, the paper's 0.5 rad
+    and s = 64."""
+    return PMLLoss(pml_losses().ArcFaceLoss(num_classes, embedding_size, margin=arcface_margin, scale=arcface_scale),
+                   num_classes=num_classes)
+
+
+def cosface(num_classes, embedding_size, cosface_margin, cosface_scale):
+    """CosFace (Wang et al., CVPR 2018): an additive cosine margin; PML's defaults, the paper's m = 0.35, s = 64."""
+    return PMLLoss(pml_losses().CosFaceLoss(num_classes, embedding_size, margin=cosface_margin, scale=cosface_scale),
+                   num_classes=num_classes)
+
+
+def multi_similarity(ms_alpha, ms_beta, ms_base, ms_epsilon):
+    """Multi-Similarity (Wang et al., CVPR 2019) on its miner's pairs, as the official code runs it:
+    MultiSimilarityMiner(epsilon=0.1) and MultiSimilarityLoss(2, 50, 0.5)."""
+    from pytorch_metric_learning import miners
+    return PMLLoss(pml_losses().MultiSimilarityLoss(ms_alpha, ms_beta, ms_base),
+                   miners.MultiSimilarityMiner(epsilon=ms_epsilon))
+
+
+def triplet(triplet_margin):
+    """Triplet loss on semi-hard triplets, as the official code runs it: TripletMarginMiner(0.1, 'semihard') and
+    TripletMarginLoss(margin=0.1)."""
+    from pytorch_metric_learning import miners
+    return PMLLoss(pml_losses().TripletMarginLoss(margin=triplet_margin),
+                   miners.TripletMarginMiner(triplet_margin, type_of_triplets='semihard'))
+
+
+def contrastive(contrastive_pos_margin, contrastive_neg_margin):
+    """Contrastive loss (Hadsell et al., CVPR 2006) on every pair, as the official code runs it:
+    ContrastiveLoss(neg_margin=0.5)."""
+    return PMLLoss(pml_losses().ContrastiveLoss(pos_margin=contrastive_pos_margin,
+                                                neg_margin=contrastive_neg_margin))
+
+
+def npair():
+    """N-pair loss (Sohn, NeurIPS 2016) as the official code runs it, NPairsLoss(l2_reg_weight=0): PML 2 has no
+    such parameter, its default being no embedding regularizer."""
+    return PMLLoss(pml_losses().NPairsLoss())
+
+
+def circle(circle_m, circle_gamma):
+    """Circle loss (Sun et al., CVPR 2020) on every pair: PML's defaults, the paper's m = 0.4, gamma = 80."""
+    return PMLLoss(pml_losses().CircleLoss(m=circle_m, gamma=circle_gamma))
+
+
+def supcon(supcon_temperature):
+    """Supervised contrastive loss (Khosla et al., NeurIPS 2020) on every pair: PML's default temperature 0.1."""
+    return PMLLoss(pml_losses().SupConLoss(temperature=supcon_temperature))
+
+
+def pml_losses():
+    """pytorch-metric-learning's losses module, imported when a run uses it."""
+    from pytorch_metric_learning import losses
+    return losses
+
+
 class HyperParameter(NamedTuple):
     """A loss's hyper-parameter as train.py's flag of the same name: its default, the values it may take (above
     `low`, or from `low` on when `low_included`), its help, and whether a value off the default names the run."""
@@ -308,18 +493,170 @@ class HyperParameter(NamedTuple):
 
 
 class LossEntry(NamedTuple):
-    """A loss train.py can train: its class, built with its hyper-parameters as keyword arguments and called on the
-    (B, C) cosines to the class proxies and the (B,) labels."""
-    build: type
+    """A loss train.py can train: build(**its hyper-parameters) gives its module (with num_classes and
+    embedding_size too when build takes them), and hyper declares those hyper-parameters.
+
+    cosines True: called on the (B, C) cosines to the model's class proxies and the (B,) labels. False: an
+    EmbeddingLoss, called on the batch's (B, D) embeddings and labels; the model then builds no proxies. source:
+    where the loss and its settings come from.
+    """
+    build: Callable
     hyper: dict
+    cosines: bool = True
+    source: str = ''
+
+
+def positive(default, help):
+    """A hyper-parameter that must be above 0."""
+    return HyperParameter(default, 0.0, False, help)
+
+
+def at_least_zero(default, help):
+    """A hyper-parameter that may be 0 or more."""
+    return HyperParameter(default, 0.0, True, help)
 
 
 SCALE = HyperParameter(32.0, 0.0, False, 'the scale s that multiplies the cosines')
+OFFICIAL = 'the official Proxy-Anchor code (code/losses.py) through PML'
 LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
     'proxy_anchor': LossEntry(ProxyAnchorLoss, {'scale': SCALE, 'margin': HyperParameter(
-        0.1, 0.0, True, 'the margin m around each proxy')}),
-    'normalized_softmax': LossEntry(NormalizedSoftmaxLoss, {'scale': SCALE}),
+        0.1, 0.0, True, 'the margin m around each proxy')}, source='PP (the seed), Kim et al., CVPR 2020'),
+    'normalized_softmax': LossEntry(NormalizedSoftmaxLoss, {'scale': SCALE},
+                                    source='PP (the seed), Zhai & Wu, BMVC 2019'),
+    # with class proxies of their own
+    'proxy_nca': LossEntry(proxy_nca, {'proxy_nca_scale': positive(32.0, 'the softmax scale of Proxy-NCA')}, False,
+                           OFFICIAL),
+    'soft_triple': LossEntry(soft_triple, {
+        'soft_triple_centers': HyperParameter(10, 1, True, 'SoftTriple\'s centres per class K'),
+        'soft_triple_la': positive(20.0, 'SoftTriple\'s scale lambda'),
+        'soft_triple_gamma': positive(0.1, 'SoftTriple\'s entropy temperature gamma'),
+        'soft_triple_margin': at_least_zero(0.01, 'SoftTriple\'s margin delta')}, False, 'PML, its defaults'),
+    'arcface': LossEntry(arcface, {'arcface_margin': at_least_zero(28.6, 'ArcFace\'s angular margin in degrees'),
+                                   'arcface_scale': positive(64.0, 'ArcFace\'s scale s')}, False, 'PML, its defaults'),
+    'cosface': LossEntry(cosface, {'cosface_margin': at_least_zero(0.35, 'CosFace\'s cosine margin m'),
+                                   'cosface_scale': positive(64.0, 'CosFace\'s scale s')}, False, 'PML, its defaults'),
+    # pair-based, on the batch's embeddings
+    'multi_similarity': LossEntry(multi_similarity, {
+        'ms_alpha': positive(2.0, 'Multi-Similarity\'s positive scale alpha'),
+        'ms_beta': positive(50.0, 'Multi-Similarity\'s negative scale beta'),
+        'ms_base': HyperParameter(0.5, -1.0, True, 'Multi-Similarity\'s similarity offset lambda'),
+        'ms_epsilon': at_least_zero(0.1, 'the Multi-Similarity miner\'s margin epsilon')}, False, OFFICIAL),
+    'triplet': LossEntry(triplet, {'triplet_margin': at_least_zero(
+        0.1, 'the triplet loss\'s margin, also its semi-hard miner\'s')}, False, OFFICIAL),
+    'contrastive': LossEntry(contrastive, {
+        'contrastive_pos_margin': HyperParameter(0.0, -1.0, True, 'the contrastive loss\'s positive margin'),
+        'contrastive_neg_margin': HyperParameter(0.5, -1.0, True, 'the contrastive loss\'s negative margin')},
+        False, OFFICIAL),
+    'npair': LossEntry(npair, {}, False, OFFICIAL),
+    'circle': LossEntry(circle, {'circle_m': at_least_zero(0.4, 'the circle loss\'s relaxation margin m'),
+                                 'circle_gamma': positive(80.0, 'the circle loss\'s scale gamma')},
+                        False, 'PML, its defaults'),
+    'supcon': LossEntry(supcon, {'supcon_temperature': positive(0.1, 'SupCon\'s temperature')}, False,
+                        'PML, its defaults'),
 }
+PML_PREFIX = 'pml/'  # --loss_name pml/<class name>: any pytorch-metric-learning loss
+
+
+def pml_loss_names():
+    """The class names of pytorch-metric-learning's losses that --loss_name pml/<name> can train."""
+    from pytorch_metric_learning.losses import BaseMetricLossFunction, GenericPairLoss
+    losses = pml_losses()
+    return sorted(name for name in dir(losses) if isinstance(getattr(losses, name), type)
+                  and issubclass(getattr(losses, name), BaseMetricLossFunction)
+                  and getattr(losses, name) not in (BaseMetricLossFunction, GenericPairLoss))
+
+
+def check_loss_name(name):
+    """The --loss_name value itself if it names a loss, else one UserError that lists the close ones (train.py's
+    argparse type)."""
+    if name in LOSSES or name.startswith(PML_PREFIX) and name[len(PML_PREFIX):] in pml_loss_names():
+        return name
+    known = list(LOSSES) + [PML_PREFIX + other for other in pml_loss_names()]
+    lowered = {other.lower(): other for other in known}  # pml/arcfaceloss is close to pml/ArcFaceLoss
+    close = [lowered[match] for match in difflib.get_close_matches(name.lower(), lowered, n=3, cutoff=0.6)]
+    hint = f' (close: {", ".join(close)})' if close else ''
+    raise UserError(f'unknown --loss_name {name}{hint}: choose one of {", ".join(LOSSES)}, or {PML_PREFIX}<class '
+                    f'name> for any pytorch-metric-learning loss, such as {PML_PREFIX}LiftedStructureLoss')
+
+
+def pml_parameters(cls):
+    """{name: inspect.Parameter} of a PML loss class's constructor, and of its base class's where it passes its
+    *args on (CosFaceLoss(*args, margin, scale) takes ArcFaceLoss's num_classes and embedding_size)."""
+    parameters = {}
+    for klass in cls.__mro__:
+        if '__init__' not in vars(klass):
+            continue
+        signature = inspect.signature(klass.__init__).parameters
+        for name, parameter in signature.items():
+            if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                parameters.setdefault(name, parameter)
+        if not any(parameter.kind == parameter.VAR_POSITIONAL for parameter in signature.values()):
+            break
+    return parameters
+
+
+GIVEN = ('num_classes', 'embedding_size')  # what train.py passes to a loss itself
+
+
+def pml_entry(name, loss_args):
+    """The LossEntry of --loss_name pml/<name> with its --loss_args {parameter: value}, checked against the class's
+    signature: an unknown parameter, or a required one left out, is one UserError."""
+    cls = getattr(pml_losses(), name[len(PML_PREFIX):])
+    parameters = pml_parameters(cls)
+    settable = [key for key in parameters if key not in GIVEN]
+    for key in loss_args:
+        if key not in settable:
+            close = difflib.get_close_matches(key, settable, n=3)
+            hint = f'; did you mean {" or ".join(close)}?' if close else ''
+            raise UserError(f'{name} takes no parameter {key} (from --loss_args); it takes '
+                            f'{", ".join(settable) or "none"}{hint}')
+    missing = [key for key, parameter in parameters.items()
+               if parameter.default is parameter.empty and key not in GIVEN and key not in loss_args]
+    if missing:
+        raise UserError(f'{name} needs {" and ".join(missing)}, which has no default: pass it with --loss_args '
+                        f'{missing[0]}=<value>, or choose another loss')
+    given = [key for key in GIVEN if key in parameters]
+    # a loss that takes num_classes holds class weights of its own; one that does not is pair-based
+    return LossEntry(functools.partial(pml_built, cls, loss_args, given), {}, False, f'PML {cls.__name__}')
+
+
+def pml_built(cls, loss_args, given, num_classes=None, embedding_size=None):
+    """A PML loss class built with its --loss_args and, when it takes them, num_classes and embedding_size."""
+    sizes = {'num_classes': num_classes, 'embedding_size': embedding_size}
+    return PMLLoss(cls(**{key: sizes[key] for key in given}, **loss_args),
+                   num_classes=num_classes if 'num_classes' in given else None)
+
+
+def canonical_loss_args(text):
+    """--loss_args as train.py keeps it (its argparse type): the pairs sorted by name, each value as it parses, so
+    that the same parameters always name the same run."""
+    return ','.join(f'{key}={value}' for key, value in parse_loss_args(text).items())
+
+
+def parse_loss_args(text):
+    """--loss_args 'name=value,...' -> {name: value} with int, float, bool or str values, in the canonical order of
+    the names; anything else is a UserError."""
+    values = {}
+    for part in filter(None, text.split(',')):
+        key, equals, value = part.partition('=')
+        if not equals or not key.strip().isidentifier():
+            raise UserError(f'--loss_args must be name=value pairs separated by commas, like margin=0.2,'
+                            f'swap=True, not {text!r}')
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            value = value.strip()
+        if not isinstance(value, (bool, int, float, str)):
+            raise UserError(f'--loss_args {key.strip()}={value!r} is not a number, True/False or a word')
+        values[key.strip()] = value
+    return dict(sorted(values.items()))
+
+
+def loss_entry(loss_name, loss_args=''):
+    """The LossEntry of a --loss_name: LOSSES', or for pml/<name> one built from its --loss_args."""
+    if loss_name.startswith(PML_PREFIX):
+        return pml_entry(loss_name, parse_loss_args(loss_args))
+    return LOSSES[loss_name]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -399,6 +736,19 @@ def in_query_order(hits, ap, rp, where, total, ranks):
     all_ap, all_rp = ap.new_full((total,), math.nan), rp.new_full((total,), math.nan)
     all_hits[where], all_ap[where], all_rp[where] = hits, ap, rp
     return {**{f'recall@{k}': all_hits[:, i] for i, k in enumerate(ranks)}, 'ap@r': all_ap, 'r_precision': all_rp}
+
+
+COLLAPSED = 0.999  # a mean cosine above this: the images' embeddings are all nearly one direction
+
+
+def mean_pairwise_cosine(features):
+    """The mean cosine between two distinct rows of features (N, D), from their sum in O(N D): near 1 when the
+    embeddings have collapsed onto one direction, so that rankings among them are noise."""
+    units = F.normalize(torch.as_tensor(features).double(), dim=1)  # (N, D)
+    n, total = len(units), units.sum(0)  # (D,)
+    if n < 2:
+        return math.nan
+    return ((total @ total - (units * units).sum()) / (n * (n - 1))).item()  # all pairs minus the diagonal
 
 
 def recall(features, labels, ranks):

@@ -270,8 +270,9 @@ def small_crops(monkeypatch):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Wrap train.py's train_one_epoch: per epoch, the parameters and BatchNorm statistics before and after it and
-    each parameter group's learning rate. The wrapped function is replaced by `fake` when one is given."""
+    """Wrap train.py's train_one_epoch: per epoch, the parameters and BatchNorm statistics before and after it (the
+    loss's own parameters too) and each parameter group's learning rate. The wrapped function is replaced by `fake`
+    when one is given."""
     from script_runner import load_script
     train = load_script('train')
     original, epochs = train.train_one_epoch, []
@@ -279,10 +280,13 @@ def recorded(monkeypatch):
     def wrapper(model, loader, loss_criterion, optimizer, *rest, fake=None):
         net = train.unwrap(model)
         before = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
+        loss_before = {n: p.detach().clone() for n, p in loss_criterion.named_parameters()}
         result = (fake or original)(model, loader, loss_criterion, optimizer, *rest)
         after = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
         epochs.append({'before': before, 'after': after, 'lrs': [g['lr'] for g in optimizer.param_groups],
-                       'optimizer': optimizer, 'model': net})
+                       'optimizer': optimizer, 'model': net, 'loader': loader, 'loss': loss_criterion,
+                       'loss_before': loss_before,
+                       'loss_after': {n: p.detach().clone() for n, p in loss_criterion.named_parameters()}})
         return result
 
     monkeypatch.setattr(train, 'train_one_epoch', wrapper)

@@ -139,7 +139,14 @@ def interior(image):
 def check_retrieval(folder, expected_order, similarities, images, correct, cwd):
     """The files of one test.py run: query, results in the brute-force order with their similarities and borders."""
     assert sorted(os.listdir(folder)) == sorted(
-        ['query_img.jpg', 'results.csv', 'retrieval.png'] + [os.path.basename(p) for *_, p in retrieved(folder)])
+        ['query_img.jpg', 'retrieval.png', 'results.csv'] + [os.path.basename(p) for *_, p in retrieved(folder)])
+    # the same results as text: rank, path, similarity, and whether the class is the query's (empty: unknown)
+    frame = pd.read_csv(os.path.join(folder, 'results.csv'), keep_default_na=False)
+    assert list(frame.columns) == ['rank', 'path', 'similarity', 'same_class']
+    assert frame['rank'].tolist() == list(range(1, len(expected_order) + 1))
+    assert frame['path'].tolist() == [images[index] for index in expected_order]
+    np.testing.assert_allclose(frame['similarity'], [similarities[index] for index in expected_order], atol=1e-5)
+    assert frame['same_class'].astype(str).tolist() == ['' if c is None else str(c) for c in correct]
     with Image.open(os.path.join(folder, 'retrieval.png')) as figure:
         assert figure.format == 'PNG'
     with Image.open(os.path.join(folder, 'query_img.jpg')) as query:

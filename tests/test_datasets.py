@@ -219,7 +219,8 @@ def test_train_on_a_name_never_prepared_is_one_sentence(script, tmp_path):
     status, _, err = script('train', '--data_path', tmp_path, '--data_name', 'holiday photos', '--no_pretrained',
                             cwd=tmp_path)
     line = error_sentence(status, err)
-    assert line.startswith(f'error: holiday photos is not prepared under {tmp_path}')
+    assert line.startswith(f'error: there is no data set holiday photos under {tmp_path} (it holds no data set '
+                           f'folder)')
     assert not os.path.exists(tmp_path / 'results')
 
 

@@ -1,9 +1,12 @@
-"""DistributedDataParallel on the CPU with gloo (issue 5): 2 processes compute the single-process loss and gradients."""
+"""DistributedDataParallel on the CPU with gloo (issue 5): 2 processes compute the single-process loss and gradients,
+for the losses on the model's proxies, one with class weights of its own and pair-based ones on the gathered batch
+(issue 17); two single-process "nodes" train one epoch as one process does."""
 import os
 import socket
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,12 +24,20 @@ WORLD, LOCAL_BATCH, NUM_CLASSES, FEATURE_DIM, SIZE = 2, 4, 5, 16, 64
 # positive and negative terms are only right if they are taken over the whole batch
 LABELS = torch.tensor([0, 0, 1, 2, 2, 3, 3, 1])
 EVAL_ITEMS = 7  # odd: the ranks' shards of the test set differ in length
+# the model's proxies (2), the loss's own class weights (proxy_nca), mined pairs of the whole batch
+DIST_LOSSES = ['proxy_anchor', 'normalized_softmax', 'proxy_nca', 'multi_similarity']
 LAST = 3  # a last, partial global batch of 3: one rank gets 2 images, the other 1 and a padding row
 
 
 # PyTorch's own CPU convolutions: oneDNN's weight gradients are off by up to 1% of the largest one, differently for
 # each thread count (the test checks DDP's arithmetic, not oneDNN's), and its first call per shape is slow
-pytestmark = pytest.mark.usefixtures('without_onednn')
+pytestmark = pytest.mark.usefixtures('without_onednn', 'one_thread')
+
+
+@pytest.fixture
+def one_thread():
+    """One thread in this process too, as in the workers: two stall at every barrier on a busy machine."""
+    torch.set_num_threads(1)
 
 
 def free_port():
@@ -36,12 +47,13 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def make_model():
+def make_model(loss_name='proxy_anchor'):
     """The same randomly initialised GoogLeNet model in every process, in train.py's mode for pretrained runs:
     training mode with the backbone's BatchNorm in eval mode, so each sample's output is independent of the batch.
-    Its dropout is switched off too: its random masks would differ between one process and two."""
+    Its dropout is switched off too: its random masks would differ between one process and two. It has proxies only
+    for a loss on them."""
     torch.manual_seed(0)
-    model = Model('googlenet', FEATURE_DIM, NUM_CLASSES, pretrained=False)
+    model = Model('googlenet', FEATURE_DIM, NUM_CLASSES if LOSSES[loss_name].cosines else 0, pretrained=False)
     model.train()
     for module in model.backbone.modules():
         if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
@@ -58,14 +70,28 @@ def inputs():
     return images, LABELS, evaluation
 
 
+def make_loss(loss_name):
+    """The loss as train.py builds it, its own class weights (if any) drawn alike in every process."""
+    torch.manual_seed(2)
+    args = train.get_args_parser().parse_args(['--loss_name', loss_name, '--feature_dim', str(FEATURE_DIM)])
+    return train.make_loss(args, NUM_CLASSES)
+
+
 def step(model, images, labels, loss_name):
-    """One train.batch_loss and backward: the loss, gathered labels and the gradients that the test compares."""
-    loss, _, cosines, all_labels = train.batch_loss(model, images, labels, LOSSES[loss_name].build())
+    """One train.batch_loss and backward: the loss, gathered labels and the gradients that the test compares (the
+    proxies': the model's, or those the loss holds)."""
+    loss_criterion = make_loss(loss_name)
+    loss, _, cosines, all_labels = train.batch_loss(model, images, labels, loss_criterion)
     loss.backward()
     net = train.unwrap(model)
-    return {'loss': loss.detach(), 'cosines': cosines.detach(), 'labels': all_labels,
-            'proxies': net.proxies.weight.grad.clone(), 'embedding': net.embedding.weight.grad.clone(),
-            'backbone': net.backbone.conv1.conv.weight.grad.clone()}
+    proxies = net.proxies.weight if LOSSES[loss_name].cosines else next(iter(loss_criterion.parameters()), None)
+    results = {'loss': loss.detach(), 'labels': all_labels, 'embedding': net.embedding.weight.grad.clone(),
+               'backbone': net.backbone.conv1.conv.weight.grad.clone()}
+    if cosines is not None:
+        results['cosines'] = cosines.detach()
+    if proxies is not None:
+        results['proxies'] = proxies.grad.clone()
+    return results
 
 
 def last_batch(rank):
@@ -90,11 +116,11 @@ def worker(rank, port, folder):
         images, labels, evaluation = inputs()
         part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         results = {}
-        for loss_name in LOSSES:
-            model = make_model()
+        for loss_name in DIST_LOSSES:
+            model = make_model(loss_name)
             results[loss_name] = step(DistributedDataParallel(model), images[part], labels[part], loss_name)
-            results[f'last {loss_name}'] = step(DistributedDataParallel(make_model()), *last_batch(rank)[:2],
-                                                loss_name)
+            results[f'last {loss_name}'] = step(DistributedDataParallel(make_model(loss_name)),
+                                                *last_batch(rank)[:2], loss_name)
         results['features'] = train.embed(model, evaluation, 2, 0, torch.device('cpu'), False, rank, WORLD)
         torch.save(results, os.path.join(folder, f'rank{rank}.pth'))
     finally:
@@ -116,36 +142,38 @@ def two_processes(tmp_path_factory):
     return [torch.load(os.path.join(folder, f'rank{rank}.pth')) for rank in range(WORLD)]
 
 
-@pytest.mark.parametrize('loss_name', list(LOSSES))
+def assert_same_step(actual, expected, labels):
+    """One rank's step equals one process's: labels, loss, cosines and every gradient (the same ones present)."""
+    assert torch.equal(actual['labels'], labels)
+    assert set(actual) == set(expected)
+    assert abs(actual['loss'].item() - expected['loss'].item()) <= 1e-5 * abs(expected['loss'].item())
+    for name in set(expected) - {'labels', 'loss'}:
+        assert_close(actual[name], expected[name])
+
+
+@pytest.mark.parametrize('loss_name', DIST_LOSSES)
 def test_two_processes_equal_one_process_on_the_global_batch(two_processes, loss_name):
-    """Loss, proxy gradients and embedding-layer and first-convolution gradients of 2 DDP processes on 4 images
-    each equal those of one process on all 8 images, within 1e-5, on every rank."""
+    """Loss, proxy gradients (the model's, or the loss's own) and embedding-layer and first-convolution gradients of
+    2 DDP processes on 4 images each equal those of one process on all 8 images, within 1e-5, on every rank: a
+    pair-based loss pairs the images of both ranks, and the loss's own weights get the same gradient everywhere."""
     images, labels, _ = inputs()
-    expected = step(make_model(), images, labels, loss_name)
+    expected = step(make_model(loss_name), images, labels, loss_name)
+    assert expected['loss'] > 0
+    assert ('proxies' in expected) == (loss_name != 'multi_similarity')
     for results in two_processes:
-        actual = results[loss_name]
-        assert torch.equal(actual['labels'], labels)
-        assert_close(actual['cosines'], expected['cosines'])
-        assert abs(actual['loss'].item() - expected['loss'].item()) <= 1e-5 * abs(expected['loss'].item())
-        for name in ('proxies', 'embedding', 'backbone'):
-            assert_close(actual[name], expected[name])
+        assert_same_step(results[loss_name], expected, labels)
 
 
-@pytest.mark.parametrize('loss_name', list(LOSSES))
+@pytest.mark.parametrize('loss_name', DIST_LOSSES)
 def test_a_last_batch_smaller_than_the_others_equals_one_process(two_processes, loss_name):
     """The last global batch of 3 images over 2 processes (2 + 1 and a padding row) gives one process's loss and
     gradients on those 3 images; the padding row takes no part."""
     images, labels, _ = inputs()
     _, local_labels, order = last_batch(1)
     assert sorted(order) == list(range(LAST)) and (local_labels == train.PADDING).sum() == 1
-    expected = step(make_model(), images[order], labels[order], loss_name)
+    expected = step(make_model(loss_name), images[order], labels[order], loss_name)
     for results in two_processes:
-        actual = results[f'last {loss_name}']
-        assert torch.equal(actual['labels'], labels[order])
-        assert_close(actual['cosines'], expected['cosines'])
-        assert abs(actual['loss'].item() - expected['loss'].item()) <= 1e-5 * abs(expected['loss'].item())
-        for name in ('proxies', 'embedding', 'backbone'):
-            assert_close(actual[name], expected[name])
+        assert_same_step(results[f'last {loss_name}'], expected, labels[order])
 
 
 def test_evaluation_gathers_every_embedding_in_order(two_processes):
@@ -183,3 +211,71 @@ def test_torchrun_two_processes_train_and_only_rank_0_reports(tmp_path):
     assert sorted(os.listdir(tmp_path / 'results')) == sorted(
         [f'{prefix}_1_data_base.pth', f'{prefix}_1_model.pth', f'{prefix}_checkpoint.pth',
          f'{prefix}_statistics.csv', f'{prefix}_statistics.png'])
+
+
+# train.py at 32-pixel crops, on one thread without oneDNN (as the tests above), in a process of its own. As in
+# make_model, each image's embedding depends on that image only: BatchNorm on its running statistics (a pretrained
+# run's rule; --no_pretrained would train it on each process's share of the batch) and no dropout (its masks differ
+# between one process and two); and no statistics figure (seconds of drawing)
+TINY_TRAIN = f'''
+import sys
+import torch
+from torch import nn
+sys.path.insert(0, {ROOT!r})
+import runtime, train, utils
+utils.IMAGE_SIZE, utils.RESIZE_SIZE = 32, 37
+torch.set_num_threads(1)
+torch.backends.mkldnn.enabled = False
+for layer in (nn.modules.batchnorm._BatchNorm, nn.Dropout):
+    layer.train = lambda self, mode=True: nn.Module.train(self, False)
+train.plot_statistics = lambda frame, path: None
+sys.argv = ['train.py'] + sys.argv[1:]
+runtime.run_main(train.main)
+'''
+
+
+def test_two_nodes_train_one_epoch_as_one_process(tmp_path):
+    """Two single-process "nodes" (`torchrun --nnodes 2 --node_rank 0|1 --rdzv_endpoint 127.0.0.1:PORT`, each in a
+    folder of its own as on two machines) train one epoch of Multi-Similarity on class-balanced batches as ONE
+    process trains it: the same loss and test figures, and the same weights within float rounding; node 1 writes
+    nothing."""
+    data_path = str(tmp_path / 'data')
+    make_cub(data_path, num_classes=4, per_class=4)
+    subprocess.run([sys.executable, os.path.join(ROOT, 'data_utils.py'), '--data_path', data_path, '--data_name',
+                    'cub', '--workers', '1'], check=True, capture_output=True)
+    script = tmp_path / 'tiny_train.py'
+    script.write_text(TINY_TRAIN)
+    flags = ['--data_path', data_path, '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
+             '--feature_dim', '8', '--batch_size', '4', '--images_per_class', '2', '--num_epochs', '1', '--warm_up',
+             '0', '--num_workers', '0', '--loss_name', 'multi_similarity']
+    folders = {name: tmp_path / name for name in ('one', 'node0', 'node1')}
+    for folder in folders.values():
+        folder.mkdir()
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1',
+                               '--node_rank', str(rank), '--rdzv_endpoint', f'127.0.0.1:{port}', str(script), *flags],
+                              cwd=folders[f'node{rank}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    one = subprocess.run([sys.executable, str(script), *flags], cwd=folders['one'], capture_output=True, text=True,
+                         timeout=300)
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert one.returncode == 0, one.stderr[-3000:]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert 'with 2 processes' in outputs[0][0]
+    assert not (folders['node1'] / 'results').exists() or not os.listdir(folders['node1'] / 'results')
+    prefix = 'cub_googlenet_multi_similarity_8_no_pretrained_batch_size4_images_per_class2_warm_up0'
+    read = {name: pd.read_csv(folders[name] / 'results' / f'{prefix}_statistics.csv') for name in ('one', 'node0')}
+    assert read['one']['train_loss'][0] > 0
+    # the figures themselves may differ: a model one epoch from random weights ranks by near-ties
+    assert list(read['node0'].columns) == list(read['one'].columns)
+    assert read['node0']['train_loss'][0] == pytest.approx(read['one']['train_loss'][0], rel=1e-5)
+    weights = {name: torch.load(folders[name] / 'results' / f'{prefix}_1_model.pth', weights_only=True)
+               for name in ('one', 'node0')}
+    assert weights['one'].keys() == weights['node0'].keys()
+    for key, expected in weights['one'].items():
+        torch.testing.assert_close(weights['node0'][key], expected, rtol=1e-4, atol=1e-5, msg=key)
+    bases = {name: torch.load(folders[name] / 'results' / f'{prefix}_1_data_base.pth', weights_only=True)
+             for name in ('one', 'node0')}
+    for key in ('train_features', 'test_features'):
+        assert_close(bases['node0'][key], bases['one'][key], 1e-4)

@@ -306,3 +306,54 @@ def test_table_reports_mean_and_sample_spread_over_the_finished_seeds(script, tm
     assert 'with --margin 0.2' in (tmp_path / 'results' / 'benchmarks.md').read_text()
     with Image.open(tmp_path / 'results' / 'benchmarks.png') as image:
         assert image.format == 'PNG'
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# several losses (issue 17)
+
+def test_losses_train_each_configuration_once_per_loss_and_seed(script, tmp_path):
+    """--losses lists every backbone x loss x seed, each with its --loss_name, the other flags passed on; a finished
+    run of one loss is skipped under its own name."""
+    data_folders(tmp_path, ['cub'], prepared=['cub'])
+    fabricate(tmp_path, 'cub', 'resnet50', suffix='_images_per_class4_seed2')  # proxy_anchor, seed 2: finished
+    commands, comments = dry_run(script, tmp_path, '--backbones', 'resnet50', '--losses',
+                                 'proxy_anchor,multi_similarity', '--seeds', '1,2', '--images_per_class', '4')
+    expected = []
+    for loss in ('proxy_anchor', 'multi_similarity'):
+        for seed in ([], ['--seed', '2']):
+            command = train_run('cub', 'resnet50', *seed, '--images_per_class', '4')
+            command[1]['--loss_name'] = loss
+            expected.append(command)
+    del expected[1]
+    assert commands == expected
+    assert comments == ['# cub_resnet50_proxy_anchor_512_images_per_class4_seed2 already reached epoch 20: not '
+                        'trained again']
+
+
+@pytest.mark.parametrize('flags, expected', [(['--losses', 'triplet,triplet'], '--losses lists a loss twice'),
+                                             (['--losses', 'tripet'], 'unknown --loss_name tripet (close: triplet')])
+def test_bad_losses_are_one_sentence(script, tmp_path, flags, expected):
+    data_folders(tmp_path, ['cub'])
+    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', *flags, cwd=tmp_path)
+    assert expected in error_sentence(status, err)
+
+
+def test_table_has_a_row_per_backbone_and_loss(script, tmp_path):
+    """--table --losses reads each loss's runs: Proxy-Anchor's rows carry the published figures, the others none."""
+    (tmp_path / 'results').mkdir()
+    for loss, r1 in (('proxy_anchor', 0.7), ('multi_similarity', 0.66)):
+        frame = pd.DataFrame({'train_loss': [1.0], 'train_accuracy': [float('nan')], 'test_recall@1': [r1],
+                              'test_recall@2': [0.8], 'test_recall@4': [0.9], 'test_recall@8': [0.95],
+                              'test_map@r': [0.3], 'test_r_precision': [0.35]},
+                             index=pd.RangeIndex(1, 2, name='epoch'))
+        frame.to_csv(tmp_path / 'results' / f'cub_resnet50_{loss}_512_statistics.csv', index_label='epoch',
+                     na_rep='n/a')
+    status, _, err = script('reproduce', '--table', '--backbones', 'resnet50', '--losses',
+                            'proxy_anchor,multi_similarity', '--num_epochs', '1', cwd=tmp_path)
+    assert status == 0, err
+    cub = read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']
+    assert cub['ResNet50, proxy_anchor', 'reproduced'][0] == '70.0%'
+    assert cub['ResNet50, proxy_anchor', 'published'][0] == '70.0%'  # the seed README's ResNet-50 CUB R@1
+    assert cub['ResNet50, multi_similarity', 'reproduced'][0] == '66.0%'
+    assert cub['ResNet50, multi_similarity', 'published'][:4] == ['-'] * 4
+    assert 'losses proxy_anchor, multi_similarity' in (tmp_path / 'results' / 'benchmarks.md').read_text()

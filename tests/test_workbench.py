@@ -30,7 +30,7 @@ def test_each_flag_reaches_what_it_controls(prepared, tmp_path, script, recorded
     train = load_script('train')
     losses = []
     original = train.make_loss
-    monkeypatch.setattr(train, 'make_loss', lambda args: losses.append(original(args)) or losses[-1])
+    monkeypatch.setattr(train, 'make_loss', lambda *args: losses.append(original(*args)) or losses[-1])
     status, _, err = script('train', '--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet',
                             '--no_pretrained', '--feature_dim', 8, '--batch_size', 4, '--num_epochs', 7,
                             '--warm_up', 0, '--num_workers', 0, '--optimizer', optimizer, '--lr', 3e-4,
@@ -65,7 +65,11 @@ OFF_DEFAULT = {'crop_type': [['cropped']], 'no_pretrained': [[]], 'scale': [['16
                'lr': [['3e-4'], ['1e-5'], ['0.00012345678'], ['0.000123456789']], 'proxy_lr': [['1e-3'], ['0.1']],
                'weight_decay': [['1e-4'], ['0.05']], 'lr_step': [['10'], ['20']], 'lr_gamma': [['0.25'], ['1']],
                'batch_size': [['32'], ['128']], 'warm_up': [['0'], ['5']], 'seed': [['2'], ['3'], ['12']],
-               'amp': [[]], 'val_fraction': [['0.2'], ['0.25']]}
+               'amp': [[]], 'val_fraction': [['0.2'], ['0.25']],
+               'images_per_class': [['4'], ['2']], 'loss_args': [['margin=0.2'], ['margin=0.2,swap=True']]}
+# the baseline losses' hyper-parameters (issue 17): one value off its default each
+OFF_DEFAULT.update({flag: [[str(2 * hyper.default + 1)]]
+                    for flag, (hyper, _) in load_script('train').loss_flags().items() if flag not in OFF_DEFAULT})
 
 
 def test_every_recipe_flag_is_checked_on_resume_and_all_but_the_base_name_the_run():
