@@ -237,9 +237,12 @@ def test_results_are_printed_as_text(script, trained, photos, tmp_path):
     Image.new('RGB', (40, 40), (20, 120, 240)).save(query)
     out, _ = gallery_run(script, trained, query, photos, num=2)
     table = pd.read_csv(trained / 'results' / 'query' / 'results.csv', keep_default_na=False)
-    lines = [line.split() for line in out.splitlines() if line.startswith('   ')]
-    assert [(int(rank), float(similarity), path) for rank, similarity, path in lines] == \
-        list(zip(table['rank'], table['similarity'], table['path']))
+    # the printed table's columns: rank, similarity, same class (empty: the gallery has no labels), path
+    lines = [line for line in out.splitlines() if line[:6].strip().isdigit()]
+    assert [(int(line[:6]), float(line[8:18]), line[20:30].strip(), line[32:]) for line in lines] == \
+        [(rank, round(similarity, 4), '', path) for rank, similarity, path in
+         zip(table['rank'], table['similarity'], table['path'])]
+    assert table['same_class'].tolist() == [''] * len(table)
 
 
 def test_missing_query_is_reported_before_the_gallery_is_embedded(script, trained, photos, embedded, tmp_path):
