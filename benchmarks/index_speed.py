@@ -1,6 +1,7 @@
 """Recall, build time, query time and memory of test.py --gallery's searches on a synthetic million-image store.
 
     python benchmarks/index_speed.py [--num_images 1000000] [--dim 512] [--queries 1000] [--threads 2]
+                                     [--indexes hnsw,ivfpq]
 
 The data: --num_images unit vectors of --dim dimensions in clusters of about 100 (each its cluster centre, a standard
 normal vector, plus --spread times as much standard normal noise, normalised), and --queries more drawn the same
@@ -32,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import gallery  # noqa: E402
-from runtime import run_main  # noqa: E402
+from runtime import UserError, run_main  # noqa: E402
 
 K = 10
 
@@ -94,7 +95,12 @@ def main():
     parser.add_argument('--timed_queries', default=20, type=int, help='queries timed for the exact store searches')
     parser.add_argument('--threads', default=2, type=int, help='threads of faiss and torch')
     parser.add_argument('--seed', default=0, type=int, help='random seed of the data')
+    parser.add_argument('--indexes', default=','.join(gallery.INDEXES[1:]),
+                        help='the faiss indexes to build, comma-separated (hnsw takes longest to build)')
     args = parser.parse_args()
+    indexes = [kind for kind in args.indexes.split(',') if kind]
+    if not set(indexes) <= set(gallery.INDEXES[1:]):
+        raise UserError(f'--indexes takes {", ".join(gallery.INDEXES[1:])}, not {args.indexes}')
     import faiss
     import torch
     faiss.omp_set_num_threads(args.threads)
@@ -129,7 +135,7 @@ def main():
             rows.append((name, recall(batch, truth), written, per_query, 0, store.rows.nbytes))
             print(rows[-1], flush=True)
         del base
-        for kind in ('hnsw', 'ivfpq'):
+        for kind in indexes:
             begin = time.perf_counter()
             index = gallery.load_index(store, kind)
             built = time.perf_counter() - begin
