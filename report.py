@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runtime import UserError, atomic_dir, pyplot, remove_temporaries, save_figure
-from utils import load_index, parse_ranks, retrieval_metrics, searched_split
+from utils import data_root, load_index, parse_ranks, retrieval_metrics, searched_split
 
 TSNE_LIMIT = 3000  # t-SNE up to this many embeddings; beyond, PCA: t-SNE's time grows past minutes on a CPU
 PAIRS = 20  # confused class pairs on the page
@@ -118,12 +118,12 @@ def nearest(queries, items, k, symmetric):
 def class_names(data_base, split):
     """Each label's class as the prepared index names it (a labelled folder's name, a benchmark's class id, an
     In-shop item id), or None when the index is gone or no longer lists the data base's images."""
-    args = data_base['args']
+    args, data_path = data_base['args'], data_root(data_base)
     try:
-        index = load_index(args['data_path'], args['data_name'], args.get('crop_type', 'uncropped'))
+        index = load_index(data_path, args['data_name'], args.get('crop_type', 'uncropped'))
     except UserError:
         return None
-    root = os.path.join(args['data_path'], args['data_name'])
+    root = os.path.join(data_path, args['data_name'])
     # labels number the classes in sorted order, a query split and its gallery together (utils.ImageReader)
     searched = ('query', 'gallery') if split == 'gallery' else ('test',)
     if not all(part in index for part in searched):

@@ -267,15 +267,21 @@ def weights_sha256(state_dict):
     return digest.hexdigest()
 
 
+def data_root(data_base):
+    """The absolute --data_path the data base's images lie under; for a data base written before `data_root` was
+    recorded, its run's --data_path as train.py was given it."""
+    return data_base.get('data_root', data_base['args']['data_path'])
+
+
 def moved_images(data_base, data_path):
     """The data base with its image paths moved from the data root it was written with to data_path.
 
     A data base written before `data_root` was recorded holds its paths as train.py was given them, relative to
     its working folder or absolute, below its args' data_path."""
-    root = data_base.get('data_root', data_base['args']['data_path'])
-    moved = dict(data_base)
+    root = data_root(data_base)
+    moved = dict(data_base, data_root=os.path.abspath(data_path))
     for key in [key for key in data_base if key.endswith('_images')]:
-        moved[key] = [os.path.join(os.path.abspath(data_path), os.path.relpath(path, root)) for path in data_base[key]]
+        moved[key] = [os.path.join(moved['data_root'], os.path.relpath(path, root)) for path in data_base[key]]
     return moved
 
 
@@ -285,8 +291,8 @@ def check_images(data_base, data_base_path, data_path=None):
     _, images, _, _ = searched_split(data_base)
     missing = next((path for path in images if not os.path.isfile(path)), None)
     if missing is not None:
-        root = data_base.get('data_root', data_base['args']['data_path'])
-        where = f'under --data_path {data_path}' if data_path is not None else f'under {root}, where it was trained'
+        trained = f'under {data_root(data_base)}, where it was trained'
+        where = f'under --data_path {data_path}' if data_path is not None else trained
         raise UserError(f'the images of data base {data_base_path} are not {where} (there is no {missing}); if they '
                         f'moved, pass the folder that now holds {data_base["args"]["data_name"]}/ as --data_path')
 

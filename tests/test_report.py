@@ -7,6 +7,7 @@ import html.parser
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -306,3 +307,13 @@ def test_tensorboard_scalars_equal_the_csv_across_a_resume(tmp_path_factory):
     assert all(value > 0 for _, value in logged['train/images_per_second'])
     for group, lr in (('backbone_and_head', 1e-4), ('proxies', 1e-2)):  # halved every epoch (--lr_step 1)
         np.testing.assert_allclose([value for _, value in logged[f'lr/{group}']], [lr, lr / 2], rtol=1e-6)
+
+
+def test_moved_data_still_names_the_classes(script, shop_run, tmp_path):
+    run, name = shop_run
+    data_base = torch.load(run / 'results' / name, weights_only=True)
+    moved = tmp_path / 'moved'
+    shutil.copytree(data_base['data_root'], moved)  # the old folder stays: the report must read the new one
+    folder, _, _ = make_report(script, run, name, '--report_queries', 1, '--data_path', str(moved))
+    classes = pd.read_csv(folder / 'classes.csv', keep_default_na=False)
+    assert sorted(classes['class']) == sorted(SHOP_CLASSES)  # the folder names, not label numbers
