@@ -87,7 +87,7 @@ def main():
             export(Embedder(model), args.format, export_tmp, run['backbone_type'])
             with torch.inference_mode():
                 reference = model.embed(images).numpy()  # (CHECK_BATCH, D)
-            gap = 1 - agreement(reference, run_exported(export_tmp, args.format, images))
+            gap = 1 - smallest_cosine(reference, run_exported(export_tmp, args.format, images))
             if not gap <= TOLERANCE:  # nan fails too
                 raise UserError(f'the {format_name} export disagrees with PyTorch on {source} (1 - cosine is '
                                 f'{gap:.1e}, above {TOLERANCE:.0e}), so nothing was written; report it with the '
@@ -249,7 +249,7 @@ def run_exported(path, kind, images):
                         f'{len(images)} ({detail}), so nothing was written; try the other --format') from None
 
 
-def agreement(reference, exported):
+def smallest_cosine(reference, exported):
     """The smallest cosine between corresponding rows of two (B, D) arrays; -1 if their shapes differ."""
     a, b = np.asarray(reference, dtype=np.float64), np.asarray(exported, dtype=np.float64)
     if a.shape != b.shape:

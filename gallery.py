@@ -353,7 +353,7 @@ def index_search(index, queries, k):
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
 
 
-def load_index(store, kind):
+def open_index(store, kind):
     """The store's index of this kind: read from disk if built from the same model, store generation and rows;
     extended if the store has grown since; built anew otherwise. Prints what it did."""
     import faiss

@@ -275,9 +275,9 @@ def page(found, data_base, data_base_path, statistics_csv, missing, method, curv
     if missing:
         parts.append(f'<p class="missing">Missing: {esc("; ".join(missing))}.</p>')
     parts.append('<h2>Headline metrics</h2>')
-    parts.append(table([heading.get(key, key.replace('recall', 'Recall')) for key in metrics],
-                       [[percent(value) for value in metrics.values()]]))
-    parts.append(f'<p>{esc(agreement(metrics, statistics_csv, epoch))}</p>')
+    parts.append(html_table([heading.get(key, key.replace('recall', 'Recall')) for key in metrics],
+                            [[percent(value) for value in metrics.values()]]))
+    parts.append(f'<p>{esc(statistics_sentence(metrics, statistics_csv, epoch))}</p>')
     parts.append(f'<div class="row"><div>{classes_section(found)}</div><div>{pairs_section(found)}</div></div>')
     marks = ' Queries are dots, gallery images crosses.' if found['gallery'] else ''
     pictures = [f'<div><h2>Embedding map</h2><p>{esc(method)}, coloured by class (20 colours, repeated beyond 20 '
@@ -297,7 +297,7 @@ def classes_section(found):
     names = '' if found['named'] else (' The data set\'s index is not where the data base says, so classes are '
                                        'shown by their labels.')
     return (f'<h2>Classes, worst first</h2><p>{len(per):,} classes by MAP@R, then Recall@1.{html.escape(names)} '
-            f'<a href="classes.csv">classes.csv</a></p><div class="scroll">' + table(
+            f'<a href="classes.csv">classes.csv</a></p><div class="scroll">' + html_table(
                 ['class', *[c.replace('_', ' ') for c in counts], 'Recall@1', 'MAP@R'],
                 [[row['class'], *[f'{row[c]:,}' for c in counts], percent(row['recall@1']), percent(row['map@r'])]
                  for row in per.to_dict('records')],
@@ -308,7 +308,7 @@ def pairs_section(found):
     """The most confused class pairs, with their counts."""
     return (f'<h2>Most confused classes</h2><p>How often images of the second class are among the {found["k"]} '
             f'nearest of the first class\'s queries, and their share of those nearest. '
-            f'<a href="confused_pairs.csv">confused_pairs.csv</a></p>' + table(
+            f'<a href="confused_pairs.csv">confused_pairs.csv</a></p>' + html_table(
                 ['query class', 'retrieved class', 'count', 'share'],
                 [[row['query_class'], row['retrieved_class'], row['count'], percent(row['share'])]
                  for row in found['pairs'].to_dict('records')]))
@@ -329,7 +329,7 @@ def worst_section(found):
             parts.append(f'<img class="wide" src="queries/{number}.png" alt="query {number} and its nearest">')
         else:
             label = found['labels'][query['position']]
-            parts.append(table(['rank', 'image', 'class', 'similarity'], [
+            parts.append(html_table(['rank', 'image', 'class', 'similarity'], [
                 [rank, found['item_images'][i], found['names'][found['item_labels'][i]], f'{similarity:.3f}']
                 for rank, (i, similarity) in enumerate(query['neighbours'], 1)],
                 marks=[found['item_labels'][i] == label for i, _ in query['neighbours']]))
@@ -337,7 +337,7 @@ def worst_section(found):
     return parts
 
 
-def agreement(metrics, statistics_csv, epoch):
+def statistics_sentence(metrics, statistics_csv, epoch):
     """One sentence: whether train.py's statistics CSV holds the same figures for this epoch."""
     if not os.path.isfile(statistics_csv):
         return f'Computed from the stored test features ({statistics_csv} is not there to compare with).'
@@ -355,7 +355,7 @@ def percent(value):
     return '–' if value != value else f'{100 * value:.2f}%'
 
 
-def table(header, rows, total=None, marks=None):
+def html_table(header, rows, total=None, marks=None):
     """An HTML table of escaped cells; total is a last row, marks a right (True) or wrong (False) flag per row."""
     def cells(row, tag):
         return ''.join(f'<{tag}>{html.escape(str(cell))}</{tag}>' for cell in row)

@@ -32,7 +32,7 @@ from runtime import ArgumentParser, UserError, atomic_path, pyplot, run_main, sa
 from utils import DATA_NAMES, check_loss_name, index_path, one_of
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-BACKBONES = ('resnet50', 'inception', 'googlenet')  # in the README's order
+PUBLISHED_BACKBONES = ('resnet50', 'inception', 'googlenet')  # the tables', in the README's order
 BACKBONE_NAMES = {'resnet50': 'ResNet50', 'inception': 'Inception', 'googlenet': 'GoogLeNet'}
 DEFAULT_RANKS = (1, 2, 4, 8)  # train.py's --recalls
 LOSS, FEATURE_DIM = 'proxy_anchor', 512  # the published figures are Proxy-Anchor's
@@ -115,7 +115,8 @@ def finished_epochs(path):
     return len(pd.read_csv(path)) if os.path.isfile(path) else 0
 
 
-def commands(data_path, extra, results='results', backbones=BACKBONES, seeds=(1,), losses=(LOSS,)):
+def commands(data_path, extra, results='results', backbones=PUBLISHED_BACKBONES, seeds=(1,),
+             losses=(LOSS,)):
     """[(description, argv)] of the whole grid: data_utils.py for an unprepared set, then each train.py run, once
     per loss and seed."""
     grid = []
@@ -223,7 +224,8 @@ def label(backbone, loss, losses):
     return name if tuple(losses) == (LOSS,) else f'{name}, {loss}'
 
 
-def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', extra=(), losses=(LOSS,)):
+def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path='data', extra=(),
+          losses=(LOSS,)):
     """results/benchmarks.md: per data set, the reproduced final-epoch figures beside the published ones (those of
     Proxy-Anchor: other losses have none)."""
     configurations = list(itertools.product(backbones, losses))
@@ -273,7 +275,8 @@ def table(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', ex
     return path
 
 
-def figure(results, epochs, backbones=BACKBONES, seeds=(1,), data_path='data', extra=(), losses=(LOSS,)):
+def figure(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path='data', extra=(),
+           losses=(LOSS,)):
     """results/benchmarks.png: reproduced (mean over the finished seeds, their spread as error bars) against
     published Recall@1, one panel per data set, one pair of bars per backbone and loss."""
     configurations = list(itertools.product(backbones, losses))
@@ -354,7 +357,7 @@ def get_args_parser():
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument('--data_path', default='/home/data', type=str,
                         help='datasets path: every one of car/, cub/, sop/ and inshop/ found there is run')
-    parser.add_argument('--backbones', default=','.join(BACKBONES), type=backbone_list,
+    parser.add_argument('--backbones', default=','.join(PUBLISHED_BACKBONES), type=backbone_list,
                         help='comma-separated backbones to train and tabulate: any train.py --backbone_type')
     parser.add_argument('--losses', default=LOSS, type=loss_list,
                         help='comma-separated losses to train and tabulate: any train.py --loss_name (the published '

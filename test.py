@@ -141,7 +141,7 @@ def search_gallery(args, queries, data_base, data_base_path):
     with gallery.open_store(path, model_path, model.embedding.out_features) as store:
         store.update(args.gallery, images, model)
         kind = args.index or gallery.default_index(len(store.current))
-        index = kind if kind == 'exact' else gallery.load_index(store, kind)
+        index = kind if kind == 'exact' else gallery.open_index(store, kind)
         for query, inside, known in found:
             row = None if inside is None else store.row(images[inside])
             if row is not None:  # a photo of the folder: its stored embedding, and not its own result

@@ -12,8 +12,8 @@ method is gallery.py's own code:
                  query (the baseline of the ratios)
   exact f32      Store.search streaming a float32 store (gallery.DTYPE set to float32) a block at a time
   exact f16      Store.search streaming the float16 store, test.py's default below gallery.EXACT_BELOW images
-  hnsw, ivfpq    gallery.load_index (built, written to disk) and Store.search through it: the index's candidates
-                 re-ranked by their exact cosines from the float16 store
+  hnsw, ivfpq    gallery.open_index (built, written to disk) and Store.search through it: the
+                 index's candidates re-ranked by their exact cosines from the float16 store
 Query time is per query, one query at a time as test.py searches: the mean over every query for the indexes and
 over the first --timed_queries for the exact searches, which read the whole store per query. Recall@10 is over every
 query; for the exact stores it is computed as one batch over the same float16 (or float32) values that Store.search
@@ -137,7 +137,7 @@ def main():
         del base
         for kind in indexes:
             begin = time.perf_counter()
-            index = gallery.load_index(store, kind)
+            index = gallery.open_index(store, kind)
             built = time.perf_counter() - begin
             per_query, found = time_store(store, queries, kind, index)
             rows.append((kind, recall(found, truth), built, per_query,

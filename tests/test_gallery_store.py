@@ -227,7 +227,7 @@ def large_album(tmp_path, net):
 def test_each_index_finds_the_exact_nearest(tmp_path, net, large_album, kind, capsys):
     paths, vectors = large_album
     with store_of(tmp_path, net) as store:
-        index = kind if kind == 'exact' else gallery.load_index(store, kind)
+        index = kind if kind == 'exact' else gallery.open_index(store, kind)
         for row in (3, 321, 600):
             found = store.search(vectors[row], 3, index=index)
             assert found[0][0] == paths[row] and found[0][1] == pytest.approx(1, abs=6e-4)
@@ -238,7 +238,7 @@ def test_each_index_finds_the_exact_nearest(tmp_path, net, large_album, kind, ca
     if kind != 'exact':
         assert f'index {kind}: built over {len(paths)} images' in capsys.readouterr().out
         with store_of(tmp_path, net) as store:  # read back from disk, not built again
-            gallery.load_index(store, kind)
+            gallery.open_index(store, kind)
         assert capsys.readouterr().out == ''
 
 
@@ -246,12 +246,12 @@ def test_each_index_finds_the_exact_nearest(tmp_path, net, large_album, kind, ca
 def test_an_index_is_extended_or_rebuilt_as_the_store_changes(tmp_path, net, large_album, kind, capsys):
     paths, _ = large_album
     with store_of(tmp_path, net) as store:
-        gallery.load_index(store, kind)
+        gallery.open_index(store, kind)
         new = F.normalize(torch.randn(3, DIM, generator=torch.Generator().manual_seed(2)), dim=1)
         paths += append(store, new.numpy(), first=len(paths))
     capsys.readouterr()
     with store_of(tmp_path, net) as store:
-        index = gallery.load_index(store, kind)
+        index = gallery.open_index(store, kind)
         assert index.ntotal == len(paths) and f'index {kind}: extended by 3 images' in capsys.readouterr().out
         assert store.search(new[2], 1, index=index)[0][0] == paths[-1]
         meta = store.read_json(f'index-{kind}.json')
@@ -259,7 +259,7 @@ def test_an_index_is_extended_or_rebuilt_as_the_store_changes(tmp_path, net, lar
     for change in ({'model': ['/elsewhere/other_model.pth', 1, 2]}, {'generation': 'older'}):
         store.write_json(f'index-{kind}.json', {**meta, **change})
         with store_of(tmp_path, net) as store:
-            index = gallery.load_index(store, kind)
+            index = gallery.open_index(store, kind)
         out = capsys.readouterr().out
         assert out.startswith(f'{store.path}/index-{kind}.faiss was built from another model or an older store, so '
                               f'it is built anew\nindex {kind}: built over {len(paths)} images')
@@ -271,7 +271,7 @@ def test_ivfpq_on_too_few_images_is_one_sentence(tmp_path, net):
     with store_of(tmp_path, net) as store:
         store.update('photos', paths, net)
         with pytest.raises(gallery.UserError) as error:
-            gallery.load_index(store, 'ivfpq')
+            gallery.open_index(store, 'ivfpq')
     assert str(error.value) == (f'--index ivfpq learns its codes from the gallery and needs at least '
                                 f'{gallery.IVFPQ_MIN} images for that, but this one holds 5; use --index exact (or '
                                 f'hnsw)')
