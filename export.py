@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import load_model, open_data_base
+from runs import DataBase, load_model
 from runtime import ArgumentParser, UserError, atomic_path, remove_temporaries, run_main
 from utils import IMAGE_SIZE, RESIZE_SIZE, read_image, test_transform
 
@@ -64,34 +64,33 @@ class Embedder(nn.Module):
 def main():
     """Export the model beside a data base, check it against PyTorch, then write it and its JSON under results/."""
     args = get_args_parser().parse_args()
-    data_base, data_base_path = open_data_base(args.data_base)
+    data_base, data_base_path = DataBase.open(args.data_base)
     suffix, format_name, runtime = FORMATS[args.format]
     name = export_name(data_base_path)
     export_path, description_path = (os.path.join('results', f'{name}{ending}') for ending in (suffix, '.json'))
     earlier = earlier_export(description_path, export_path, os.path.realpath(data_base_path))
-    model, model_path = load_model(data_base, data_base_path, lambda model_path: (
-        f'data base {data_base_path} has no model {model_path} beside it to export; pass the data base of a '
-        f'train.py run, whose model file lies beside it'))
+    model, model_path = load_model(data_base, data_base_path)
     model_key = file_key(model_path)
     files = kept_exports(earlier, model_key, args.format)
-    run = data_base['args']
-    print(f'exporting {data_base_path} ({run["backbone_type"]}, {run["feature_dim"]}-d, epoch '
-          f'{data_base.get("epoch", "?")}) as {format_name}')
+    backbone_type = data_base.backbone_type
+    epoch = '?' if data_base.epoch is None else data_base.epoch
+    print(f'exporting {data_base_path} ({backbone_type}, {data_base.feature_dim}-d, epoch {epoch}) '
+          f'as {format_name}')
 
-    images, source = check_images(data_base['test_images'])
+    images, source = check_images(data_base.test.images)
     made_results = not os.path.isdir('results')
     remove_temporaries('results', f'{name}.')  # left by an export of this name that was killed
     try:
         # the export is moved into place first and its description last, so a description names complete files
         with atomic_path(description_path) as description_tmp, atomic_path(export_path) as export_tmp:
-            export(Embedder(model), args.format, export_tmp, run['backbone_type'])
+            export(Embedder(model), args.format, export_tmp, backbone_type)
             with torch.inference_mode():
                 reference = model.embed(images).numpy()  # (CHECK_BATCH, D)
             gap = 1 - smallest_cosine(reference, run_exported(export_tmp, args.format, images))
             if not gap <= TOLERANCE:  # nan fails too
                 raise UserError(f'the {format_name} export disagrees with PyTorch on {source} (1 - cosine is '
                                 f'{gap:.1e}, above {TOLERANCE:.0e}), so nothing was written; report it with the '
-                                f'backbone {run["backbone_type"]} and your torch and {runtime} versions')
+                                f'backbone {backbone_type} and your torch and {runtime} versions')
             files[args.format] = {'file': os.path.basename(export_path), 'cosine_gap': float(f'{max(gap, 0):.1e}'),
                                   'torch': torch.__version__, **({'opset': OPSET} if args.format == 'onnx' else {})}
             with open(description_tmp, 'w') as file:
@@ -260,7 +259,7 @@ def smallest_cosine(reference, exported):
 
 def describe(model, data_base, data_base_path, model_key, files):
     """The JSON beside an export: what a caller must do to images, what comes out, and where it came from."""
-    norm, run = model.input_norm, data_base['args']
+    norm = model.input_norm
     return {
         'files': files,
         'input': f'uint8 RGB (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE})',
@@ -277,11 +276,11 @@ def describe(model, data_base, data_base_path, model_key, files):
                   f'two images is the dot product of theirs',
         'output_name': OUTPUT_NAME,
         'feature_dim': model.embedding.out_features,
-        'backbone_type': run['backbone_type'],
+        'backbone_type': data_base.backbone_type,
         'data_base': os.path.realpath(data_base_path),
         'weights': model_key,
-        'epoch': data_base.get('epoch'),
-        'args': run,
+        'epoch': data_base.epoch,
+        'args': data_base.run,
     }
 
 

@@ -1,5 +1,6 @@
-"""The network: an ImageNet backbone with global max pooling (or a ViT's class token), a normalised embedding head,
-and the class proxies; and a trained one, rebuilt from the files train.py writes."""
+"""The network: an ImageNet backbone with global max pooling (or a ViT's class token), a normalised
+embedding head, and the class proxies; and its structure figure. Reading a trained one back is
+runs.py's (runs.load_model)."""
 import contextlib
 import difflib
 import os
@@ -11,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from runtime import UserError, safe_load
-from utils import load_data_base, moved_images, weights_sha256
+from runtime import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BN_INCEPTION_URL = 'http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth'
@@ -272,53 +272,6 @@ class Model(nn.Module):
         """(backbone, head, proxies) parameters: the warm-up freezes the backbone and trains the embedding layer (the
         head) and the proxies; the proxies have a learning rate of their own."""
         return list(self.backbone.parameters()), list(self.embedding.parameters()), list(self.proxies.parameters())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# a trained model: the data base and the weights train.py writes side by side under results/
-
-def find_data_base(name):
-    """The data base file: the path as given, else the same name under results/."""
-    for path in (name, os.path.join('results', name)):
-        if os.path.isfile(path):
-            return path
-    raise UserError(f'data base {name} was found neither as given nor under results/; train.py writes '
-                    f'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth, so train a model first')
-
-
-def open_data_base(name, data_path=None):
-    """(data base, its path): a data base train.py wrote, found as find_data_base finds it; with data_path, its
-    images are looked for below that folder instead of where they were trained (the data has moved)."""
-    path = find_data_base(name)
-    data_base = load_data_base(path)
-    return (data_base if data_path is None else moved_images(data_base, data_path)), path
-
-
-def load_model(data_base, data_base_path, missing, device='cpu'):
-    """(the model saved beside the data base, in eval mode on device, its path); missing(model path) is the error
-    when there is none. Weights other than those the data base was written with are refused: a model of the same
-    shapes from another run would embed queries in another space, and every similarity would be wrong."""
-    model_path = data_base_path.replace('_data_base.pth', '_model.pth')
-    if not os.path.isfile(model_path):
-        raise UserError(missing(model_path))
-    args = data_base['args']
-    weights = safe_load(model_path, 'model', f'the _model.pth file train.py wrote beside data base {data_base_path}')
-    # the model's own proxies: the data base's may be a loss's instead, or none
-    proxies = (weights['proxies.weight'].size(0) if isinstance(weights, dict) and 'proxies.weight' in weights
-               else data_base['proxies'].size(0))
-    model = Model(args['backbone_type'], args['feature_dim'], proxies, pretrained=False)
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError):  # other shapes or names, or no state dict at all
-        raise UserError(f'{model_path} does not match the model data base {data_base_path} describes '
-                        f'({args["backbone_type"]}, {args["feature_dim"]}-d); use the pair train.py wrote '
-                        f'together') from None
-    # a data base written before the digest was recorded cannot be checked, and says nothing
-    if 'weights_sha256' in data_base and weights_sha256(weights) != data_base['weights_sha256']:
-        raise UserError(f'{model_path} holds other weights than those data base {data_base_path} was written with '
-                        f'(a model of another run or epoch); put the _model.pth file train.py wrote with this data '
-                        f'base beside it')
-    return model.to(device).eval(), model_path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runtime import UserError, atomic_dir, pyplot, remove_temporaries, save_figure
-from utils import data_root, load_index, parse_ranks, retrieval_metrics, searched_split
+from utils import load_index, parse_ranks, retrieval_metrics
 
 TSNE_LIMIT = 3000  # t-SNE up to this many embeddings; beyond, PCA: t-SNE's time grows past minutes on a CPU
 PAIRS = 20  # confused class pairs on the page
@@ -48,8 +48,9 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
         found['pairs'].to_csv(os.path.join(folder, 'confused_pairs.csv'), index=False)
         found['worst'].drop(columns=['neighbours']).to_csv(os.path.join(folder, 'worst_queries.csv'), index=False)
         with open(os.path.join(folder, 'summary.json'), 'w') as file:
-            json.dump({'data_base': data_base_path, 'epoch': data_base.get('epoch'), 'metrics': found['metrics'],
-                       'map': method, 'missing': missing}, file, indent=1)
+            json.dump({'data_base': data_base_path, 'epoch': data_base.epoch,
+                       'metrics': found['metrics'], 'map': method, 'missing': missing}, file,
+                      indent=1)
         with open(os.path.join(folder, 'index.html'), 'w', encoding='utf-8') as file:
             file.write(page(found, data_base, data_base_path, f'{run}_statistics.csv', missing, method,
                             os.path.isfile(curves)))
@@ -65,9 +66,11 @@ def analyse(data_base, k, num_queries):
     The metrics are retrieval_metrics' on the stored test features, as train.py evaluated them (queries against the
     gallery of a query/gallery data set), so they equal what train.py printed for that epoch.
     """
-    ranks = parse_ranks(data_base['args'].get('recalls', '1,2,4,8'))
-    queries, labels, images = data_base['test_features'].float(), data_base['test_labels'], data_base['test_images']
-    split, item_images, item_labels, items = searched_split(data_base)
+    ranks = parse_ranks(data_base.recalls)
+    images, labels, queries = data_base.test
+    queries = queries.float()
+    item_images, item_labels, items = data_base.searched
+    split = 'test' if data_base.gallery is None else 'gallery'
     gallery = (items.float(), item_labels) if split == 'gallery' else ()
     with tqdm(desc='metrics per query', unit='block', dynamic_ncols=True) as bar:
         def progress(done, total):
@@ -118,12 +121,11 @@ def nearest(queries, items, k, symmetric):
 def class_names(data_base, split):
     """Each label's class as the prepared index names it (a labelled folder's name, a benchmark's class id, an
     In-shop item id), or None when the index is gone or no longer lists the data base's images."""
-    args, data_path = data_base['args'], data_root(data_base)
     try:
-        index = load_index(data_path, args['data_name'], args.get('crop_type', 'uncropped'))
+        index = load_index(data_base.root, data_base.data_name, data_base.crop_type)
     except UserError:
         return None
-    root = os.path.join(data_path, args['data_name'])
+    root = os.path.join(data_base.root, data_base.data_name)
     # labels number the classes in sorted order, a query split and its gallery together (utils.ImageReader)
     searched = ('query', 'gallery') if split == 'gallery' else ('test',)
     if not all(part in index for part in searched):
@@ -131,8 +133,8 @@ def class_names(data_base, split):
     classes = sorted(set().union(*(index[part] for part in searched)))
     listed = {os.path.join(root, relative): label for label, key in enumerate(classes) for part in searched
               for relative in index[part].get(key, ())}
-    pairs = [(path, label) for part in ('test', 'gallery') for path, label in
-             zip(data_base.get(f'{part}_images', ()), data_base.get(f'{part}_labels', torch.zeros(0)).tolist())]
+    pairs = [(path, label) for part in (data_base.test, data_base.gallery) if part is not None
+             for path, label in zip(part.images, part.labels.tolist())]
     if any(listed.get(path) != label for path, label in pairs):
         return None
     return [str(key) for key in classes]
@@ -263,14 +265,14 @@ def embedding_map(found, path):
 def page(found, data_base, data_base_path, statistics_csv, missing, method, curves):
     """The report's index.html: the run and its headline metrics, the classes it fails beside the pairs it confuses,
     the map beside the training curves, then the worst queries (the long part) last."""
-    args, metrics, esc = data_base['args'], found['metrics'], html.escape
-    epoch = data_base.get('epoch')
+    metrics, esc, epoch = found['metrics'], html.escape, data_base.epoch
     heading = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}
     searched = (f'{len(found["labels"]):,} queries against a gallery of {len(found["item_labels"]):,} images'
                 if found['gallery'] else f'{len(found["labels"]):,} test images, each a query against the others')
     parts = [f'<h1>{esc(os.path.basename(data_base_path))}</h1>',
-             f'<p>{esc(str(args.get("data_name")))}, {esc(str(args.get("backbone_type")))}, '
-             f'{esc(str(args.get("loss_name")))}, {esc(str(args.get("feature_dim")))}-d, epoch {esc(str(epoch))}: '
+             f'<p>{esc(str(data_base.data_name))}, {esc(str(data_base.backbone_type))}, '
+             f'{esc(str(data_base.loss_name))}, {esc(str(data_base.feature_dim))}-d, '
+             f'epoch {esc(str(epoch))}: '
              f'{searched}, {len(np.unique(found["labels"])):,} classes.</p>']
     if missing:
         parts.append(f'<p class="missing">Missing: {esc("; ".join(missing))}.</p>')

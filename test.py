@@ -11,10 +11,10 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import to_pil_image
 
 import gallery
-from model import load_model, open_data_base
 from report import write_report
+from runs import DataBase, load_model
 from runtime import ArgumentParser, UserError, atomic_dir, pyplot, remove_temporaries, run_main
-from utils import check_images, image_files, read_image, searched_split, test_transform
+from utils import image_files, read_image, test_transform
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
 RESULT_COLUMNS = ['rank', 'path', 'similarity', 'same_class']  # results.csv, one row per result
@@ -93,16 +93,9 @@ def query_files(names):
 def embed_query(query, data_base, model):
     """Embed an image that is not in the data base with the model saved beside the data base."""
     if not os.path.isfile(query):
-        raise UserError(f'query image {query} does not exist; a valid name is {data_base["test_images"][0]}')
+        raise UserError(f'query image {query} does not exist; a valid name is '
+                        f'{data_base.test.images[0]}')
     return embed_images(model, [query])[0]  # (D,)
-
-
-def query_model(query, data_base, data_base_path):
-    """The model saved beside the data base, which embeds a query that is not in it."""
-    example = data_base['test_images'][0]
-    return load_model(data_base, data_base_path, lambda model_path: (
-        f'{query} is not in data base {data_base_path} (a valid name is {example}), and no model {model_path} '
-        f'was found to embed it; query a data base image or train a model first'), embedding_device())[0]
 
 
 def gallery_store_path(folder, model_path):
@@ -127,11 +120,10 @@ def search_gallery(args, queries, data_base, data_base_path):
     """Each query's (path, None, [(rank, path, cosine, None)] of its nearest images below --gallery): the folder's
     store brought up to date first (gallery.py), then searched exactly or through --index."""
     images = gallery_images(args.gallery)
-    model, model_path = load_model(data_base, data_base_path, lambda model_path: (
-        f'--gallery needs the model saved beside data base {data_base_path} to embed its images, but no model '
-        f'{model_path} was found; pass the data base of a train.py run'), embedding_device())
+    model, model_path = load_model(data_base, data_base_path, embedding_device())
     # a mistyped query is reported now, not after the whole gallery has been embedded
-    found = [(query, find_query(query, images), find_query(query, data_base['test_images'])) for query in queries]
+    found = [(query, find_query(query, images), find_query(query, data_base.test.images))
+             for query in queries]
     for query, inside, known in found:
         if inside is None and known is None and not os.path.isfile(query):
             raise UserError(f'query image {query} does not exist; pass an image file')
@@ -147,7 +139,8 @@ def search_gallery(args, queries, data_base, data_base_path):
             if row is not None:  # a photo of the folder: its stored embedding, and not its own result
                 query_path, query_feature = images[inside], store.block(row, row + 1)[0]
             elif known is not None:  # a test image of the data base
-                query_path, query_feature = data_base['test_images'][known], data_base['test_features'][known]
+                query_path = data_base.test.images[known]
+                query_feature = data_base.test.features[known]
             else:
                 query_path, query_feature = query, embed_query(query, data_base, model)
             if query_feature.size(0) != store.dim:
@@ -166,8 +159,9 @@ def output_name(query_path, data_base, queries=()):
     (or another of this run's queries) holds other images of that name (In-shop's 01_1_front.jpg is in almost every
     item's folder), the names of the folders above it come first, as many as make it unique: id_00000002_01_1_front."""
     parts = os.path.normpath(os.path.splitext(query_path)[0]).split(os.sep)
-    others = {os.path.normpath(os.path.splitext(path)[0]) for key in ('test_images', 'gallery_images', 'train_images')
-              for path in data_base.get(key, ())} | {os.path.normpath(os.path.splitext(path)[0]) for path in queries}
+    paths = [path for split in (data_base.test, data_base.gallery, data_base.train)
+             if split is not None for path in split.images] + list(queries)
+    others = {os.path.normpath(os.path.splitext(path)[0]) for path in paths}
     others -= {os.path.normpath(os.path.splitext(query_path)[0])}
     for depth in range(1, len(parts) + 1):
         tail = parts[-depth:]
@@ -203,20 +197,22 @@ def draw_row(query_image, results, path):
 def search_data_base(args, queries, data_base, data_base_path):
     """Each query's (path, its label or None, [(rank, path, cosine, same class or None)] of its nearest images) in
     the test set, or in the gallery of a data set evaluated queries against a gallery (In-shop)."""
-    split, images, labels, features = searched_split(data_base)
+    images, labels, features = data_base.searched
+    test = data_base.test
     model = None
     for query in queries:
         index = find_query(query, images)
         # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
-        known = None if index is not None or split == 'test' else find_query(query, data_base['test_images'])
+        known = (None if index is not None or data_base.gallery is None
+                 else find_query(query, test.images))
         if index is not None:
             query_feature, query_path, query_label = features[index], images[index], labels[index].item()
         elif known is not None:
-            query_feature, query_path = data_base['test_features'][known], data_base['test_images'][known]
-            query_label = data_base['test_labels'][known].item()
+            query_feature, query_path = test.features[known], test.images[known]
+            query_label = test.labels[known].item()
         else:
             if model is None and os.path.isfile(query):  # loaded once, for the first query outside the data base
-                model = query_model(query, data_base, data_base_path)
+                model = load_model(data_base, data_base_path, embedding_device())[0]
             query_feature, query_label, query_path = embed_query(query, data_base, model), None, query
         if query_feature.size(0) != features.size(1):
             raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
@@ -236,14 +232,14 @@ def main():
     args = get_args_parser().parse_args()
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
-    data_base, data_base_path = open_data_base(args.data_base, args.data_path)
+    data_base, data_base_path = DataBase.open(args.data_base, args.data_path)
     if args.report:  # the whole test set instead of one query
         return write_report(args, data_base, data_base_path, framed, draw_row)
     queries = query_files(args.query_img_name)
     if args.gallery is not None:  # a folder of photos without labels
         searches = search_gallery(args, queries, data_base, data_base_path)
     else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
-        check_images(data_base, data_base_path, args.data_path)
+        data_base.check_images_exist(data_base_path, args.data_path)
         searches = search_data_base(args, queries, data_base, data_base_path)
     for query_path, query_label, ranked in searches:
         name = output_name(query_path, data_base, queries if len(queries) > 1 else ())

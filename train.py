@@ -1,7 +1,9 @@
-"""Train an embedding with Proxy-Anchor, Normalized-Softmax or a baseline loss and report Recall@K on the unseen
-test classes.
+"""Train an embedding with Proxy-Anchor, Normalized-Softmax or a baseline loss and report Recall@K
+on the unseen test classes.
 
 One GPU or the CPU: `python train.py ...`; several GPUs: `torchrun --nproc_per_node N train.py ...`.
+The file reads top down: the flags, main() and train() with the helpers it calls in their order,
+then one epoch, the samplers and the recipe. What a run writes under results/ is runs.py's.
 """
 import argparse
 import inspect
@@ -10,8 +12,8 @@ import os
 import re
 import shlex
 import time
+from typing import NamedTuple
 
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -19,16 +21,18 @@ from adamp import AdamP
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import StepLR
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from model import BACKBONES, TIMM_PREFIX, Model, backbone_file_name, check_backbone
-from runtime import (ArgumentParser, UserError, atomic_path, atomic_save, exclusive_run, gather, gather_shards,
-                     pyplot, remove_temporaries, rng_state, run_main, safe_load, save_figure, set_kernels,
-                     set_rng_state, set_seed, setup_device, unwrap)
-from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, EmbeddingLoss, ImageReader,
-                   canonical_loss_args, check_loss_name, class_cosines, folder_name, index_path, load_index,
-                   loss_entry, make_data_base, mean_pairwise_cosine, one_of, parse_ranks, retrieval_metrics)
+import runs
+from model import BACKBONES, TIMM_PREFIX, Model, check_backbone
+from runtime import (ArgumentParser, UserError, exclusive_run, gather, gather_shards,
+                     remove_temporaries, run_main, set_kernels, set_rng_state, set_seed,
+                     setup_device, unwrap)
+from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, ImageReader,
+                   canonical_loss_args, check_loss_name, class_cosines, folder_name, index_path,
+                   load_index, loss_entry, mean_pairwise_cosine, one_of, parse_ranks,
+                   retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
 CPU_BACKBONE = 'timm/resnet18'  # what the collapse warning suggests: it trains from random weights on a CPU
@@ -36,21 +40,27 @@ DEMO = 'digits'  # the demo data set that train.py writes itself when there is n
 BASE, NAMED = 'in every run name', 'names the run off its default'  # the two kinds of recipe flags
 
 
+# --------------------------------------------------------------------------------------------------
+# the flags
+
 def recipe(action, kind=NAMED):
-    """Mark a flag as changing what a run computes: --resume refuses another value, and off its default it names
-    the run (_<flag><value>) unless it is one of the name's base parts (data, backbone, loss, dimension)."""
+    """Mark a flag as changing what a run computes: --resume refuses another value, and off its
+    default it names the run (_<flag><value>) unless it is one of the name's base parts (data,
+    backbone, loss, dimension)."""
     action.recipe = kind
     return action
 
 
 def default_workers():
-    """min(8, this process's share of the cores): torchrun's processes on one machine share its cores."""
+    """min(8, this process's share of the cores): torchrun's processes on one machine share its
+    cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     return max(1, min(8, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
 
 
 def get_args_parser():
-    """The command-line flags of train.py; the seed's names and defaults are the public interface."""
+    """The command-line flags of train.py; the seed's names and defaults are the public
+    interface."""
     parser = ArgumentParser(description='Train a deep metric learning model',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group('data')
@@ -141,17 +151,34 @@ def loss_flags():
     return flags
 
 
-def flags_of(*kinds):
-    """train.py's flags of these recipe kinds, in --help's order."""
-    return tuple(action.dest for action in get_args_parser()._actions if getattr(action, 'recipe', None) in kinds)
+def flags_of(parser, *kinds):
+    """The parser's flags of these recipe kinds (BASE: in every run name; NAMED: name the run off
+    their default), in --help's order."""
+    return tuple(action.dest for action in parser._actions
+                 if getattr(action, 'recipe', None) in kinds)
 
 
-RECIPE_FLAGS = flags_of(BASE, NAMED)  # --resume refuses a checkpoint trained with other values
-NAMED_FLAGS = flags_of(NAMED)  # off their defaults they name the run, so runs of other settings never share files
+def recipe_of(args):
+    """{flag: (value, default)} of every recipe flag: --resume refuses a checkpoint trained with
+    other values."""
+    parser = get_args_parser()
+    return {flag: (getattr(args, flag), parser.get_default(flag))
+            for flag in flags_of(parser, BASE, NAMED)}
 
 
-def check_args(args):
-    """Flags out of range become one UserError; returns the parsed Recall@K ranks."""
+def prefix_of(args, named_flags=None):
+    """The name every output of this run starts with (runs.run_name): its base parts, then each of
+    the NAMED flags (or of named_flags) off its default, then --run_name."""
+    parser = get_args_parser()
+    named = [(flag, getattr(args, flag, parser.get_default(flag)), parser.get_default(flag))
+             for flag in (flags_of(parser, NAMED) if named_flags is None else named_flags)]
+    return runs.run_name(args.data_name, args.backbone_type, args.loss_name, args.feature_dim,
+                         named, getattr(args, 'run_name', None))
+
+
+def check_args(args, parser):
+    """Flags out of range become one UserError; returns the parsed Recall@K ranks and the loss's
+    LossEntry, resolved here once (a pml/<name> loss from its --loss_args)."""
     for flag, low in (('feature_dim', 1), ('batch_size', 1), ('num_epochs', 1), ('warm_up', 0), ('num_workers', 0),
                       ('lr_step', 1)):
         if getattr(args, flag) < low:
@@ -177,7 +204,8 @@ def check_args(args):
     if args.loss_args and not args.loss_name.startswith(PML_PREFIX):
         raise UserError(f'--loss_args sets the parameters of a {PML_PREFIX}<class name> loss, not of '
                         f'{args.loss_name}, whose parameters are flags of their own (see --help); leave it out')
-    loss_entry(args.loss_name, args.loss_args)  # an unknown or missing parameter of a PML loss stops here
+    # resolved once, here: an unknown or missing parameter of a PML loss stops the run at once
+    entry = loss_entry(args.loss_name, args.loss_args)
     for flag, (hyper, losses) in loss_flags().items():
         value = getattr(args, flag)
         if not (value >= hyper.low if hyper.low_included else value > hyper.low):  # also refuses nan
@@ -191,22 +219,25 @@ def check_args(args):
         if not re.fullmatch(r'[A-Za-z0-9._-]+', args.run_name):
             raise UserError(f'--run_name may hold only letters, digits, ".", "-" and "_" (it becomes part of file '
                             f'names), not {args.run_name!r}')
-        if args.run_name.startswith(NAMED_FLAGS):
+        if args.run_name.startswith(flags_of(parser, NAMED)):
             raise UserError(f'--run_name {args.run_name} starts like the part a flag adds to a run name (such as '
                             f'_seed2), so two different runs could share files; choose a name that starts otherwise')
-    return parse_ranks(args.recalls)
+    return parse_ranks(args.recalls), entry
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# main, train, and the helpers train calls, in the order it calls them
 
-def main():
-    """Train, evaluating and saving after every epoch."""
-    args = get_args_parser().parse_args()
-    ranks = check_args(args)
+def main(watch=None):
+    """Train, evaluating and saving after every epoch; `watch` (a Watch) follows the run."""
+    parser = get_args_parser()
+    args = parser.parse_args()
+    ranks, entry = check_args(args, parser)
     device, rank, world = setup_device()
+    prefix, watch = prefix_of(args), Watch() if watch is None else watch
     try:
-        with exclusive_run(prefix_of(args), rank, world):
-            train(args, ranks, device, rank, world)
+        with exclusive_run(prefix, rank, world):
+            train(args, prefix, ranks, entry, device, rank, world, watch)
     except torch.OutOfMemoryError:
         raise UserError(f'{device} ran out of memory with --batch_size {args.batch_size}; try a smaller one, such '
                         f'as --batch_size {max(1, args.batch_size // 2)}, or add --amp') from None
@@ -215,9 +246,84 @@ def main():
             dist.destroy_process_group()
 
 
-def train(args, ranks, device, rank, world):
-    """The training run behind main(): the splits, the model and its recipe, a resumed state, then per epoch one
-    pass over the training set, the evaluation and the epoch's files."""
+class Watch:
+    """What a caller sees of a run (the tests watch the training loop through it): train() calls
+    started(run) once the Run is set up (and resumed), and trained(run, epoch, stats, features)
+    after each epoch's training pass, before its evaluation and its learning-rate decay, with what
+    train_one_epoch returned. This one watches nothing."""
+
+    def started(self, run):
+        """The run is set up; nothing of it has trained yet."""
+
+    def trained(self, run, epoch, stats, features):
+        """The training pass of `epoch` is done."""
+
+
+class Run(NamedTuple):
+    """What set_up() makes: the splits {'train', 'test', and 'gallery' or 'val' if any:
+    ImageReader}, the training sampler and its loader, the model (never wrapped in DDP), the loss,
+    the optimizer and its learning-rate schedule, the statistics so far ({column: [one value per
+    epoch]}) and the first epoch to train."""
+    splits: dict
+    sampler: Sampler
+    loader: DataLoader
+    model: Model
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: StepLR
+    statistics: dict
+    start_epoch: int
+
+
+def train(args, prefix, ranks, entry, device, rank, world, watch):
+    """The training run behind main(): set up, then per epoch one pass over the training set, the
+    evaluation and the epoch's files."""
+    run = set_up(args, prefix, ranks, entry, device, rank, world)
+    watch.started(run)
+    writer = None
+    if args.tensorboard and rank == 0:
+        writer = runs.tensorboard_writer(prefix, run.start_epoch)
+    eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
+    model, trainable = run.model, None  # model: what trains, wrapped in DDP under torchrun
+    for epoch in range(run.start_epoch, args.num_epochs + 1):
+        if trainable is not (epoch > args.warm_up):
+            trainable = epoch > args.warm_up
+            set_backbone_trainable(run.model, trainable)
+            if world > 1:  # DDP registers the parameters needing gradients when it wraps the model
+                model = DistributedDataParallel(
+                    run.model, device_ids=[device.index] if device.type == 'cuda' else None)
+        run.sampler.set_epoch(epoch)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        stats, train_features = train_one_epoch(model, run.loader, run.loss, entry.cosines,
+                                                run.optimizer, device, epoch, args, rank)
+        watch.trained(run, epoch, stats, train_features)
+        features = {split: embed(run.model, data, eval_batch, args.num_workers, device, args.amp,
+                                 rank, world)
+                    for split, data in run.splits.items() if split != 'train'}
+        features['train'] = train_features
+        # the epoch's learning rates, before the decay
+        rates = dict(zip(LR_GROUPS, (group['lr'] for group in run.optimizer.param_groups)))
+        run.scheduler.step()
+        if rank == 0:
+            metrics = evaluate(run.splits, features, ranks)
+            record(run.statistics, stats, metrics)
+            print_epoch(metrics, stats, epoch, args.num_epochs, device)
+            warn_if_collapsed(features['test'], epoch, args)
+            if writer is not None:
+                runs.log_epoch(writer, epoch, run.statistics, stats['images_per_second'], rates)
+            save_epoch(args, prefix, epoch, run, entry, features)
+    if writer is not None:
+        writer.close()
+    if rank == 0:
+        last = f'results/{prefix}_{args.num_epochs}'
+        print(f'wrote {last}_data_base.pth, {last}_model.pth (epoch {args.num_epochs}) and '
+              f'results/{prefix}_statistics.csv; see a retrieval: python test.py --data_base '
+              f'{last}_data_base.pth --query_img_name {shlex.quote(run.splits["test"].images[0])}')
+
+
+def set_up(args, prefix, ranks, entry, device, rank, world):
+    """The run's data, model and recipe, and where it starts (resume): a Run."""
     set_seed(args.seed)
     set_kernels(args.amp)
     if args.batch_size % world:
@@ -233,73 +339,38 @@ def train(args, ranks, device, rank, world):
         name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
         print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
     sampler = make_sampler(splits['train'], args, rank, world)
-    # the workers' seeds come from a generator of the loader's own, so dropout draws the same for any --num_workers
-    train_loader = DataLoader(splits['train'], batch_sampler=sampler, num_workers=args.num_workers,
-                              pin_memory=device.type == 'cuda', persistent_workers=args.num_workers > 0,
-                              multiprocessing_context=worker_context(splits['train'], args.num_workers),
-                              generator=torch.Generator().manual_seed(args.seed))
+    # the workers' seeds come from the loader's own generator: one dropout for any --num_workers
+    loader = DataLoader(Marked(splits['train']), batch_sampler=sampler,
+                        num_workers=args.num_workers, pin_memory=device.type == 'cuda',
+                        persistent_workers=args.num_workers > 0,
+                        multiprocessing_context=worker_context(splits['train'], args.num_workers),
+                        generator=torch.Generator().manual_seed(args.seed))
     num_classes = splits['train'].num_classes
-    # a loss on embeddings has no use for the model's proxies: it holds class proxies of its own, or none
-    on_cosines = loss_entry(args.loss_name, args.loss_args).cosines
-    model = Model(args.backbone_type, args.feature_dim, num_classes if on_cosines else 0, not args.no_pretrained).to(
-        device)
+    # a loss on embeddings needs no proxies in the model: it holds class proxies of its own, or none
+    model = Model(args.backbone_type, args.feature_dim, num_classes if entry.cosines else 0,
+                  not args.no_pretrained).to(device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
-    loss_criterion = make_loss(args, num_classes).to(device)
+    loss_criterion = make_loss(entry, args, num_classes).to(device)
     if world > 1:  # every rank computes the same global loss, so parameters equal at the start stay equal
         for parameter in loss_criterion.parameters():
             dist.broadcast(parameter.data, 0)
     if rank == 0:
-        pair_hint(args, loss_criterion)
+        pair_hint(args, entry, loss_criterion)
     optimizer, scheduler = make_optimizer(model, args, loss_criterion)
     evaluated = [split for split in ('test', 'val') if split in splits]
     columns = ['train_loss', 'train_accuracy'] + [f'{split}_{metric}' for split in evaluated for metric in
                                                   [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']]
-    start_epoch, statistics = resume(args, model, loss_criterion, optimizer, scheduler, columns, rank)
-    writer = tensorboard_writer(args, start_epoch) if args.tensorboard and rank == 0 else None
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-
-    ddp_model, trainable = model, None
-    for epoch in range(start_epoch, args.num_epochs + 1):
-        if trainable is not (epoch > args.warm_up):
-            trainable = epoch > args.warm_up
-            set_backbone_trainable(model, trainable)
-            if world > 1:  # DDP registers the parameters that need gradients when it wraps the model
-                ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-        sampler.set_epoch(epoch)
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        stats, train_features = train_one_epoch(ddp_model, train_loader, loss_criterion, optimizer, autocast, device,
-                                                epoch, args, rank)
-        eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
-        features = {split: embed(model, data, eval_batch, args.num_workers, device, args.amp, rank, world)
-                    for split, data in splits.items() if split != 'train'}
-        features['train'] = train_features
-        rates = [group['lr'] for group in optimizer.param_groups]  # the epoch's, before the decay
-        scheduler.step()
-        if rank == 0:
-            statistics['train_loss'].append(stats['loss'])
-            statistics['train_accuracy'].append(stats['accuracy'])
-            report(evaluate(splits, features, ranks), statistics, stats, epoch, args, device)
-            warn_if_collapsed(features['test'], epoch, args)
-            if writer is not None:
-                log_epoch(writer, epoch, statistics, stats, rates)
-            save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statistics, splits, features)
-    if writer is not None:
-        writer.close()
-    if rank == 0:
-        prefix = prefix_of(args)
-        last = f'results/{prefix}_{args.num_epochs}'
-        print(f'wrote {last}_data_base.pth, {last}_model.pth (epoch {args.num_epochs}) and '
-              f'results/{prefix}_statistics.csv; see a retrieval: python test.py --data_base {last}_data_base.pth '
-              f'--query_img_name {shlex.quote(splits["test"].images[0])}')
+    start_epoch, statistics = resume(args, prefix, model, loss_criterion, optimizer, scheduler,
+                                     columns, rank)
+    return Run(splits, sampler, loader, model, loss_criterion, optimizer, scheduler, statistics,
+               start_epoch)
 
 
 def write_demo(data_path):
-    """Write and prepare the handwritten-digits demo as <data_path>/digits when there is no such folder; a folder of
-    that name is the user's and is never written into, only prepared if it is not yet."""
+    """Write and prepare the handwritten-digits demo as <data_path>/digits when there is no such
+    folder; a folder of that name is the user's and is never written into, only prepared if it is
+    not yet."""
     import data_utils
     root = os.path.join(data_path, DEMO)
     if not os.path.exists(root):
@@ -310,24 +381,12 @@ def write_demo(data_path):
     data_utils.prepare(data_path, DEMO, workers=1)
 
 
-def warn_if_collapsed(test_features, epoch, args):
-    """One line when the epoch's test embeddings have collapsed onto one direction: their similarities then say
-    nothing to a reader, and their rankings turn on differences in the sixth decimal, which training may wipe out."""
-    cosine = mean_pairwise_cosine(test_features)
-    if cosine > COLLAPSED:
-        tries = ([f'--backbone_type {CPU_BACKBONE}'] if args.backbone_type != CPU_BACKBONE else []) + \
-            (['pretrained weights (without --no_pretrained)'] if args.no_pretrained else []) + \
-            [f'a lower --lr than {args.lr:g}']
-        print(f'warning: the test embeddings of epoch {epoch} have collapsed onto one direction (mean cosine '
-              f'between two test images {cosine:.6f}), so every similarity reads about 1.000 and the figures above '
-              f'rest on tiny differences; try {one_of(tries)}')
-
-
 def load_splits(args, rank):
-    """{'train', 'test' (the queries of a query/gallery data set), and 'gallery' or 'val' if any: ImageReader}.
+    """{'train', 'test' (the queries of a query/gallery data set), and 'gallery' or 'val' if any:
+    ImageReader}.
 
-    An unprepared data set stops here, before anything is printed. In-shop and folders split that way evaluate
-    queries against a gallery."""
+    An unprepared data set stops here, before anything is printed. In-shop and folders split that
+    way evaluate queries against a gallery."""
     gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
     def read(split, **kwargs):
         return ImageReader(args.data_path, args.data_name, split, args.backbone_type, args.crop_type, **kwargs)
@@ -355,35 +414,36 @@ def load_splits(args, rank):
     return splits
 
 
-def resume(args, model, loss_criterion, optimizer, scheduler, columns, rank):
-    """(first epoch, statistics so far): those of this configuration's checkpoint with --resume, else (1, empty)."""
-    prefix = prefix_of(args)
-    checkpoint_path = f'results/{prefix}_checkpoint.pth'
+def resume(args, prefix, model, loss_criterion, optimizer, scheduler, columns, rank):
+    """(first epoch, statistics so far): those of this configuration's checkpoint with --resume,
+    else (1, empty)."""
+    path = runs.checkpoint_path(prefix)
     if rank == 0:  # what a run of this configuration killed mid-write left behind
         remove_temporaries('results', f'{prefix}_')
-    if args.resume and os.path.exists(checkpoint_path):
-        checkpoint = load_checkpoint(checkpoint_path, args)
+    if args.resume and os.path.exists(path):
+        checkpoint = runs.load_checkpoint(path, recipe_of(args), args.num_epochs)
         model.load_state_dict(checkpoint['model'])
-        loss_criterion.load_state_dict(checkpoint.get('loss', {}))  # a checkpoint from before losses had any
+        loss_criterion.load_state_dict(checkpoint['loss'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
         set_rng_state(checkpoint['rng'])
         if rank == 0:
-            print(f'resuming {checkpoint_path} after epoch {checkpoint["epoch"]}')
+            print(f'resuming {path} after epoch {checkpoint["epoch"]}')
         return checkpoint['epoch'] + 1, {column: checkpoint['statistics'][column] for column in columns}
     if args.resume:
-        renamed_run(args)
+        runs.refuse_renamed_run(prefix_of(args, runs.OLD_NAMED_FLAGS), prefix, recipe_of(args))
     if rank == 0:
         if args.resume:
-            print(f'no checkpoint at {checkpoint_path}, so training starts at epoch 1')
-        elif os.path.exists(checkpoint_path):
-            print(f'{checkpoint_path} holds an earlier run, which this one replaces after its first epoch; '
+            print(f'no checkpoint at {path}, so training starts at epoch 1')
+        elif os.path.exists(path):
+            print(f'{path} holds an earlier run, which this one replaces after its first epoch; '
                   f'stop now and add --resume to continue that run instead')
     return 1, {column: [] for column in columns}
 
 
 def evaluate(splits, features, ranks):
-    """{split: metrics} for the test set (its queries against the gallery, if any) and the validation split."""
+    """{split: metrics} for the test set (its queries against the gallery, if any) and the
+    validation split."""
     gallery = {'gallery_features': features['gallery'], 'gallery_labels': torch.tensor(splits['gallery'].labels)} \
         if 'gallery' in splits else {}
     return {split: retrieval_metrics(features[split], torch.tensor(splits[split].labels), ranks,
@@ -391,81 +451,216 @@ def evaluate(splits, features, ranks):
             for split in ('val', 'test') if split in splits}  # validation first: the test line ends the report
 
 
-def report(metrics, statistics, stats, epoch, args, device):
-    """Append an epoch's metrics to the statistics and print them, one line per split."""
-    memory = (f', peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
-              if device.type == 'cuda' else '')
+def record(statistics, stats, metrics):
+    """Append an epoch's training figures (train_one_epoch's stats) and its metrics {split: {metric:
+    value}} to the statistics."""
+    statistics['train_loss'].append(stats['loss'])
+    statistics['train_accuracy'].append(stats['accuracy'])
     for split, values in metrics.items():
         for metric, value in values.items():
             statistics[f'{split}_{metric}'].append(value)
+
+
+def print_epoch(metrics, stats, epoch, num_epochs, device):
+    """An epoch's metrics, one line per split; the test line ends with the training speed."""
+    memory = (f', peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
+              if device.type == 'cuda' else '')
+    for split, values in metrics.items():
         ranks = [metric[len('recall@'):] for metric in values if metric.startswith('recall@')]
-        print(f'{split.capitalize()} Epoch {epoch}/{args.num_epochs} '
+        print(f'{split.capitalize()} Epoch {epoch}/{num_epochs} '
               + ' '.join(f'R@{k}:{100 * values[f"recall@{k}"]:.2f}%' for k in ranks)
               + f' MAP@R:{100 * values["map@r"]:.2f}% RP:{100 * values["r_precision"]:.2f}%'
               + (f' | train {stats["images_per_second"]:.1f} images/s{memory}' if split == 'test' else ''))
 
 
-def tensorboard_writer(args, start_epoch):
-    """A TensorBoard writer into results/tensorboard/<run name>/, one folder per run as `tensorboard --logdir
-    results/tensorboard` shows them. purge_step hides what an earlier process logged there from start_epoch on: the
-    epochs a resumed run trains again (logged, then killed before its checkpoint), or all of an earlier run that a
-    fresh one replaces; so no step is shown twice."""
-    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow, and only --tensorboard needs it
-    return SummaryWriter(os.path.join('results', 'tensorboard', prefix_of(args)), purge_step=start_epoch)
+def warn_if_collapsed(test_features, epoch, args):
+    """One line when the epoch's test embeddings have collapsed onto one direction: their
+    similarities then say nothing to a reader, and their rankings turn on differences in the sixth
+    decimal, which training may wipe out."""
+    cosine = mean_pairwise_cosine(test_features)
+    if cosine > COLLAPSED:
+        tries = ([f'--backbone_type {CPU_BACKBONE}'] if args.backbone_type != CPU_BACKBONE else [])
+        tries += ['pretrained weights (without --no_pretrained)'] if args.no_pretrained else []
+        tries += [f'a lower --lr than {args.lr:g}']
+        print(f'warning: the test embeddings of epoch {epoch} have collapsed onto one direction '
+              f'(mean cosine between two test images {cosine:.6f}), so every similarity reads '
+              f'about 1.000 and the figures above rest on tiny differences; try {one_of(tries)}')
 
 
-LR_GROUPS = ('backbone_and_head', 'proxies')  # make_optimizer's parameter groups, in order
+def save_epoch(args, prefix, epoch, run, entry, features):
+    """The epoch's files (runs.save_epoch): its weights, the data base of the train, test and
+    gallery features with the unit class proxies, and the loss's, optimizer's and schedule's states
+    for the checkpoint."""
+    weights = run.model.state_dict()
+    proxies = data_base_proxies(run.model, run.loss, entry.cosines).detach().cpu()
+    proxies = F.normalize(proxies, dim=-1)
+    splits = {split: (data.images, data.labels, features[split])
+              for split, data in run.splits.items() if split != 'val'}
+    data_base = runs.new_data_base(splits, proxies, epoch, args.data_path, weights, vars(args))
+    states = {'loss': run.loss.state_dict(), 'optimizer': run.optimizer.state_dict(),
+              'scheduler': run.scheduler.state_dict()}
+    runs.save_epoch(prefix, epoch, run.statistics, weights, data_base, states)
 
 
-def log_epoch(writer, epoch, statistics, stats, rates):
-    """An epoch's figures as TensorBoard scalars at step `epoch`: each statistics column under its split
-    (train/loss, test/recall@1, val/map@r, ...), the training images per second and each parameter group's learning
-    rate (lr/backbone_and_head, lr/proxies); flushed, so that a crash loses no finished epoch."""
-    for column, values in statistics.items():
-        split, metric = column.split('_', 1)
-        writer.add_scalar(f'{split}/{metric}', values[-1], epoch)
-    writer.add_scalar('train/images_per_second', stats['images_per_second'], epoch)
-    for group, rate in zip(LR_GROUPS, rates):
-        writer.add_scalar(f'lr/{group}', rate, epoch)
-    writer.flush()
+def data_base_proxies(model, loss_criterion, on_cosines):
+    """The class proxies a data base stores: the model's (C, D) for a loss on cosines, or those the
+    loss holds itself, (C, D) or (C, K, D) for K per class, or (0, D) for a loss without any."""
+    if on_cosines:
+        return model.proxies.weight
+    own = loss_criterion.class_proxies()
+    if own is None:
+        return model.proxies.weight.new_zeros(0, model.proxies.weight.size(1))
+    return own[:, 0] if own.size(1) == 1 else own
 
 
-def save_epoch(args, epoch, model, loss_criterion, optimizer, scheduler, statistics, splits, features):
-    """The epoch's statistics, model, data base and checkpoint, each written whole; the previous epoch's model and
-    data base go."""
-    prefix = prefix_of(args)
-    save_statistics(statistics, prefix)
-    weights = model.state_dict()
-    atomic_save(weights, f'results/{prefix}_{epoch}_model.pth')
-    proxies = F.normalize(data_base_proxies(model, loss_criterion).detach().cpu(), dim=-1)
-    atomic_save(make_data_base(args, epoch, {split: splits[split] for split in ('train', 'test', 'gallery')
-                                             if split in splits}, features, proxies, weights),
-                f'results/{prefix}_{epoch}_data_base.pth')
-    # the checkpoint is written last: once it names this epoch, every other file of the epoch is complete
-    atomic_save({'model': weights, 'loss': loss_criterion.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'scheduler': scheduler.state_dict(), 'epoch': epoch, 'args': vars(args), 'rng': rng_state(),
-                 'statistics': statistics},
-                f'results/{prefix}_checkpoint.pth')
-    for kind in ('model', 'data_base'):
-        if epoch > 1 and os.path.exists(f'results/{prefix}_{epoch - 1}_{kind}.pth'):
-            os.remove(f'results/{prefix}_{epoch - 1}_{kind}.pth')
+# --------------------------------------------------------------------------------------------------
+# one epoch: global batches dealt to the ranks, the loss over the gathered batch, the embeddings
+
+def train_one_epoch(model, loader, loss_criterion, on_cosines, optimizer, device, epoch, args,
+                    rank):
+    """Train for one epoch of loader (a Marked data set read by a GlobalBatches), with a loss on the
+    cosines to the model's proxies (on_cosines, LossEntry.cosines) or on the embeddings; under --amp
+    in bf16 autocast.
+
+    Returns a stats dict with loss, accuracy and images per second, and the (N, D) embeddings the
+    training pass produced, in data-set order: the seed stores those (augmented, and from weights
+    that change along the epoch) as the data base's training features, which costs no extra pass.
+    """
+    model.train()
+    if not args.no_pretrained:  # the backbone's BatchNorm statistics stay as pretrained on ImageNet
+        for module in unwrap(model).backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    features = torch.zeros(len(loader.dataset), args.feature_dim, dtype=torch.float32)  # (N, D)
+    total_loss, total_correct, total_num, start = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f'Train Epoch {epoch}/{args.num_epochs}', dynamic_ncols=True,
+               disable=rank != 0)
+    for step, (images, labels, indices) in enumerate(bar, 1):
+        images = images.to(device, non_blocking=True)
+        if args.amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, embeddings, cosines, labels = batch_loss(model, images, labels, loss_criterion,
+                                                           on_cosines)
+        if not torch.isfinite(loss):
+            kept = (f'the checkpoint of epoch {epoch - 1} is kept, so lower the learning rate or '
+                    f'check the data, then run again with --resume' if epoch > 1 else
+                    'no checkpoint was written yet, so lower the learning rate or check the data '
+                    'and run again')
+            raise UserError(f'the loss became {loss.item()} at epoch {epoch}, step {step}; {kept}')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # the data-set indices of the gathered rows: the order batch_loss keeps them in
+        rows = gather(indices.to(device))
+        features[rows[rows != PADDING].cpu()] = embeddings.detach().float().cpu()
+        total_num += labels.size(0)
+        total_loss += loss.item() * labels.size(0)
+        if cosines is None:  # no class proxies: accuracy does not apply
+            total_correct = math.nan
+            bar.set_postfix(loss=f'{total_loss / total_num:.4f}')
+            continue
+        total_correct += (cosines.argmax(dim=-1) == labels).sum().item()
+        bar.set_postfix(loss=f'{total_loss / total_num:.4f}',
+                        acc=f'{100 * total_correct / total_num:.2f}%')
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {'loss': total_loss / total_num, 'accuracy': total_correct / total_num,
+            'images_per_second': total_num / seconds}, features
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# one epoch: global batches dealt to the ranks, the loss over the gathered batch, the data sets' embeddings
+def batch_loss(model, images, labels, loss_criterion, on_cosines):
+    """Loss of the global batch: embeddings and labels are gathered over all ranks before the loss.
 
-PADDING = -1  # the label of a padding row
+    Proxy-Anchor's terms average over the proxies with positives in the batch, and a pair-based loss
+    pairs every image with every other, so the loss is only the single-GPU loss when it sees the
+    whole batch. Rows labelled PADDING (a rank's share of the last, partial batch filled up to the
+    others' length) are left out. The loss is called on the cosines to the model's proxies
+    (on_cosines) or on the embeddings. Returns (loss, global embeddings, their cosines to the class
+    proxies or None for a loss without any, their labels).
+    """
+    embeddings, cosines = model(images)  # (B, D), (B, C)
+    if dist.is_initialized():
+        labels, embeddings = gather(labels), gather(embeddings)  # (W * B,), (W * B, D)
+        keep = labels != PADDING
+        labels, embeddings = labels[keep], embeddings[keep]
+        cosines = unwrap(model).proxies(embeddings)  # (B_global, C)
+    if on_cosines:
+        return loss_criterion(cosines, labels), embeddings, cosines, labels
+    own = loss_criterion.class_proxies()  # (C, K, D) or None
+    cosines = class_cosines(embeddings, own) if own is not None else None
+    return loss_criterion(embeddings, labels), embeddings, cosines, labels
+
+
+@torch.inference_mode()
+def embed(model, dataset, batch_size, num_workers, device, amp, rank, world):
+    """Embeddings (N, D) of a whole dataset on the CPU; under torchrun each rank embeds 1/W and all gather."""
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda',
+                        multiprocessing_context=worker_context(dataset, num_workers))
+    features = []
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            features.append(unwrap(model).embed(images).float())
+    features = torch.cat(features)  # (N / W, D)
+    return (gather_shards(features, len(dataset)) if world > 1 else features).cpu()
+
+
+
+def worker_context(dataset, num_workers):
+    """'fork' for DataLoader workers of a cached data set: they share its ImageCache, not a pickled
+    copy each."""
+    cached = getattr(dataset, 'cache', None) is not None
+    forks = 'fork' in torch.multiprocessing.get_all_start_methods()
+    return 'fork' if cached and num_workers > 0 and forks else None
+
+
+# --------------------------------------------------------------------------------------------------
+# the samplers: global batches of data-set indices, each rank's share, the padding that evens them
+
+PADDING = -1  # the label and index of a padding row
+
+
+def make_sampler(data, args, rank, world):
+    """This rank's GlobalBatches of the training set: class-balanced with --images_per_class, else
+    shuffled."""
+    if args.images_per_class:
+        return ClassBalancedBatches(data.labels, args.batch_size, args.images_per_class, rank,
+                                    world, args.seed)
+    return GlobalBatches(len(data), args.batch_size, rank, world, args.seed)
+
+
+class Marked(Dataset):
+    """A seeded ImageReader as GlobalBatches reads it: item (index, epoch, padding) -> (augmented
+    image, label, index), the label and the index PADDING for a padding row; so the epoch loop knows
+    its padding by this mark."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getitem__(self, item):
+        index, epoch, padding = item
+        image, label = self.data[index, epoch]
+        return (image, PADDING, PADDING) if padding else (image, label, index)
+
+    def __len__(self):
+        return len(self.data)
 
 
 class GlobalBatches(Sampler):
-    """This rank's share of every global batch of an epoch, as lists of (index, epoch) for a seeded ImageReader.
+    """This rank's share of every global batch of an epoch: lists of (index, epoch, padding) items.
 
-    The epoch's order is torch.randperm seeded with seed + epoch (as DistributedSampler's), cut into global batches
-    of batch_size, the last one partial as in the seed (drop_last=False); rank r takes items r, r + W, ... of each.
-    So the ranks together see exactly the batches one process sees. The ranks' shares of the last batch may differ
-    in length by one: the shorter ones are filled up with their batch's first image, labelled PADDING by the epoch
-    loop and left out by batch_loss, so that every rank takes the same number of steps and gathers equal-sized
-    tensors.
+    The epoch's order is torch.randperm seeded with seed + epoch (as DistributedSampler's), cut into
+    global batches of batch_size, the last one partial as in the seed (drop_last=False); rank r
+    takes items r, r + W, ... of each. So the ranks together see exactly the batches one process
+    sees. The ranks' shares of the last batch may differ in length by one: the shorter ones are
+    filled up with their batch's first image, made here with padding True, so that every rank takes
+    the same number of steps and gathers equal-sized tensors; batch_loss and the epoch loop leave it
+    out.
     """
 
     def __init__(self, size, batch_size, rank=0, world=1, seed=0):
@@ -477,48 +672,46 @@ class GlobalBatches(Sampler):
         self.epoch = epoch
 
     def global_batches(self):
-        """The epoch's global batches of data-set indices, in the order one process would train on them."""
+        """The epoch's global batches of data-set indices, in the order one process would train on
+        them."""
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         return [order[start:start + self.batch_size] for start in range(0, self.size, self.batch_size)]
 
-    def shares(self, batch):
-        """Each rank's part of one global batch, padded to equal length with PADDING."""
-        length = -(-len(batch) // self.world)
-        return [batch[r::self.world] + [PADDING] * (length - len(batch[r::self.world])) for r in range(self.world)]
-
     def __iter__(self):
         for batch in self.global_batches():
-            share = self.shares(batch)[self.rank]
-            yield [(batch[0] if index == PADDING else index, self.epoch) for index in share]
+            share = batch[self.rank::self.world]
+            # 1 for a shorter share of a partial batch, else 0
+            padding = -(-len(batch) // self.world) - len(share)
+            yield ([(index, self.epoch, False) for index in share]
+                   + [(batch[0], self.epoch, True)] * padding)
 
     def __len__(self):
         return -(-self.size // self.batch_size)
 
 
 class ClassBalancedBatches(GlobalBatches):
-    """GlobalBatches of P = batch_size / M classes with M images each (--images_per_class M), like PML's
-    MPerClassSampler and the official Proxy-Anchor code's --IPC, dealt to the ranks as GlobalBatches deals them.
+    """GlobalBatches of P = batch_size / M classes with M images each (--images_per_class M), like
+    PML's MPerClassSampler and the official Proxy-Anchor code's --IPC, dealt to the ranks as
+    GlobalBatches deals them.
 
-    An epoch sees every image at least once: each class's images, shuffled, are cut into groups of M, its last group
-    filled up with other images of the class (a class smaller than M repeats its images to fill its one group). Each
-    batch then takes one group from each of the P classes with the most groups left (ties, the common case, broken
-    at random), which spreads large classes over the epoch and sees every group exactly once whenever the groups can
-    be dealt so; once fewer than P classes have groups left, the batch is filled up with a fresh group of other
-    classes. So an epoch is about (number of groups) / P batches, all full (the official code instead draws
-    len(dataset) // batch_size batches with replacement). The draws are seeded by seed + epoch, so a resumed run and
-    every torchrun rank draw the same batches.
+    An epoch sees every image at least once: each class's images, shuffled, are cut into groups of
+    M, its last group filled up with other images of the class (a class smaller than M repeats its
+    images to fill its one group). Each batch then takes one group from each of the P classes with
+    the most groups left (ties, the common case, broken at random), which spreads large classes over
+    the epoch and sees every group exactly once whenever the groups can be dealt so; once fewer than
+    P classes have groups left, the batch is filled up with a fresh group of other classes. So an
+    epoch is about (number of groups) / P batches, all full (the official code instead draws
+    len(dataset) // batch_size batches with replacement). The draws are seeded by seed + epoch, so a
+    resumed run and every torchrun rank draw the same batches.
     """
 
     def __init__(self, labels, batch_size, images_per_class, rank=0, world=1, seed=0):
         super().__init__(len(labels), batch_size, rank, world, seed)
         self.labels, self.per_class = torch.as_tensor(labels), images_per_class
-        self.drawn = None  # (epoch, its batches): the epoch loop and the loader both read them
 
     def global_batches(self):
-        """The epoch's global batches of data-set indices, each M images of each of P classes, one class after
-        another."""
-        if self.drawn is not None and self.drawn[0] == self.epoch:
-            return self.drawn[1]
+        """The epoch's global batches of data-set indices, each M images of each of P classes, one
+        class after another."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         members = [(self.labels == label).nonzero()[:, 0] for label in self.labels.unique()]  # per class
         groups = []  # per class: its groups of M images
@@ -544,140 +737,70 @@ class ClassBalancedBatches(GlobalBatches):
             for label in fillers:
                 batch += self.fresh_group(members[label], generator).tolist()
             batches.append(batch)
-        self.drawn = self.epoch, batches
         return batches
 
     def fresh_group(self, images, generator):
-        """M of a class's images drawn at random, all of them and repeats for a class smaller than M."""
+        """M of a class's images drawn at random, all of them and repeats for a class smaller than
+        M."""
         if len(images) >= self.per_class:
             return self.fill(images, self.per_class, generator)
         return torch.cat([images, self.fill(images, self.per_class - len(images), generator)])
 
     @staticmethod
     def fill(images, count, generator):
-        """count more of a class's images drawn from images: without repeats where there are enough."""
+        """count more of a class's images drawn from images: without repeats where there are
+        enough."""
         if len(images) >= count:
             return images[torch.randperm(len(images), generator=generator)[:count]]
         return images[torch.randint(len(images), (count,), generator=generator)]
 
     def __len__(self):
-        return len(self.global_batches())
+        return len(self.global_batches())  # drawn again: the same batches, seeded by seed + epoch
 
 
-def batch_loss(model, images, labels, loss_criterion):
-    """Loss of the global batch: embeddings and labels are gathered over all ranks before the loss.
 
-    Proxy-Anchor's terms average over the proxies with positives in the batch, and a pair-based loss pairs every
-    image with every other, so the loss is only the single-GPU loss when it sees the whole batch. Rows labelled
-    PADDING (a rank's share of the last, partial batch filled up to the others' length) are left out. Returns
-    (loss, global embeddings, their cosines to the class proxies or None for a loss without any, their labels).
-    """
-    embeddings, cosines = model(images)  # (B, D), (B, C)
-    if dist.is_initialized():
-        labels, embeddings = gather(labels), gather(embeddings)  # (W * B,), (W * B, D)
-        keep = labels != PADDING
-        labels, embeddings = labels[keep], embeddings[keep]
-        cosines = unwrap(model).proxies(embeddings)  # (B_global, C)
-    if not isinstance(loss_criterion, EmbeddingLoss):
-        return loss_criterion(cosines, labels), embeddings, cosines, labels
-    own = loss_criterion.class_proxies()  # (C, K, D) or None
-    cosines = class_cosines(embeddings, own) if own is not None else None
-    return loss_criterion(embeddings, labels), embeddings, cosines, labels
+# --------------------------------------------------------------------------------------------------
+# the recipe: validation split, loss, optimizer, warm-up
 
-
-def train_one_epoch(model, loader, loss_criterion, optimizer, scaler_ctx, device, epoch, args, rank):
-    """Train for one epoch of loader (whose batch_sampler is a GlobalBatches).
-
-    Returns a stats dict with loss, accuracy and images per second, and the (N, D) embeddings the training pass
-    produced, in data-set order: the seed stores those (augmented, and from weights that change along the epoch) as
-    the data base's training features, which costs no extra pass.
-    """
-    model.train()
-    if not args.no_pretrained:  # the backbone's BatchNorm statistics stay as pretrained on ImageNet
-        for module in unwrap(model).backbone.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-    sampler = loader.batch_sampler
-    features = torch.zeros(sampler.size, args.feature_dim, dtype=torch.float32)  # (N, D)
-    total_loss, total_correct, total_num, start = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f'Train Epoch {epoch}/{args.num_epochs}', dynamic_ncols=True, disable=rank != 0)
-    for step, ((images, labels), batch) in enumerate(zip(bar, sampler.global_batches()), 1):
-        shares = sampler.shares(batch)
-        labels[torch.tensor(shares[rank]) == PADDING] = PADDING
-        images = images.to(device, non_blocking=True)
-        if args.amp:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with scaler_ctx():
-            loss, embeddings, cosines, labels = batch_loss(model, images, labels, loss_criterion)
-        if not torch.isfinite(loss):
-            kept = (f'the checkpoint of epoch {epoch - 1} is kept, so lower the learning rate or check the data, '
-                    f'then run again with --resume' if epoch > 1 else
-                    'no checkpoint was written yet, so lower the learning rate or check the data and run again')
-            raise UserError(f'the loss became {loss.item()} at epoch {epoch}, step {step}; {kept}')
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        # the gathered rows are the ranks' shares one after the other, padding left out
-        rows = [index for share in shares for index in share if index != PADDING]
-        features[rows] = embeddings.detach().float().cpu()
-        total_num += labels.size(0)
-        total_loss += loss.item() * labels.size(0)
-        if cosines is None:  # no class proxies: accuracy does not apply
-            total_correct = math.nan
-            bar.set_postfix(loss=f'{total_loss / total_num:.4f}')
-            continue
-        total_correct += (cosines.argmax(dim=-1) == labels).sum().item()
-        bar.set_postfix(loss=f'{total_loss / total_num:.4f}', acc=f'{100 * total_correct / total_num:.2f}%')
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return {'loss': total_loss / total_num, 'accuracy': total_correct / total_num,
-            'images_per_second': total_num / seconds}, features
+def hold_out(train_data, args):
+    """Move the last --val_fraction of the training classes (by class id) out of train_data into a
+    validation set, which is embedded without augmentation like the test set; returns it."""
+    classes = train_data.num_classes
+    held = round(args.val_fraction * classes)
+    if held < 2 or classes - held < 2:
+        raise UserError(f'--val_fraction {args.val_fraction} of the {classes} training classes of '
+                        f'{args.data_name} holds out {held} and trains on {classes - held}, but '
+                        f'each side needs at least 2 classes; choose a fraction between '
+                        f'{2 / classes:.3g} and {1 - 2 / classes:.3g}')
+    val_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type,
+                           args.crop_type, augment=False)
+    val_data.keep_classes(classes - held, classes)
+    train_data.keep_classes(0, classes - held)
+    return val_data
 
 
-def worker_context(dataset, num_workers):
-    """'fork' for DataLoader workers of a cached data set: they share its ImageCache, not a pickled copy each."""
-    cached = getattr(dataset, 'cache', None) is not None
-    return 'fork' if cached and num_workers > 0 and 'fork' in torch.multiprocessing.get_all_start_methods() else None
+def make_loss(entry, args, num_classes=None):
+    """The loss of a LossEntry (check_args resolves --loss_name's), with its hyper-parameters'
+    flags, and the number of training classes and the embedding size when it holds class proxies of
+    its own."""
+    sizes = {'num_classes': num_classes, 'embedding_size': args.feature_dim}
+    wanted = inspect.signature(entry.build).parameters
+    return entry.build(**{flag: getattr(args, flag) for flag in entry.hyper},
+                       **{key: value for key, value in sizes.items() if key in wanted})
 
 
-@torch.inference_mode()
-def embed(model, dataset, batch_size, num_workers, device, amp, rank, world):
-    """Embeddings (N, D) of a whole dataset on the CPU; under torchrun each rank embeds 1/W and all gather."""
-    model.eval()
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda',
-                        multiprocessing_context=worker_context(dataset, num_workers))
-    features = []
-    for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            features.append(unwrap(model).embed(images).float())
-    features = torch.cat(features)  # (N / W, D)
-    return (gather_shards(features, len(dataset)) if world > 1 else features).cpu()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the recipe: optimizer, loss, warm-up, validation split
-
-class ChannelsLastAdamP(AdamP):
-    """AdamP that also steps channels_last weights (--amp): its per-channel views become reshapes.
-
-    AdamP flattens each weight with .view(), which channels_last strides do not allow; .reshape() gives the same
-    values (a copy only for channels_last), so the update is AdamP's exactly.
-    """
-
-    def _channel_view(self, x):
-        return x.reshape(x.size(0), -1)
-
-    def _layer_view(self, x):
-        return x.reshape(1, -1)
+def pair_hint(args, entry, loss_criterion):
+    """One line for a pair-based loss (on embeddings, without class proxies) trained on the seed's
+    shuffled batches, which may hold few positive pairs."""
+    if not entry.cosines and loss_criterion.class_proxies() is None and not args.images_per_class:
+        print(f'{args.loss_name} learns from pairs of one class within a batch, which shuffled '
+              f'batches of {args.batch_size} may hold few of; pass --images_per_class 4 (or 2) for '
+              f'class-balanced batches')
 
 
 def make_optimizer(model, args, loss_criterion=None):
-    """The optimizer over two groups, the proxies (the model's, and the loss's own parameters) at --proxy_lr and the
-    backbone and the head at --lr, and its StepLR."""
+    """The optimizer over two groups, the proxies (the model's, and the loss's own parameters) at
+    --proxy_lr and the backbone and the head at --lr, and its StepLR."""
     backbone, head, proxies = model.parameter_groups()
     own = list(loss_criterion.parameters()) if loss_criterion is not None else []
     groups = [{'params': backbone + head}, {'params': proxies + own, 'lr': args.proxy_lr}]
@@ -690,177 +813,28 @@ def make_optimizer(model, args, loss_criterion=None):
     return optimizer, StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
 
 
-def make_loss(args, num_classes=None):
-    """The --loss_name loss, with its hyper-parameters' flags (or --loss_args), and the number of training classes
-    and the embedding size when it holds class proxies of its own."""
-    entry = loss_entry(args.loss_name, args.loss_args)
-    sizes = {'num_classes': num_classes, 'embedding_size': args.feature_dim}
-    wanted = inspect.signature(entry.build).parameters
-    return entry.build(**{flag: getattr(args, flag) for flag in entry.hyper},
-                       **{key: value for key, value in sizes.items() if key in wanted})
+LR_GROUPS = ('backbone_and_head', 'proxies')  # make_optimizer's parameter groups, in order
 
 
-def pair_hint(args, loss_criterion):
-    """One line for a pair-based loss trained on the seed's shuffled batches, which may hold few positive pairs."""
-    if isinstance(loss_criterion, EmbeddingLoss) and loss_criterion.class_proxies() is None \
-            and not args.images_per_class:
-        print(f'{args.loss_name} learns from pairs of one class within a batch, which shuffled batches of '
-              f'{args.batch_size} may hold few of; pass --images_per_class 4 (or 2) for class-balanced batches')
+class ChannelsLastAdamP(AdamP):
+    """AdamP that also steps channels_last weights (--amp): its per-channel views become reshapes.
 
+    AdamP flattens each weight with .view(), which channels_last strides do not allow; .reshape()
+    gives the same values (a copy only for channels_last), so the update is AdamP's exactly.
+    """
 
-def make_sampler(data, args, rank, world):
-    """This rank's GlobalBatches of the training set: class-balanced with --images_per_class, else shuffled."""
-    if args.images_per_class:
-        return ClassBalancedBatches(data.labels, args.batch_size, args.images_per_class, rank, world, args.seed)
-    return GlobalBatches(len(data), args.batch_size, rank, world, args.seed)
+    def _channel_view(self, x):
+        return x.reshape(x.size(0), -1)
 
-
-def data_base_proxies(model, loss_criterion):
-    """The class proxies a data base stores: the model's (C, D), or those the loss holds itself, (C, D) or (C, K, D)
-    for K per class, or (0, D) for a loss without any."""
-    if isinstance(loss_criterion, EmbeddingLoss):
-        own = loss_criterion.class_proxies()
-        if own is None:
-            return model.proxies.weight.new_zeros(0, model.proxies.weight.size(1))
-        return own[:, 0] if own.size(1) == 1 else own
-    return model.proxies.weight
+    def _layer_view(self, x):
+        return x.reshape(1, -1)
 
 
 def set_backbone_trainable(model, trainable):
-    """Freeze or unfreeze the backbone (the warm-up trains only the embedding layer and the proxies)."""
+    """Freeze or unfreeze the backbone (the warm-up trains only the embedding layer and the
+    proxies)."""
     for parameter in model.parameter_groups()[0]:
         parameter.requires_grad_(trainable)
-
-
-def hold_out(train_data, args):
-    """Move the last --val_fraction of the training classes (by class id) out of train_data into a validation set,
-    which is embedded without augmentation like the test set; returns it."""
-    classes = train_data.num_classes
-    held = round(args.val_fraction * classes)
-    if held < 2 or classes - held < 2:
-        raise UserError(f'--val_fraction {args.val_fraction} of the {classes} training classes of {args.data_name} '
-                        f'holds out {held} and trains on {classes - held}, but each side needs at least 2 classes; '
-                        f'choose a fraction between {2 / classes:.3g} and {1 - 2 / classes:.3g}')
-    val_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type, augment=False)
-    val_data.keep_classes(classes - held, classes)
-    train_data.keep_classes(0, classes - held)
-    return val_data
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# outputs: run names, checkpoints, statistics
-
-def flag_value(value):
-    """A flag's value as a run name shows it: 0.2, 1e-05, 64 for 64.0, 2, adamw; distinct values stay distinct."""
-    if isinstance(value, float):
-        return f'{value:g}' if float(f'{value:g}') == value else repr(value)
-    return str(value)
-
-
-def prefix_of(args, named_flags=None):
-    """The name every output of this run starts with: the seed's car_resnet50_proxy_anchor_512, then _<flag><value>
-    (_<flag> for a switch) for each of NAMED_FLAGS off its default (car_resnet50_proxy_anchor_512_margin0.2_seed2),
-    then _<--run_name>."""
-    # pml/<class name> becomes pml-<class name>, as a timm backbone's name does
-    name = (f'{args.data_name}_{backbone_file_name(args.backbone_type)}_{args.loss_name.replace("/", "-")}_'
-            f'{args.feature_dim}')
-    parser = get_args_parser()
-    for flag in NAMED_FLAGS if named_flags is None else named_flags:
-        value = getattr(args, flag, parser.get_default(flag))
-        if value != parser.get_default(flag):
-            name += f'_{flag}' + ('' if value is True else flag_value(value))
-    if getattr(args, 'run_name', None):
-        name += f'_{args.run_name}'
-    return name
-
-
-# the flags that named runs before every recipe flag did: such a run's files may still carry that name
-OLD_NAMED_FLAGS = ('scale', 'margin', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma', 'seed',
-                   'val_fraction')
-
-
-def renamed_run(args):
-    """A UserError if this run's checkpoint lies under the name it had before --crop_type, --no_pretrained,
-    --batch_size, --warm_up and --amp named runs: --resume says how to rename its files."""
-    old, new = prefix_of(args, OLD_NAMED_FLAGS), prefix_of(args)
-    path = f'results/{old}_checkpoint.pth'
-    if old == new or not os.path.isfile(path):
-        return
-    checkpoint = safe_load(path, 'checkpoint')
-    if isinstance(checkpoint, dict) and not recipe_changes(checkpoint.get('args', {}), args):
-        raise UserError(f'this run was written as {old} before every recipe flag named runs; to resume it, rename its '
-                        f'files: for f in results/{old}_*; do mv "$f" "results/{new}${{f#results/{old}}}"; done')
-
-
-def recipe_changes(saved, args):
-    """[(flag, saved value)] of the recipe flags whose value in a checkpoint's saved args differs from args'; a
-    checkpoint from before a flag existed was trained with the flag's default."""
-    parser = get_args_parser()
-    return [(flag, saved.get(flag, parser.get_default(flag))) for flag in RECIPE_FLAGS
-            if saved.get(flag, parser.get_default(flag)) != getattr(args, flag)]
-
-
-def load_checkpoint(path, args):
-    """The checkpoint of an interrupted run of the same configuration."""
-    checkpoint = safe_load(path, 'checkpoint')
-    missing = {'model', 'optimizer', 'scheduler', 'epoch', 'args', 'rng', 'statistics'} - set(
-        checkpoint if isinstance(checkpoint, dict) else ())
-    if missing:
-        raise UserError(f'{path} is not a checkpoint train.py wrote (it has no {", ".join(sorted(missing))}); move '
-                        f'it away and start afresh without --resume')
-    for flag, saved in recipe_changes(checkpoint['args'], args)[:1]:
-        raise UserError(f'{path} was trained with --{flag} {saved}, not {getattr(args, flag)}; resume with the '
-                        f'same flags or start afresh without --resume')
-    if checkpoint['epoch'] >= args.num_epochs:
-        raise UserError(f'{path} already finished epoch {checkpoint["epoch"]} of {args.num_epochs}; raise '
-                        f'--num_epochs to train longer')
-    return checkpoint
-
-
-def save_statistics(statistics, prefix):
-    """Rewrite the statistics CSV (one row per epoch) and redraw its curves."""
-    frame = pd.DataFrame(statistics, index=pd.RangeIndex(1, len(statistics['train_loss']) + 1, name='epoch'))
-    with atomic_path(f'results/{prefix}_statistics.csv') as tmp:
-        # a loss without class proxies has no train accuracy: "n/a", which pandas reads back as NaN
-        frame.to_csv(tmp, index_label='epoch', na_rep='n/a')
-    plot_statistics(frame, f'results/{prefix}_statistics.png')
-
-
-def plot_statistics(frame, path):
-    """Loss and accuracy, then the test metrics (and the validation ones, if any) per epoch: a SciencePlots figure."""
-    plt = pyplot()
-    names = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}
-    panels = [(split, title) for split, title in (('test', 'test (unseen classes)'),
-                                                   ('val', 'validation (held-out training classes)'))
-              if any(column.startswith(f'{split}_') for column in frame.columns)]
-    with plt.style.context(['science', 'no-latex']):
-        figure, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)) - 0.4, 2.8))
-        left = axes[0]
-        left.plot(frame.index, frame['train_loss'], marker='o', markersize=3, label='loss')
-        left.set(xlabel='epoch', ylabel='train loss', title='training')
-        lines = left.get_lines()
-        if frame['train_accuracy'].notna().any():
-            twin = left.twinx()
-            twin.plot(frame.index, 100 * frame['train_accuracy'], marker='s', markersize=3, color='tab:red',
-                      label='accuracy')
-            twin.set_ylabel('train accuracy (%)')
-            lines += twin.get_lines()
-        else:  # a loss without class proxies
-            left.text(0.5, 0.04, 'train accuracy: does not apply\n(the loss has no class proxies)',
-                      transform=left.transAxes, ha='center', va='bottom', fontsize=7, color='tab:red')
-        left.legend(handles=lines, loc='best', fontsize=7)
-        for axis, (split, title) in zip(axes[1:], panels):
-            for column in frame.columns:
-                if column.startswith(f'{split}_'):
-                    name = column[len(split) + 1:]
-                    axis.plot(frame.index, 100 * frame[column], marker='o', markersize=3,
-                              label=names.get(name, name.replace('recall', 'R')))
-            axis.set(xlabel='epoch', ylabel=f'{split} metric (%)', title=title, ylim=(0, 100))
-        axes[-1].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
-        for axis in axes:
-            axis.xaxis.get_major_locator().set_params(integer=True)
-        figure.tight_layout(w_pad=2.5)
-        save_figure(figure, path)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,9 @@
-"""Data reading and transforms, the data base, the losses, and the retrieval metrics."""
+"""Data reading and transforms, the losses, and the retrieval metrics."""
 import ast
 import bisect
 import contextlib
 import difflib
 import functools
-import hashlib
 import inspect
 import math
 import os
@@ -235,87 +234,6 @@ class ImageReader(Dataset):
 
     def __len__(self):
         return len(self.images)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the data base: what train.py writes after every epoch and test.py searches
-
-def make_data_base(args, epoch, splits, features, proxies, weights):
-    """The data base of an epoch: each split's image paths, labels (a query split and its gallery share them) and
-    features (N, D), the (C, D) unit proxies, the run's flags, the epoch, and the digest of the model's weights
-    (`weights`, its state dict). `splits` and `features` map 'train', 'test' and, for a query/gallery data set,
-    'gallery' to an ImageReader and its features.
-
-    The image paths are absolute, and `data_root` records the absolute --data_path they lie under, so that test.py
-    finds them from any working folder and, when the data has moved, below the folder its --data_path names."""
-    data_base = {'proxies': proxies, 'args': vars(args), 'epoch': epoch, 'data_root': os.path.abspath(args.data_path),
-                 'weights_sha256': weights_sha256(weights)}
-    for split, data in splits.items():
-        data_base.update({f'{split}_images': [os.path.abspath(path) for path in data.images],
-                          f'{split}_labels': torch.tensor(data.labels), f'{split}_features': features[split]})
-    return data_base
-
-
-def weights_sha256(state_dict):
-    """SHA-256 hex digest of a state dict's names, dtypes, shapes and bytes, in key order: it tells one model's
-    weights from another's of the same shapes."""
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f'{name} {tensor.dtype} {tuple(tensor.shape)}\n'.encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included
-    return digest.hexdigest()
-
-
-def data_root(data_base):
-    """The absolute --data_path the data base's images lie under; for a data base written before `data_root` was
-    recorded, its run's --data_path as train.py was given it."""
-    return data_base.get('data_root', data_base['args']['data_path'])
-
-
-def moved_images(data_base, data_path):
-    """The data base with its image paths moved from the data root it was written with to data_path.
-
-    A data base written before `data_root` was recorded holds its paths as train.py was given them, relative to
-    its working folder or absolute, below its args' data_path."""
-    root = data_root(data_base)
-    moved = dict(data_base, data_root=os.path.abspath(data_path))
-    for key in [key for key in data_base if key.endswith('_images')]:
-        moved[key] = [os.path.join(moved['data_root'], os.path.relpath(path, root)) for path in data_base[key]]
-    return moved
-
-
-def check_images(data_base, data_base_path, data_path=None):
-    """A UserError unless the images of the split a query searches are where the data base says: it names where they
-    were looked for and how to point test.py at their new place."""
-    _, images, _, _ = searched_split(data_base)
-    missing = next((path for path in images if not os.path.isfile(path)), None)
-    if missing is not None:
-        trained = f'under {data_root(data_base)}, where it was trained'
-        where = f'under --data_path {data_path}' if data_path is not None else trained
-        raise UserError(f'the images of data base {data_base_path} are not {where} (there is no {missing}); if they '
-                        f'moved, pass the folder that now holds {data_base["args"]["data_name"]}/ as --data_path')
-
-
-DATA_BASE_FILE = 'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth'
-
-
-def load_data_base(path):
-    """A data base train.py wrote; anything else is a UserError."""
-    data_base = safe_load(path, 'data base', f'a {DATA_BASE_FILE} file train.py wrote')
-    missing = {'test_images', 'test_labels', 'test_features', 'proxies', 'args'} - set(
-        data_base if isinstance(data_base, dict) else ())
-    if missing:
-        raise UserError(f'{path} is not a data base train.py wrote (it has no {", ".join(sorted(missing))}); pass a '
-                        f'{DATA_BASE_FILE} file')
-    return data_base
-
-
-def searched_split(data_base):
-    """The split a query searches, and its images, labels and features: the gallery of a query/gallery data set
-    (In-shop), else the test set."""
-    split = 'gallery' if 'gallery_features' in data_base else 'test'
-    return split, *(data_base[f'{split}_{key}'] for key in ('images', 'labels', 'features'))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

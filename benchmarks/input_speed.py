@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import GlobalBatches  # noqa: E402
+from train import GlobalBatches, Marked  # noqa: E402
 from utils import ImageReader, index_path  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -84,7 +84,7 @@ def epoch_speed(loader, epoch):
     if hasattr(loader.batch_sampler, 'set_epoch'):
         loader.batch_sampler.set_epoch(epoch)
     start, count = time.perf_counter(), 0
-    for images, _ in loader:
+    for images, *_ in loader:
         count += images.size(0)
     return count / (time.perf_counter() - start)
 
@@ -109,8 +109,9 @@ def main():
         seed = SeedReader(project.images, project.labels)
 
         def loader(dataset, seeded):
-            if seeded:  # train.py's sampler: (index, epoch) items, so that each image's augmentation is seeded
-                return DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), args.batch_size), num_workers=0)
+            if seeded:  # as train.py reads them: (index, epoch, padding) items, augmentation seeded
+                sampler = GlobalBatches(len(dataset), args.batch_size)
+                return DataLoader(Marked(dataset), batch_sampler=sampler, num_workers=0)
             return DataLoader(dataset, args.batch_size, sampler=RandomSampler(dataset), num_workers=0)
 
         loaders = {'seed': loader(seed, False), 'decode': loader(project, True), 'cache': loader(cached, True)}

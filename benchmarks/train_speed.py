@@ -37,21 +37,29 @@ def synthetic_batches(count, batch_size, device):
     return batches
 
 
+class Loader(list):
+    """`count` batches (images, labels, data-set indices) standing in for train.py's DataLoader."""
+
+    def __init__(self, batches, count):
+        super().__init__((images, labels, torch.arange(i * len(labels), (i + 1) * len(labels)))
+                         for i, (images, labels) in enumerate((batches * count)[:count]))
+        # train_one_epoch returns a feature per item of the data set
+        self.dataset = range(sum(len(labels) for _, labels, _ in self))
+
+
 def train_speed(model, batches, device, amp, warmup, steps):
     """Images per second of train.train_one_epoch over `steps` batches, after `warmup` untimed ones."""
     proxies = list(model.proxies.parameters())
     others = [p for p in model.parameters() if all(p is not q for q in proxies)]
     optimizer = train.ChannelsLastAdamP([{'params': others}, {'params': proxies, 'lr': 1e-2}], lr=1e-4)
-    args = types.SimpleNamespace(amp=amp, no_pretrained=False, num_epochs=1)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
+    args = types.SimpleNamespace(amp=amp, no_pretrained=False, num_epochs=1,
+                                 feature_dim=FEATURE_DIM)
     loss = LOSSES['proxy_anchor'].build()
     # rank 1: train_one_epoch draws no progress bar
-    train.train_one_epoch(model, (batches * warmup)[:warmup], loss, optimizer, autocast, device, 1, args, rank=1)
-    stats = train.train_one_epoch(model, (batches * steps)[:steps], loss, optimizer, autocast, device, 1, args,
-                                  rank=1)
+    train.train_one_epoch(model, Loader(batches, warmup), loss, True, optimizer, device, 1, args,
+                          rank=1)
+    stats, _ = train.train_one_epoch(model, Loader(batches, steps), loss, True, optimizer, device,
+                                     1, args, rank=1)
     return stats['images_per_second']
 
 

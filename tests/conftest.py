@@ -1,4 +1,5 @@
-"""Fixtures that write small data sets in the exact raw layouts of the downloads (no download ever happens)."""
+"""Fixtures that write small data sets in the exact raw layouts of the downloads (no download ever
+happens)."""
 import os
 import random
 import sys
@@ -6,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy.io import savemat
 
@@ -15,7 +15,8 @@ sys.path.insert(0, ROOT)
 
 
 def write_image(path, class_id, k, size=(40, 30), gray=False):
-    """A small JPEG whose colour depends on its class, with some noise; grayscale ('L') when gray."""
+    """A small JPEG whose colour depends on its class, with some noise; grayscale ('L') when
+    gray."""
     rng = np.random.default_rng(1000 * class_id + k)
     base = np.array([(37 * class_id) % 256, (91 * class_id) % 256, (151 * class_id) % 256], dtype=np.float64)
     pixels = np.clip(base + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
@@ -27,7 +28,8 @@ def write_image(path, class_id, k, size=(40, 30), gray=False):
 
 
 def make_cub(data_path, num_classes=4, per_class=3, gray_every=4):
-    """<data_path>/cub in CUB-200-2011's layout: images/<class folder>/*.jpg and its four text files."""
+    """<data_path>/cub in CUB-200-2011's layout: images/<class folder>/*.jpg and its four text
+    files."""
     root = os.path.join(data_path, 'cub')
     images, labels, boxes, split = [], [], [], []
     image_id = 0
@@ -49,7 +51,8 @@ def make_cub(data_path, num_classes=4, per_class=3, gray_every=4):
 
 
 def make_car(data_path, num_classes=4, per_class=3, gray_every=4):
-    """<data_path>/car in CARS196's layout: car_ims/*.jpg and cars_annos.mat, a MATLAB struct array."""
+    """<data_path>/car in CARS196's layout: car_ims/*.jpg and cars_annos.mat, a MATLAB struct
+    array."""
     root = os.path.join(data_path, 'car')
     fields = ['relative_im_path', 'bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class', 'test']
     records = []
@@ -73,7 +76,8 @@ def make_car(data_path, num_classes=4, per_class=3, gray_every=4):
 
 
 def make_sop(data_path, num_classes=6, per_class=2):
-    """<data_path>/sop in Stanford Online Products' layout: *_final/ folders and Ebay_train.txt / Ebay_test.txt."""
+    """<data_path>/sop in Stanford Online Products' layout: *_final/ folders and Ebay_train.txt /
+    Ebay_test.txt."""
     root = os.path.join(data_path, 'sop')
     rows = {'train': ['image_id class_id super_class_id path'], 'test': ['image_id class_id super_class_id path']}
     image_id = 0
@@ -93,14 +97,15 @@ def make_sop(data_path, num_classes=6, per_class=2):
 
 
 class Pairs(torch.utils.data.Dataset):
-    """(image, label) pairs of two tensors, indexed like a seeded ImageReader: by index or (index, epoch)."""
+    """(image, label) pairs of two tensors, indexed like a seeded ImageReader: by index or (index,
+    epoch), and with an int label."""
 
     def __init__(self, images, labels):
         self.images, self.labels = images, labels
 
     def __getitem__(self, item):
         index = item[0] if isinstance(item, tuple) else item
-        return self.images[index], self.labels[index]
+        return self.images[index], int(self.labels[index])
 
     def __len__(self):
         return len(self.images)
@@ -135,8 +140,9 @@ def set_process_state(state):
 
 @pytest.fixture(autouse=True)
 def same_process_state():
-    """Whatever a test changes of the process-wide state is put back after it, so that no test computes differently
-    for what ran before it in this process (issue 14: a thread-count call left MKL in another mode)."""
+    """Whatever a test changes of the process-wide state is put back after it, so that no test
+    computes differently for what ran before it in this process (issue 14: a thread-count call left
+    MKL in another mode)."""
     state = process_state()
     yield
     set_process_state(state)
@@ -144,8 +150,9 @@ def same_process_state():
 
 @pytest.fixture
 def without_onednn():
-    """PyTorch's own CPU convolutions instead of oneDNN's, whose first call for each new tensor shape costs seconds:
-    a test's tiny training runs meet a new shape at almost every call (batch sizes, the last batch, evaluation)."""
+    """PyTorch's own CPU convolutions instead of oneDNN's, whose first call for each new tensor
+    shape costs seconds: a test's tiny training runs meet a new shape at almost every call (batch
+    sizes, the last batch, evaluation)."""
     with torch.backends.mkldnn.flags(enabled=False):
         yield
 
@@ -154,11 +161,12 @@ INSHOP_VIEWS = ('1_front', '2_side', '3_back', '4_full')
 
 
 def make_inshop(data_path, train_items=2, test_items=3, views=3, under_img=True):
-    """<data_path>/inshop in In-shop Clothes Retrieval's layout: Eval/list_eval_partition.txt (a count line, a header
-    line, then `image_name item_id evaluation_status` rows) and the images of Img/img.zip as Img/img/... (or img/...
-    when not under_img). Every item has the same file names, as the download's items do; a test item's first view is
-    a query, the others are gallery images, except the last item's, all queries (a query class with no gallery
-    image). Returns {image_name: (item id, split)}."""
+    """<data_path>/inshop in In-shop Clothes Retrieval's layout: Eval/list_eval_partition.txt (a
+    count line, a header line, then `image_name item_id evaluation_status` rows) and the images of
+    Img/img.zip as Img/img/... (or img/... when not under_img). Every item has the same file names,
+    as the download's items do; a test item's first view is a query, the others are gallery images,
+    except the last item's, all queries (a query class with no gallery image). Returns {image_name:
+    (item id, split)}."""
     root = os.path.join(data_path, 'inshop')
     images = os.path.join(root, 'Img') if under_img else root
     rows = {}
@@ -180,8 +188,9 @@ def make_inshop(data_path, train_items=2, test_items=3, views=3, under_img=True)
 
 
 def make_folder(data_path, name, classes, per_class=2, split=None, nested=False):
-    """<data_path>/<name>/[<split>/]<class>/[nested/]<file>: a labelled image folder as torchvision's ImageFolder
-    reads it. The file names repeat across classes; returns {class: [paths]}."""
+    """<data_path>/<name>/[<split>/]<class>/[nested/]<file>: a labelled image folder as
+    torchvision's ImageFolder reads it. The file names repeat across classes; returns {class:
+    [paths]}."""
     written = {}
     for number, class_name in enumerate(classes, 1):
         folder = os.path.join(data_path, name, *([split] if split else []), class_name, *(['nested'] if nested else []))
@@ -193,13 +202,14 @@ def make_folder(data_path, name, classes, per_class=2, split=None, nested=False)
     return written
 
 
-def train_in(folder, *flags):
-    """Run train.py's main() in this process with these flags, in `folder` (its results/ go there)."""
+def train_in(folder, *flags, watch=None):
+    """Run train.py's main() in this process with these flags, in `folder` (its results/ go there),
+    watched by `watch` (a train.Watch) if one is given."""
     from script_runner import load_script
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, 'argv', ['train.py', *map(str, flags)])
         patch.chdir(folder)
-        load_script('train').main()
+        load_script('train').main(watch)
 
 
 def prepared_cub(tmp_path_factory, num_classes, per_class):
@@ -213,7 +223,8 @@ def prepared_cub(tmp_path_factory, num_classes, per_class):
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
-    """A prepared CUB-layout data set of 4 classes x 4 images (8 train, 8 test), one per test module; its path."""
+    """A prepared CUB-layout data set of 4 classes x 4 images (8 train, 8 test), one per test
+    module; its path."""
     return prepared_cub(tmp_path_factory, num_classes=4, per_class=4)
 
 
@@ -226,15 +237,18 @@ def cub_root(tmp_path):
 
 @pytest.fixture
 def car_root(tmp_path):
-    """A raw CARS196-layout data set of 4 classes x 3 images under tmp_path/car; returns tmp_path."""
+    """A raw CARS196-layout data set of 4 classes x 3 images under tmp_path/car; returns
+    tmp_path."""
     make_car(str(tmp_path))
     return tmp_path
 
 
 @pytest.fixture
 def script(capsys, monkeypatch):
-    """script(name, *flags, cwd=...) -> (exit status, stdout, stderr) of `python <name>.py flags` run in cwd."""
-    def run(name, *flags, cwd):
+    """script(name, *flags, cwd=...) -> (exit status, stdout, stderr) of `python <name>.py flags`
+    run in cwd; watch=... passes train.py's main() a train.Watch (such as the `recorded`
+    fixture)."""
+    def run(name, *flags, cwd, watch=None):
         from script_runner import load_script
         import runtime
         module = load_script(name)
@@ -242,7 +256,7 @@ def script(capsys, monkeypatch):
         monkeypatch.chdir(cwd)
         capsys.readouterr()
         try:
-            runtime.run_main(module.main)
+            runtime.run_main(module.main if watch is None else lambda: module.main(watch))
             status = 0
         except SystemExit as exit_:
             status = exit_.code
@@ -252,7 +266,10 @@ def script(capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# train.py's epochs, observed or skipped
+# train.py's epochs, observed
+
+TINY = 'timm/test_resnet'  # timm's test network (370,000 parameters): a run of seconds
+
 
 def bn_buffers(net):
     """Copies of the running statistics of the backbone's BatchNorm layers."""
@@ -262,50 +279,52 @@ def bn_buffers(net):
 
 @pytest.fixture
 def small_crops(monkeypatch):
-    """64-pixel crops instead of the recipe's 224 for the runs below: a dozen times less arithmetic, same recipe."""
+    """64-pixel crops instead of the recipe's 224 for the runs below: a dozen times less arithmetic,
+    same recipe."""
     import utils
     monkeypatch.setattr(utils, 'IMAGE_SIZE', 64)
     monkeypatch.setattr(utils, 'RESIZE_SIZE', 73)
 
 
 @pytest.fixture
-def recorded(monkeypatch):
-    """Wrap train.py's train_one_epoch: per epoch, the parameters and BatchNorm statistics before and after it (the
-    loss's own parameters too) and each parameter group's learning rate. The wrapped function is replaced by `fake`
-    when one is given."""
+def quick_runs(monkeypatch):
+    """train.py runs of seconds, for tests of the training loop rather than of what it learns:
+    32-pixel crops (GoogLeNet still ends on a 1 x 1 map), one thread (two stall at every barrier on
+    a busy machine: ten times slower) and no statistics figure (half a second an epoch;
+    test_loss_training draws one)."""
+    import runs
+    import utils
+    monkeypatch.setattr(utils, 'IMAGE_SIZE', 32)
+    monkeypatch.setattr(utils, 'RESIZE_SIZE', 37)
+    monkeypatch.setattr(runs, 'plot_statistics', lambda frame, path: None)
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def recorded():
+    """A train.Watch for the runs a test passes it to (script(..., watch=recorded)): a list with one
+    record per epoch of the parameters and BatchNorm statistics before and after its training pass
+    (the loss's own parameters too), each parameter group's learning rate during it, the training
+    pass's stats and features, and the run's optimizer, model, loader and loss."""
     from script_runner import load_script
-    train = load_script('train')
-    original, epochs = train.train_one_epoch, []
 
-    def wrapper(model, loader, loss_criterion, optimizer, *rest, fake=None):
-        net = train.unwrap(model)
-        before = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
-        loss_before = {n: p.detach().clone() for n, p in loss_criterion.named_parameters()}
-        result = (fake or original)(model, loader, loss_criterion, optimizer, *rest)
-        after = ({n: p.detach().clone() for n, p in net.named_parameters()}, bn_buffers(net))
-        epochs.append({'before': before, 'after': after, 'lrs': [g['lr'] for g in optimizer.param_groups],
-                       'optimizer': optimizer, 'model': net, 'loader': loader, 'loss': loss_criterion,
-                       'loss_before': loss_before,
-                       'loss_after': {n: p.detach().clone() for n, p in loss_criterion.named_parameters()}})
-        return result
+    def state(run):
+        return ({n: p.detach().clone() for n, p in run.model.named_parameters()},
+                bn_buffers(run.model),
+                {n: p.detach().clone() for n, p in run.loss.named_parameters()})
 
-    monkeypatch.setattr(train, 'train_one_epoch', wrapper)
-    return epochs
+    class Recorder(load_script('train').Watch, list):
+        def started(self, run):
+            self.state = state(run)
 
+        def trained(self, run, epoch, stats, features):
+            before, after = self.state, state(run)
+            self.append({'before': before[:2], 'after': after[:2], 'loss_before': before[2],
+                         'loss_after': after[2],
+                         'lrs': [group['lr'] for group in run.optimizer.param_groups],
+                         'epoch': epoch, 'stats': stats, 'features': features,
+                         'optimizer': run.optimizer, 'model': run.model, 'loader': run.loader,
+                         'loss': run.loss})
+            self.state = after
 
-def fast_epochs(monkeypatch, recorded):
-    """train.py with no training step, evaluation or file written: only its schedule runs (after `recorded`)."""
-    from script_runner import load_script
-    train = load_script('train')
-    wrapper = train.train_one_epoch
-
-    def no_step(model, loader, loss_criterion, optimizer, scaler_ctx, device, epoch, args, rank):
-        optimizer.step()  # no gradients: changes nothing, but the scheduler sees the optimizer stepped
-        return {'loss': 1.0, 'accuracy': 0.0, 'images_per_second': 1.0}, torch.zeros(len(loader.dataset),
-                                                                                      args.feature_dim)
-
-    monkeypatch.setattr(train, 'train_one_epoch', lambda *a: wrapper(*a, fake=no_step))
-    monkeypatch.setattr(train, 'embed', lambda model, dataset, *_: F.normalize(
-        torch.randn(len(dataset), model.embedding.out_features), dim=1))
-    for name in ('atomic_save', 'save_statistics'):
-        monkeypatch.setattr(train, name, lambda *_: None)
+    return Recorder()

@@ -80,10 +80,11 @@ def test_train_one_epoch_with_amp_on_cpu():
     before = model.embedding.weight.detach().clone()
     optimizer = train.ChannelsLastAdamP(model.parameters(), lr=1e-3)
     args = types.SimpleNamespace(amp=True, no_pretrained=True, num_epochs=1, feature_dim=16)
-    loader = DataLoader(Pairs(images, labels), batch_sampler=train.GlobalBatches(8, 4, seed=1))
-    stats, features = train.train_one_epoch(model, loader, LOSSES['proxy_anchor'].build(), optimizer,
-                                            lambda: torch.autocast('cpu', dtype=torch.bfloat16), torch.device('cpu'),
-                                            1, args, rank=0)
+    loader = DataLoader(train.Marked(Pairs(images, labels)),
+                        batch_sampler=train.GlobalBatches(8, 4, seed=1))
+    # args.amp: bf16 autocast on the CPU, channels_last inputs
+    stats, features = train.train_one_epoch(model, loader, LOSSES['proxy_anchor'].build(), True,
+                                            optimizer, torch.device('cpu'), 1, args, rank=0)
     assert stats['loss'] > 0 and stats['images_per_second'] > 0
     assert features.dtype == torch.float32 and torch.allclose(features.norm(dim=1), torch.ones(8), atol=1e-2)
     assert not torch.equal(model.embedding.weight, before)

@@ -96,12 +96,11 @@ def train_step(net, images, labels, amp):
     args = types.SimpleNamespace(amp=amp, no_pretrained=False, num_epochs=1,  # the pretrained path: BatchNorm eval
                                  feature_dim=net.embedding.out_features)
 
-    def autocast():
-        return torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp)
-
-    loader = DataLoader(Pairs(images, labels), batch_sampler=train.GlobalBatches(len(images), len(images)))
-    train.train_one_epoch(net, loader, LOSSES['proxy_anchor'].build(), optimizer, autocast, torch.device('cpu'), 1,
-                          args, rank=0)
+    loader = DataLoader(train.Marked(Pairs(images, labels)),
+                        batch_sampler=train.GlobalBatches(len(images), len(images)))
+    # with args.amp: bf16 autocast, channels_last inputs
+    train.train_one_epoch(net, loader, LOSSES['proxy_anchor'].build(), True, optimizer,
+                          torch.device('cpu'), 1, args, rank=0)
 
 
 def snapshot(module):

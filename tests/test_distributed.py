@@ -13,9 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 import train
-from conftest import ROOT, make_cub
+from conftest import ROOT, Pairs, make_cub
 from model import Model
 from utils import LOSSES
 
@@ -74,14 +75,15 @@ def make_loss(loss_name):
     """The loss as train.py builds it, its own class weights (if any) drawn alike in every process."""
     torch.manual_seed(2)
     args = train.get_args_parser().parse_args(['--loss_name', loss_name, '--feature_dim', str(FEATURE_DIM)])
-    return train.make_loss(args, NUM_CLASSES)
+    return train.make_loss(LOSSES[loss_name], args, NUM_CLASSES)
 
 
 def step(model, images, labels, loss_name):
     """One train.batch_loss and backward: the loss, gathered labels and the gradients that the test compares (the
     proxies': the model's, or those the loss holds)."""
     loss_criterion = make_loss(loss_name)
-    loss, _, cosines, all_labels = train.batch_loss(model, images, labels, loss_criterion)
+    loss, _, cosines, all_labels = train.batch_loss(model, images, labels, loss_criterion,
+                                                    LOSSES[loss_name].cosines)
     loss.backward()
     net = train.unwrap(model)
     proxies = net.proxies.weight if LOSSES[loss_name].cosines else next(iter(loss_criterion.parameters()), None)
@@ -95,16 +97,16 @@ def step(model, images, labels, loss_name):
 
 
 def last_batch(rank):
-    """(this rank's images, labels) of the last global batch and the order of the gathered rows, as train.py's
-    epoch loop builds them from GlobalBatches: the shorter share filled up with a padding row."""
+    """(this rank's images, labels) of the last global batch, as train.py's loader reads them
+    from GlobalBatches (the shorter share filled up with a padding row, labelled PADDING), and the
+    data-set indices of the rows the ranks gather, padding left out."""
     images, labels, _ = inputs()
     sampler = train.GlobalBatches(LAST, LAST, rank, WORLD, seed=3)
-    items = next(iter(sampler))
-    shares = sampler.shares(sampler.global_batches()[0])
-    local_labels = labels[[index for index, _ in items]]
-    local_labels[torch.tensor(shares[rank]) == train.PADDING] = train.PADDING
-    order = [index for share in shares for index in share if index != train.PADDING]
-    return images[[index for index, _ in items]], local_labels, order
+    loader = DataLoader(train.Marked(Pairs(images, labels)), batch_sampler=sampler)
+    local_images, local_labels, _ = next(iter(loader))
+    order = [index for r in range(WORLD) for index, _, padding in next(iter(train.GlobalBatches(
+        LAST, LAST, r, WORLD, seed=3))) if not padding]
+    return local_images, local_labels, order
 
 
 def worker(rank, port, folder):
@@ -222,13 +224,13 @@ import sys
 import torch
 from torch import nn
 sys.path.insert(0, {ROOT!r})
-import runtime, train, utils
+import runs, runtime, train, utils
 utils.IMAGE_SIZE, utils.RESIZE_SIZE = 32, 37
 torch.set_num_threads(1)
 torch.backends.mkldnn.enabled = False
 for layer in (nn.modules.batchnorm._BatchNorm, nn.Dropout):
     layer.train = lambda self, mode=True: nn.Module.train(self, False)
-train.plot_statistics = lambda frame, path: None
+runs.plot_statistics = lambda frame, path: None
 sys.argv = ['train.py'] + sys.argv[1:]
 runtime.run_main(train.main)
 '''

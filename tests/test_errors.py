@@ -234,12 +234,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_pa
     assert (results / f'{PREFIX}_{epoch - 1}_data_base.pth').exists()
 
 
-def test_out_of_memory_suggests_a_smaller_batch(script, tmp_path, prepared, monkeypatch):
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+def test_out_of_memory_suggests_a_smaller_batch(script, tmp_path, prepared):
+    class OutOfMemory(load_script('train').Watch):
+        def started(self, run):  # where the first epoch would allocate its activations
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
 
-    monkeypatch.setattr(load_script('train'), 'train_one_epoch', out_of_memory)
-    status, _, err = script('train', '--data_path', prepared, *TRAIN, '--batch_size', '8', cwd=tmp_path)
+    status, _, err = script('train', '--data_path', prepared, *TRAIN, '--batch_size', '8',
+                            cwd=tmp_path, watch=OutOfMemory())
     line = error_sentence(status, err)
     assert 'ran out of memory with --batch_size 8; try a smaller one, such as --batch_size 4' in line
     assert not temporaries(str(tmp_path)) and not list((tmp_path / 'results').glob('*.pth'))

@@ -209,8 +209,9 @@ def test_gallery_needs_the_model_beside_the_data_base(script, trained, photos, t
     status, _, err = script('test', '--query_img_name', photos / 'scan.bmp', '--data_base',
                             tmp_path / 'alone_1_data_base.pth', '--gallery', photos, cwd=tmp_path)
     assert error_sentence(status, err).startswith(
-        f'error: --gallery needs the model saved beside data base {tmp_path / "alone_1_data_base.pth"} to embed its '
-        f'images, but no model {tmp_path / "alone_1_model.pth"} was found')
+        f'error: data base {tmp_path / "alone_1_data_base.pth"} has no model '
+        f'{tmp_path / "alone_1_model.pth"} beside it, which embeds images outside the data base '
+        f'(your own queries, a --gallery folder)')
     assert not os.path.exists(tmp_path / 'results')
 
 

@@ -9,27 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import runs
 from conftest import train_in
-from model import load_model
+from runs import DataBase, load_model
 from script_runner import error_sentence, load_script
 from test_learning import NUISANCE, PER_CLASS, SIGNAL, synthetic
-from utils import LOSSES, EmbeddingLoss, load_data_base, recall
+from utils import LOSSES, EmbeddingLoss, recall
 
-pytestmark = pytest.mark.usefixtures('without_onednn', 'quick_runs')
+pytestmark = pytest.mark.usefixtures('without_onednn', 'quick_runs')  # quick_runs: see conftest.py
 train = load_script('train')
-PLOT = train.plot_statistics  # the real one: quick_runs replaces it
-
-
-@pytest.fixture
-def quick_runs(monkeypatch):
-    """32-pixel crops (GoogLeNet still ends on a 1 x 1 map, at a quarter of conftest's small_crops' arithmetic), one
-    thread (two stall at every barrier on a busy machine: ten times slower here), and no statistics figure (seconds
-    per epoch; test_the_figure_says_accuracy_does_not_apply draws one)."""
-    import utils
-    monkeypatch.setattr(utils, 'IMAGE_SIZE', 32)
-    monkeypatch.setattr(utils, 'RESIZE_SIZE', 37)
-    monkeypatch.setattr(train, 'plot_statistics', lambda frame, path: None)
-    torch.set_num_threads(1)
+PLOT = runs.plot_statistics  # the real one: quick_runs replaces it
 
 
 def run_flags(data_path, loss_name, *extra, epochs=2):
@@ -49,7 +38,7 @@ def test_a_step_trains_the_backbone_after_warm_up_and_the_loss_own_proxies(prepa
     """Proxy-NCA's class weights are the loss's: in the optimizer at --proxy_lr, moved in the warm-up epoch as the
     embedding layer is while the backbone is not, and moved again with the backbone after it; the model builds no
     proxies, and the data base stores the loss's, normalised."""
-    train_in(tmp_path, *run_flags(prepared, 'proxy_nca', '--proxy_lr', 0.02))
+    train_in(tmp_path, *run_flags(prepared, 'proxy_nca', '--proxy_lr', 0.02), watch=recorded)
     warm, after = recorded
     weights = 'loss.proxies'
     assert set(warm['loss_before']) == {weights}
@@ -64,9 +53,9 @@ def test_a_step_trains_the_backbone_after_warm_up_and_the_loss_own_proxies(prepa
         moved = not torch.equal(params_before['backbone.conv1.conv.weight'], params_after['backbone.conv1.conv.weight'])
         assert moved == backbone_moves
     name = prefix('proxy_nca', '--proxy_lr', 0.02)
-    data_base = load_data_base(tmp_path / 'results' / f'{name}_2_data_base.pth')
-    torch.testing.assert_close(data_base['proxies'], F.normalize(after['loss_after'][weights], dim=-1))
-    assert data_base['proxies'].shape == (2, 8)
+    data_base = DataBase.load(tmp_path / 'results' / f'{name}_2_data_base.pth')
+    torch.testing.assert_close(data_base.proxies, F.normalize(after['loss_after'][weights], dim=-1))
+    assert data_base.proxies.shape == (2, 8)
     checkpoint = torch.load(tmp_path / 'results' / f'{name}_checkpoint.pth', weights_only=True)
     assert torch.equal(checkpoint['loss'][weights], after['loss_after'][weights])
     statistics = pd.read_csv(tmp_path / 'results' / f'{name}_statistics.csv')
@@ -84,9 +73,9 @@ def test_a_pair_loss_builds_no_proxies_and_says_accuracy_does_not_apply(prepared
     statistics = pd.read_csv(tmp_path / 'results' / f'{name}_statistics.csv')
     assert math.isnan(statistics['train_accuracy'][0]) and statistics['train_loss'][0] > 0
     path = str(tmp_path / 'results' / f'{name}_1_data_base.pth')
-    data_base = load_data_base(path)
-    assert data_base['proxies'].shape == (0, 8)
-    model, _ = load_model(data_base, path, missing=str)
+    data_base = DataBase.load(path)
+    assert data_base.proxies.shape == (0, 8)
+    model, _ = load_model(data_base, path)
     assert model.proxies.weight.shape == (0, 8)
 
 
@@ -179,7 +168,7 @@ def test_every_loss_entry_declares_what_it_is_called_on():
     says where it comes from."""
     for name in LOSSES:
         args = train.get_args_parser().parse_args(['--loss_name', name])
-        loss = train.make_loss(args, num_classes=3)
+        loss = train.make_loss(LOSSES[name], args, num_classes=3)
         assert isinstance(loss, EmbeddingLoss) != LOSSES[name].cosines, name
         assert LOSSES[name].source, name
 
@@ -187,7 +176,7 @@ def test_every_loss_entry_declares_what_it_is_called_on():
 def test_the_figure_says_accuracy_does_not_apply(monkeypatch):
     """Without class proxies the training panel draws the loss alone and says that train accuracy does not apply."""
     drawn = []
-    monkeypatch.setattr(train, 'save_figure', lambda figure, path: drawn.append(figure))
+    monkeypatch.setattr(runs, 'save_figure', lambda figure, path: drawn.append(figure))
     frame = pd.DataFrame({'train_loss': [0.5, 0.4], 'train_accuracy': [math.nan, math.nan],
                           'test_recall@1': [0.2, 0.3], 'test_map@r': [0.1, 0.2]},
                          index=pd.RangeIndex(1, 3, name='epoch'))
@@ -200,13 +189,13 @@ def test_the_figure_says_accuracy_does_not_apply(monkeypatch):
 
 
 @pytest.mark.parametrize('loss_args, proxies', [('margin=0.4,Tn=1', 0), ('sub_centers=2', 2)])
-def test_a_pml_loss_by_name_reaches_the_run(prepared, tmp_path, script, recorded, monkeypatch, loss_args, proxies):
+def test_a_pml_loss_by_name_reaches_the_run(prepared, tmp_path, script, recorded, loss_args,
+                                            proxies):
     """pml/<Name> with --loss_args: the run trains that class with those arguments, its weights (if any) in the
     proxy group, and the model without proxies; RankedListLoss needs its two arguments, which --loss_args gives."""
-    from conftest import fast_epochs
-    fast_epochs(monkeypatch, recorded)
     name = 'pml/RankedListLoss' if proxies == 0 else 'pml/SubCenterArcFaceLoss'
-    status, _, err = script('train', *run_flags(prepared, name, '--loss_args', loss_args, epochs=1), cwd=tmp_path)
+    flags = run_flags(prepared, name, '--loss_args', loss_args, epochs=1)
+    status, _, err = script('train', *flags, cwd=tmp_path, watch=recorded)
     assert status == 0, err
     loss, optimizer = recorded[0]['loss'], recorded[0]['optimizer']
     assert type(loss.loss).__name__ == name[len('pml/'):]

@@ -100,8 +100,9 @@ def test_no_model_beside_the_data_base_names_what_it_looked_for(script, trained,
     status, _, err = script('test', '--query_img_name', query, '--data_base', tmp_path / 'lonely_3_data_base.pth',
                             cwd=tmp_path)
     line = error_sentence(status, err)
-    assert line.startswith(f'error: {query} is not in data base {tmp_path / "lonely_3_data_base.pth"}')
-    assert f'no model {tmp_path / "lonely_3_model.pth"} was found' in line
+    assert line.startswith(f'error: data base {tmp_path / "lonely_3_data_base.pth"} has no model '
+                           f'{tmp_path / "lonely_3_model.pth"} beside it, which embeds images '
+                           f'outside the data base (your own queries, a --gallery folder)')
     assert not os.path.exists(tmp_path / 'results')
 
 

@@ -11,8 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import model as model_module
-from conftest import fast_epochs
+from conftest import TINY
 from model import Model
+from runs import load_checkpoint
+from runtime import safe_load
 from script_runner import load_script
 from utils import LOSSES, ImageReader, UserError
 
@@ -25,10 +27,12 @@ RECIPE_CHANGES = {'data_name': 'car', 'crop_type': 'cropped', 'backbone_type': '
 pytestmark = pytest.mark.usefixtures('without_onednn')  # see conftest.py: seconds per test saved
 
 
-def flags(data_path, *extra, epochs=3, warm_up=2, batch_size=4):
-    """train.py's flags for a small GoogLeNet run on the `prepared` data set (8 training images)."""
-    return ['--data_path', data_path, '--data_name', 'cub', '--backbone_type', 'googlenet', '--feature_dim', 8,
-            '--batch_size', batch_size, '--num_epochs', epochs, '--warm_up', warm_up, '--num_workers', 0, *extra]
+def flags(data_path, *extra, epochs=3, warm_up=2, batch_size=4, backbone_type='googlenet'):
+    """train.py's flags for a small run (GoogLeNet) on the `prepared` data set (8 training
+    images)."""
+    return ['--data_path', data_path, '--data_name', 'cub', '--backbone_type', backbone_type,
+            '--feature_dim', 8, '--batch_size', batch_size, '--num_epochs', epochs, '--warm_up',
+            warm_up, '--num_workers', 0, *extra]
 
 
 def changed(epoch, prefix, kind=0):
@@ -48,7 +52,8 @@ def test_warm_up_boundary_and_batchnorm_statistics(prepared, tmp_path, script, r
         monkeypatch.setattr(model_module, 'build_backbone', lambda backbone_type, _: build(backbone_type, False))
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
     extra = () if pretrained else ('--no_pretrained',)
-    status, _, err = script('train', *flags(prepared, *extra, batch_size=8), cwd=tmp_path)
+    status, _, err = script('train', *flags(prepared, *extra, batch_size=8), cwd=tmp_path,
+                            watch=recorded)
     assert status == 0, err
     assert len(recorded) == 3
     for number, epoch in enumerate(recorded, 1):
@@ -68,11 +73,13 @@ def test_warm_up_boundary_and_batchnorm_statistics(prepared, tmp_path, script, r
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
 
 
-def test_learning_rates_of_every_epoch_of_the_20_epoch_schedule(prepared, tmp_path, script, recorded, monkeypatch):
-    """AdamP (betas 0.9/0.999, eps 1e-8, no weight decay) over two groups: the proxies at 1e-2 and every other
-    parameter at 1e-4, both halved after every 5 epochs, stepped once per epoch."""
-    fast_epochs(monkeypatch, recorded)
-    status, _, err = script('train', *flags(prepared, '--no_pretrained', epochs=20), cwd=tmp_path)
+def test_learning_rates_of_every_epoch_of_the_20_epoch_schedule(prepared, tmp_path, script,
+                                                               recorded, quick_runs):
+    """AdamP (betas 0.9/0.999, eps 1e-8, no weight decay) over two groups: the proxies at 1e-2 and
+    every other parameter at 1e-4, both halved after every 5 epochs, stepped once per epoch (timm's
+    test network: seconds)."""
+    flagged = flags(prepared, '--no_pretrained', epochs=20, backbone_type=TINY)
+    status, _, err = script('train', *flagged, cwd=tmp_path, watch=recorded)
     assert status == 0, err
     expected = [[1e-4 * 0.5 ** ((epoch - 1) // 5), 1e-2 * 0.5 ** ((epoch - 1) // 5)] for epoch in range(1, 21)]
     assert len(recorded) == 20
@@ -97,17 +104,17 @@ def test_resume_past_a_learning_rate_step_equals_an_uninterrupted_run(prepared, 
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
     one_go = flags(prepared, '--no_pretrained', '--lr_step', 2, epochs=4, warm_up=1, batch_size=8)
-    assert script('train', *one_go, cwd=tmp_path / 'a')[0] == 0
+    assert script('train', *one_go, cwd=tmp_path / 'a', watch=recorded)[0] == 0
     uninterrupted = [epoch['lrs'] for epoch in recorded]
     assert uninterrupted[2] == pytest.approx([5e-5, 5e-3])  # epoch 3 is past the first step
     recorded.clear()
     assert script('train', *flags(prepared, '--no_pretrained', '--lr_step', 2, epochs=3, warm_up=1, batch_size=8),
-                  cwd=tmp_path / 'b')[0] == 0
-    status, out, err = script('train', *one_go, '--resume', cwd=tmp_path / 'b')
+                  cwd=tmp_path / 'b', watch=recorded)[0] == 0
+    status, out, err = script('train', *one_go, '--resume', cwd=tmp_path / 'b', watch=recorded)
     assert status == 0, err
     assert 'after epoch 3' in out
     assert [epoch['lrs'] for epoch in recorded] == uninterrupted
-    expected, actual = (train.safe_load(str(tmp_path / run / 'results' / f'{prefix}_checkpoint.pth'))
+    expected, actual = (safe_load(str(tmp_path / run / 'results' / f'{prefix}_checkpoint.pth'))
                         for run in ('a', 'b'))
     assert actual['epoch'] == expected['epoch'] == 4
     assert actual['scheduler'] == expected['scheduler']
@@ -128,13 +135,13 @@ def test_resume_refuses_every_recipe_flag_that_differs(tmp_path):
     path = str(tmp_path / 'checkpoint.pth')
     torch.save({'model': {}, 'optimizer': {}, 'scheduler': {}, 'epoch': 1, 'args': vars(args), 'rng': {},
                 'statistics': {}}, path)
-    assert train.load_checkpoint(path, args)['epoch'] == 1
+    assert load_checkpoint(path, train.recipe_of(args), args.num_epochs)['epoch'] == 1
     for flag, value in RECIPE_CHANGES.items():
         assert getattr(args, flag) != value
         other = train.get_args_parser().parse_args([])
         vars(other).update(vars(args), **{flag: value})
         with pytest.raises(UserError, match=f'--{flag} '):
-            train.load_checkpoint(path, other)
+            load_checkpoint(path, train.recipe_of(other), other.num_epochs)
 
 
 @pytest.mark.parametrize('size, batch_size, world', [(8, 4, 1), (8, 3, 1), (10, 4, 2), (11, 4, 2), (7, 6, 3),
@@ -146,7 +153,8 @@ def test_global_batches_keep_the_last_partial_batch(size, batch_size, world):
     train = load_script('train')
     single = train.GlobalBatches(size, batch_size, seed=5)
     single.set_epoch(2)
-    batches = [[index for index, _ in items] for items in single]
+    batches = [[index for index, _, padding in items] for items in single]
+    assert not any(padding for items in single for _, _, padding in items)  # one process: none
     assert len(batches) == len(single) == -(-size // batch_size)
     assert sorted(sum(batches, [])) == list(range(size))
     assert [len(b) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
@@ -157,14 +165,18 @@ def test_global_batches_keep_the_last_partial_batch(size, batch_size, world):
     assert all(len(steps) == len(batches) for steps in per_rank)
     for step, batch in enumerate(batches):
         assert len({len(steps[step]) for steps in per_rank}) == 1  # equal shares
-        shares = samplers[0].shares(batch)
-        assert sorted(i for share in shares for i in share if i != train.PADDING) == sorted(batch)
+        real = [[index for index, _, padding in steps[step] if not padding] for steps in per_rank]
+        assert real == [batch[rank::world] for rank in range(world)]  # rank r: items r, r + W, ...
         for rank in range(world):
-            real = [i for i in shares[rank] if i != train.PADDING]
-            assert [index for index, _ in per_rank[rank][step]][:len(real)] == real
-            assert all(epoch == 2 for _, epoch in per_rank[rank][step])
+            share = per_rank[rank][step]
+            assert all(epoch == 2 for _, epoch, _ in share)
+            # padding after the real items, at most one, only in a shorter share of a partial batch
+            assert [padding for _, _, padding in share] == [False] * len(real[rank]) + [True] * (
+                len(share) - len(real[rank]))
+            assert len(share) - len(real[rank]) <= 1
+            assert len(share) == len(real[rank]) or len(batch) < batch_size
     single.set_epoch(3)
-    assert [[index for index, _ in items] for items in single] != batches
+    assert [[index for index, _, _ in items] for items in single] != batches
 
 
 def test_an_epoch_trains_every_image_and_returns_its_training_embeddings(prepared, small_crops):
@@ -180,9 +192,9 @@ def test_an_epoch_trains_every_image_and_returns_its_training_embeddings(prepare
     steps = []
     optimizer.step = lambda: steps.append(1)
     args = load_script('train').get_args_parser().parse_args(['--feature_dim', '8'])  # pretrained: BatchNorm eval
-    loader = DataLoader(data, batch_sampler=sampler)
-    stats, features = train.train_one_epoch(net, loader, LOSSES['proxy_anchor'].build(), optimizer, torch.enable_grad,
-                                            torch.device('cpu'), 1, args, 0)
+    loader = DataLoader(train.Marked(data), batch_sampler=sampler)
+    stats, features = train.train_one_epoch(net, loader, LOSSES['proxy_anchor'].build(), True,
+                                            optimizer, torch.device('cpu'), 1, args, 0)
     assert len(steps) == 3 and features.shape == (8, 8)
     net.train()
     for module in net.backbone.modules():
@@ -194,18 +206,17 @@ def test_an_epoch_trains_every_image_and_returns_its_training_embeddings(prepare
     assert 0 <= stats['accuracy'] <= 1
 
 
-def test_data_base_holds_the_normalised_proxies_and_the_training_pass_features(prepared, tmp_path, script,
-                                                                              monkeypatch, small_crops):
+def test_data_base_holds_the_normalised_proxies_and_the_training_pass_features(
+        prepared, tmp_path, script, recorded, small_crops):
     """What the seed stores: the proxies L2-normalised, and as training features those of the last epoch's pass."""
     train = load_script('train')
-    original, passes = train.train_one_epoch, []
-    monkeypatch.setattr(train, 'train_one_epoch', lambda *a: passes.append(original(*a)) or passes[-1])
-    assert script('train', *flags(prepared, '--no_pretrained', epochs=1, warm_up=0), cwd=tmp_path)[0] == 0
+    assert script('train', *flags(prepared, '--no_pretrained', epochs=1, warm_up=0), cwd=tmp_path,
+                  watch=recorded)[0] == 0
     prefix = tmp_path / 'results' / 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4_warm_up0'
-    data_base = train.safe_load(f'{prefix}_1_data_base.pth')
-    weights = train.safe_load(f'{prefix}_1_model.pth')
+    data_base = safe_load(f'{prefix}_1_data_base.pth')
+    weights = safe_load(f'{prefix}_1_model.pth')
     torch.testing.assert_close(data_base['proxies'], F.normalize(weights['proxies.weight'], dim=-1))
-    torch.testing.assert_close(data_base['train_features'], passes[0][1])
+    torch.testing.assert_close(data_base['train_features'], recorded[0]['features'])
     assert torch.allclose(data_base['train_features'].norm(dim=1), torch.ones(8), atol=1e-5)
 
 

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import fast_epochs
+from conftest import TINY
 from script_runner import error_sentence, load_script
 
 train = load_script('train')
@@ -92,8 +92,8 @@ def test_torchrun_ranks_share_each_global_batch(world):
     assert len(steps) == len(batches(labels, 8, 2, epoch=2, seed=1))
     for shares, batch in zip(steps, batches(labels, 8, 2, epoch=2, seed=1)):
         assert {len(share) for share in shares} == {8 // world}
-        assert sorted(index for share in shares for index, epoch in share) == sorted(batch)
-        assert all(epoch == 2 for share in shares for _, epoch in share)
+        assert sorted(index for share in shares for index, epoch, padding in share) == sorted(batch)
+        assert all(epoch == 2 and not padding for share in shares for _, epoch, padding in share)
 
 
 @pytest.mark.parametrize('flags, expected', [
@@ -111,13 +111,13 @@ def test_refusals_are_one_sentence(prepared, tmp_path, script, flags, expected):
 @pytest.mark.parametrize('loss_name, flags, hinted', [('contrastive', [], True),
                                                       ('contrastive', ['--images_per_class', '2'], False),
                                                       ('proxy_nca', [], False), ('proxy_anchor', [], False)])
-def test_a_pair_loss_without_class_balanced_batches_prints_one_hint(prepared, tmp_path, script, recorded, monkeypatch,
-                                                                     loss_name, flags, hinted):
+def test_a_pair_loss_without_class_balanced_batches_prints_one_hint(
+        prepared, tmp_path, script, recorded, quick_runs, loss_name, flags, hinted):
     """Only a pair-based loss on shuffled batches is told to pass --images_per_class; the flag reaches the loader."""
-    fast_epochs(monkeypatch, recorded)
-    status, out, err = script('train', '--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet',
-                              '--no_pretrained', '--num_workers', 0, '--batch_size', 4, '--num_epochs', 1,
-                              '--loss_name', loss_name, *flags, cwd=tmp_path)
+    status, out, err = script('train', '--data_path', prepared, '--data_name', 'cub',
+                              '--backbone_type', TINY, '--no_pretrained', '--num_workers', 0,
+                              '--batch_size', 4, '--num_epochs', 1, '--loss_name', loss_name,
+                              *flags, cwd=tmp_path, watch=recorded)
     assert status == 0, err
     hints = [line for line in out.splitlines() if '--images_per_class' in line]
     assert hints == ([f'{loss_name} learns from pairs of one class within a batch, which shuffled batches of 4 may '

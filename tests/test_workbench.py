@@ -10,32 +10,29 @@ import torch
 from adamp import AdamP
 from PIL import Image
 
-from conftest import fast_epochs, prepared_cub
+from conftest import TINY, prepared_cub
 from script_runner import error_sentence, load_script
-from utils import ImageReader, ProxyAnchorLoss
+from utils import LOSSES, ImageReader, ProxyAnchorLoss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_PREFIX = 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4'
+DEFAULT_PREFIX = 'cub_timm-test_resnet_proxy_anchor_8_no_pretrained_batch_size4'
 
 pytestmark = pytest.mark.usefixtures('without_onednn')  # see conftest.py: seconds per test saved
 
 
 @pytest.mark.parametrize('optimizer, kind, extra', [('adamp', AdamP, {}), ('adamw', torch.optim.AdamW, {}),
                                                     ('sgd', torch.optim.SGD, {'momentum': 0.9})])
-def test_each_flag_reaches_what_it_controls(prepared, tmp_path, script, recorded, monkeypatch, optimizer, kind,
-                                            extra):
+def test_each_flag_reaches_what_it_controls(prepared, tmp_path, script, recorded, quick_runs,
+                                            optimizer, kind, extra):
     """--optimizer, --lr, --proxy_lr, --weight_decay, --lr_step, --lr_gamma, --scale and --margin reach the optimizer
     train.py steps, its schedule and the loss it minimises."""
-    fast_epochs(monkeypatch, recorded)
-    train = load_script('train')
-    losses = []
-    original = train.make_loss
-    monkeypatch.setattr(train, 'make_loss', lambda *args: losses.append(original(*args)) or losses[-1])
-    status, _, err = script('train', '--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet',
-                            '--no_pretrained', '--feature_dim', 8, '--batch_size', 4, '--num_epochs', 7,
-                            '--warm_up', 0, '--num_workers', 0, '--optimizer', optimizer, '--lr', 3e-4,
-                            '--proxy_lr', 2e-3, '--weight_decay', 1e-4, '--lr_step', 3, '--lr_gamma', 0.25,
-                            '--scale', 16, '--margin', 0.2, cwd=tmp_path)
+    status, _, err = script('train', '--data_path', prepared, '--data_name', 'cub',
+                            '--backbone_type', TINY, '--no_pretrained', '--feature_dim', 8,
+                            '--batch_size', 4, '--num_epochs', 7, '--warm_up', 0,
+                            '--num_workers', 0, '--optimizer', optimizer, '--lr', 3e-4,
+                            '--proxy_lr', 2e-3, '--weight_decay', 1e-4, '--lr_step', 3,
+                            '--lr_gamma', 0.25, '--scale', 16, '--margin', 0.2, cwd=tmp_path,
+                            watch=recorded)
     assert status == 0, err
     chosen = recorded[0]['optimizer']
     assert type(chosen) is kind or (kind is AdamP and isinstance(chosen, AdamP))
@@ -46,7 +43,7 @@ def test_each_flag_reaches_what_it_controls(prepared, tmp_path, script, recorded
     assert len(recorded) == len(steps)
     for epoch, factor in zip(recorded, steps):
         assert epoch['lrs'] == pytest.approx([3e-4 * factor, 2e-3 * factor], rel=1e-12)
-    loss, = losses
+    loss, = {id(epoch['loss']): epoch['loss'] for epoch in recorded}.values()  # one, for all epochs
     assert isinstance(loss, ProxyAnchorLoss) and (loss.scale, loss.margin) == (16, 0.2)
 
 
@@ -54,7 +51,7 @@ def test_normalized_softmax_takes_the_scale(tmp_path):
     """--scale reaches Normalized-Softmax too: its loss is cross-entropy over scale x cosines."""
     train = load_script('train')
     args = train.get_args_parser().parse_args(['--loss_name', 'normalized_softmax', '--scale', '8'])
-    loss = train.make_loss(args)
+    loss = train.make_loss(LOSSES['normalized_softmax'], args)
     cosines, labels = torch.tensor([[0.5, -0.2, 0.1]]), torch.tensor([0])
     assert loss(cosines, labels).item() == pytest.approx(torch.nn.functional.cross_entropy(8 * cosines, labels).item())
 
@@ -76,10 +73,13 @@ def test_every_recipe_flag_is_checked_on_resume_and_all_but_the_base_name_the_ru
     """One list: the recipe flags are the name's base (data, backbone, loss, dimension) and the flags that name a
     run, --num_epochs (raised to continue a run) and the running flags are neither."""
     train = load_script('train')
-    assert set(train.NAMED_FLAGS) == set(OFF_DEFAULT)
-    assert set(train.RECIPE_FLAGS) == set(OFF_DEFAULT) | {'data_name', 'backbone_type', 'feature_dim', 'loss_name'}
+    named = train.flags_of(train.get_args_parser(), train.NAMED)
+    recipe = train.flags_of(train.get_args_parser(), train.BASE, train.NAMED)
+    assert set(named) == set(OFF_DEFAULT)
+    assert set(recipe) == set(OFF_DEFAULT) | {'data_name', 'backbone_type', 'feature_dim',
+                                              'loss_name'}
     assert not {'num_epochs', 'num_workers', 'resume', 'recalls', 'run_name', 'data_path', 'cache_images'} & set(
-        train.RECIPE_FLAGS)
+        recipe)
 
 
 def names_of(variants):
@@ -99,8 +99,9 @@ def test_run_names_follow_the_flags_and_never_collide():
     assert names[('--seed', '2', '--margin', '0.2')] == 'cub_resnet50_proxy_anchor_512_margin0.2_seed2'
     assert names[('--lr', '0.0001', '--seed', '1')] == 'cub_resnet50_proxy_anchor_512'  # the defaults, spelt out
     train = load_script('train')
-    order = [action.dest for action in train.get_args_parser()._actions if action.dest in train.NAMED_FLAGS]
-    assert list(train.NAMED_FLAGS) == order
+    named = train.flags_of(train.get_args_parser(), train.NAMED)
+    order = [action.dest for action in train.get_args_parser()._actions if action.dest in named]
+    assert list(named) == order
     singles = [[f'--{flag}', *value] for flag, options in OFF_DEFAULT.items() for value in options]
     pairs = [a + b for a in singles for b in singles if a[0] < b[0]]
     named = [v + ['--run_name', text] for v in singles[:12] for text in ('a', 'b', 'x2')]
@@ -201,10 +202,9 @@ def test_values_that_make_no_sense_are_one_sentence(prepared, tmp_path, script, 
 
 
 def test_a_second_process_under_the_same_name_is_refused_until_the_first_dies(prepared, tmp_path, script, recorded,
-                                                                               monkeypatch):
+                                                                               quick_runs):
     """A run whose name another live process holds stops with one sentence naming it; once the holder is killed
     (SIGKILL: the kernel drops its lock), the same command runs, and leaves no lock file behind."""
-    fast_epochs(monkeypatch, recorded)
     lock = tmp_path / 'results' / f'.{DEFAULT_PREFIX}_seed3.lock'
     lock.parent.mkdir()
     holder = subprocess.Popen([sys.executable, '-c', f'''
@@ -218,15 +218,16 @@ time.sleep(600)
 '''], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
-        run = ['--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
-               '--feature_dim', 8, '--batch_size', 4, '--num_epochs', 1, '--num_workers', 0, '--seed', 3]
-        status, _, err = script('train', *run, cwd=tmp_path)
+        run = ['--data_path', prepared, '--data_name', 'cub', '--backbone_type', TINY,
+               '--no_pretrained', '--feature_dim', 8, '--batch_size', 4, '--num_epochs', 1,
+               '--num_workers', 0, '--seed', 3]
+        status, _, err = script('train', *run, cwd=tmp_path, watch=recorded)
         line = error_sentence(status, err)
         assert f'another process (pid {holder.pid} on ' in line and f'{DEFAULT_PREFIX}_seed3 right now' in line
         assert recorded == []
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    status, _, err = script('train', *run, cwd=tmp_path)
+    status, _, err = script('train', *run, cwd=tmp_path, watch=recorded)
     assert status == 0, err
     assert len(recorded) == 1 and not lock.exists()
