@@ -1,4 +1,5 @@
-"""retrieval_metrics at scale: blocks never N x N, exact on every path of its block sweep, ties, threads, memory."""
+"""neighbours.py against brute force: the block sweep behind retrieval_metrics (blocks never N x N,
+exact on every path, ties, threads, memory)."""
 import math
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils
+import neighbours
 from conftest import ROOT
 from utils import retrieval_metrics
 
@@ -159,14 +160,15 @@ def test_per_query_figures_match_the_whole_matrix(case):
 
 
 def record_blocks(monkeypatch):
-    """Record the (rows, columns) of every similarity block utils.cosine_block computes from now on; returns the list."""
-    shapes, original = [], utils.cosine_block
+    """Record the (rows, columns) of every similarity block neighbours.cosine_block computes from
+    now on; returns the list."""
+    shapes, original = [], neighbours.cosine_block
 
     def recording(queries, items):
         shapes.append((len(queries), len(items)))
         return original(queries, items)
 
-    monkeypatch.setattr(utils, 'cosine_block', recording)
+    monkeypatch.setattr(neighbours, 'cosine_block', recording)
     return shapes
 
 
@@ -216,8 +218,9 @@ def test_progress_counts_every_block_of_the_sweep():
 
 
 def test_plain_matmul_gives_the_metrics_of_onednn(monkeypatch):
-    """cosine_block's fallback, a plain matmul, when its private oneDNN op is switched off, missing or failing: the
-    same metrics on cosines that are exact in any arithmetic, the float64 matrix's on continuous ones."""
+    """cosine_block's fallback, a plain matmul, when oneDNN is switched off or its private op is
+    missing or failing: the same metrics on cosines that are exact in any arithmetic, the float64
+    matrix's on continuous ones."""
     calls, original = [], getattr(torch.ops.mkldnn, '_linear_pointwise', None)  # None where torch lacks it
 
     def recording(*args):
@@ -237,8 +240,8 @@ def test_plain_matmul_gives_the_metrics_of_onednn(monkeypatch):
             with_onednn = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
             assert bool(calls) == (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
             calls.clear()
-            monkeypatch.setattr(utils, 'ONEDNN', False)
-            switched_off = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
+            with torch.backends.mkldnn.flags(enabled=False):
+                switched_off = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
             assert not calls
             monkeypatch.undo()
             for namespace in (SimpleNamespace(), SimpleNamespace(_linear_pointwise=failing)):  # missing, failing
