@@ -30,7 +30,7 @@ VERSION = 1  # of the store's layout; a store or index of another version is wri
 DTYPE = np.float16  # half of float32's disk and page cache; exact recall@10 0.9997 at 200,000 rows (index_speed.py)
 CHUNK = 256  # images embedded, then appended and synced together: what an interruption can lose
 BATCH = 32  # images per forward pass
-SEARCH_ROWS = 1 << 16  # rows the exact search reads from the memory map per step: 64 MiB of float16 at 512-d
+READ_ROWS = 1 << 16  # rows read from the memory map at a time: 64 MiB of float16 at 512-d
 COMPACT_FRACTION = 0.25  # compact when dead rows (removed or changed images) are this share of the store
 INDEXES = ('exact', 'hnsw', 'ivfpq')
 EXACT_BELOW = 1_000_000  # the default --index: exact below this many images, ivfpq from it (README)
@@ -215,8 +215,8 @@ class Store:
         generation = uuid.uuid4().hex[:12]
         rows = np.array([self.row_of[key] for key in current], dtype=np.int64)
         with atomic_path(self.file('embeddings', generation)) as tmp, open(tmp, 'wb') as file:
-            for start in range(0, len(rows), SEARCH_ROWS):
-                file.write(np.ascontiguousarray(self.rows[rows[start:start + SEARCH_ROWS]]).tobytes())
+            for start in range(0, len(rows), READ_ROWS):
+                file.write(np.ascontiguousarray(self.rows[rows[start:start + READ_ROWS]]).tobytes())
         with atomic_path(self.file('keys', generation)) as tmp, open(tmp, 'w') as file:
             file.writelines(f'{json.dumps(list(key))}\n' for key in current)
             file.writelines(f'{json.dumps([*key, "unreadable"])}\n' for key in unreadable)
@@ -247,8 +247,8 @@ class Store:
             allowed[exclude] = False
         if index == 'exact':
             values, rows = torch.zeros(0), torch.zeros(0, dtype=torch.long)  # the best candidates(k) so far
-            for start in range(0, len(self.keys), SEARCH_ROWS):
-                block = self.read(start, start + SEARCH_ROWS)  # (B, D)
+            for start in range(0, len(self.keys), READ_ROWS):
+                block = self.read(start, start + READ_ROWS)  # (B, D)
                 similarities = (block @ query.to(block.dtype)).float()  # (B,)
                 similarities[~torch.from_numpy(allowed[start:start + len(block)])] = float('-inf')
                 values = torch.cat([values, similarities])
@@ -328,18 +328,19 @@ def build_index(kind, vectors, count, dim, start=0, index=None):
             lists, _ = ivfpq_shape(count, dim)
             index.train(sampled_rows(vectors, np.linspace(0, count - 1, min(count, max(64 * lists, 10_000)))
                                      .astype(np.int64)))
-    for begin in range(start, count, SEARCH_ROWS):
-        index.add(np.ascontiguousarray(vectors(begin, min(begin + SEARCH_ROWS, count)), dtype=np.float32))
+    for begin in range(start, count, READ_ROWS):
+        rows = vectors(begin, min(begin + READ_ROWS, count))
+        index.add(np.ascontiguousarray(rows, dtype=np.float32))
     return index
 
 
 def sampled_rows(vectors, sample):
     """The rows `sample` (sorted), read block by block so a memory map is read once in order: (len, D) float32."""
     parts = []
-    for begin in range(0, int(sample[-1]) + 1, SEARCH_ROWS):
-        inside = sample[(sample >= begin) & (sample < begin + SEARCH_ROWS)]
+    for begin in range(0, int(sample[-1]) + 1, READ_ROWS):
+        inside = sample[(sample >= begin) & (sample < begin + READ_ROWS)]
         if len(inside):
-            parts.append(vectors(begin, begin + SEARCH_ROWS)[inside - begin])
+            parts.append(vectors(begin, begin + READ_ROWS)[inside - begin])
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 

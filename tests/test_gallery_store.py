@@ -172,7 +172,7 @@ def test_the_search_reads_the_memory_map_in_blocks(tmp_path, net, monkeypatch):
             return block
 
         monkeypatch.setattr(gallery.Store, 'read', recorded)
-        monkeypatch.setattr(gallery, 'SEARCH_ROWS', 2)
+        monkeypatch.setattr(gallery, 'READ_ROWS', 2)
         check_search(store, net, paths[3], paths, 4)
     assert reads == [2, 2, 2, 2, 1]  # the whole store, two rows at a time
 
