@@ -1,9 +1,13 @@
 """Exact nearest neighbours by cosine similarity, in blocks: no N x N matrix is ever held.
 
+- top_k: each query's k most similar items, most similar first. One tie rule: of equal
+  similarities, the lower item index comes first. One way to leave a query out of its own list:
+  by its item index. test.py's search of a data base, the report's neighbour lists and the
+  gallery's exact scan (a float16 memory map) use it.
 - class_lists: what the retrieval metrics read of each query (utils.retrieval_metrics holds their
   definitions): its similarities to the items of its class, and its largest ones to the items of
   other classes, swept block by block on all cores.
-float32 blocks are multiplied through cosine_block, which uses oneDNN on the CPU where it can.
+Both multiply float32 blocks through cosine_block, which uses oneDNN on the CPU where it can.
 """
 import bisect
 import contextlib
@@ -16,7 +20,142 @@ import torch
 
 from runtime import UserError
 
-CHUNK_BYTES = 32 * 2 ** 20  # similarities held at once: one block per thread
+CHUNK_BYTES = 32 * 2 ** 20  # similarities held at once: a block a thread (class_lists), one (top_k)
+
+
+# --------------------------------------------------------------------------------------------------
+# top_k: the k nearest items of each query
+
+def top_k(queries, items, k, leave_out=None, live=None, among=None, block_rows=4096,
+          chunk_bytes=CHUNK_BYTES, rerank=200, progress=None):
+    """(similarities (Q, k') float32, item indices (Q, k') int64): each query's k' most similar
+    items by cosine, most similar first, equal similarities in item order; k' = min(k, the fewest
+    items a query ranks).
+
+    queries (Q, D) and items (M, D), rows of any scale. leave_out (Q,), or one for all: the item
+    index each query leaves out of its own list (-1: none), such as its own when the items are the
+    queries; live (M,) bool: the items that may be found (None: all). Items are read block_rows
+    at a time, in order (a memory map is read once), each block against as many queries as keep
+    its similarities within chunk_bytes. float16 items, unit rows as a gallery store's are, are
+    multiplied as stored, which is faster than converting them: each query's best max(k, rerank)
+    are kept and re-ranked by their float32 cosines, so only near-ties (equal float16 products
+    among them) among more than that many could differ from a float32 scan. among (Q, c), when
+    given, holds the only items each query may find (an approximate index's candidates, -1 for
+    none): no block is read, they are re-ranked in the same way. progress, when given, is called
+    as progress(blocks done, blocks in all).
+    """
+    device = items.device
+    queries = unit_rows(torch.as_tensor(queries).to(device, torch.float32, copy=True))  # (Q, D)
+    n, m = len(queries), len(items)
+    leave_out = torch.as_tensor(-1 if leave_out is None else leave_out)
+    leave_out = leave_out.to(device, torch.int64).expand(n)  # (Q,)
+    live = torch.as_tensor(True if live is None else live).to(device, torch.bool).expand(m)  # (M,)
+    leaves_live = bool(((leave_out >= 0) & live[leave_out.clamp(min=0)]).any()) if m else False
+    k = max(0, min(k, int(torch.count_nonzero(live)) - leaves_live))
+    if n == 0 or k == 0:
+        return queries.new_zeros((n, 0)), leave_out.new_zeros((n, 0))
+    if among is not None:
+        among = torch.as_tensor(among).to(device, torch.int64)  # (Q, c)
+        allowed = (among >= 0) & (among < m)
+        allowed &= live[among.clamp(0, m - 1)] & (among != leave_out[:, None])
+        return reranked(queries, items, torch.where(allowed, among, -1), k, chunk_bytes)
+    half = items.dtype in (torch.float16, torch.bfloat16)
+    kept = min(m, max(k, rerank)) if half else k  # per query while the blocks are read
+    blocks = [(start, min(start + block_rows, m)) for start in range(0, m, block_rows)]
+    chunks = chunk_bounds(n, max(1, chunk_bytes // (4 * min(block_rows, m))))  # of queries
+    found = [(queries.new_zeros((b - a, 0)), leave_out.new_zeros((b - a, 0))) for a, b in chunks]
+    dead = ~live if not live.all() else None  # (M,)
+    # (item, query) of each query's item left out, in item order: a block hides those within it
+    left = sorted((item, q) for q, item in enumerate(leave_out.tolist()) if item >= 0)
+    for done, (start, stop) in enumerate(blocks):
+        block, norms = prepared(items[start:stop], n)  # (B, D), (B,) or None
+        inside = left[bisect.bisect_left(left, (start,)):bisect.bisect_left(left, (stop,))]
+        for i, (a, b) in enumerate(chunks):
+            sims = products(queries[a:b], block, norms)  # (b - a, B)
+            if dead is not None:
+                sims.masked_fill_(dead[start:stop], -math.inf)
+            mine = [(q - a, item - start) for item, q in inside if a <= q < b]
+            if mine:
+                sims[tuple(torch.tensor(mine, device=device).T)] = -math.inf
+            # float16 products tie often, and the float32 re-rank settles their ties
+            values, columns = block_top(sims, min(kept, stop - start), ties=not half)
+            values = torch.cat([found[i][0], values], 1)
+            index = torch.cat([found[i][1], columns + start], 1)
+            found[i] = ranked(values, index, kept, ties=not half)
+            if progress is not None:
+                progress(done * len(chunks) + i + 1, len(blocks) * len(chunks))
+    values = torch.cat([values for values, _ in found])  # (Q, kept)
+    index = torch.cat([index for _, index in found])
+    if not half:
+        return values, index
+    return reranked(queries, items, torch.where(values > -math.inf, index, -1), k, chunk_bytes)
+
+
+def prepared(block, n):
+    """An item block (B, D) for its products with n queries, and the norms (B,) to divide them
+    by, or None. float16 rows as stored (unit rows); float32 rows of any scale as a unit copy for
+    many queries, or, for fewer queries than dimensions, as they are with their norms: n x B
+    divisions then cost less than the copy."""
+    if block.dtype in (torch.float16, torch.bfloat16):
+        return block, None
+    if n >= block.size(1):
+        return unit_rows(block.to(torch.float32, copy=True)), None
+    block = block.float()
+    return block, block.norm(dim=1).clamp_min(1e-12)
+
+
+def products(queries, block, norms):
+    """(q, B) float32 cosines of unit queries (q, D) with a block (B, D) and norms from prepared:
+    a float16 block multiplied as stored."""
+    if block.dtype != torch.float32:
+        return (queries.to(block.dtype) @ block.T).float()
+    sims = cosine_block(queries, block)
+    return sims if norms is None else sims.div_(norms)
+
+
+def block_top(sims, k, ties):
+    """Each row's k largest similarities of sims (q, B) and their columns, largest first; with
+    ties, equal values at the k-th place go to the lower columns (without, as torch.topk picks)."""
+    width = min(k + 1, sims.size(1)) if ties else k
+    # (q, width); which of several equal values topk keeps is unspecified
+    values, columns = sims.topk(width, dim=1)
+    if width > k:
+        # rows whose (k + 1)-th value equals their k-th have equal values on both sides of the
+        # cut, rare but for duplicates: sorted whole (stable: equal values keep column order)
+        cut = (values[:, k] == values[:, k - 1]) & (values[:, k] > -math.inf)
+        if cut.any():
+            tied = cut.nonzero()[:, 0]
+            order = sims[tied].sort(dim=1, descending=True, stable=True)
+            values[tied], columns[tied] = order.values[:, :width], order.indices[:, :width]
+    return values[:, :k], columns[:, :k]
+
+
+def ranked(values, index, k, ties=True):
+    """The k largest of values (q, w), with their item index (q, w), largest first; with ties,
+    equal values in index order (without, as torch.topk picks them)."""
+    if not ties:
+        top = values.topk(min(k, values.size(1)), dim=1)
+        return top.values, index.gather(1, top.indices)
+    by_index = index.argsort(dim=1)
+    values, index = values.gather(1, by_index), index.gather(1, by_index)
+    order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (q, k)
+    return values.gather(1, order), index.gather(1, order)
+
+
+def reranked(queries, items, index, k, chunk_bytes):
+    """top_k's lists from candidates index (Q, c) (item indices, -1 for none): the k' = min(k, the
+    fewest candidates a query has) best by their float32 products with the unit queries (Q, D),
+    the items being unit rows, as float16 items and an approximate index's are."""
+    k = min(k, int((index >= 0).sum(1).min()))
+    width = max(1, index.size(1) * queries.size(1) * 4)  # bytes of a query's candidates in float32
+    out = []
+    for a, b in chunk_bounds(len(queries), max(1, chunk_bytes // width)):
+        # sorted: a memory map is read in order
+        rows, where = index[a:b].clamp(min=0).unique(return_inverse=True)
+        cosines = (items[rows].float() @ queries[a:b].T).T.gather(1, where)  # (b - a, c)
+        cosines.masked_fill_(index[a:b] < 0, -math.inf)
+        out.append(ranked(cosines, index[a:b], k))
+    return torch.cat([values for values, _ in out]), torch.cat([index for _, index in out])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,7 +418,7 @@ def block_candidates(sims, bound, nearest, m, columns):
 
 
 # --------------------------------------------------------------------------------------------------
-# the blocks' arithmetic
+# what both searches share
 
 def cosine_block(queries, items):
     """(b, D) and (c, D) float32 rows -> (b, c) float32 products: cosines where they are unit rows.
