@@ -1,6 +1,6 @@
 """Plumbing for test.py --gallery: a folder's embeddings kept on disk, appended as the folder changes and searched
 memory-mapped, exactly or through a faiss index saved beside them. Imports nothing from the research files but
-utils.py's image reading.
+utils.py's image reading and neighbours.py's exact search.
 
 A store is one folder, results/<model>_gallery_<folder hash>/, for one model file and one photo folder:
   meta.json                    {version, model, dim, dtype, generation}: written whole; names the two files below
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from neighbours import top_k
 from runtime import RunLock, UserError, atomic_path, remove_temporaries
 from utils import read_image, test_transform
 
@@ -30,7 +31,7 @@ VERSION = 1  # of the store's layout; a store or index of another version is wri
 DTYPE = np.float16  # half of float32's disk and page cache; exact recall@10 0.9997 at 200,000 rows (index_speed.py)
 CHUNK = 256  # images embedded, then appended and synced together: what an interruption can lose
 BATCH = 32  # images per forward pass
-SEARCH_ROWS = 1 << 16  # rows the exact search reads from the memory map per step: 64 MiB of float16 at 512-d
+READ_ROWS = 1 << 16  # rows read from the memory map at a time: 64 MiB of float16 at 512-d
 COMPACT_FRACTION = 0.25  # compact when dead rows (removed or changed images) are this share of the store
 INDEXES = ('exact', 'hnsw', 'ivfpq')
 EXACT_BELOW = 1_000_000  # the default --index: exact below this many images, ivfpq from it (README)
@@ -151,10 +152,6 @@ class Store:
         """Rows start:stop of the memory-mapped embeddings as a float32 tensor (stop - start, D)."""
         return self.read(start, stop).float()
 
-    def vectors(self, rows):
-        """The embeddings of these rows (sorted), read from the memory map alone: (len(rows), D) float32."""
-        return torch.from_numpy(np.asarray(self.rows[np.asarray(rows, dtype=np.int64)])).float()
-
     def append(self, keys, features, unreadable):
         """Add a chunk: its embeddings (N, D), synced, then their keys and the unreadable files' keys, synced."""
         with open(self.file('embeddings'), 'ab') as file:
@@ -215,8 +212,8 @@ class Store:
         generation = uuid.uuid4().hex[:12]
         rows = np.array([self.row_of[key] for key in current], dtype=np.int64)
         with atomic_path(self.file('embeddings', generation)) as tmp, open(tmp, 'wb') as file:
-            for start in range(0, len(rows), SEARCH_ROWS):
-                file.write(np.ascontiguousarray(self.rows[rows[start:start + SEARCH_ROWS]]).tobytes())
+            for start in range(0, len(rows), READ_ROWS):
+                file.write(np.ascontiguousarray(self.rows[rows[start:start + READ_ROWS]]).tobytes())
         with atomic_path(self.file('keys', generation)) as tmp, open(tmp, 'w') as file:
             file.writelines(f'{json.dumps(list(key))}\n' for key in current)
             file.writelines(f'{json.dumps([*key, "unreadable"])}\n' for key in unreadable)
@@ -233,38 +230,24 @@ class Store:
         return self.current.get(path)
 
     def search(self, query, k, exclude=None, index='exact'):
-        """[(path, cosine)] of the k live rows nearest to query (D,), best first, leaving out row `exclude`.
+        """[(path, cosine)] of the k live rows nearest to query (D,), best first, leaving out row
+        `exclude`; equal cosines in row order (neighbours.top_k).
 
-        Candidates come from the memory map a block at a time (`index` 'exact') or from a faiss index; either way
-        they are re-ranked by their float32 cosines with the rows. The exact scan multiplies in float16 (its half
-        products are accurate to about 1e-4 on unit rows, and converting the rows to float32 costs more than the
-        product itself), keeping the candidates(k) best, so only near-ties among more than that many could differ
-        from a float32 scan.
+        The exact scan (`index` 'exact') reads the memory map READ_ROWS rows at a time and
+        multiplies them in float16 (its half products are accurate to about 1e-4 on unit rows, and
+        converting the rows to float32 costs more than the product itself), keeping the
+        candidates(k) best for a float32 re-rank, so only near-ties among more than that many could
+        differ from a float32 scan. A faiss index gives candidates(k) approximate ones instead,
+        re-ranked the same way.
         """
-        query = F.normalize(query.float(), dim=0)
-        allowed = self.live.copy()
-        if exclude is not None:
-            allowed[exclude] = False
-        if index == 'exact':
-            values, rows = torch.zeros(0), torch.zeros(0, dtype=torch.long)  # the best candidates(k) so far
-            for start in range(0, len(self.keys), SEARCH_ROWS):
-                block = self.read(start, start + SEARCH_ROWS)  # (B, D)
-                similarities = (block @ query.to(block.dtype)).float()  # (B,)
-                similarities[~torch.from_numpy(allowed[start:start + len(block)])] = float('-inf')
-                values = torch.cat([values, similarities])
-                rows = torch.cat([rows, torch.arange(start, start + len(block))])
-                top = values.topk(min(candidates(k), len(values)))
-                values, rows = top.values, rows[top.indices]
-            rows = rows[values > float('-inf')].numpy()
-        else:
-            rows = index_search(index, query[None].numpy(), candidates(k))[0]
-            rows = rows[(rows >= 0) & (rows < len(self.keys))]
-            rows = rows[allowed[rows]]
-        rows = np.unique(rows)  # sorted: the memory map reads them in order
-        similarities = self.vectors(rows) @ query if len(rows) else torch.zeros(0)  # (R,)
-        top = similarities.topk(min(k, len(rows)))
-        return [(self.keys[row][0], value) for row, value in zip(rows[top.indices.numpy()].tolist(),
-                                                                  top.values.tolist())]
+        query = F.normalize(query.float(), dim=0)[None]  # (1, D)
+        # an index's approximate candidates (1, candidates(k)), or None: the exact scan finds its own
+        among = None if index == 'exact' else index_search(index, query.numpy(), candidates(k))
+        similarities, rows = top_k(query, self.read(0, len(self.keys)), k,  # (1, k), (1, k)
+                                   leave_out=-1 if exclude is None else exclude, live=self.live,
+                                   among=among, block_rows=READ_ROWS, rerank=candidates(k))
+        return [(self.keys[row][0], value)
+                for row, value in zip(rows[0].tolist(), similarities[0].tolist())]
 
 
 def read_unchanged(key):
@@ -328,18 +311,19 @@ def build_index(kind, vectors, count, dim, start=0, index=None):
             lists, _ = ivfpq_shape(count, dim)
             index.train(sampled_rows(vectors, np.linspace(0, count - 1, min(count, max(64 * lists, 10_000)))
                                      .astype(np.int64)))
-    for begin in range(start, count, SEARCH_ROWS):
-        index.add(np.ascontiguousarray(vectors(begin, min(begin + SEARCH_ROWS, count)), dtype=np.float32))
+    for begin in range(start, count, READ_ROWS):
+        rows = vectors(begin, min(begin + READ_ROWS, count))
+        index.add(np.ascontiguousarray(rows, dtype=np.float32))
     return index
 
 
 def sampled_rows(vectors, sample):
     """The rows `sample` (sorted), read block by block so a memory map is read once in order: (len, D) float32."""
     parts = []
-    for begin in range(0, int(sample[-1]) + 1, SEARCH_ROWS):
-        inside = sample[(sample >= begin) & (sample < begin + SEARCH_ROWS)]
+    for begin in range(0, int(sample[-1]) + 1, READ_ROWS):
+        inside = sample[(sample >= begin) & (sample < begin + READ_ROWS)]
         if len(inside):
-            parts.append(vectors(begin, begin + SEARCH_ROWS)[inside - begin])
+            parts.append(vectors(begin, begin + READ_ROWS)[inside - begin])
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 

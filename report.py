@@ -1,6 +1,7 @@
 """An HTML report of a trained model on its test set (`python test.py --data_base ... --report`): the headline
 metrics, the classes and the queries it fails, the classes it confuses, a map of its embedding space and its training
 curves, in one folder that opens offline."""
+import contextlib
 import html
 import json
 import os
@@ -13,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from neighbours import top_k
 from runtime import UserError, atomic_dir, pyplot, remove_temporaries, save_figure
 from utils import load_index, parse_ranks, retrieval_metrics
 
 TSNE_LIMIT = 3000  # t-SNE up to this many embeddings; beyond, PCA: t-SNE's time grows past minutes on a CPU
 PAIRS = 20  # confused class pairs on the page
-SEARCH_ROWS = 4096  # queries per faiss search, so that a progress bar can follow SOP's 60,502
 
 
 def write_report(args, data_base, data_base_path, framed, draw_row):
@@ -72,15 +73,17 @@ def analyse(data_base, k, num_queries):
     item_images, item_labels, items = data_base.searched
     split = 'test' if data_base.gallery is None else 'gallery'
     gallery = (items.float(), item_labels) if split == 'gallery' else ()
-    with tqdm(desc='metrics per query', unit='block', dynamic_ncols=True) as bar:
-        def progress(done, total):
-            bar.total, bar.n = total, done
-            bar.refresh()
+    with progress_bar('metrics per query') as progress:
         # Recall@1 is swept too whatever the run's ranks: the per-class table shows it
         metrics, per_query = retrieval_metrics(queries, labels, sorted(set(ranks) | {1}), *gallery, per_query=True,
                                                progress=progress)
     metrics = {key: metrics[key] for key in [f'recall@{rank}' for rank in ranks] + ['map@r', 'r_precision']}
-    similarities, neighbours = nearest(queries, items.float(), k, symmetric=split == 'test')  # (N, k), (N, k)
+    with progress_bar('nearest neighbours') as progress:
+        # searching the test set itself, each query is left out of its own list
+        own = torch.arange(len(queries)) if split == 'test' else None
+        similarities, neighbours = top_k(queries, items.float(), k, leave_out=own,
+                                         progress=progress)
+    similarities, neighbours = similarities.numpy(), neighbours.numpy()  # (N, k), (N, k)
     names = class_names(data_base, split)
     shown = names if names is not None else [str(label) for label in range(int(max(labels.max(),
                                                                                      item_labels.max())) + 1)]
@@ -95,27 +98,14 @@ def analyse(data_base, k, num_queries):
             'pairs': confused_pairs(labels, item_labels[neighbours], shown)}
 
 
-def nearest(queries, items, k, symmetric):
-    """(similarities (N, k'), positions (N, k')) of each query's k' = min(k, items it ranks) most similar items by
-    cosine, most similar first: an exact faiss search. When the items are the queries themselves (symmetric), each
-    query is left out of its own list by position, as retrieval_metrics and test.py leave it out."""
-    import faiss
-    queries, items = F.normalize(queries, dim=-1).numpy(), F.normalize(items, dim=-1).numpy()
-    index = faiss.IndexFlatIP(items.shape[1])
-    index.add(items)
-    wanted = min(len(items), k + symmetric)
-    similarities, found = [], []
-    for start in tqdm(range(0, len(queries), SEARCH_ROWS), desc='nearest neighbours', unit='block',
-                      dynamic_ncols=True):
-        block_similarities, block_found = index.search(queries[start:start + SEARCH_ROWS], wanted)  # (b, wanted)
-        if symmetric:
-            is_self = block_found == np.arange(start, start + len(block_found))[:, None]
-            is_self[~is_self.any(axis=1), -1] = True  # the query ties beyond its own list: drop the last instead
-            block_similarities = block_similarities[~is_self].reshape(len(block_found), wanted - 1)
-            block_found = block_found[~is_self].reshape(len(block_found), wanted - 1)
-        similarities.append(block_similarities)
-        found.append(block_found)
-    return np.concatenate(similarities), np.concatenate(found)
+@contextlib.contextmanager
+def progress_bar(description):
+    """A progress bar over blocks, and the progress(done, total) callback that moves it."""
+    with tqdm(desc=description, unit='block', dynamic_ncols=True) as bar:
+        def progress(done, total):
+            bar.total, bar.n = total, done
+            bar.refresh()
+        yield progress
 
 
 def class_names(data_base, split):

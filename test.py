@@ -6,11 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import to_pil_image
 
 import gallery
+from neighbours import top_k
 from report import write_report
 from runs import DataBase, load_model
 from runtime import ArgumentParser, UserError, atomic_dir, pyplot, remove_temporaries, run_main
@@ -217,14 +217,14 @@ def search_data_base(args, queries, data_base, data_base_path):
         if query_feature.size(0) != features.size(1):
             raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
                             f'holds {features.size(1)}-d features; use the pair train.py wrote together')
-        similarities = F.normalize(features.float(), dim=-1) @ F.normalize(query_feature.float(), dim=-1)  # (N,)
-        if index is not None:
-            similarities[index] = float('-inf')  # the query is not its own result
-        top = similarities.topk(min(args.retrieval_num, len(images) - (index is not None)))
+        # a query of the searched split is not its own result
+        similarities, positions = top_k(query_feature[None], features.float(), args.retrieval_num,
+                                        leave_out=-1 if index is None else index)  # (1, k), (1, k)
+        found = zip(similarities[0].tolist(), positions[0].tolist())
         yield query_path, query_label, [
             (rank, images[position], similarity,
              None if query_label is None else labels[position].item() == query_label)
-            for rank, (similarity, position) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
+            for rank, (similarity, position) in enumerate(found, 1)]
 
 
 def main():

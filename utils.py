@@ -1,13 +1,10 @@
 """Data reading and transforms, the losses, and the retrieval metrics."""
 import ast
-import bisect
-import contextlib
 import difflib
 import functools
 import inspect
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
@@ -19,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from neighbours import CHUNK_BYTES, class_lists
 from runtime import UserError, cpu_generator_seeded, safe_load
 
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
@@ -584,10 +582,10 @@ def loss_entry(loss_name, loss_args=''):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# retrieval metrics: similarities come block by block, so no N x N similarity matrix is ever held
+# retrieval metrics, defined on each query's lists of similarities (neighbours.py finds them)
 
-def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None, chunk_bytes=32 * 2 ** 20,
-                      per_query=False, progress=None):
+def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None,
+                      chunk_bytes=CHUNK_BYTES, per_query=False, progress=None):
     """Recall@K for K in ranks, MAP@R and R-Precision (Musgrave et al., ECCV 2020), all as fractions.
 
     Each query (a row of features (N, D), its class in labels (N,)) ranks items by cosine similarity. Without a
@@ -609,33 +607,27 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
     chunk_bytes bounds the similarity blocks held at once; progress, when given, is called as progress(blocks done,
     blocks in all) while they are swept.
     """
-    ranks, symmetric = [int(k) for k in ranks], gallery_features is None
-    queries, keys, items, item_keys, first, r, where = sorted_by_class(features, labels, gallery_features,
-                                                                       gallery_labels)
-    # On the CPU the blocks are spread over torch's threads, each running its ops single-threaded: ops that each
-    # split across threads stall at every barrier on a busy machine. chunk_bytes holds one block per thread.
-    workers = torch.get_num_threads() if queries.device.type == 'cpu' else 1
-    rows = max(1, math.isqrt(max(1, chunk_bytes // (4 * workers))))  # float32 blocks of rows x rows
-    with single_threaded_ops(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        positives = same_class_similarities(queries, keys, items, item_keys, first, r, rows, pool,
-                                            symmetric)  # (n, m)
-        top, ahead_of_nearest = other_class_top(queries, keys, items, item_keys, positives, r, ranks, rows, pool,
-                                                symmetric, progress)  # (n, m), (n,) or None
-    metrics, hits, ap, rp = metrics_from_lists(positives, top, ahead_of_nearest, r, ranks, total=len(labels))
+    ranks = [int(k) for k in ranks]
+    lists = class_lists(features, labels, ranks, gallery_features, gallery_labels, chunk_bytes,
+                        progress)
+    metrics, hits, ap, rp = metrics_from_lists(lists, ranks, total=len(labels))
     if not per_query:
         return metrics
-    return metrics, in_query_order(hits, ap, rp, where, len(labels), ranks)
+    return metrics, in_query_order(hits, ap, rp, lists.where, len(labels), ranks)
 
 
-def metrics_from_lists(positives, top, ahead_of_nearest, r, ranks, total):
+def metrics_from_lists(lists, ranks, total):
     """Every metric, averaged and per query, from each query's lists (the definitions are retrieval_metrics').
 
-    Per query: positives (n, m) its R same-class similarities, descending, then -inf; top (n, m) its largest
-    other-class similarities, descending, exact in the values read here; ahead_of_nearest (n,) how many other-class
-    items are at least as similar as its nearest same-class one, None when no K exceeds m. No ranking is built: the
-    j-th same-class item stands at j + (other-class items at least as similar). total: all the queries, the n here
-    and those left out for want of an item of their class.
+    lists (neighbours.ClassLists), per query: positives (n, m) its R same-class similarities,
+    descending, then -inf; top (n, m) its largest other-class similarities, descending, exact in
+    the values read here; ahead_of_nearest (n,) how many other-class items are at least as similar
+    as its nearest same-class one, None when no K exceeds m; r (n,) its R. No ranking is built: the
+    j-th same-class item stands at j + (other-class items at least as similar). total: all the
+    queries, the n here and those left out for want of an item of their class.
     """
+    positives, top, r = lists.positives, lists.top, lists.r  # (n, m), (n, m), (n,)
+    ahead_of_nearest = lists.ahead_of_nearest  # (n,) or None
     n, m = positives.shape
     j = torch.arange(1, m + 1, device=positives.device)  # (m,)
     # other-class items at least as similar as the j-th same-class item, so ranked before it
@@ -679,223 +671,6 @@ def recall(features, labels, ranks):
     """Recall@K for each K in ranks, as a list of fractions (see retrieval_metrics)."""
     metrics = retrieval_metrics(features, labels, ranks)
     return [metrics[f'recall@{int(rank)}'] for rank in ranks]
-
-
-# the block sweep behind retrieval_metrics: its steps, then the pieces they share
-
-def sorted_by_class(features, labels, gallery_features, gallery_labels):
-    """Queries and items as unit rows sorted by class key, so that each class is a run of rows.
-
-    Returns queries (n, D), keys (n,), items (M, D), item_keys (M,), first (n,) the first item of each query's class,
-    r (n,) its R and where (n,) its row in features. Without a gallery the items are the queries; with one, a query
-    whose class has no gallery item (R = 0) is left out.
-    """
-    features = torch.as_tensor(features).float()
-    labels = torch.as_tensor(labels).to(features.device)
-    if gallery_features is None:
-        if len(labels) < 2:
-            raise UserError(f'retrieval needs at least two items, got {len(labels)}')
-        keys, where = labels.sort(stable=True)
-        queries = unit_rows(features[where])  # (N, D) a copy
-        _, inverse, counts = torch.unique_consecutive(keys, return_inverse=True, return_counts=True)
-        return queries, keys, queries, keys, (counts.cumsum(0) - counts)[inverse], counts[inverse] - 1, where
-    gallery_features = torch.as_tensor(gallery_features).float().to(features.device)
-    gallery_labels = torch.as_tensor(gallery_labels).to(device=features.device, dtype=labels.dtype)
-    if len(labels) == 0 or len(gallery_labels) == 0:
-        raise UserError(f'retrieval needs at least one query and one gallery item, got {len(labels)} queries and '
-                        f'{len(gallery_labels)} gallery items')
-    return query_gallery(features, labels, gallery_features, gallery_labels)
-
-
-def unit_rows(features):
-    """features (N, D), a copy the caller owns, scaled in place to unit rows."""
-    return features.div_(features.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-def query_gallery(features, labels, gallery_features, gallery_labels):
-    """sorted_by_class with a gallery: a class's key is its index among the queries' classes, and gallery items of
-    any other class all take the key after the last, so they come last and match no query."""
-    classes = labels.unique()  # (C,) sorted
-    index = torch.searchsorted(classes, gallery_labels).clamp_(max=len(classes) - 1)
-    item_keys, order = torch.where(classes[index] == gallery_labels, index, len(classes)).sort(stable=True)
-    items = unit_rows(gallery_features[order])  # (G, D)
-    counts = torch.bincount(item_keys, minlength=len(classes) + 1)[:-1]  # (C,) gallery items of each query class
-    keys = torch.searchsorted(classes, labels)  # (N,)
-    kept = (counts[keys] > 0).nonzero()[:, 0]
-    keys, order = keys[kept].sort(stable=True)
-    where = kept[order]
-    queries = unit_rows(features[where])  # (n, D)
-    return queries, keys, items, item_keys, (counts.cumsum(0) - counts)[keys], counts[keys], where
-
-
-def same_class_similarities(queries, keys, items, item_keys, first, r, rows, pool, symmetric):
-    """(n, m = max R): each query's cosines with the items of its class, descending, padded with -inf.
-
-    The classes of the sorted queries a:b lie within the items first[a]:ends[b - 1], so a block holds only those
-    columns. symmetric: the items are the queries, each excluded from its own class by its position.
-    """
-    n, m = len(keys), int(r.max()) if len(keys) else 0
-    out = queries.new_full((n, m), -math.inf)
-    ends = (first + r + int(symmetric)).tolist()  # (n,) one past each query's class among the items, itself included
-    first = first.tolist()
-    starts = [0]
-    while starts[-1] < n:  # up to 256 rows whose block of rows x columns fits in rows * rows, at least one
-        a = starts[-1]
-        fits = bisect.bisect_right(range(a + 1, min(n, a + 256) + 1), rows * rows,
-                                   key=lambda b: (b - a) * (ends[b - 1] - first[a]))
-        starts.append(a + max(1, fits))
-
-    def fill(a, b):
-        """One block: the sorted queries a:b against the items of their classes."""
-        lo, hi = first[a], ends[b - 1]
-        sims = cosine_block(queries[a:b], items[lo:hi])  # (b - a, hi - lo)
-        same_class = keys[a:b, None] == item_keys[None, lo:hi]
-        if symmetric:
-            position = torch.arange(b - a, device=sims.device)
-            same_class[position, position + a - lo] = False  # the query itself, excluded by its position
-        k = min(m, hi - lo)
-        out[a:b, :k] = sims.masked_fill_(~same_class, -math.inf).topk(k, dim=1).values
-
-    list(pool.map(fill, starts[:-1], starts[1:]))
-    return out
-
-
-def other_class_top(queries, keys, items, item_keys, positives, r, ranks, rows, pool, symmetric, progress):
-    """(n, m) each query's largest other-class similarities, descending, and (n,) how many other-class items are at
-    least as similar as its nearest same-class one, or None when no K exceeds m (the lists then give Recall@K).
-
-    Both sides are cut into chunks of rows and compared block by block, a block being one chunk of queries against
-    one chunk of items; memory beyond the blocks in flight is O(n x m). Only the values the metrics read need be
-    exact: a list's first R, and its first max(ranks) when Recall@K comes from it.
-    """
-    n, m = positives.shape
-    counted = max(ranks) > m  # a K beyond every list: Recall@K needs a count over all items
-    ahead_of_nearest = torch.zeros(n, dtype=torch.int32, device=queries.device) if counted else None
-    top = queries.new_full((n, m), -math.inf)
-    if m == 0:  # no query has an item of its class
-        return top, ahead_of_nearest
-    floor, nearest, needed = list_bounds(positives, r, ranks, counted)
-    chunks, item_chunks = chunk_bounds(n, rows), chunk_bounds(len(item_keys), rows)
-    key_list, item_key_list = keys.tolist(), item_keys.tolist()
-    locks = [threading.Lock() for _ in chunks]  # two threads may fold blocks into one chunk's lists
-
-    def fold(i, sims, columns):
-        """Fold a block into the lists of chunk i's queries, which are its rows or its columns."""
-        lo, hi = chunks[i]
-        # top may be older than another thread's latest merge: a lower value at needed, so still a safe bound
-        bound = torch.maximum(floor[lo:hi], top[lo:hi].gather(1, needed[lo:hi, None])[:, 0])
-        touched, candidates, block_ahead = block_candidates(sims, bound, nearest[lo:hi] if counted else None, m,
-                                                            columns)
-        with locks[i]:
-            if block_ahead is not None:
-                ahead_of_nearest[lo:hi] += block_ahead
-            if touched is not None:
-                top[lo + touched] = torch.cat([top[lo + touched], candidates], dim=1).topk(m, dim=1).values
-
-    def block(pair):
-        """Cosines of query chunk i with item chunk j, same-class pairs hidden, folded into chunk i's queries and,
-        without a gallery, into chunk j's too: the matrix is symmetric, so the blocks from the diagonal on cover
-        every pair once."""
-        (a, b), (c, d) = chunks[pair[0]], item_chunks[pair[1]]
-        sims = cosine_block(queries[a:b], items[c:d])  # (b - a, d - c)
-        if key_list[a] <= item_key_list[d - 1] and item_key_list[c] <= key_list[b - 1]:  # the chunks share a class
-            sims.masked_fill_(keys[a:b, None] == item_keys[None, c:d], -math.inf)
-        fold(pair[0], sims, columns=False)
-        if symmetric and pair[1] != pair[0]:
-            fold(pair[1], sims, columns=True)
-
-    pairs = [(i, j) for i in range(len(chunks)) for j in range(i if symmetric else 0, len(item_chunks))]
-    for done, _ in enumerate(pool.map(block, pairs), 1):
-        if progress is not None:
-            progress(done, len(pairs))
-    return top, ahead_of_nearest
-
-
-def list_bounds(positives, r, ranks, counted):
-    """Per query (n,): floor, at or below which an other-class value never counts; nearest, its nearest same-class
-    similarity (inf where R = 0); needed, the index of the last list value the metrics read."""
-    has_r, inf = r > 0, torch.tensor(math.inf, device=positives.device)
-    least = positives.gather(1, (r - 1).clamp(min=0)[:, None])[:, 0]  # (n,) the least similar of the class
-    # an other-class value equal to the least similar same-class one ranks before it, so the floor is just below
-    floor = torch.where(has_r, torch.nextafter(least, -inf), inf)
-    nearest = torch.where(has_r, positives[:, 0], inf)
-    needed = (r if counted else r.clamp(min=max(ranks))).clamp(min=1) - 1
-    return floor, nearest, needed
-
-
-def chunk_bounds(size, rows):
-    """Chunks (start, end) of rows rows covering range(size)."""
-    bounds = list(range(0, size, rows)) + [size]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def block_candidates(sims, bound, nearest, m, columns):
-    """What one block changes for its queries: the rows of sims (b, c), or its columns when columns is True.
-
-    A value matters if it can enter its query's list, being above the query's bound (q,), or, when nearest (q,) is
-    given, if it is at least the query's nearest same-class similarity, to be counted. Returns (touched queries (t,)
-    or None, their candidates (t, w <= m) padded with -inf, counts (q,) of values >= nearest or None).
-    """
-    threshold = bound  # (q,)
-    if nearest is not None:
-        threshold = torch.minimum(threshold, torch.nextafter(nearest, nearest.new_tensor(-math.inf)))
-    dim = 0 if columns else 1  # along which a query's values lie
-    # past the first blocks few queries have values that matter, and few of theirs: each query's largest value (one
-    # cheap reduction) tells which queries to look at
-    touched = (sims.amax(dim) > threshold).nonzero()[:, 0]  # (t,)
-    if len(touched) == 0:
-        return None, None, None
-    if len(touched) < len(threshold):
-        sims = sims.index_select(1 - dim, touched)  # (b, t) or (t, c)
-    shape = (1, -1) if columns else (-1, 1)
-    above = sims > threshold[touched].view(shape)
-    ahead = None if nearest is None else torch.zeros_like(threshold, dtype=torch.int32)
-    if 8 * int(above.sum(dtype=torch.int32)) > sims.numel():  # most values matter: take each row's m largest
-        if ahead is not None:
-            ahead[touched] = (sims >= nearest[touched].view(shape)).sum(dim, dtype=torch.int32)
-        rows = sims.T.contiguous() if columns else sims  # (t, w)
-        return touched, rows.topk(min(m, rows.size(1)), dim=1).values, ahead
-    # few matter: gather them one by one rather than sorting whole rows
-    flat = above.view(-1).nonzero()[:, 0]  # (E,) positions in the block of the values that matter
-    values = sims.view(-1)[flat]
-    owner = flat % sims.size(1) if columns else flat // sims.size(1)  # (E,) the touched query each belongs to
-    if columns:
-        owner, order = owner.sort(stable=True)
-        values = values[order]
-    if ahead is not None:
-        ahead.index_add_(0, touched[owner], (values >= nearest[touched[owner]]).int())
-    counts = torch.bincount(owner, minlength=len(touched))  # (t,) one at least each
-    slot = torch.arange(len(owner), device=sims.device) - (counts.cumsum(0) - counts)[owner]
-    candidates = sims.new_full((len(touched), int(counts.max())), -math.inf)
-    candidates[owner, slot] = values
-    return touched, candidates, ahead
-
-
-ONEDNN = True  # cosine_block's oneDNN path; False, or an op that is missing or fails, means a plain matmul
-
-
-def cosine_block(queries, items):
-    """(b, D) and (c, D) unit rows -> (b, c) float32 cosines."""
-    if ONEDNN and queries.device.type == 'cpu' and torch.backends.mkldnn.is_available() and \
-            torch.backends.mkldnn.enabled:
-        # oneDNN's float32 GEMM uses AVX-512 on any x86 CPU, while MKL's keeps to AVX2 on AMD ones, which makes it
-        # about 2.2 times slower there (benchmarks/eval_speed.py prints both); the op is private, hence the fallback
-        try:
-            return torch.ops.mkldnn._linear_pointwise(queries, items, None, 'none', [], '')
-        except (AttributeError, RuntimeError):
-            pass
-    return queries @ items.T
-
-
-@contextlib.contextmanager
-def single_threaded_ops():
-    """Run torch CPU ops on one thread each inside the block; the caller's thread count is restored after it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def parse_ranks(text):

@@ -18,6 +18,7 @@ The methods:
   ours       utils.retrieval_metrics, as train.py calls it.
   per_query  the same with per_query=True and a progress callback, as a report of the worst queries calls it.
   before     with --baseline REVISION: retrieval_metrics of utils.py at that git revision (say main, or a commit),
+             with the project files it imports (neighbours.py, runtime.py) of that revision too,
              so that one run times a change's before and after.
   faiss      faiss.IndexFlatIP (exact inner product) over the items (all rows, or the gallery) searched with every
              query for its k = max(max rank, max R) nearest (+1 without a gallery, the query then dropped from its
@@ -35,10 +36,10 @@ above 1 the fastest repeat of each is kept (and the least CPU time), since other
 noisy. The metrics are printed side by side: ours, per_query's means and before's are the same; faiss agrees
 but for near-ties: two cosines within float32 rounding (1e-7) of each other may swap places between the two GEMMs,
 which moves a figure by a few thousandths of a point at most. A first line compares the float32 GEMM of torch.mm
-(MKL) with utils.cosine_block's (oneDNN).
+(MKL) with neighbours.cosine_block's (oneDNN).
 """
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -134,13 +135,29 @@ def faiss_metrics(features, labels, ranks, gallery_features=None, gallery_labels
     return metrics
 
 
-def load_utils(tree):
-    """utils.py of the source tree in the folder tree, as a module of its own."""
+def import_from(tree, name):
+    """Module `name` of the source tree in the folder tree, with the project modules it imports
+    (utils.py's neighbours.py, runtime.py, ...) read from that tree too, not from this one."""
+    for module, loaded in list(sys.modules.items()):
+        path = getattr(loaded, '__file__', None)
+        if module != '__main__' and path and os.path.dirname(os.path.abspath(path)) == ROOT:
+            del sys.modules[module]
     sys.path.insert(0, tree)
-    spec = importlib.util.spec_from_file_location('utils_before', os.path.join(tree, 'utils.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
+
+
+def baseline_tree(revision, folder):
+    """(the folder under folder holding the source tree of a git revision, its short commit)."""
+    tree = os.path.join(folder, 'before')
+    os.makedirs(tree)
+    archive = subprocess.run(['git', '-C', ROOT, 'archive', revision], capture_output=True)
+    if archive.returncode:
+        raise UserError(f'--baseline {revision!r} is not a git revision of {ROOT}: '
+                        f'{archive.stderr.decode().strip()}')
+    subprocess.run(['tar', '-x', '-C', tree], input=archive.stdout, check=True)
+    commit = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', revision],
+                            capture_output=True, text=True).stdout.strip()
+    return tree, commit
 
 
 def measure(method, path, ranks, threads, tree=None):
@@ -149,9 +166,8 @@ def measure(method, path, ranks, threads, tree=None):
     reports the means of its per-query figures, which must equal the averages."""
     import faiss
     import torch
-    from utils import retrieval_metrics
-    if method == 'before':
-        retrieval_metrics = load_utils(tree).retrieval_metrics
+    utils = import_from(tree, 'utils') if method == 'before' else importlib.import_module('utils')
+    retrieval_metrics = utils.retrieval_metrics
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     data = np.load(path)
@@ -182,14 +198,15 @@ def measure(method, path, ranks, threads, tree=None):
 
 
 def gemm_speeds(threads, size=2048, dim=512, repeats=5):
-    """GFLOP/s of one (size, dim) x (dim, size) float32 product through torch.mm (MKL) and utils.cosine_block."""
+    """GFLOP/s of a (size, dim) x (dim, size) float32 product by torch.mm (MKL) and
+    neighbours.cosine_block."""
     import torch
-    from utils import cosine_block
+    from neighbours import cosine_block
     torch.set_num_threads(threads)
     a, b = torch.randn(size, dim), torch.randn(size, dim)
     speeds = {}
     for name, product in (('torch.mm (MKL)', lambda: a @ b.T),
-                          ('utils.cosine_block (oneDNN)', lambda: cosine_block(a, b))):
+                          ('neighbours.cosine_block (oneDNN)', lambda: cosine_block(a, b))):
         product()
         seconds = []
         for _ in range(repeats):
@@ -281,16 +298,9 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         path, tree = os.path.join(folder, 'features.npz'), None
         if args.baseline:
-            tree = os.path.join(folder, 'before')
-            os.makedirs(tree)
-            archive = subprocess.run(['git', '-C', ROOT, 'archive', args.baseline], capture_output=True)
-            if archive.returncode:
-                raise UserError(f'--baseline {args.baseline!r} is not a git revision of {ROOT}: '
-                                f'{archive.stderr.decode().strip()}')
-            subprocess.run(['tar', '-x', '-C', tree], input=archive.stdout, check=True)
-            commit = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', args.baseline], capture_output=True,
-                                    text=True).stdout.strip()
-            print(f'before: utils.py of {args.baseline} ({commit})')
+            tree, commit = baseline_tree(args.baseline, folder)
+            print(f'before: utils.py of {args.baseline} ({commit}), with the files it imports of '
+                  f'that revision')
         if 'sop' in cases:
             features, labels = make_features(args.num_images, args.dim, args.spread, args.seed)
             print(f'\nsop: N = {len(labels)}, D = {args.dim}, {labels.max() + 1} classes of '

@@ -52,8 +52,8 @@ def write_store(folder, vectors, dtype):
     path = os.path.join(folder, f'store_{np.dtype(dtype).name}')
     os.makedirs(path)
     store = gallery.Store(path, model, vectors.shape[1])
-    for start in range(0, len(vectors), gallery.SEARCH_ROWS):
-        block = vectors[start:start + gallery.SEARCH_ROWS]
+    for start in range(0, len(vectors), gallery.READ_ROWS):
+        block = vectors[start:start + gallery.READ_ROWS]
         store.append([(f'/photos/{row:08d}.jpg', 1, 1) for row in range(start, start + len(block))], block, [])
     store.load()
     store.live[:] = True  # what Store.update marks for the images still in the folder
@@ -107,8 +107,9 @@ def main():
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     centres = rng.standard_normal((max(1, args.num_images // 100), args.dim), np.float32)
-    base = np.concatenate([clustered(min(gallery.SEARCH_ROWS, args.num_images - start), args.dim, args.spread,
-                                     centres, rng) for start in range(0, args.num_images, gallery.SEARCH_ROWS)])
+    starts = range(0, args.num_images, gallery.READ_ROWS)
+    base = np.concatenate([clustered(min(gallery.READ_ROWS, args.num_images - start), args.dim,
+                                     args.spread, centres, rng) for start in starts])
     queries = clustered(args.queries, args.dim, args.spread, centres, rng)
     timed = queries[:args.timed_queries]
     print(f'{args.num_images:,} x {args.dim} clustered unit vectors, {args.queries} queries, {args.threads} threads')

@@ -56,7 +56,7 @@ def main():
     features, labels = eval_speed.make_features(args.num_images, args.dim, args.spread, seed=0)
     times = {}
     report.retrieval_metrics = timed(report.retrieval_metrics, times)
-    report.nearest = timed(report.nearest, times)
+    report.top_k = timed(report.top_k, times)
     report.embedding_map = timed(report.embedding_map, times)
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)
@@ -77,8 +77,10 @@ def main():
         peak = next(int(line.split()[1]) * 1024 for line in file if line.startswith('VmHWM'))
     print(f'{len(labels):,} x {args.dim} features, {labels.max() + 1:,} classes, {torch.get_num_threads()} threads; '
           f'the report\'s folder holds {size / 2 ** 20:.1f} MiB')
-    for step, (wall, cpu) in [('per-query metrics', times['retrieval_metrics']), ('nearest neighbours (faiss)',
-                              times['nearest']), ('2-D map', times['embedding_map']), ('whole report', total)]:
+    steps = [('per-query metrics', times['retrieval_metrics']),
+             ('nearest neighbours (top_k)', times['top_k']), ('2-D map', times['embedding_map']),
+             ('whole report', total)]
+    for step, (wall, cpu) in steps:
         print(f'{step:<28} {wall:7.1f} s wall {cpu:7.1f} s CPU')
     print(f'peak resident memory {peak / 2 ** 30:.2f} GiB (features {features.nbytes / 2 ** 30:.2f} GiB)')
 

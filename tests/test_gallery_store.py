@@ -162,19 +162,18 @@ def test_the_search_reads_the_memory_map_in_blocks(tmp_path, net, monkeypatch):
     paths = album(tmp_path / 'photos', 9)
     with store_of(tmp_path, net) as store:
         store.update('photos', paths, net)
-        reads = []
-        read = gallery.Store.read
+        searched, search = [], gallery.top_k
 
-        def recorded(self, start, stop):
-            block = read(self, start, stop)
-            assert isinstance(self.rows, np.memmap) and block.data_ptr() != 0
-            reads.append(len(block))
-            return block
+        def recorded(queries, items, k, **options):
+            searched.append((items.data_ptr(), items.dtype, len(items), options['block_rows']))
+            return search(queries, items, k, **options)
 
-        monkeypatch.setattr(gallery.Store, 'read', recorded)
-        monkeypatch.setattr(gallery, 'SEARCH_ROWS', 2)
+        monkeypatch.setattr(gallery, 'top_k', recorded)
+        monkeypatch.setattr(gallery, 'READ_ROWS', 2)
         check_search(store, net, paths[3], paths, 4)
-    assert reads == [2, 2, 2, 2, 1]  # the whole store, two rows at a time
+        # the whole store on the memory map, not a copy, read two rows at a time (top_k's blocks)
+        assert isinstance(store.rows, np.memmap)
+        assert searched == [(store.rows.ctypes.data, torch.float16, 9, 2)]
 
 
 def test_unreadable_and_changing_photos(tmp_path, net, monkeypatch, capsys):

@@ -1,4 +1,6 @@
-"""retrieval_metrics at scale: blocks never N x N, exact on every path of its block sweep, ties, threads, memory."""
+"""neighbours.py against brute force: the block sweep behind retrieval_metrics (blocks never N x N,
+exact on every path, ties, threads, memory) and top_k (ties in item order, a query left out by its
+index, k beyond the items, dead rows, float16 items, a gallery store)."""
 import math
 import os
 import subprocess
@@ -11,8 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils
+import gallery
+import neighbours
 from conftest import ROOT
+from neighbours import top_k
 from utils import retrieval_metrics
 
 
@@ -159,14 +163,15 @@ def test_per_query_figures_match_the_whole_matrix(case):
 
 
 def record_blocks(monkeypatch):
-    """Record the (rows, columns) of every similarity block utils.cosine_block computes from now on; returns the list."""
-    shapes, original = [], utils.cosine_block
+    """Record the (rows, columns) of every similarity block neighbours.cosine_block computes from
+    now on; returns the list."""
+    shapes, original = [], neighbours.cosine_block
 
     def recording(queries, items):
         shapes.append((len(queries), len(items)))
         return original(queries, items)
 
-    monkeypatch.setattr(utils, 'cosine_block', recording)
+    monkeypatch.setattr(neighbours, 'cosine_block', recording)
     return shapes
 
 
@@ -216,8 +221,9 @@ def test_progress_counts_every_block_of_the_sweep():
 
 
 def test_plain_matmul_gives_the_metrics_of_onednn(monkeypatch):
-    """cosine_block's fallback, a plain matmul, when its private oneDNN op is switched off, missing or failing: the
-    same metrics on cosines that are exact in any arithmetic, the float64 matrix's on continuous ones."""
+    """cosine_block's fallback, a plain matmul, when oneDNN is switched off or its private op is
+    missing or failing: the same metrics on cosines that are exact in any arithmetic, the float64
+    matrix's on continuous ones."""
     calls, original = [], getattr(torch.ops.mkldnn, '_linear_pointwise', None)  # None where torch lacks it
 
     def recording(*args):
@@ -237,8 +243,8 @@ def test_plain_matmul_gives_the_metrics_of_onednn(monkeypatch):
             with_onednn = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
             assert bool(calls) == (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
             calls.clear()
-            monkeypatch.setattr(utils, 'ONEDNN', False)
-            switched_off = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
+            with torch.backends.mkldnn.flags(enabled=False):
+                switched_off = retrieval_metrics(*inputs, chunk_bytes=4 * 37 * 37)
             assert not calls
             monkeypatch.undo()
             for namespace in (SimpleNamespace(), SimpleNamespace(_linear_pointwise=failing)):  # missing, failing
@@ -354,3 +360,161 @@ def test_peak_memory_is_far_below_the_full_matrix(gallery):
     assert result.returncode == 0, result.stderr
     for variant, peak in zip(('plain', 'per query'), map(int, result.stdout.split()[-2:])):
         assert peak < 12000 ** 2 * 4 / 3, f'{variant}: {peak / 2 ** 20:.0f} MiB'
+
+
+# --------------------------------------------------------------------------------------------------
+# top_k
+
+def brute_top_k(queries, items, k, leave_out=None, live=None):
+    """([similarities], [item indices]) of each query's k' nearest items from the float64 cosine
+    matrix, by a plain sort on (similarity descending, item index), leaving out item leave_out[q]
+    and the items not live; k' = min(k, the fewest items a query ranks)."""
+    sims = (F.normalize(torch.as_tensor(queries).double(), dim=1)
+            @ F.normalize(torch.as_tensor(items).double(), dim=1).T).tolist()
+    orders = []
+    for q, row in enumerate(sims):
+        ranked = [j for j in range(len(row)) if (live is None or live[j])
+                  and (leave_out is None or j != leave_out[q])]
+        orders.append(sorted(ranked, key=lambda j: (-row[j], j)))
+    width = min([k] + [len(order) for order in orders])
+    return ([[sims[q][j] for j in order[:width]] for q, order in enumerate(orders)],
+            [order[:width] for order in orders])
+
+
+def assert_top_k(got, expected, atol=1e-6):
+    """top_k's (similarities, indices) are brute_top_k's: the same items in the same order, and
+    cosines within atol."""
+    values, index = got
+    assert values.dtype == torch.float32 and index.dtype == torch.int64
+    assert index.tolist() == expected[1]
+    expected_values = np.array(expected[0]).reshape(values.shape)
+    np.testing.assert_allclose(values.numpy(), expected_values, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_top_k_matches_brute_force(case):
+    """Queries against items that include them (each left out of its own list by its index, or
+    not), in item blocks of 1 to all items and query blocks of 1 to all queries, for k from 1 to
+    beyond the items: the brute force's lists. The grid cases' cosines are exact in any arithmetic
+    and many are equal: ties go to the lower index."""
+    features, _ = CASES[case]()
+    queries, own = features[:24], torch.arange(24)
+    own[::3] = -1  # these queries leave nothing out
+    blocks = ((1, 2 ** 25), (7, 4 * 7 * 5), (4096, 4 * 4096), (4096, 2 ** 25))  # (rows, bytes)
+    for k in (1, 5, len(features) + 3):
+        expected = brute_top_k(queries, features, k, leave_out=own.tolist())
+        for block_rows, chunk_bytes in blocks:
+            assert_top_k(top_k(queries, features, k, leave_out=own, block_rows=block_rows,
+                               chunk_bytes=chunk_bytes), expected)
+
+
+def test_top_k_ties_go_to_the_lower_item_index():
+    """Cosines 1, 1/2 and 0, exact in any arithmetic, each shared by many items: the equal ones
+    come in item order, across item blocks and at the k-th place inside a block, whichever of
+    several equal values torch.topk keeps."""
+    kinds = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 0.0, 0.0]])
+    kind = torch.from_numpy(np.random.default_rng(0).permutation([0] * 5 + [1] * 15 + [2] * 10))
+    items, query = kinds[kind], kinds[:1]
+    ones, halves = (kind == 0).nonzero()[:, 0].tolist(), (kind == 1).nonzero()[:, 0].tolist()
+    for block_rows in (1, 4, 30):
+        values, index = top_k(query, items, 9, block_rows=block_rows)
+        assert index[0].tolist() == ones + halves[:4]
+        assert values[0].tolist() == [1.0] * 5 + [0.5] * 4
+        values, index = top_k(query, items, 9, leave_out=[ones[2]], block_rows=block_rows)
+        assert index[0].tolist() == ones[:2] + ones[3:] + halves[:5]
+    collapsed = torch.tensor([[0.0, 3.0]]).repeat(50, 1)  # every item equal
+    _, index = top_k(collapsed[:4], collapsed, 10, leave_out=[0, 3, 12, -1], block_rows=8)
+    assert index.tolist() == [list(range(1, 11)), [0, 1, 2] + list(range(4, 11)),
+                              list(range(10)), list(range(10))]
+
+
+def test_top_k_beyond_the_items_gives_all_that_every_query_ranks():
+    """k above the items: each list holds as many as the query that ranks the fewest, leaving out
+    its own live item (a dead one it leaves out takes nothing); no items, or none live, give empty
+    lists."""
+    features, _ = CASES['gaussian']()
+    queries, items = features[:3], features[:6]
+    assert top_k(queries, items, 100)[1].shape == (3, 6)
+    assert_top_k(top_k(queries, items, 100, leave_out=[0, -1, 2]),
+                 brute_top_k(queries, items, 100, leave_out=[0, -1, 2]))
+    live = torch.tensor([True, False, True, True, False, True])
+    assert top_k(queries, items, 100, live=live)[1].shape == (3, 4)
+    assert top_k(queries, items, 100, leave_out=[1, 4, -1], live=live)[1].shape == (3, 4)
+    assert_top_k(top_k(queries, items, 100, leave_out=[0, 4, -1], live=live),
+                 brute_top_k(queries, items, 100, leave_out=[0, 4, -1], live=live))
+    assert top_k(queries, items[:0], 5)[1].shape == (3, 0)
+    assert top_k(queries, items, 5, live=torch.zeros(6, dtype=torch.bool))[1].shape == (3, 0)
+
+
+@pytest.mark.parametrize('case', ['sop-like', 'random', 'gaussian'])
+def test_float16_items_with_dead_rows(case):
+    """float16 unit rows, as a gallery store holds them, some of them dead: the brute force's lists
+    over the same values, ties in item order (grid cosines are exact in float16 too, and many are
+    equal), the cosines within the rounding of the rows' norms to float16 (top_k takes them as 1)."""
+    features, _ = CASES[case]()
+    rng = np.random.default_rng(len(features))
+    live = torch.from_numpy(rng.random(len(features)) > 0.3)
+    leave_out = torch.arange(25)
+    leave_out[::4] = -1
+    items = F.normalize(features, dim=1).half()
+    expected = brute_top_k(features[:25], items.float(), 7, leave_out=leave_out.tolist(), live=live)
+    for block_rows in (5, 4096):
+        got = top_k(features[:25], items, 7, leave_out=leave_out, live=live.numpy(),
+                    block_rows=block_rows)
+        assert_top_k(got, expected, atol=2 ** -11)
+
+
+def test_top_k_blocks_stay_within_chunk_bytes(monkeypatch):
+    """Each similarity block holds at most chunk_bytes, the blocks cover the queries x items once,
+    progress counts them in order, and the lists are the brute force's."""
+    features, _ = data([4] * 100, 16, 1.0, seed=3)
+    shapes, calls = record_blocks(monkeypatch), []
+    got = top_k(features, features, 5, leave_out=torch.arange(400), block_rows=64,
+                chunk_bytes=4 * 64 * 50, progress=lambda *call: calls.append(call))
+    assert max(rows * columns for rows, columns in shapes) <= 64 * 50
+    assert sum(rows * columns for rows, columns in shapes) == 400 * 400
+    assert calls == [(done, 7 * 8) for done in range(1, 7 * 8 + 1)]  # 7 item x 8 query blocks
+    assert_top_k(got, brute_top_k(features, features, 5, leave_out=list(range(400))))
+
+
+def test_the_gallery_scan_is_top_k_over_the_store(tmp_path, monkeypatch):
+    """gallery.Store.search, exact, over a store with duplicate and dead rows, read a few rows at a
+    time, a row left out: the brute force's paths over the stored float16 values, ties in row
+    order."""
+    features, _ = CASES['random']()
+    features = torch.cat([features, features[:20]])  # duplicates: exact ties
+    model = tmp_path / 'model.pth'
+    model.write_bytes(b'')
+    (tmp_path / 'store').mkdir()
+    store = gallery.Store(str(tmp_path / 'store'), str(model), features.shape[1])
+    paths = [f'/photos/{row:04d}.jpg' for row in range(len(features))]
+    store.append([(path, 1, 1) for path in paths], features.numpy(), [])
+    store.load()
+    store.live[np.random.default_rng(0).random(len(features)) < 0.2] = False
+    monkeypatch.setattr(gallery, 'READ_ROWS', 11)
+    stored = torch.from_numpy(np.asarray(store.rows, dtype=np.float32))
+    for row in (0, 5, 17):
+        expected = brute_top_k(stored[row:row + 1], stored, 12, leave_out=[row], live=store.live)
+        found = store.search(features[row], 12, exclude=row)
+        assert [path for path, _ in found] == [paths[j] for j in expected[1][0]]
+        np.testing.assert_allclose([value for _, value in found], expected[0][0], atol=1e-6, rtol=0)
+
+
+def test_top_k_among_candidates():
+    """Candidates from an approximate index (-1 for none, ids past the items, dead ones, the
+    query's own): the brute force's lists over the candidates that may be found, ties in item
+    order, as many as the query with the fewest has."""
+    features, _ = CASES['sop-like']()
+    items = F.normalize(features, dim=1).half()
+    live = torch.ones(len(items), dtype=torch.bool)
+    live[[3, 40]] = False
+    among = torch.tensor([[7, -1, 3, 9, 0, 12, 40, 900, 5], [1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    got = top_k(features[:2], items, 4, leave_out=[0, 4], live=live, among=among)
+    allowed = torch.zeros(2, len(items), dtype=torch.bool)
+    for q, row in enumerate(among.tolist()):
+        allowed[q, [j for j in row if 0 <= j < len(items)]] = True
+    expected = [brute_top_k(features[q:q + 1], items.float(), 4, leave_out=[[0, 4][q]],
+                            live=live & allowed[q]) for q in range(2)]
+    assert_top_k(got, ([e[0][0] for e in expected], [e[1][0] for e in expected]), atol=2 ** -11)
+    _, index = top_k(features[:2], items, 10, leave_out=[0, 4], live=live, among=among)
+    assert index.shape == (2, 4)  # the first query has 4 candidates it may find: 7, 9, 12, 5
