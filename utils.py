@@ -15,9 +15,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFile
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from runtime import UserError, cpu_generator_seeded, safe_load
@@ -25,6 +25,9 @@ from runtime import UserError, cpu_generator_seeded, safe_load
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
 CROP_TYPES = ('uncropped', 'cropped')
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
+# what PIL raises on a file it cannot read as an image (missing, truncated, not an image, a
+# decompression bomb): data_utils.py refuses such a file, and every script skips it
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def one_of(names):
@@ -84,23 +87,36 @@ def test_transform():
     return v2.Compose([v2.Resize(RESIZE_SIZE, antialias=True), v2.CenterCrop(IMAGE_SIZE)])
 
 
+class UnreadableImage(UserError):
+    """An image file PIL cannot read: missing, truncated or not an image."""
+
+
+def rgb(image):
+    """A PIL image in RGB, as data_utils.py prepares it and every script reads it: PIL's
+    convert('RGB'), except that 16-bit grayscale keeps its high byte, as PIL reads 16-bit colour
+    (convert would clip it to white)."""
+    if image.mode.startswith('I;16'):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))  # (H, W)
+    return image.convert('RGB')
+
+
 def read_image(path):
-    """Decode an image file into a (3, H, W) uint8 RGB tensor; any format PIL reads works."""
+    """Decode an image file into a (3, H, W) uint8 RGB tensor with PIL, as data_utils.py decodes it:
+    any pixel format PIL reads gives the pixels of rgb(); any other file is an UnreadableImage."""
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        # formats torchvision does not decode (TIFF, BMP, ...) still go through PIL
-        from PIL import Image
-        try:
-            with Image.open(path) as image:
-                return v2.functional.pil_to_tensor(image.convert('RGB'))
-        except OSError:
-            raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
+        with Image.open(path) as image:
+            return v2.functional.pil_to_tensor(rgb(image))  # (3, H, W)
+    except UNREADABLE:
+        raise unreadable(path) from None
+
+
+def unreadable(path):
+    """The UnreadableImage of an image file PIL cannot read."""
+    return UnreadableImage(f'cannot read image {path}: it is missing, truncated or not an image')
 
 
 def image_extensions():
     """The file name extensions of every format PIL reads (lower case), not only JPEG."""
-    from PIL import Image, ImageFile
     Image.init()
     # stub formats (HDF5, GRIB, WMF, ...) are only registered names: PIL cannot read them without extra plugins
     readable = {name for name, (factory, _) in Image.OPEN.items()
@@ -140,14 +156,13 @@ class ImageCache:
     """
 
     def __init__(self, paths, num_threads=None):
-        from PIL import Image
         shapes = []
         for path in paths:  # sizes from the file headers first, so the buffer is allocated once, at its final size
             try:
                 with Image.open(path) as image:
                     shapes.append((3, image.height, image.width))
-            except OSError:
-                raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
+            except UNREADABLE:
+                raise unreadable(path) from None
         self.shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)  # (N, 3)
         self.offsets = np.concatenate([[0], np.cumsum(self.shapes.prod(axis=1))])  # (N + 1,)
         needed, free = int(self.offsets[-1]), available_memory()
@@ -157,14 +172,9 @@ class ImageCache:
         self.pixels = np.empty(needed, dtype=np.uint8)
 
         def fill(i):
-            image = read_image(paths[i])
-            if tuple(image.shape) != tuple(self.shapes[i]):
-                raise UserError(f'{paths[i]} decodes to {tuple(image.shape)} pixels but its header says '
-                                f'{tuple(self.shapes[i])}; re-save it as a plain RGB JPEG or train without '
-                                f'--cache_images')
-            self[i].copy_(image)
+            self[i].copy_(read_image(paths[i]))  # PIL decodes the size its header gave
 
-        # libjpeg-turbo decodes outside the GIL, so threads use every core without copying images between processes
+        # PIL decodes outside the GIL: threads use every core, no image copied between processes
         with ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
             list(pool.map(fill, range(len(paths))))
 
