@@ -27,8 +27,9 @@ from runtime import (ArgumentParser, UserError, atomic_path, atomic_save, exclus
                      pyplot, remove_temporaries, rng_state, run_main, safe_load, save_figure, set_kernels,
                      set_rng_state, set_seed, setup_device, unwrap)
 from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, EmbeddingLoss, ImageReader,
-                   canonical_loss_args, check_loss_name, class_cosines, folder_name, index_path, load_index,
-                   loss_entry, make_data_base, mean_pairwise_cosine, one_of, parse_ranks, retrieval_metrics)
+                   canonical_loss_args, check_loss_name, class_cosines, embed_batches, folder_name,
+                   index_path, load_index, loss_entry, make_data_base, mean_pairwise_cosine, one_of,
+                   parse_ranks, retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
 CPU_BACKBONE = 'timm/resnet18'  # what the collapse warning suggests: it trains from random weights on a CPU
@@ -274,7 +275,8 @@ def train(args, ranks, device, rank, world):
         stats, train_features = train_one_epoch(ddp_model, train_loader, loss_criterion, optimizer, autocast, device,
                                                 epoch, args, rank)
         eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
-        features = {split: embed(model, data, eval_batch, args.num_workers, device, args.amp, rank, world)
+        features = {split: embed_split(model, data, eval_batch, args.num_workers, device, args.amp,
+                                       rank, world)
                     for split, data in splits.items() if split != 'train'}
         features['train'] = train_features
         rates = [group['lr'] for group in optimizer.param_groups]  # the epoch's, before the decay
@@ -642,19 +644,13 @@ def worker_context(dataset, num_workers):
     return 'fork' if cached and num_workers > 0 and 'fork' in torch.multiprocessing.get_all_start_methods() else None
 
 
-@torch.inference_mode()
-def embed(model, dataset, batch_size, num_workers, device, amp, rank, world):
-    """Embeddings (N, D) of a whole dataset on the CPU; under torchrun each rank embeds 1/W and all gather."""
-    model.eval()
+def embed_split(model, dataset, batch_size, num_workers, device, amp, rank, world):
+    """Embeddings (N, D) of a whole split on the CPU, as test.py embeds images
+    (utils.embed_batches); under torchrun each rank embeds 1/W and all gather."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda',
                         multiprocessing_context=worker_context(dataset, num_workers))
-    features = []
-    for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            features.append(unwrap(model).embed(images).float())
-    features = torch.cat(features)  # (N / W, D)
+    features = embed_batches(unwrap(model), (images for images, _ in loader), amp)  # (N / W, D)
     return (gather_shards(features, len(dataset)) if world > 1 else features).cpu()
 
 

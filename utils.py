@@ -24,7 +24,9 @@ from runtime import UserError, cpu_generator_seeded, safe_load
 
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
 CROP_TYPES = ('uncropped', 'cropped')
+# the recipe's crop, and the shorter side an image is resized to before it at test time
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
+TEST_BATCH = 32  # images per forward pass where image files are embedded (test.py, the gallery)
 # what PIL raises on a file it cannot read as an image (missing, truncated, not an image, a
 # decompression bomb): data_utils.py refuses such a file, and every script skips it
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -82,9 +84,17 @@ def train_transform():
     return v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
 
 
-def test_transform():
+def inference_sizes(image_size=None):
+    """(resize, crop) of the test-time transform: the crop image_size (default IMAGE_SIZE), and the
+    shorter side resized in the recipe's ratio before it (the seed's 256 for 224)."""
+    crop = image_size or IMAGE_SIZE
+    return round(crop * RESIZE_SIZE / IMAGE_SIZE), crop
+
+
+def test_transform(image_size=None):
     """Test-time transform on uint8 image tensors, as the seed: Resize(256) then CenterCrop(224)."""
-    return v2.Compose([v2.Resize(RESIZE_SIZE, antialias=True), v2.CenterCrop(IMAGE_SIZE)])
+    resize, crop = inference_sizes(image_size)
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])
 
 
 class UnreadableImage(UserError):
@@ -245,6 +255,63 @@ class ImageReader(Dataset):
 
     def __len__(self):
         return len(self.images)
+
+
+# --------------------------------------------------------------------------------------------------
+# inference: a trained model's embeddings of images, as train.py's evaluation, test.py, the gallery
+# and export.py compute them; image_size is the test-time crop (IMAGE_SIZE unless given)
+
+def inference_image(path, image_size=None):
+    """(3, S, S) uint8: an image file as a trained model sees it at test time, read_image then
+    test_transform; an UnreadableImage where PIL cannot read it."""
+    return test_transform(image_size)(read_image(path))
+
+
+@torch.inference_mode()
+def embed_batches(model, batches, amp=False):
+    """(N, D) float32 unit embeddings, on the model's device, of batches of uint8 images
+    (B, 3, S, S): Model.embed in eval mode, under bf16 autocast with amp (train.py --amp)."""
+    model.eval()
+    device = next(model.parameters()).device
+    features = []
+    for images in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            features.append(model.embed(images.to(device, non_blocking=True)).float())  # (B, D)
+    if not features:
+        return torch.zeros(0, model.embedding.out_features, device=device)
+    return torch.cat(features)
+
+
+def embed_files(model, paths, image_size=None):
+    """((N, D) float32 embeddings on the CPU of the files among paths that PIL reads, in order; the
+    paths of the others), decoded on all cores (PIL and torch's resize run outside the GIL),
+    TEST_BATCH to a forward pass."""
+    def read(path):
+        try:
+            return inference_image(path, image_size)
+        except UnreadableImage:
+            return None
+
+    features, unreadable_paths = [], []
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for start in range(0, len(paths), TEST_BATCH):
+            batch = paths[start:start + TEST_BATCH]
+            images = list(pool.map(read, batch))
+            unreadable_paths += [path for path, image in zip(batch, images) if image is None]
+            images = [image for image in images if image is not None]
+            if images:
+                features.append(embed_batches(model, [torch.stack(images)]).cpu())  # (B, D)
+    if not features:
+        return torch.zeros(0, model.embedding.out_features), unreadable_paths
+    return torch.cat(features), unreadable_paths
+
+
+def unreadable_line(paths, what='image'):
+    """The line each script prints for the image files it skipped: 'skipped 2 unreadable images
+    (missing, truncated or not an image): a, b'."""
+    plural = 's' * (len(paths) > 1)
+    return (f'skipped {len(paths)} unreadable {what}{plural} (missing, truncated or not an image): '
+            f'{", ".join(map(str, paths))}')
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -372,7 +372,7 @@ def fast_epochs(monkeypatch, recorded):
                                                                                       args.feature_dim)
 
     monkeypatch.setattr(train, 'train_one_epoch', lambda *a: wrapper(*a, fake=no_step))
-    monkeypatch.setattr(train, 'embed', lambda model, dataset, *_: F.normalize(
+    monkeypatch.setattr(train, 'embed_split', lambda model, dataset, *_: F.normalize(
         torch.randn(len(dataset), model.embedding.out_features), dim=1))
     for name in ('atomic_save', 'save_statistics'):
         monkeypatch.setattr(train, name, lambda *_: None)

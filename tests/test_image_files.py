@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data_utils
+import model
 import utils
 from conftest import write_album
 
@@ -93,3 +94,20 @@ def test_files_data_utils_refuses_are_unreadable_everywhere(album, tmp_path, mon
     with pytest.raises(utils.UnreadableImage):
         utils.read_image(album['rgb.png'])
 
+
+@torch.inference_mode()
+def test_embed_files_embeds_what_it_reads_and_names_the_rest(album, tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, 'TEST_BATCH', 2)  # three batches, one without a readable file
+    bad = unreadable_files(str(tmp_path / 'bad'))
+    paths = [album['cmyk.jpg'], bad['cut.jpg'], bad['text.png'], bad['empty.jpg'],
+             album['rgb16.png']]
+    torch.manual_seed(0)
+    net = model.Model('timm/resnet18', 8, 0, pretrained=False).eval()
+    features, unreadable = utils.embed_files(net, paths)
+    assert unreadable == [bad['cut.jpg'], bad['text.png'], bad['empty.jpg']]
+    expected = [net.embed(utils.test_transform()(pil_rgb(album[name]))[None])[0]
+                for name in ('cmyk.jpg', 'rgb.png')]  # (D,) each; rgb16.png reads as rgb.png
+    torch.testing.assert_close(features, torch.stack(expected))
+    assert utils.unreadable_line(unreadable[:2]) == (
+        f'skipped 2 unreadable images (missing, truncated or not an image): {bad["cut.jpg"]}, '
+        f'{bad["text.png"]}')

@@ -172,7 +172,7 @@ def test_train_warns_in_one_line_when_the_test_embeddings_collapse(script, tmp_p
     fast_epochs(monkeypatch, recorded)
     if collapse:
         train = load_script('train')
-        monkeypatch.setattr(train, 'embed', lambda model, dataset, *_: F.normalize(
+        monkeypatch.setattr(train, 'embed_split', lambda model, dataset, *_: F.normalize(
             torch.ones(len(dataset), 16) + 1e-4 * torch.randn(len(dataset), 16), dim=1))
     status, out, err = script('train', '--data_path', data, *TRAIN[:-4], '--num_epochs', 2, '--num_workers', 0,
                               cwd=tmp_path)
