@@ -13,7 +13,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from runtime import ArgumentParser, UserError, atomic_path, atomic_save, remove_temporaries, run_main
-from utils import CROP_TYPES, DATA_NAMES, folder_name, image_extensions, image_files, index_path, one_of
+from utils import (CROP_TYPES, DATA_NAMES, UNREADABLE, folder_name, image_extensions, image_files,
+                   index_path, one_of, rgb)
 
 # what each data set's download looks like once extracted, and where to get it
 LAYOUTS = {
@@ -282,8 +283,9 @@ def read_data_set(root, data_name):
 
 
 def convert(task):
-    """Write one image as RGB (cropped to its box if given), unless its copy is up to date; returns (what happened:
-    'kept', 'written', 'updated' or 'failed', an error text or None).
+    """Write one image as RGB (utils.rgb: the pixels every script reads), cropped to its box if
+    given, unless its copy is up to date; returns (what happened: 'kept', 'written', 'updated' or
+    'failed', an error text or None).
 
     A copy takes its source's modification time, so a copy whose time differs is stale: the photo was edited (or
     replaced) after it was prepared. Copies are written atomically, so an existing one is complete."""
@@ -294,13 +296,13 @@ def convert(task):
         if existed and os.stat(target).st_mtime_ns == source_time:
             return 'kept', None
         with Image.open(source) as image:
-            image = image.convert('RGB')
+            image = rgb(image)
             if box is not None:
                 image = image.crop(tuple(int(round(v)) for v in box))
             with atomic_path(target) as tmp:
                 image.save(tmp, format='JPEG')
                 os.utime(tmp, ns=(source_time, source_time))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except UNREADABLE as error:
         return 'failed', f'{source}: {error}'
     return 'updated' if existed else 'written', None
 

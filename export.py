@@ -14,7 +14,7 @@ from torch import nn
 
 from runs import DataBase, load_model
 from runtime import ArgumentParser, UserError, atomic_path, remove_temporaries, run_main
-from utils import IMAGE_SIZE, RESIZE_SIZE, read_image, test_transform
+from utils import UnreadableImage, embed_batches, inference_image, inference_sizes, unreadable_line
 
 FORMATS = {'onnx': ('.onnx', 'ONNX', 'ONNX Runtime'), 'torchscript': ('.pt', 'TorchScript', 'torch.jit.load')}
 # Col2Im (timm's VOLO folds patches) needs opset 18; ONNX Runtime runs opset 18 since its version 1.14
@@ -24,11 +24,6 @@ TOLERANCE = 1e-4  # the exported embeddings must agree with PyTorch's to within 
 TRACE_BATCH, CHECK_BATCH = 2, 3
 INPUT_NAME, OUTPUT_NAME = 'images', 'embeddings'
 ONNX_LIMIT = 2 ** 31  # bytes of one protobuf file: larger weights would need ONNX's external data files
-PREPROCESSING = (f'decode as RGB; resize so that the shorter side is {RESIZE_SIZE} pixels and the longer '
-                 f'int({RESIZE_SIZE} * longer / shorter), bilinear and antialiased (PIL Image.resize with BILINEAR); '
-                 f'crop {IMAGE_SIZE} x {IMAGE_SIZE} from the centre, at left = round((width - {IMAGE_SIZE}) / 2) and '
-                 f'top = round((height - {IMAGE_SIZE}) / 2) (Python round); lay it out as (3, {IMAGE_SIZE}, '
-                 f'{IMAGE_SIZE}) uint8 and stack images into a batch')
 
 
 def get_args_parser():
@@ -46,7 +41,8 @@ def get_args_parser():
 
 
 class Embedder(nn.Module):
-    """What is exported: Model.embed, uint8 RGB images (B, 3, 224, 224) -> unit embeddings (B, D).
+    """What is exported: Model.embed, uint8 RGB images (B, 3, S, S) -> unit embeddings (B, D), where
+    S is the test-time crop (224).
 
     It is in eval mode from the start: torch.onnx.export puts the module it is given back in that module's mode,
     and a new module's training mode would switch the model's BatchNorm layers to batch statistics.
@@ -77,15 +73,14 @@ def main():
     print(f'exporting {data_base_path} ({backbone_type}, {data_base.feature_dim}-d, epoch {epoch}) '
           f'as {format_name}')
 
-    images, source = check_images(data_base.test.images)
+    images, source = check_inputs(data_base.test.images)
     made_results = not os.path.isdir('results')
     remove_temporaries('results', f'{name}.')  # left by an export of this name that was killed
     try:
         # the export is moved into place first and its description last, so a description names complete files
         with atomic_path(description_path) as description_tmp, atomic_path(export_path) as export_tmp:
             export(Embedder(model), args.format, export_tmp, backbone_type)
-            with torch.inference_mode():
-                reference = model.embed(images).numpy()  # (CHECK_BATCH, D)
+            reference = embed_batches(model, [images]).numpy()  # (CHECK_BATCH, D)
             gap = 1 - smallest_cosine(reference, run_exported(export_tmp, args.format, images))
             if not gap <= TOLERANCE:  # nan fails too
                 raise UserError(f'the {format_name} export disagrees with PyTorch on {source} (1 - cosine is '
@@ -157,16 +152,21 @@ def kept_exports(earlier, model_key, kind):
             and os.path.isfile(os.path.join('results', str(entry.get('file'))))}
 
 
-def check_images(paths):
-    """(CHECK_BATCH uint8 images (B, 3, 224, 224), what they are): the data base's first test images as test.py
-    reads them, random pixels in place of any that cannot be read here (a data base from another machine)."""
-    images = []
+def check_inputs(paths):
+    """(CHECK_BATCH uint8 images (B, 3, S, S), what they are): the data base's first test images as
+    test.py reads them, random pixels in place of any that cannot be read here (a data base from
+    another machine), which a line names."""
+    images, unreadable = [], []
     for path in paths[:CHECK_BATCH]:
-        with contextlib.suppress(UserError):
-            images.append(test_transform()(read_image(path)))
-    read = len(images)
+        try:
+            images.append(inference_image(path))
+        except UnreadableImage:
+            unreadable.append(path)
+    read, (_, crop) = len(images), inference_sizes()
+    if unreadable:
+        print(unreadable_line(unreadable, 'test image'))
     generator = torch.Generator().manual_seed(0)
-    images += list(torch.randint(0, 256, (CHECK_BATCH - read, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8,
+    images += list(torch.randint(0, 256, (CHECK_BATCH - read, 3, crop, crop), dtype=torch.uint8,
                                  generator=generator))
     if read == CHECK_BATCH:
         source = f'{read} test images of the data base'
@@ -201,7 +201,8 @@ def export(embedder, kind, path, backbone_type):
     ONNX goes through the TorchScript-based exporter (dynamo=False): it needs no onnxscript, exports each backbone
     in seconds rather than the dynamo exporter's quarter of a minute, and names the operator it cannot translate.
     """
-    example = torch.randint(0, 256, (TRACE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8,
+    _, crop = inference_sizes()
+    example = torch.randint(0, 256, (TRACE_BATCH, 3, crop, crop), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(1))
     if kind == 'onnx':
         weights = sum(p.numel() * p.element_size() for p in embedder.parameters())
@@ -260,13 +261,14 @@ def smallest_cosine(reference, exported):
 def describe(model, data_base, data_base_path, model_key, files):
     """The JSON beside an export: what a caller must do to images, what comes out, and where it came from."""
     norm = model.input_norm
+    resize, crop = inference_sizes()
     return {
         'files': files,
-        'input': f'uint8 RGB (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE})',
+        'input': f'uint8 RGB (B, 3, {crop}, {crop})',
         'input_name': INPUT_NAME,
-        'resize': RESIZE_SIZE,
-        'crop': IMAGE_SIZE,
-        'preprocessing': PREPROCESSING,
+        'resize': resize,
+        'crop': crop,
+        'preprocessing': preprocessing(resize, crop),
         'channel_order': 'BGR' if norm.bgr else 'RGB',
         'mean': float32_values(norm.mean),
         'std': float32_values(norm.std),
@@ -283,6 +285,14 @@ def describe(model, data_base, data_base_path, model_key, files):
         'args': data_base.run,
     }
 
+
+def preprocessing(resize, crop):
+    """What a caller of the export does to an image first, in words: utils.test_transform."""
+    return (f'decode as RGB; resize so that the shorter side is {resize} pixels and the longer '
+            f'int({resize} * longer / shorter), bilinear and antialiased (PIL Image.resize with '
+            f'BILINEAR); crop {crop} x {crop} from the centre, at left = round((width - {crop}) / '
+            f'2) and top = round((height - {crop}) / 2) (Python round); lay it out as (3, {crop}, '
+            f'{crop}) uint8 and stack images into a batch')
 
 
 def float32_values(tensor):

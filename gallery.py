@@ -1,6 +1,7 @@
 """Plumbing for test.py --gallery: a folder's embeddings kept on disk, appended as the folder changes and searched
 memory-mapped, exactly or through a faiss index saved beside them. Imports nothing from the research files but
-utils.py's image reading and neighbours.py's exact search.
+utils.py's embed_files (images read, transformed and embedded as test.py and train.py do) and
+neighbours.py's exact search.
 
 A store is one folder, results/<model>_gallery_<folder hash>/, for one model file and one photo folder:
   meta.json                    {version, model, dim, dtype, generation}: written whole; names the two files below
@@ -16,7 +17,6 @@ import json
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,12 +25,11 @@ from tqdm import tqdm
 
 from neighbours import top_k
 from runtime import RunLock, UserError, atomic_path, remove_temporaries
-from utils import read_image, test_transform
+from utils import embed_files, unreadable_line
 
 VERSION = 1  # of the store's layout; a store or index of another version is written anew
 DTYPE = np.float16  # half of float32's disk and page cache; exact recall@10 0.9997 at 200,000 rows (index_speed.py)
 CHUNK = 256  # images embedded, then appended and synced together: what an interruption can lose
-BATCH = 32  # images per forward pass
 READ_ROWS = 1 << 16  # rows read from the memory map at a time: 64 MiB of float16 at 512-d
 COMPACT_FRACTION = 0.25  # compact when dead rows (removed or changed images) are this share of the store
 INDEXES = ('exact', 'hnsw', 'ivfpq')
@@ -175,16 +174,19 @@ class Store:
         todo = [key for key in keys if key not in self.row_of and key not in self.unreadable]
         changed = []
         if todo:
-            with tqdm(total=len(todo), desc=f'embedding {folder}', unit='img', dynamic_ncols=True) as bar, \
-                    ThreadPoolExecutor(os.cpu_count()) as pool:
+            with tqdm(total=len(todo), desc=f'embedding {folder}', unit='img',
+                      dynamic_ncols=True) as bar:
                 for start in range(0, len(todo), CHUNK):
                     chunk = todo[start:start + CHUNK]
-                    images = list(pool.map(read_unchanged, chunk))
-                    changed += [key[0] for key, image in zip(chunk, images) if image == 'changed']
-                    good = [(key, image) for key, image in zip(chunk, images) if isinstance(image, torch.Tensor)]
-                    features = embed([image for _, image in good], model)
-                    self.append([key for key, _ in good], features,
-                                [key for key, image in zip(chunk, images) if image == 'unreadable'])
+                    features, unreadable = embed_files(model, [path for path, _, _ in chunk])
+                    unreadable = set(unreadable)
+                    # a file whose size or time now differ from its key's was written while read
+                    same = {key: unchanged(key) for key in chunk}
+                    changed += [key[0] for key in chunk if not same[key]]
+                    readable = [key for key in chunk if key[0] not in unreadable]
+                    kept = torch.tensor([same[key] for key in readable], dtype=torch.bool)  # (R,)
+                    self.append([key for key in readable if same[key]], features[kept].numpy(),
+                                [key for key in chunk if key[0] in unreadable and same[key]])
                     bar.update(len(chunk))
             self.load()
         current = [key for key in keys if key in self.row_of]
@@ -196,8 +198,7 @@ class Store:
         print(f'gallery {folder}: {len(current)} images, {embedded} embedded now, {len(current) - embedded} from '
               f'{self.path}/')
         if unreadable:
-            print(f'gallery {folder}: skipped {len(unreadable)} unreadable image{"s" * (len(unreadable) > 1)} '
-                  f'(missing, truncated or not an image): {", ".join(unreadable)}')
+            print(f'gallery {folder}: {unreadable_line(unreadable)}')
         if changed:
             print(f'gallery {folder}: {len(changed)} image{"s" * (len(changed) > 1)} changed while being embedded '
                   f'and {"were" if len(changed) > 1 else "was"} left out (such as {changed[0]}); run again to embed '
@@ -250,28 +251,13 @@ class Store:
                 for row, value in zip(rows[0].tolist(), similarities[0].tolist())]
 
 
-def read_unchanged(key):
-    """An image decoded with the test-time transform; 'unreadable', or 'changed' when its size or modification
-    time are no longer those of key (it was being written while read)."""
-    path, size, mtime = key
+def unchanged(key):
+    """Whether the file of key (path, size, mtime_ns) still has that size and modification time."""
     try:
-        image = test_transform()(read_image(path))
-    except UserError:
-        image = 'unreadable'
-    try:
-        status = os.stat(path)
+        status = os.stat(key[0])
     except FileNotFoundError:
-        return 'changed'
-    return image if (status.st_size, status.st_mtime_ns) == (size, mtime) else 'changed'
-
-
-@torch.inference_mode()
-def embed(images, model):
-    """(N, D) float32 NumPy embeddings of (3, 224, 224) uint8 image tensors, BATCH at a time."""
-    device = next(model.parameters()).device
-    features = [model.embed(torch.stack(images[start:start + BATCH]).to(device)).float().cpu()
-                for start in range(0, len(images), BATCH)]
-    return torch.cat(features).numpy() if features else np.zeros((0, model.embedding.out_features), np.float32)
+        return False
+    return (status.st_size, status.st_mtime_ns) == tuple(key[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

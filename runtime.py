@@ -50,7 +50,7 @@ def run_main(main):
     except UserError as error:
         message = str(error)
         if '\nOriginal Traceback' in message:  # raised in a DataLoader worker, which prepends its traceback
-            message = message.rstrip().rsplit(f'{UserError.__name__}: ', 1)[-1]
+            message = message.rstrip().rsplit(f'{type(error).__name__}: ', 1)[-1]  # or a subclass's
         sys.stderr.write(f'error: {message}\n')
         sys.exit(1)
     except KeyboardInterrupt:

@@ -2,7 +2,6 @@
 import argparse
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import torch
@@ -14,7 +13,7 @@ from neighbours import top_k
 from report import write_report
 from runs import DataBase, load_model
 from runtime import ArgumentParser, UserError, atomic_dir, pyplot, remove_temporaries, run_main
-from utils import image_files, read_image, test_transform
+from utils import embed_files, image_files, read_image, unreadable_line
 
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
 RESULT_COLUMNS = ['rank', 'path', 'similarity', 'same_class']  # results.csv, one row per result
@@ -63,18 +62,6 @@ def embedding_device():
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
-@torch.inference_mode()
-def embed_images(model, paths, batch_size=32):
-    """(N, D) embeddings of image files with the test-time transform, decoded on all cores."""
-    features = []
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for start in range(0, len(paths), batch_size):
-            batch = list(pool.map(lambda path: test_transform()(read_image(path)), paths[start:start + batch_size]))
-            device = next(model.parameters()).device
-            features.append(model.embed(torch.stack(batch).to(device)).float().cpu())  # (B, D)
-    return torch.cat(features)
-
-
 def query_files(names):
     """The queries --query_img_name names: each image as given, each folder as every image below it (sorted)."""
     queries = []
@@ -91,11 +78,13 @@ def query_files(names):
 
 
 def embed_query(query, data_base, model):
-    """Embed an image that is not in the data base with the model saved beside the data base."""
+    """The embedding (D,) of an image that is not in the data base by the model saved beside it, or
+    None where PIL cannot read the file."""
     if not os.path.isfile(query):
         raise UserError(f'query image {query} does not exist; a valid name is '
                         f'{data_base.test.images[0]}')
-    return embed_images(model, [query])[0]  # (D,)
+    features, unreadable = embed_files(model, [query])
+    return None if unreadable else features[0]  # (D,)
 
 
 def gallery_store_path(folder, model_path):
@@ -117,8 +106,9 @@ def gallery_images(folder):
 
 
 def search_gallery(args, queries, data_base, data_base_path):
-    """Each query's (path, None, [(rank, path, cosine, None)] of its nearest images below --gallery): the folder's
-    store brought up to date first (gallery.py), then searched exactly or through --index."""
+    """Each query's (path, None, [(rank, path, cosine, None)] of its nearest images below --gallery,
+    or None for a file PIL cannot read): the folder's store brought up to date first (gallery.py),
+    then searched exactly or through --index."""
     images = gallery_images(args.gallery)
     model, model_path = load_model(data_base, data_base_path, embedding_device())
     # a mistyped query is reported now, not after the whole gallery has been embedded
@@ -143,6 +133,9 @@ def search_gallery(args, queries, data_base, data_base_path):
                 query_feature = data_base.test.features[known]
             else:
                 query_path, query_feature = query, embed_query(query, data_base, model)
+            if query_feature is None:  # no image PIL reads: main names it with the others skipped
+                yield query_path, None, None
+                continue
             if query_feature.size(0) != store.dim:
                 raise UserError(f'the model embeds in {store.dim} dimensions but data base {data_base_path} holds '
                                 f'{query_feature.size(0)}-d features; use the pair train.py wrote together')
@@ -195,8 +188,9 @@ def draw_row(query_image, results, path):
 
 
 def search_data_base(args, queries, data_base, data_base_path):
-    """Each query's (path, its label or None, [(rank, path, cosine, same class or None)] of its nearest images) in
-    the test set, or in the gallery of a data set evaluated queries against a gallery (In-shop)."""
+    """Each query's (path, its label or None, [(rank, path, cosine, same class or None)] of its
+    nearest images, or None for a file PIL cannot read) in the test set, or in the gallery of a data
+    set evaluated queries against a gallery (In-shop)."""
     images, labels, features = data_base.searched
     test = data_base.test
     model = None
@@ -214,6 +208,9 @@ def search_data_base(args, queries, data_base, data_base_path):
             if model is None and os.path.isfile(query):  # loaded once, for the first query outside the data base
                 model = load_model(data_base, data_base_path, embedding_device())[0]
             query_feature, query_label, query_path = embed_query(query, data_base, model), None, query
+            if query_feature is None:  # no image PIL reads: main names it with the others skipped
+                yield query_path, None, None
+                continue
         if query_feature.size(0) != features.size(1):
             raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
                             f'holds {features.size(1)}-d features; use the pair train.py wrote together')
@@ -241,7 +238,11 @@ def main():
     else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
         data_base.check_images_exist(data_base_path, args.data_path)
         searches = search_data_base(args, queries, data_base, data_base_path)
+    skipped = []
     for query_path, query_label, ranked in searches:
+        if ranked is None:
+            skipped.append(query_path)
+            continue
         name = output_name(query_path, data_base, queries if len(queries) > 1 else ())
         write_results(query_path, ranked, name)
         print_results(query_path, ranked)
@@ -249,6 +250,11 @@ def main():
         summary = f', {hits} of the same class' if query_label is not None else ''
         searched = f' in {args.gallery}' if args.gallery is not None else ''
         print(f'wrote the query and its {len(ranked)} nearest images{searched}{summary} to results/{name}/')
+    if skipped and len(skipped) == len(queries):
+        raise UserError(f'no query could be read: {", ".join(skipped)} (missing, truncated or not '
+                        f'an image); pass image files')
+    if skipped:
+        print(unreadable_line(skipped, 'query image'))
 
 
 def write_results(query_path, ranked, name):

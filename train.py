@@ -30,9 +30,9 @@ from runtime import (ArgumentParser, UserError, exclusive_run, gather, gather_sh
                      remove_temporaries, run_main, set_kernels, set_rng_state, set_seed,
                      setup_device, unwrap)
 from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, ImageReader,
-                   canonical_loss_args, check_loss_name, class_cosines, folder_name, index_path,
-                   load_index, loss_entry, mean_pairwise_cosine, one_of, parse_ranks,
-                   retrieval_metrics)
+                   canonical_loss_args, check_loss_name, class_cosines, embed_batches,
+                   folder_name, index_path, load_index, loss_entry, mean_pairwise_cosine, one_of,
+                   parse_ranks, retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
 CPU_BACKBONE = 'timm/resnet18'  # what the collapse warning suggests: it trains from random weights on a CPU
@@ -298,8 +298,8 @@ def train(args, prefix, ranks, entry, device, rank, world, watch):
         stats, train_features = train_one_epoch(model, run.loader, run.loss, entry.cosines,
                                                 run.optimizer, device, epoch, args, rank)
         watch.trained(run, epoch, stats, train_features)
-        features = {split: embed(run.model, data, eval_batch, args.num_workers, device, args.amp,
-                                 rank, world)
+        features = {split: embed_split(run.model, data, eval_batch, args.num_workers, device,
+                                       args.amp, rank, world)
                     for split, data in run.splits.items() if split != 'train'}
         features['train'] = train_features
         # the epoch's learning rates, before the decay
@@ -594,19 +594,13 @@ def batch_loss(model, images, labels, loss_criterion, on_cosines):
     return loss_criterion(embeddings, labels), embeddings, cosines, labels
 
 
-@torch.inference_mode()
-def embed(model, dataset, batch_size, num_workers, device, amp, rank, world):
-    """Embeddings (N, D) of a whole dataset on the CPU; under torchrun each rank embeds 1/W and all gather."""
-    model.eval()
+def embed_split(model, dataset, batch_size, num_workers, device, amp, rank, world):
+    """Embeddings (N, D) of a whole split on the CPU, as test.py embeds images
+    (utils.embed_batches); under torchrun each rank embeds 1/W and all gather."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda',
                         multiprocessing_context=worker_context(dataset, num_workers))
-    features = []
-    for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            features.append(unwrap(model).embed(images).float())
-    features = torch.cat(features)  # (N / W, D)
+    features = embed_batches(unwrap(model), (images for images, _ in loader), amp)  # (N / W, D)
     return (gather_shards(features, len(dataset)) if world > 1 else features).cpu()
 
 

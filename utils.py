@@ -11,9 +11,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFile
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from neighbours import CHUNK_BYTES, class_lists
@@ -21,7 +21,12 @@ from runtime import UserError, cpu_generator_seeded, safe_load
 
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
 CROP_TYPES = ('uncropped', 'cropped')
+# the recipe's crop, and the shorter side an image is resized to before it at test time
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
+TEST_BATCH = 32  # images per forward pass where image files are embedded (test.py, the gallery)
+# what PIL raises on a file it cannot read as an image (missing, truncated, not an image, a
+# decompression bomb): data_utils.py refuses such a file, and every script skips it
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def one_of(names):
@@ -76,28 +81,49 @@ def train_transform():
     return v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
 
 
-def test_transform():
+def inference_sizes(image_size=None):
+    """(resize, crop) of the test-time transform: the crop image_size (default IMAGE_SIZE), and the
+    shorter side resized in the recipe's ratio before it (the seed's 256 for 224)."""
+    crop = image_size or IMAGE_SIZE
+    return round(crop * RESIZE_SIZE / IMAGE_SIZE), crop
+
+
+def test_transform(image_size=None):
     """Test-time transform on uint8 image tensors, as the seed: Resize(256) then CenterCrop(224)."""
-    return v2.Compose([v2.Resize(RESIZE_SIZE, antialias=True), v2.CenterCrop(IMAGE_SIZE)])
+    resize, crop = inference_sizes(image_size)
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])
+
+
+class UnreadableImage(UserError):
+    """An image file PIL cannot read: missing, truncated or not an image."""
+
+
+def rgb(image):
+    """A PIL image in RGB, as data_utils.py prepares it and every script reads it: PIL's
+    convert('RGB'), except that 16-bit grayscale keeps its high byte, as PIL reads 16-bit colour
+    (convert would clip it to white)."""
+    if image.mode.startswith('I;16'):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))  # (H, W)
+    return image.convert('RGB')
 
 
 def read_image(path):
-    """Decode an image file into a (3, H, W) uint8 RGB tensor; any format PIL reads works."""
+    """Decode an image file into a (3, H, W) uint8 RGB tensor with PIL, as data_utils.py decodes it:
+    any pixel format PIL reads gives the pixels of rgb(); any other file is an UnreadableImage."""
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        # formats torchvision does not decode (TIFF, BMP, ...) still go through PIL
-        from PIL import Image
-        try:
-            with Image.open(path) as image:
-                return v2.functional.pil_to_tensor(image.convert('RGB'))
-        except OSError:
-            raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
+        with Image.open(path) as image:
+            return v2.functional.pil_to_tensor(rgb(image))  # (3, H, W)
+    except UNREADABLE:
+        raise unreadable(path) from None
+
+
+def unreadable(path):
+    """The UnreadableImage of an image file PIL cannot read."""
+    return UnreadableImage(f'cannot read image {path}: it is missing, truncated or not an image')
 
 
 def image_extensions():
     """The file name extensions of every format PIL reads (lower case), not only JPEG."""
-    from PIL import Image, ImageFile
     Image.init()
     # stub formats (HDF5, GRIB, WMF, ...) are only registered names: PIL cannot read them without extra plugins
     readable = {name for name, (factory, _) in Image.OPEN.items()
@@ -137,14 +163,13 @@ class ImageCache:
     """
 
     def __init__(self, paths, num_threads=None):
-        from PIL import Image
         shapes = []
         for path in paths:  # sizes from the file headers first, so the buffer is allocated once, at its final size
             try:
                 with Image.open(path) as image:
                     shapes.append((3, image.height, image.width))
-            except OSError:
-                raise UserError(f'cannot read image {path}: it is missing, truncated or not an image') from None
+            except UNREADABLE:
+                raise unreadable(path) from None
         self.shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)  # (N, 3)
         self.offsets = np.concatenate([[0], np.cumsum(self.shapes.prod(axis=1))])  # (N + 1,)
         needed, free = int(self.offsets[-1]), available_memory()
@@ -154,14 +179,9 @@ class ImageCache:
         self.pixels = np.empty(needed, dtype=np.uint8)
 
         def fill(i):
-            image = read_image(paths[i])
-            if tuple(image.shape) != tuple(self.shapes[i]):
-                raise UserError(f'{paths[i]} decodes to {tuple(image.shape)} pixels but its header says '
-                                f'{tuple(self.shapes[i])}; re-save it as a plain RGB JPEG or train without '
-                                f'--cache_images')
-            self[i].copy_(image)
+            self[i].copy_(read_image(paths[i]))  # PIL decodes the size its header gave
 
-        # libjpeg-turbo decodes outside the GIL, so threads use every core without copying images between processes
+        # PIL decodes outside the GIL: threads use every core, no image copied between processes
         with ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
             list(pool.map(fill, range(len(paths))))
 
@@ -232,6 +252,63 @@ class ImageReader(Dataset):
 
     def __len__(self):
         return len(self.images)
+
+
+# --------------------------------------------------------------------------------------------------
+# inference: a trained model's embeddings of images, as train.py's evaluation, test.py, the gallery
+# and export.py compute them; image_size is the test-time crop (IMAGE_SIZE unless given)
+
+def inference_image(path, image_size=None):
+    """(3, S, S) uint8: an image file as a trained model sees it at test time, read_image then
+    test_transform; an UnreadableImage where PIL cannot read it."""
+    return test_transform(image_size)(read_image(path))
+
+
+@torch.inference_mode()
+def embed_batches(model, batches, amp=False):
+    """(N, D) float32 unit embeddings, on the model's device, of batches of uint8 images
+    (B, 3, S, S): Model.embed in eval mode, under bf16 autocast with amp (train.py --amp)."""
+    model.eval()
+    device = next(model.parameters()).device
+    features = []
+    for images in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            features.append(model.embed(images.to(device, non_blocking=True)).float())  # (B, D)
+    if not features:
+        return torch.zeros(0, model.embedding.out_features, device=device)
+    return torch.cat(features)
+
+
+def embed_files(model, paths, image_size=None):
+    """((N, D) float32 embeddings on the CPU of the files among paths that PIL reads, in order; the
+    paths of the others), decoded on all cores (PIL and torch's resize run outside the GIL),
+    TEST_BATCH to a forward pass."""
+    def read(path):
+        try:
+            return inference_image(path, image_size)
+        except UnreadableImage:
+            return None
+
+    features, unreadable_paths = [], []
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for start in range(0, len(paths), TEST_BATCH):
+            batch = paths[start:start + TEST_BATCH]
+            images = list(pool.map(read, batch))
+            unreadable_paths += [path for path, image in zip(batch, images) if image is None]
+            images = [image for image in images if image is not None]
+            if images:
+                features.append(embed_batches(model, [torch.stack(images)]).cpu())  # (B, D)
+    if not features:
+        return torch.zeros(0, model.embedding.out_features), unreadable_paths
+    return torch.cat(features), unreadable_paths
+
+
+def unreadable_line(paths, what='image'):
+    """The line each script prints for the image files it skipped: 'skipped 2 unreadable images
+    (missing, truncated or not an image): a, b'."""
+    plural = 's' * (len(paths) > 1)
+    return (f'skipped {len(paths)} unreadable {what}{plural} (missing, truncated or not an image): '
+            f'{", ".join(map(str, paths))}')
 
 
 # ----------------------------------------------------------------------------------------------------------------------

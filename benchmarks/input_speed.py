@@ -6,10 +6,14 @@ It writes CUB-like JPEGs (500 x 375, 1/f "natural" content, about CUB's 95 KB pe
 data set, then times one single-threaded process (a per-core figure) through a DataLoader with num_workers=0:
   seed     PIL open + convert('RGB'), torchvision.transforms RandomResizedCrop(224), RandomHorizontalFlip,
            ToTensor, Normalize: float32 images leave the CPU normalised.
-  decode   utils.ImageReader as train.py uses it: torchvision decode_image and v2 transforms on uint8 tensors; the
-           float conversion and normalisation are the model's first layer (model.InputNorm), on the device.
+  decode   utils.ImageReader as train.py uses it: PIL decoding (utils.read_image, as data_utils.py
+           prepares) and v2 transforms on uint8 tensors; the float conversion and normalisation are
+           the model's first layer (model.InputNorm), on the device.
   cache    the same with train.py --cache_images: every image decoded once (utils.ImageCache), then each epoch
            only crops, resizes and flips.
+  tv       decode with torchvision's decode_image instead of PIL, as train.py did before every
+           script read images as data_utils.py prepares them (torchvision's decoders are deprecated
+           since its version 0.29, and gave other pixels for 16-bit PNGs and some GIFs).
 Every figure is a steady-state epoch (the second or later), the pipelines interleaved and repeated, the median
 kept, since other processes on the machine make single timings noisy.
 """
@@ -25,9 +29,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train import GlobalBatches, Marked  # noqa: E402
+from runtime import cpu_generator_seeded  # noqa: E402
 from utils import ImageReader, index_path  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -79,6 +85,16 @@ class SeedReader(Dataset):
         return len(self.images)
 
 
+class TorchvisionReader(ImageReader):
+    """utils.ImageReader decoding with torchvision's decode_image, seeded as ImageReader is."""
+
+    def __getitem__(self, item):
+        index, epoch = item
+        image = decode_image(self.images[index], mode=ImageReadMode.RGB)  # (3, H, W) uint8
+        with cpu_generator_seeded(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF):
+            return self.transform(image), self.labels[index]
+
+
 def epoch_speed(loader, epoch):
     """Images per second of one pass over a loader."""
     if hasattr(loader.batch_sampler, 'set_epoch'):
@@ -107,6 +123,7 @@ def main():
         cached.cache_images(ImageCacheOneThread(cached.images))
         build_speed = len(cached) / (time.perf_counter() - start)
         seed = SeedReader(project.images, project.labels)
+        torchvision_decoded = TorchvisionReader(root, 'cub', 'train')
 
         def loader(dataset, seeded):
             if seeded:  # as train.py reads them: (index, epoch, padding) items, augmentation seeded
@@ -114,7 +131,8 @@ def main():
                 return DataLoader(Marked(dataset), batch_sampler=sampler, num_workers=0)
             return DataLoader(dataset, args.batch_size, sampler=RandomSampler(dataset), num_workers=0)
 
-        loaders = {'seed': loader(seed, False), 'decode': loader(project, True), 'cache': loader(cached, True)}
+        loaders = {'seed': loader(seed, False), 'decode': loader(project, True),
+                   'cache': loader(cached, True), 'tv': loader(torchvision_decoded, True)}
         speeds = {name: [] for name in loaders}
         for epoch in range(1 + args.repeats):
             for name, data in loaders.items():
@@ -131,6 +149,7 @@ def main():
         print(f'  {name:7s} {value:7.0f} images/s per core  ({spread})')
     print(f'  building the cache (decoding every image once): {build_speed:.0f} images/s per core')
     print(f'decode / seed: {median["decode"] / median["seed"]:.2f}x')
+    print(f'decode (PIL) / tv (torchvision decode_image): {median["decode"] / median["tv"]:.2f}x')
     print(f'ratio (train.py --cache_images / seed): {median["cache"] / median["seed"]:.2f}x')
 
 

@@ -7,7 +7,7 @@ Training runs train.py's own loop (train.train_one_epoch: copy from pinned memor
 backward, AdamP step, one host sync per step for the running loss) on uint8 images already decoded, so the input
 pipeline is not measured here (benchmarks/input_speed.py does that). The backbone's BatchNorm stays in eval mode as
 in the published recipe, and weights are random: speed does not depend on them. Evaluation embeds batches twice as
-large under torch.inference_mode(), as train.embed does. --amp means bf16 autocast and channels_last.
+large with train.py's evaluation loop (utils.embed_batches). --amp: bf16 autocast and channels_last.
 """
 import argparse
 import os
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from model import BACKBONES, Model  # noqa: E402
-from utils import LOSSES  # noqa: E402
+from utils import LOSSES, embed_batches  # noqa: E402
 
 NUM_CLASSES, FEATURE_DIM, IMAGE_SIZE = 100, 512, 224  # CUB's 100 training classes, the seed's embedding size
 
@@ -63,16 +63,11 @@ def train_speed(model, batches, device, amp, warmup, steps):
     return stats['images_per_second']
 
 
-@torch.inference_mode()
-def eval_speed(model, batches, device, amp, warmup, steps):
-    """Images per second of embedding, as train.embed does: copy, autocast, Model.embed, back to the host."""
-    model.eval()
-
+def eval_speed(model, batches, amp, warmup, steps):
+    """Images per second of embedding with train.py's evaluation loop (utils.embed_batches: copy,
+    autocast, Model.embed), the embeddings brought back to the host."""
     def run(count):
-        for images, _ in (batches * count)[:count]:
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                model.embed(images).float().cpu()
+        embed_batches(model, (images for images, _ in (batches * count)[:count]), amp).cpu()
 
     run(warmup)
     start = time.perf_counter()
@@ -126,7 +121,7 @@ def main():
                 torch.cuda.reset_peak_memory_stats(device)
             train_rate = train_speed(model, train_batches, device, amp, args.warmup, args.steps)
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
-            eval_rate = eval_speed(model, eval_batches, device, amp, args.warmup, args.steps)
+            eval_rate = eval_speed(model, eval_batches, amp, args.warmup, args.steps)
             print(f'{backbone_type:{name_width}s} {"bf16 amp" if amp else "float32":10s} {train_rate:12.1f} '
                   f'{eval_rate:11.1f}' + (f' {peak:9.2f}' if peak is not None else ''), flush=True)
             del model

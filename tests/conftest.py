@@ -2,7 +2,9 @@
 happens)."""
 import os
 import random
+import struct
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -199,6 +201,71 @@ def make_folder(data_path, name, classes, per_class=2, split=None, nested=False)
             path = os.path.join(folder, f'img_{k}.jpg')
             write_image(path, number, k)
             written[class_name].append(path)
+    return written
+
+
+def write_png16(path, pixels):
+    """A 16-bit RGB or RGBA PNG of (H, W, 3 or 4) uint16 pixels: PIL reads such files, but cannot
+    write them."""
+    height, width, channels = pixels.shape
+    rows = b''.join(b'\x00' + row.astype('>u2').tobytes() for row in pixels)  # filter 0 each row
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data)
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', crc)
+    header = struct.pack('>IIBBBBB', width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
+    with open(path, 'wb') as file:
+        file.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header)
+                   + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
+def write_album(folder, size=(40, 30)):
+    """A real photo (scikit-learn's china.jpg, shrunk to size) in every pixel format and container
+    below, the files a camera, a scanner or an image editor leaves in a photo album; returns
+    {file name: path}."""
+    from sklearn.datasets import load_sample_image
+    os.makedirs(folder, exist_ok=True)
+    photo = Image.fromarray(load_sample_image('china.jpg')).resize(size, Image.BILINEAR)
+    rgb = np.asarray(photo)
+    alpha = np.broadcast_to(np.linspace(0, 255, size[0]).astype(np.uint8), rgb.shape[:2])  # (H, W)
+    gray = np.asarray(photo.convert('L'))
+    palette = photo.convert('P', palette=Image.ADAPTIVE, colors=16)
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # Orientation: shown turned by 90 degrees; the pixels are stored unturned
+    flipped = photo.transpose(Image.FLIP_LEFT_RIGHT)
+    formats = {
+        'baseline.jpg': (photo, {'quality': 90}),
+        'progressive.jpg': (photo, {'quality': 90, 'progressive': True}),
+        'gray.jpg': (photo.convert('L'), {}),
+        'cmyk.jpg': (photo.convert('CMYK'), {}),
+        'exif rotated.jpg': (photo, {'exif': rotated}),
+        'rgb.png': (photo, {}),
+        'rgba.png': (Image.fromarray(np.dstack([rgb, alpha])), {}),
+        'la.png': (Image.fromarray(np.dstack([gray, alpha])), {}),
+        'bilevel.png': (photo.convert('1'), {}),
+        'palette transparent.png': (palette, {'transparency': 3}),
+        'gray16.png': (Image.fromarray(gray.astype(np.uint16) * 257), {}),
+        'gray16.tif': (Image.fromarray(gray.astype(np.uint16) * 257), {}),
+        'int32.tif': (Image.fromarray(gray.astype(np.int32) * 3), {}),
+        'float.tif': (Image.fromarray(gray.astype(np.float32) / 2), {}),
+        'cmyk.tif': (photo.convert('CMYK'), {}),
+        'lossy.webp': (photo, {'quality': 90}),
+        'alpha.webp': (Image.fromarray(np.dstack([rgb, alpha])), {'lossless': True, 'exact': True}),
+        'animated.webp': (photo, {'save_all': True, 'append_images': [flipped]}),
+        'still.gif': (photo, {}),
+        'transparent.gif': (palette, {'transparency': 3}),
+        'animated.gif': (photo, {'save_all': True, 'append_images': [flipped]}),
+        'rgb.bmp': (photo, {}),
+        'rgb.tga': (photo, {}),
+        'gray.pgm': (photo.convert('L'), {}),
+    }
+    written = {}
+    for name, (image, options) in formats.items():
+        written[name] = os.path.join(folder, name)
+        image.save(written[name], **options)
+    for name, pixels in (('rgb16.png', rgb), ('rgba16.png', np.dstack([rgb, alpha]))):
+        written[name] = os.path.join(folder, name)
+        write_png16(written[name], pixels.astype(np.uint16) * 257)
     return written
 
 

@@ -123,7 +123,8 @@ def worker(rank, port, folder):
             results[loss_name] = step(DistributedDataParallel(model), images[part], labels[part], loss_name)
             results[f'last {loss_name}'] = step(DistributedDataParallel(make_model(loss_name)),
                                                 *last_batch(rank)[:2], loss_name)
-        results['features'] = train.embed(model, evaluation, 2, 0, torch.device('cpu'), False, rank, WORLD)
+        results['features'] = train.embed_split(model, evaluation, 2, 0, torch.device('cpu'), False,
+                                                rank, WORLD)
         torch.save(results, os.path.join(folder, f'rank{rank}.pth'))
     finally:
         dist.destroy_process_group()
@@ -182,7 +183,7 @@ def test_evaluation_gathers_every_embedding_in_order(two_processes):
     """Each rank embeds every other image and all of them gather the whole test set, in the data set's order."""
     _, _, evaluation = inputs()
     model = make_model()
-    expected = train.embed(model, evaluation, 2, 0, torch.device('cpu'), False, 0, 1)
+    expected = train.embed_split(model, evaluation, 2, 0, torch.device('cpu'), False, 0, 1)
     assert expected.shape == (EVAL_ITEMS, FEATURE_DIM)
     for results in two_processes:
         assert_close(results['features'], expected)

@@ -151,7 +151,7 @@ def test_readme_example_embeds_a_jpeg_as_pp_does(exported, monkeypatch):
     with Image.open(photo) as image:
         assert image.format == 'JPEG' and image.size == PHOTO_SIZE
     # test.py's path: read_image, test_transform (torchvision's antialiased resize and centre crop), Model.embed
-    pp = load_script('test').embed_images(model, [photo]).numpy()  # (1, D)
+    pp = utils.embed_files(model, [photo])[0].numpy()  # (1, D)
     pp_pixels = utils.test_transform()(utils.read_image(photo)).numpy().astype(int)  # (3, 224, 224)
     code = readme_example()
     assert 'import torch' not in code and "'photo.jpg'" in code
@@ -262,15 +262,18 @@ def test_an_export_that_disagrees_is_not_written(script, googlenet_run, monkeypa
     assert 'so nothing was written' in line and names(folder) == before and not temporaries(str(folder))
 
 
-def test_check_images_are_the_test_images_or_random_pixels(tmp_path):
+def test_check_inputs_are_the_test_images_or_random_pixels(tmp_path, capsys):
     photo = str(tmp_path / 'photo.jpg')
     write_image(photo, 1, 0, size=PHOTO_SIZE)
-    images, source = load_script('export').check_images([str(tmp_path / 'moved.jpg'), photo, photo, photo])
+    moved = str(tmp_path / 'moved.jpg')
+    images, source = load_script('export').check_inputs([moved, photo, photo, photo])
     assert images.shape == (3, 3, 224, 224) and images.dtype == torch.uint8
     assert source == '2 test images of the data base and 1 of random pixels'
+    assert capsys.readouterr().out == (f'skipped 1 unreadable test image (missing, truncated or '
+                                       f'not an image): {moved}\n')
     torch.testing.assert_close(images[0], utils.test_transform()(utils.read_image(photo)), rtol=0, atol=0)
     assert (images[2] != images[0]).float().mean() > 0.9  # the random one comes last
-    _, source = load_script('export').check_images([str(tmp_path / 'moved.jpg')])
+    _, source = load_script('export').check_inputs([moved])
     assert source == '3 images of random pixels (the test images of the data base cannot be read here)'
 
 

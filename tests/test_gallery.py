@@ -1,5 +1,6 @@
 """test.py --gallery DIR: search a folder of one's own photos with a model trained on a labelled folder (issue 10)."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 import data_utils
 import model
 import utils
-from conftest import make_folder, train_in, write_image
+from conftest import make_folder, train_in, write_album, write_image
 from script_runner import error_sentence, temporaries
 
 PREFIX = 'pets_timm-resnet18_proxy_anchor_16_no_pretrained_batch_size4'
@@ -231,6 +232,50 @@ def test_unreadable_photos_are_skipped_counted_and_listed_in_one_line(script, tr
         assert f'gallery {photos}: 3 images' in out
     check_results(independent, trained / 'results' / 'query', query,
                   [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png', photos / 'scan.bmp'])
+
+
+def test_an_album_in_every_pixel_format_is_searched_and_its_unreadable_files_named(
+        script, trained, independent, tmp_path):
+    """Photos in every pixel format data_utils.py prepares (16-bit, CMYK, palette, alpha, animated)
+    beside files no decoder reads: the search ends with results for every readable query and one
+    line each naming the gallery's and the queries' unreadable files, never a traceback."""
+    folder = tmp_path / 'album'
+    album = write_album(str(folder))
+    cut, fake = folder / 'cut.jpg', folder / 'fake.png'
+    with open(album['baseline.jpg'], 'rb') as file:
+        cut.write_bytes(file.read()[:200])
+    fake.write_text('not a PNG')
+    outside, broken = tmp_path / 'query16.png', tmp_path / 'broken.jpg'
+    shutil.copy(album['rgba16.png'], outside)
+    broken.write_text('not a JPEG')
+    status, out, err = script('test', '--query_img_name', album['animated.gif'], outside, broken,
+                              '--data_base', DATA_BASE, '--gallery', folder, '--retrieval_num', 30,
+                              cwd=trained)
+    assert status == 0 and 'Traceback' not in err, err
+    assert f'gallery {folder}: {len(album)} images, {len(album)} embedded now' in out
+    assert [line for line in out.splitlines() if 'skipped' in line] == [
+        f'gallery {folder}: skipped 2 unreadable images (missing, truncated or not an image): '
+        f'{cut}, {fake}',
+        f'skipped 1 unreadable query image (missing, truncated or not an image): {broken}']
+    assert out.splitlines()[-1].startswith('skipped 1 unreadable query image')
+    written = re.findall(r'^wrote the query and its (\d+) nearest images in .* to (results/.+)/$',
+                         out, re.M)
+    for query, (count, result) in zip([album['animated.gif'], outside], written):
+        others = [path for path in album.values() if path != query]
+        table = pd.read_csv(trained / result / 'results.csv', keep_default_na=False)
+        assert int(count) == len(table) == len(others) and sorted(table['path']) == sorted(others)
+        features = independent([query] + list(table['path']))  # (1 + N, D)
+        expected = F.normalize(features[1:], dim=1) @ F.normalize(features[0], dim=0)  # (N,)
+        # float16 rows: a unit row rounded so moves a cosine by at most 2 ** -11 (4.9e-4)
+        np.testing.assert_allclose(table['similarity'], expected, atol=6e-4)
+        assert table['similarity'].is_monotonic_decreasing and (table['same_class'] == '').all()
+    assert len(written) == 2
+    # the test set searched for queries that are all unreadable: one sentence
+    status, _, err = script('test', '--query_img_name', broken, fake, '--data_base', DATA_BASE,
+                            cwd=trained)
+    assert error_sentence(status, err) == (
+        f'error: no query could be read: {broken}, {fake} (missing, truncated or not an image); '
+        f'pass image files')
 
 
 def test_results_are_printed_as_text(script, trained, photos, tmp_path):

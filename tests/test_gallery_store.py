@@ -181,7 +181,7 @@ def test_unreadable_and_changing_photos(tmp_path, net, monkeypatch, capsys):
     broken = str(tmp_path / 'photos' / 'broken.jpg')
     with open(broken, 'w') as file:
         file.write('no JPEG')
-    read = gallery.read_image
+    read = utils.read_image
 
     def touching(path):  # the second photo is being written while it is read
         if path == paths[1]:
@@ -189,19 +189,22 @@ def test_unreadable_and_changing_photos(tmp_path, net, monkeypatch, capsys):
             os.utime(path, (later, later))
         return read(path)
 
-    monkeypatch.setattr(gallery, 'read_image', touching)
+    monkeypatch.setattr(utils, 'read_image', touching)
     with store_of(tmp_path, net) as store:
         store.update('photos', paths + [broken], net)
-        assert net.count == 3 and store.row(paths[1]) is None
+        # the changed photo was embedded with the others, then left out: its size or time changed
+        assert net.count == 4 and store.row(paths[1]) is None
+        check_search(store, net, paths[0], [paths[0], paths[2], paths[3]], 3)
     out = capsys.readouterr().out
     assert f'gallery photos: skipped 1 unreadable image (missing, truncated or not an image): {broken}\n' in out
     assert (f'gallery photos: 1 image changed while being embedded and was left out (such as {paths[1]}); run again '
             f'to embed it') in out
-    monkeypatch.setattr(gallery, 'read_image', read)
+    monkeypatch.setattr(utils, 'read_image', read)
     net.count = 0
     with store_of(tmp_path, net) as store:
         store.update('photos', paths + [broken], net)
         assert net.count == 1 and store.row(paths[1]) is not None  # the broken file is not read again
+        check_search(store, net, paths[0], paths, 4)
     assert 'skipped 1 unreadable image' in capsys.readouterr().out
 
 
