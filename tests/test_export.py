@@ -1,15 +1,14 @@
-"""export.py: the exports of every named backbone agree with PyTorch, the README's ONNX Runtime example embeds a
-JPEG as PP does, and each refusal is one sentence that leaves nothing behind (issue 19).
+"""export.py: the exports of every named backbone agree with PyTorch, the ONNX Runtime example of docs/export.md
+embeds a JPEG as PP does, and each refusal is one sentence that leaves nothing behind.
 
 The runs are fakes, a Model with random weights saved as train.py saves it beside a minimal data base, so nothing is
 trained. Each export costs a few seconds of a 2-core CPU, so every backbone is exported to ONNX and two of them, a CNN
 and a ViT, to TorchScript as well; dinov2_base, dinov2_small's architecture at four times the weights, is left out
-(it was exported by hand, see the README).
+(it was exported by hand, see docs/export.md).
 """
 import io
 import json
 import os
-import re
 import shutil
 import sys
 from contextlib import redirect_stdout
@@ -22,9 +21,10 @@ from PIL import Image
 
 import runtime
 import utils
-from conftest import ROOT, write_image
+from conftest import write_image
 from model import Model
 from script_runner import error_sentence, load_script, temporaries
+from test_docs import code_block
 
 BACKBONES = ('resnet50', 'inception', 'googlenet', 'vit_small_dino', 'dinov2_small')
 TORCHSCRIPT = ('inception', 'vit_small_dino')  # a CNN that reorders its channels, and a timm ViT
@@ -138,14 +138,7 @@ def test_description_says_what_a_caller_needs(exported):
     assert f'wrote results/{name}.onnx' in outputs[0] and f'and results/{name}.json' in outputs[0]
 
 
-def readme_example():
-    """The Python code block of the README's "Use a trained model elsewhere" section."""
-    with open(os.path.join(ROOT, 'README.md')) as file:
-        section = file.read().split('## Use a trained model elsewhere', 1)[1].split('\n## ', 1)[0]
-    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
-
-
-def test_readme_example_embeds_a_jpeg_as_pp_does(exported, monkeypatch):
+def test_docs_example_embeds_a_jpeg_as_pp_does(exported, monkeypatch):
     folder, data_base, model, _, _ = exported
     photo = str(folder / 'images' / '0.jpg')
     with Image.open(photo) as image:
@@ -153,13 +146,13 @@ def test_readme_example_embeds_a_jpeg_as_pp_does(exported, monkeypatch):
     # test.py's path: read_image, test_transform (torchvision's antialiased resize and centre crop), Model.embed
     pp = utils.embed_files(model, [photo])[0].numpy()  # (1, D)
     pp_pixels = utils.test_transform()(utils.read_image(photo)).numpy().astype(int)  # (3, 224, 224)
-    code = readme_example()
+    code = code_block('docs/export.md', 'Embedding one image exactly as PP does')
     assert 'import torch' not in code and "'photo.jpg'" in code
     name = os.path.basename(data_base)[:-len('_data_base.pth')]
     code = code.replace("'photo.jpg'", repr(photo)).replace('cub_resnet50_proxy_anchor_512_20', name)
     monkeypatch.chdir(folder)
     example = {}
-    exec(compile(code, 'README.md', 'exec'), example)  # PIL, NumPy and ONNX Runtime only
+    exec(compile(code, 'docs/export.md', 'exec'), example)  # PIL, NumPy and ONNX Runtime only
     assert example['embedding'].shape == (FEATURE_DIM,)
     assert gaps(pp, example['embedding'][None]).max() <= 1e-4
     # the pixels themselves: PIL's resize is torchvision's to one grey level, and the crop lies where PP's does (a
