@@ -48,10 +48,10 @@ class Benchmark(NamedTuple):
 
 
 BENCHMARKS = {
-    'car': Benchmark('CARS196', (1, 2, 4, 8), 'the seed README', {
+    'car': Benchmark('CARS196', (1, 2, 4, 8), 'the original PP README', {
         'resnet50': (87.0, 92.5, 95.6, 97.4), 'inception': (84.0, 90.5, 94.3, 96.6),
         'googlenet': (78.8, 86.2, 91.5, 95.1)}),
-    'cub': Benchmark('CUB200', (1, 2, 4, 8), 'the seed README', {
+    'cub': Benchmark('CUB200', (1, 2, 4, 8), 'the original PP README', {
         'resnet50': (70.0, 79.6, 86.9, 92.2), 'inception': (66.7, 77.3, 85.7, 91.0),
         'googlenet': (62.5, 73.6, 82.8, 89.8)}),
     # its R@10/100/1000 are not given at 512-d
@@ -231,7 +231,7 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
     configurations = list(itertools.product(backbones, losses))
     named = 'Proxy-Anchor loss' if tuple(losses) == (LOSS,) else f'losses {", ".join(losses)}'
     lines = ['# Reproduced benchmarks', '',
-             f'{named}, {FEATURE_DIM}-d embeddings, train.py defaults (the seed\'s hyper-parameters)'
+             f'{named}, {FEATURE_DIM}-d embeddings, train.py defaults (the original PP hyper-parameters)'
              + (f' with {shlex.join(extra)}' if extra else '') + '. '
              f'"reproduced" is the final epoch of each run (the statistics CSV\'s last row, after {epochs} epochs), '
              'never the best one: the mean ± sample standard deviation over the seeds that have finished (asked for: '

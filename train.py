@@ -108,7 +108,7 @@ def get_args_parser():
                                      help='training batch size (over all GPUs)'))
     recipe(optimisation.add_argument('--images_per_class', default=0, type=int,
                                      help='M: class-balanced batches of batch_size / M classes with M images each '
-                                          '(the official code\'s --IPC); 0: the seed\'s shuffled order'))
+                                          '(the official code\'s --IPC); 0: a plain shuffle, as the original PP code'))
     # raising --num_epochs continues a run, so it is no recipe flag
     optimisation.add_argument('--num_epochs', default=20, type=int, help='training epoch number')
     recipe(optimisation.add_argument('--warm_up', default=2, type=int,
@@ -133,7 +133,7 @@ def get_args_parser():
     recipe(evaluation.add_argument('--val_fraction', default=0.0, type=float,
                                    help='hold out this fraction of the training classes (the last ones by class id) '
                                         'as a validation set, evaluated every epoch like the test set; 0: none, as '
-                                        'in the seed'))
+                                        'in the original PP code'))
     run.add_argument('--run_name', default=None, type=str,
                      help='appended to the output names (letters, digits, ".", "-", "_"), to tell apart runs the '
                           'flags do not')
@@ -195,7 +195,7 @@ def check_args(args, parser):
     if args.images_per_class:
         if args.images_per_class < 2:
             raise UserError(f'--images_per_class must be at least 2 (a class-balanced batch needs pairs of a class), '
-                            f'not {args.images_per_class}; leave it out for the seed\'s shuffled batches')
+                            f'not {args.images_per_class}; leave it out for plainly shuffled batches')
         if args.batch_size % args.images_per_class:
             low = args.batch_size - args.batch_size % args.images_per_class
             raise UserError(f'--batch_size {args.batch_size} is not a multiple of --images_per_class '

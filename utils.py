@@ -519,9 +519,9 @@ SCALE = HyperParameter(32.0, 0.0, False, 'the scale s that multiplies the cosine
 OFFICIAL = 'the official Proxy-Anchor code (code/losses.py) through PML'
 LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
     'proxy_anchor': LossEntry(ProxyAnchorLoss, {'scale': SCALE, 'margin': HyperParameter(
-        0.1, 0.0, True, 'the margin m around each proxy')}, source='PP (the seed), Kim et al., CVPR 2020'),
+        0.1, 0.0, True, 'the margin m around each proxy')}, source='PP, Kim et al., CVPR 2020'),
     'normalized_softmax': LossEntry(NormalizedSoftmaxLoss, {'scale': SCALE},
-                                    source='PP (the seed), Zhai & Wu, BMVC 2019'),
+                                    source='PP, Zhai & Wu, BMVC 2019'),
     # with class proxies of their own
     'proxy_nca': LossEntry(proxy_nca, {'proxy_nca_scale': positive(32.0, 'the softmax scale of Proxy-NCA')}, False,
                            OFFICIAL),
