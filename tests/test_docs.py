@@ -2,7 +2,7 @@
 name exist, every command they show is accepted by its script's parser, and their examples run.
 
 Every code block says what it holds. `python` blocks are examples, and each runs in a test: the
-ONNX Runtime example of docs/export.md in tests/test_export.py, which has an exported model for it,
+ONNX Runtime example of docs/export.md in tests/test_run_export.py, which has an exported model for it,
 the others here. `bash` blocks are commands: the README's quick start runs here on the digits demo
 it writes, with one epoch instead of three and small crops; the others need a downloaded data set,
 a GPU, a network or many minutes, so their commands (and those quoted in the text) are parsed by
@@ -29,7 +29,7 @@ LANGUAGES = ('bash', 'python', 'text')
 QUICK_START = 'Quick start (CPU, no download)'
 # python blocks that another test runs, with what it needs: (page, heading) -> that test's file
 RUN_ELSEWHERE = {
-    ('docs/export.md', 'Embedding one image exactly as PP does'): 'tests/test_export.py'}
+    ('docs/export.md', 'Embedding one image exactly as PP does'): 'tests/test_run_export.py'}
 
 
 class Block(NamedTuple):

@@ -14,7 +14,8 @@ from model import Model, ProxyLinear
 from utils import LOSSES
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
-# the losses on cosines to the model's proxies; the others are PML's, on the embeddings (test_baseline_losses)
+# the losses on cosines to the model's proxies; the others are PML's, on the embeddings
+# (test_utils_baseline_losses.py)
 ON_COSINES = [name for name, entry in LOSSES.items() if entry.cosines]
 
 

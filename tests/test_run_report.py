@@ -20,7 +20,7 @@ import data_utils
 import utils
 from conftest import make_cub, make_folder, train_in
 from script_runner import error_sentence, temporaries
-from test_metrics import gallery_rankings_of, ranked_per_query, rankings_of
+from test_utils_metrics import gallery_rankings_of, ranked_per_query, rankings_of
 
 FLAGS = ('--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', 16, '--batch_size', 4, '--num_workers',
          0)

@@ -13,7 +13,7 @@ import runs
 from conftest import train_in
 from runs import DataBase, load_model
 from script_runner import error_sentence, load_script
-from test_learning import NUISANCE, PER_CLASS, SIGNAL, synthetic
+from test_utils_losses_learn import NUISANCE, PER_CLASS, SIGNAL, synthetic
 from utils import LOSSES, EmbeddingLoss, recall
 
 pytestmark = pytest.mark.usefixtures('without_onednn', 'quick_runs')  # quick_runs: see conftest.py
@@ -134,8 +134,8 @@ class PairEmbedder(nn.Module):
 
 @pytest.mark.parametrize('loss_name', ['multi_similarity', 'contrastive'])
 def test_a_pair_loss_on_class_balanced_batches_learns_unseen_classes(loss_name):
-    """Synthetic classes (tests/test_learning.py's), batches of 16 classes x 4 images from train.py's sampler:
-    R@1 on 20 held-out classes rises from about chance to well above it."""
+    """Synthetic classes (tests/test_utils_losses_learn.py's), batches of 16 classes x 4 images
+    from train.py's sampler: R@1 on 20 held-out classes rises from about chance to well above it."""
     torch.manual_seed(0)
     (train_x, train_y), (test_x, test_y) = synthetic(num_train=60, num_test=20)
     net = PairEmbedder()

@@ -263,7 +263,7 @@ def test_seeds_train_every_configuration_once_per_seed_with_the_other_flags(scri
 def test_the_table_finds_a_run_of_any_flag_off_its_default(script, tmp_path, flag):
     """reproduce.py --table with a recipe flag passed on reads the run train.py names after that flag, not the
     default run's."""
-    from test_workbench import OFF_DEFAULT
+    from test_train_flags import OFF_DEFAULT
     flags = [f'--{flag}', *OFF_DEFAULT[flag][0]]
     train = load_script('train')
     name = train.prefix_of(train.get_args_parser().parse_args(['--data_name', 'cub', *flags]))
