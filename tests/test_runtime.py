@@ -1,9 +1,8 @@
-"""A SIGKILL at any moment leaves each output either old and whole or new and whole; reruns finish the job (issue 3)."""
+"""runtime.py's outputs: a SIGKILL at any moment leaves each file either old and whole or new and
+whole, with the umask's permissions; a failed write keeps the old file and leaves no temporary."""
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -11,10 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data_utils
 import runtime
-import utils
-from conftest import ROOT, make_cub, write_image
 from script_runner import temporaries
 
 
@@ -75,81 +71,4 @@ def test_failed_block_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
                 file.write(b'half')
             1 / 0
     assert torch.load(tmp_path / 'a.pth', weights_only=True)['x'].tolist() == [1, 1, 1]
-    assert not temporaries(str(tmp_path))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# data_utils.py: reruns skip finished images and complete interrupted runs
-
-def outputs(root):
-    """{path: mtime_ns} of every converted image."""
-    folder = os.path.join(root, 'uncropped')
-    return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
-
-
-def test_rerun_skips_finished_images(tmp_path):
-    root = make_cub(str(tmp_path), num_classes=4, per_class=3)
-    data_utils.prepare(str(tmp_path), 'cub', workers=1)
-    before = outputs(root)
-    assert len(before) == 12
-    time.sleep(0.01)
-    data_utils.prepare(str(tmp_path), 'cub', workers=1)
-    assert outputs(root) == before  # not one image rewritten
-
-
-def test_rerun_completes_a_run_that_lost_images_and_left_temporaries(tmp_path):
-    root = make_cub(str(tmp_path), num_classes=4, per_class=3)
-    data_utils.prepare(str(tmp_path), 'cub', workers=1)
-    index = utils.load_index(str(tmp_path), 'cub')
-    folder = os.path.join(root, 'uncropped')
-    lost = sorted(os.listdir(folder))[::3]
-    for name in lost:
-        os.remove(os.path.join(folder, name))
-    os.remove(utils.index_path(str(tmp_path), 'cub'))
-    # what a SIGKILL during a write leaves: an image's and the index's temporary files
-    strays = os.path.join(folder, f'.{lost[0]}.k3x9_a1.tmp'), os.path.join(root, '.uncropped_data_dicts.pth.z.tmp')
-    for stray in strays:
-        with open(stray, 'wb') as file:
-            file.write(b'\xff\xd8 half an image')
-    kept = {name: mtime for name, mtime in outputs(root).items() if not name.startswith('.')}
-    data_utils.prepare(str(tmp_path), 'cub', workers=1)
-    after = outputs(root)
-    assert set(after) == set(kept) | set(lost)
-    assert all(after[name] == mtime for name, mtime in kept.items())
-    assert utils.load_index(str(tmp_path), 'cub') == index
-    assert not temporaries(str(tmp_path))
-
-
-def test_sigkill_during_conversion_then_rerun(tmp_path):
-    """Kill data_utils.py mid-conversion: every image written is whole, no index yet; the next call completes."""
-    root = make_cub(str(tmp_path), num_classes=4, per_class=10)
-    with open(os.path.join(root, 'images.txt')) as file:
-        for line in file:
-            image_id, relative = line.split()
-            # large noisy images, so converting them takes long enough to be interrupted
-            write_image(os.path.join(root, 'images', relative), int(relative[:3]), int(image_id), size=(900, 700))
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'data_utils.py'), '--data_path', str(tmp_path),
-                                '--data_name', 'cub', '--workers', '1'],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    folder = os.path.join(root, 'uncropped')
-    deadline = time.monotonic() + 60
-    while process.poll() is None and time.monotonic() < deadline:
-        if os.path.isdir(folder) and len([n for n in os.listdir(folder) if not n.startswith('.')]) >= 5:
-            break
-        time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, 'data_utils.py finished before it could be killed'
-    done = [name for name in os.listdir(folder) if not name.startswith('.')]
-    assert 5 <= len(done) < 40
-    assert not os.path.exists(utils.index_path(str(tmp_path), 'cub'))
-    for name in done:
-        with Image.open(os.path.join(folder, name)) as image:
-            image.load()  # whole: a half-written JPEG raises here
-            assert image.size == (900, 700)
-    before = outputs(root)
-    data_utils.prepare(str(tmp_path), 'cub', workers=1)
-    after = outputs(root)
-    assert len(after) == 40 and all(after[name] == before[name] for name in done)
-    assert sum(map(len, utils.load_index(str(tmp_path), 'cub')['train'].values())) == 20
     assert not temporaries(str(tmp_path))
