@@ -143,7 +143,7 @@ def set_process_state(state):
 @pytest.fixture(autouse=True)
 def same_process_state():
     """Whatever a test changes of the process-wide state is put back after it, so that no test
-    computes differently for what ran before it in this process (issue 14: a thread-count call left
+    computes differently for what ran before it in this process (a thread-count call once left
     MKL in another mode)."""
     state = process_state()
     yield

@@ -9,6 +9,7 @@ a GPU, a network or many minutes, so their commands (and those quoted in the tex
 their scripts' own parsers instead. `text` blocks are output and layouts, never run.
 """
 import argparse
+import glob
 import importlib.util
 import os
 import re
@@ -157,6 +158,9 @@ def test_no_words_that_only_this_projects_history_knows():
         text = prose(page)
         assert re.findall(r'\bissue \d+', text, re.I) == [], page  # work orders, not for readers
         assert re.findall(r'\bthe seed\b', text, re.I) == [], page  # the original implementation
+    for path in glob.glob(os.path.join(ROOT, 'tests', '*.py')):  # a test says what it checks
+        with open(path) as file:
+            assert re.findall(r'\bissue \d+', file.read(), re.I) == [], path
 
 
 # --------------------------------------------------------------------------------------------------

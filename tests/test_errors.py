@@ -1,4 +1,4 @@
-"""Bad input ends in one clear sentence on stderr, exit status 1, no traceback and nothing half-written (issue 3)."""
+"""Bad input ends in one clear sentence on stderr, exit status 1, no traceback and nothing half-written."""
 import os
 import shutil
 import urllib.error

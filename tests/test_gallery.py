@@ -1,4 +1,5 @@
-"""gallery.py's store and indexes (issue 19): appended as a folder changes, memory-mapped, searched in blocks."""
+"""gallery.py's store and indexes: appended as a folder changes, memory-mapped, searched in
+blocks."""
 import json
 import os
 

@@ -1,4 +1,5 @@
-"""The modern backbones through timm (issue 9): ViT-S/16 DINO, DINOv2, any timm model; random weights, no download.
+"""model.py's modern backbones through timm: ViT-S/16 DINO, DINOv2, any timm model; random
+weights, no download.
 
 The ViTs run at the recipe's 224-pixel crops, which is slow on a CPU, so each model is built once per module and
 the 86M-parameter dinov2_base only embeds one image.

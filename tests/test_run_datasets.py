@@ -1,4 +1,5 @@
-"""In-shop Clothes, labelled image folders and the digits demo: preparation, errors, training, retrieval (issue 10)."""
+"""In-shop Clothes, labelled image folders and the digits demo: preparation, training,
+retrieval."""
 import os
 import sys
 

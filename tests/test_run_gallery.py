@@ -1,4 +1,5 @@
-"""test.py --gallery DIR: search a folder of one's own photos with a model trained on a labelled folder (issue 10)."""
+"""test.py --gallery DIR: search a folder of one's own photos with a model trained on a labelled
+folder."""
 import os
 import re
 import shutil

@@ -1,5 +1,6 @@
-"""Your own photos as a practitioner meets them (issue 16): files that are no data base, a model from another run,
-collapsed embeddings, stale prepared copies, data that moved, results as text, many queries, typos, the demo."""
+"""Your own photos as a practitioner meets them: files that are no data base, a model from
+another run, collapsed embeddings, stale prepared copies, data that moved, results as text, many
+queries, typos, the demo."""
 import contextlib
 import io
 import os
@@ -163,7 +164,7 @@ def test_collapse_detector_on_constructed_embeddings():
     assert utils.mean_pairwise_cosine(collapsed) > utils.COLLAPSED
     assert utils.mean_pairwise_cosine(healthy) < utils.COLLAPSED
     assert utils.mean_pairwise_cosine(positive) < utils.COLLAPSED
-    # the retrieval the issue saw on collapsed embeddings: every similarity reads 1.000
+    # the retrieval a user saw on collapsed embeddings: every similarity reads 1.000
     assert (F.normalize(collapsed, dim=1) @ F.normalize(collapsed[0], dim=0)).min() > 0.999
 
 

@@ -1,6 +1,7 @@
-"""test.py --report and train.py --tensorboard (issue 18): the report's figures against retrieval_metrics, train.py's
-CSV and brute force, its pictures, a data base whose images are gone, a query/gallery data base; TensorBoard's
-scalars against the CSV across a resume."""
+"""test.py --report and train.py --tensorboard: the report's figures against brute force (and,
+as wiring checks, against retrieval_metrics and train.py's CSV), its pictures, a data base whose
+images are gone, a query/gallery data base; TensorBoard's scalars against the CSV across a
+resume."""
 import collections
 import html
 import html.parser

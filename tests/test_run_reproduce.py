@@ -243,7 +243,7 @@ def test_a_failed_run_stops_with_one_sentence(script, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# several seeds (issue 8)
+# several seeds
 
 def test_seeds_train_every_configuration_once_per_seed_with_the_other_flags(script, tmp_path):
     """--seeds 1,2,3 lists each configuration three times, seed 1 with the seed's command; other flags go along,
@@ -309,7 +309,7 @@ def test_table_reports_mean_and_sample_spread_over_the_finished_seeds(script, tm
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# several losses (issue 17)
+# several losses
 
 def test_losses_train_each_configuration_once_per_loss_and_seed(script, tmp_path):
     """--losses lists every backbone x loss x seed, each with its --loss_name, the other flags passed on; a finished

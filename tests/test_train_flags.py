@@ -1,4 +1,6 @@
-"""The research workbench (issue 8): recipe flags, run names, the run lock, a validation split, several seeds."""
+"""train.py's flags: each recipe flag reaches what it controls, names the run off its default
+and is checked on --resume; run names; --val_fraction's validation split; one process per run
+name."""
 import os
 import signal
 import subprocess
@@ -64,7 +66,7 @@ OFF_DEFAULT = {'crop_type': [['cropped']], 'no_pretrained': [[]], 'scale': [['16
                'batch_size': [['32'], ['128']], 'warm_up': [['0'], ['5']], 'seed': [['2'], ['3'], ['12']],
                'amp': [[]], 'val_fraction': [['0.2'], ['0.25']],
                'images_per_class': [['4'], ['2']], 'loss_args': [['margin=0.2'], ['margin=0.2,swap=True']]}
-# the baseline losses' hyper-parameters (issue 17): one value off its default each
+# the baseline losses' hyper-parameters: one value off its default each
 OFF_DEFAULT.update({flag: [[str(2 * hyper.default + 1)]]
                     for flag, (hyper, _) in load_script('train').loss_flags().items() if flag not in OFF_DEFAULT})
 
@@ -111,7 +113,7 @@ def test_run_names_follow_the_flags_and_never_collide():
     assert names[('--lr', '3e-4')].endswith('_lr0.0003') and names[('--scale', '64')].endswith('_scale64')
     assert names[('--optimizer', 'sgd', '--run_name', 'x2')].endswith('_optimizersgd_x2')
     assert names[('--lr', '0.00012345678')] != names[('--lr', '0.000123456789')]
-    # the flags that used to change what a run computes but not its name (issue 15)
+    # the flags that once changed what a run computes but not its name
     assert names[('--no_pretrained',)] == 'cub_resnet50_proxy_anchor_512_no_pretrained'
     assert names[('--amp', '--batch_size', '32')] == 'cub_resnet50_proxy_anchor_512_batch_size32_amp'
     assert names[('--crop_type', 'cropped', '--warm_up', '0')] == \

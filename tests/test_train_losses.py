@@ -1,6 +1,7 @@
-"""Training with a baseline loss (issue 17): a loss's own parameters train at --proxy_lr, go into the checkpoint and
-the data base, and resume exactly; a pair-based loss builds no proxies and says train accuracy does not apply; a pair
-loss on class-balanced batches learns an embedding for unseen classes."""
+"""train.py with a baseline loss: a loss's own parameters train at --proxy_lr, go into the
+checkpoint and the data base, and resume exactly; a pair-based loss builds no proxies and says
+train accuracy does not apply; a pair loss on class-balanced batches learns an embedding for
+unseen classes."""
 import math
 
 import pandas as pd

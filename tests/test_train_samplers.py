@@ -1,5 +1,6 @@
-"""--images_per_class M (issue 17): class-balanced global batches, every image in each epoch, seeded by (seed, epoch),
-dealt to torchrun's ranks; its refusals and the hint for a pair-based loss without it."""
+"""train.py's samplers, --images_per_class M: class-balanced global batches, every image in each
+epoch, seeded by (seed, epoch), dealt to torchrun's ranks; the hint for a pair-based loss
+without it."""
 from collections import Counter
 
 import pytest

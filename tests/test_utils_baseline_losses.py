@@ -1,5 +1,6 @@
-"""The baseline losses (issue 17) against pytorch-metric-learning built as the issue and the official Proxy-Anchor code
-give them: the same value and gradients on the same embeddings and class weights; pml/<Name> and --loss_args."""
+"""utils.py's baseline losses against pytorch-metric-learning built as the official Proxy-Anchor
+code (or PML's defaults) gives them: the same value and gradients on the same embeddings and
+class weights; pml/<Name> and --loss_args."""
 import re
 
 import pytest
@@ -11,7 +12,7 @@ from utils import LOSSES, EmbeddingLoss, UserError, check_loss_name, class_cosin
 
 BATCH, NUM_CLASSES, DIM = 16, 4, 8
 
-# each named loss as the issue (from the official code/losses.py) or PML's defaults give it: (loss, miner or None)
+# each named loss as the official code/losses.py or PML's defaults give it: (loss, miner or None)
 REFERENCES = {
     'proxy_nca': lambda: (pml.ProxyNCALoss(NUM_CLASSES, DIM, softmax_scale=32), None),
     'soft_triple': lambda: (pml.SoftTripleLoss(NUM_CLASSES, DIM, centers_per_class=10, la=20, gamma=0.1,
@@ -55,7 +56,7 @@ def value_and_gradients(loss, call, embeddings):
 
 @pytest.mark.parametrize('loss_name', list(REFERENCES))
 def test_each_baseline_equals_pytorch_metric_learning(loss_name):
-    """Value and gradients (embeddings and the loss's class weights) equal PML's loss built with the issue's
+    """Value and gradients (embeddings and the loss's class weights) equal PML's loss built with the reference
     settings, given the same class weights."""
     assert set(REFERENCES) == {name for name, entry in LOSSES.items() if not entry.cosines}
     embeddings, labels = problem()
