@@ -132,20 +132,6 @@ def test_prepare_is_idempotent(tmp_path):
     assert load_index(str(tmp_path), 'cub') == first
 
 
-@pytest.mark.parametrize('data_name, make, remove', [
-    ('car', make_car, 'cars_annos.mat'),
-    ('cub', make_cub, 'image_class_labels.txt'),
-    ('cub', make_cub, 'bounding_boxes.txt'),
-    ('sop', make_sop, 'Ebay_test.txt'),
-])
-def test_missing_annotation_file_names_it(tmp_path, data_name, make, remove):
-    root = make(str(tmp_path))
-    os.remove(os.path.join(root, remove))
-    with pytest.raises(UserError) as error:
-        data_utils.prepare(str(tmp_path), data_name, workers=1)
-    assert remove in str(error.value) and 'http' in str(error.value)
-
-
 def test_missing_image_is_named(tmp_path):
     root = make_car(str(tmp_path))
     os.remove(os.path.join(root, 'car_ims', '000005.jpg'))

@@ -184,28 +184,6 @@ def test_gallery_embeds_once_and_again_only_what_changed(script, trained, indepe
     assert embedded[0] == 3 and f'gallery {photos}: 3 images, 3 embedded now, 0 from' in out
 
 
-@pytest.mark.parametrize('content', ['nothing', 'no images', 'no folder', 'only the query'])
-def test_gallery_without_images_is_one_sentence(script, trained, tmp_path, content):
-    folder = tmp_path / 'empty'
-    if content != 'no folder':
-        os.makedirs(folder / 'sub')
-    if content == 'no images':
-        (folder / 'sub' / 'list.csv').write_text('a,b\n')
-    query = tmp_path / 'q.jpg'
-    write_image(str(query), 2, 0)
-    if content == 'only the query':
-        query = folder / 'sub' / 'q.jpg'
-        write_image(str(query), 2, 0)
-    status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', folder,
-                            cwd=trained)
-    line = error_sentence(status, err)
-    expected = {'nothing': f'--gallery {folder} holds no image', 'no images': f'--gallery {folder} holds no image',
-                'no folder': f'--gallery {folder} is not a folder',
-                'only the query': f'--gallery {folder} holds no readable image other than the query'}[content]
-    assert line.startswith(f'error: {expected}')
-    assert not os.path.exists(trained / 'results' / 'q')
-
-
 def test_gallery_needs_the_model_beside_the_data_base(script, trained, photos, tmp_path):
     shutil.copyfile(trained / 'results' / DATA_BASE, tmp_path / 'alone_1_data_base.pth')
     status, _, err = script('test', '--query_img_name', photos / 'scan.bmp', '--data_base',

@@ -1,6 +1,5 @@
-"""Your own photos as a practitioner meets them: files that are no data base, a model from
-another run, collapsed embeddings, stale prepared copies, data that moved, results as text, many
-queries, typos, the demo."""
+"""Your own photos as a practitioner meets them: a model from another run, collapsed embeddings,
+stale prepared copies, data that moved, results as text, many queries, typos, the demo."""
 import contextlib
 import io
 import os
@@ -75,29 +74,6 @@ def saved_model(model_path, data_base):
 def independent_embedding(net, image):
     """The embedding of an image file by net, computed here with the test-time transform."""
     return net.embed(utils.test_transform()(utils.read_image(image))[None])[0]  # (D,)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# files that are no data base
-
-@pytest.mark.parametrize('kind', ['statistics csv', 'text named .pth', 'jpeg'])
-def test_a_file_that_is_no_data_base_says_what_it_is(script, tmp_path, kind):
-    if kind == 'statistics csv':
-        path = tmp_path / f'{PREFIX}_statistics.csv'
-        pd.DataFrame({'train_loss': [1.5, 1.2]}, index=pd.RangeIndex(1, 3, name='epoch')).to_csv(path)
-        what = 'a text file'
-    elif kind == 'text named .pth':
-        path = tmp_path / 'junk.pth'
-        path.write_text('not a data base at all\n')
-        what = 'a text file'
-    else:
-        path = tmp_path / 'holiday.jpg'
-        write_image(str(path), 1, 0)
-        what = 'a JPEG image'
-    status, _, err = script('test', '--data_base', path, '--query_img_name', 'any.jpg', cwd=tmp_path)
-    assert error_sentence(status, err) == (f'error: {path} is not a data base but {what}; pass a '
-                                           f'{runs.DATA_BASE_FILE} file train.py wrote')
-    assert not (tmp_path / 'results').exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from PIL import Image
 import data_utils
 import utils
 from conftest import make_cub, make_folder, train_in
-from script_runner import error_sentence, temporaries
+from script_runner import temporaries
 from test_utils_metrics import gallery_rankings_of, ranked_per_query, rankings_of
 
 FLAGS = ('--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', 16, '--batch_size', 4, '--num_workers',
@@ -261,14 +261,6 @@ def test_query_gallery_data_base(script, shop_run, tmp_path):
     for row in worst.itertuples():  # each query's nearest are gallery images
         found = [path for path, _ in json.loads(row.nearest)]
         assert found == [data_base['gallery_images'][i] for i in nearest[row.position]]
-
-
-def test_refusals(script, cub_run):
-    run, name = cub_run
-    status, _, err = script('test', '--data_base', name, '--report', '--report_queries', 0, cwd=run)
-    assert error_sentence(status, err) == 'error: --report_queries must be at least 1, not 0'
-    status, _, err = script('test', '--data_base', name, '--report', '--gallery', run, cwd=run)
-    assert 'not a --gallery folder' in error_sentence(status, err)
 
 
 def scalars(folder):

@@ -179,30 +179,6 @@ def test_validation_split_holds_out_the_last_training_classes(eight_classes, tmp
         assert figure.width > 1.4 * figure.height  # three panels: training, test, validation
 
 
-@pytest.mark.parametrize('flags, expected', [
-    (['--lr', '0'], '--lr must be positive, not 0.0'),
-    (['--proxy_lr', '-0.01'], '--proxy_lr must be positive'),
-    (['--scale', '0'], '--scale must be positive'),
-    (['--lr', 'nan'], '--lr must be positive, not nan'),
-    (['--lr_step', '0'], '--lr_step must be at least 1, not 0'),
-    (['--lr_gamma', '0'], '--lr_gamma must lie in (0, 1]'),
-    (['--lr_gamma', '1.5'], '--lr_gamma must lie in (0, 1]'),
-    (['--weight_decay', '-0.1'], '--weight_decay must be 0 or more'),
-    (['--optimizer', 'adam'], "argument --optimizer: invalid choice: 'adam'"),
-    (['--lr', 'fast'], "argument --lr: invalid float value: 'fast'"),
-    (['--val_fraction', '1'], '--val_fraction must lie in [0, 1)'),
-    (['--val_fraction', '0.2'], 'holds out 0 and trains on 2, but each side needs at least 2 classes'),
-    (['--loss_name', 'normalized_softmax', '--margin', '0.2'], '--margin is a parameter of the proxy_anchor loss only'),
-    (['--run_name', 'a/b'], '--run_name may hold only letters, digits'),
-    (['--run_name', 'seed2'], '--run_name seed2 starts like the part a flag adds to a run name'),
-])
-def test_values_that_make_no_sense_are_one_sentence(prepared, tmp_path, script, flags, expected):
-    status, _, err = script('train', '--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet',
-                            '--no_pretrained', '--num_workers', 0, '--batch_size', 4, *flags, cwd=tmp_path)
-    assert expected in error_sentence(status, err)
-    assert not (tmp_path / 'results').exists() or not os.listdir(tmp_path / 'results')
-
-
 def test_a_second_process_under_the_same_name_is_refused_until_the_first_dies(prepared, tmp_path, script, recorded,
                                                                                quick_runs):
     """A run whose name another live process holds stops with one sentence naming it; once the holder is killed

@@ -7,7 +7,6 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml, miners
 
-from script_runner import error_sentence
 from utils import LOSSES, EmbeddingLoss, UserError, check_loss_name, class_cosines, loss_entry, parse_loss_args
 
 BATCH, NUM_CLASSES, DIM = 16, 4, 8
@@ -142,19 +141,3 @@ def test_loss_args_parse_to_one_canonical_form():
     """The same parameters in any order or spelling give the same values, so they name the same run."""
     assert parse_loss_args('b=2,a=0.50, c=True ,d=word') == {'a': 0.5, 'b': 2, 'c': True, 'd': 'word'}
     assert parse_loss_args('') == {}
-
-
-def test_train_py_refuses_what_the_losses_cannot_take(prepared, tmp_path, script):
-    """The command line's refusals: --loss_args for a named loss, a bad PML argument, an unknown loss."""
-    base = ['--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
-            '--num_workers', 0, '--batch_size', 4]
-    for flags, expected in (
-            (['--loss_name', 'triplet', '--loss_args', 'margin=0.2'], '--loss_args sets the parameters of a '
-                                                                      'pml/<class name> loss, not of triplet'),
-            (['--loss_name', 'pml/TripletMarginLoss', '--loss_args', 'margn=0.2'], 'did you mean margin?'),
-            (['--loss_name', 'triplets'], 'unknown --loss_name triplets (close: triplet'),
-            (['--loss_name', 'proxy_anchor', '--triplet_margin', '0.2'], '--triplet_margin is a parameter of the '
-                                                                         'triplet loss only')):
-        status, _, err = script('train', *base, *flags, cwd=tmp_path)
-        assert expected in error_sentence(status, err)
-    assert not (tmp_path / 'results').exists() or not list((tmp_path / 'results').iterdir())
