@@ -66,9 +66,23 @@ OFF_DEFAULT = {'crop_type': [['cropped']], 'no_pretrained': [[]], 'scale': [['16
                'batch_size': [['32'], ['128']], 'warm_up': [['0'], ['5']], 'seed': [['2'], ['3'], ['12']],
                'amp': [[]], 'val_fraction': [['0.2'], ['0.25']],
                'images_per_class': [['4'], ['2']], 'loss_args': [['margin=0.2'], ['margin=0.2,swap=True']]}
-# the baseline losses' hyper-parameters: one value off its default each
-OFF_DEFAULT.update({flag: [[str(2 * hyper.default + 1)]]
-                    for flag, (hyper, _) in load_script('train').loss_flags().items() if flag not in OFF_DEFAULT})
+# the baseline losses' hyper-parameters (docs/losses.md's table): one value off its default each
+OFF_DEFAULT.update({
+    'proxy_nca_scale': [['16']], 'soft_triple_centers': [['5']], 'soft_triple_la': [['10']],
+    'soft_triple_gamma': [['0.2']], 'soft_triple_margin': [['0.02']], 'arcface_margin': [['30']],
+    'arcface_scale': [['32']], 'cosface_margin': [['0.4']], 'cosface_scale': [['32']], 'ms_alpha': [['1']],
+    'ms_beta': [['40']], 'ms_base': [['0.6']], 'ms_epsilon': [['0.2']], 'triplet_margin': [['0.2']],
+    'contrastive_pos_margin': [['0.1']], 'contrastive_neg_margin': [['0.6']], 'circle_m': [['0.25']],
+    'circle_gamma': [['256']], 'supcon_temperature': [['0.2']]})
+# the flags that name a run in the order of --help (docs/training.md's table), which their parts
+# of a run's name follow
+NAMED_IN_HELP_ORDER = [
+    'crop_type', 'no_pretrained', 'loss_args', 'scale', 'margin', 'proxy_nca_scale', 'soft_triple_centers',
+    'soft_triple_la', 'soft_triple_gamma', 'soft_triple_margin', 'arcface_margin', 'arcface_scale',
+    'cosface_margin', 'cosface_scale', 'ms_alpha', 'ms_beta', 'ms_base', 'ms_epsilon', 'triplet_margin',
+    'contrastive_pos_margin', 'contrastive_neg_margin', 'circle_m', 'circle_gamma', 'supcon_temperature',
+    'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma', 'batch_size', 'images_per_class',
+    'warm_up', 'seed', 'amp', 'val_fraction']
 
 
 def test_every_recipe_flag_is_checked_on_resume_and_all_but_the_base_name_the_run():
@@ -78,6 +92,7 @@ def test_every_recipe_flag_is_checked_on_resume_and_all_but_the_base_name_the_ru
     named = train.flags_of(train.get_args_parser(), train.NAMED)
     recipe = train.flags_of(train.get_args_parser(), train.BASE, train.NAMED)
     assert set(named) == set(OFF_DEFAULT)
+    assert list(named) == NAMED_IN_HELP_ORDER
     assert set(recipe) == set(OFF_DEFAULT) | {'data_name', 'backbone_type', 'feature_dim',
                                               'loss_name'}
     assert not {'num_epochs', 'num_workers', 'resume', 'recalls', 'run_name', 'data_path', 'cache_images'} & set(
@@ -100,10 +115,9 @@ def test_run_names_follow_the_flags_and_never_collide():
     assert names[('--margin', '0.2', '--seed', '2')] == 'cub_resnet50_proxy_anchor_512_margin0.2_seed2'
     assert names[('--seed', '2', '--margin', '0.2')] == 'cub_resnet50_proxy_anchor_512_margin0.2_seed2'
     assert names[('--lr', '0.0001', '--seed', '1')] == 'cub_resnet50_proxy_anchor_512'  # the defaults, spelt out
-    train = load_script('train')
-    named = train.flags_of(train.get_args_parser(), train.NAMED)
-    order = [action.dest for action in train.get_args_parser()._actions if action.dest in named]
-    assert list(named) == order
+    shuffled = ['--seed', '2', '--lr', '3e-4', '--ms_beta', '40', '--crop_type', 'cropped', '--run_name', 'x']
+    assert names_of([shuffled])[tuple(shuffled)] == \
+        'cub_resnet50_proxy_anchor_512_crop_typecropped_ms_beta40_lr0.0003_seed2_x'
     singles = [[f'--{flag}', *value] for flag, options in OFF_DEFAULT.items() for value in options]
     pairs = [a + b for a in singles for b in singles if a[0] < b[0]]
     named = [v + ['--run_name', text] for v in singles[:12] for text in ('a', 'b', 'x2')]
