@@ -1,7 +1,8 @@
 """Prepare a data set: RGB copies of every image and a train/test (or query/gallery) index.
 
-The benchmarks CARS196, CUB-200-2011, Stanford Online Products and In-shop Clothes are read from their annotation
-files; any other folder under --data_path is read as labelled images, one folder per class.
+The benchmarks CARS196, CUB-200-2011, Stanford Online Products and In-shop Clothes are read from
+their annotation files; any other folder under --data_path is read as labelled images, one folder
+per class.
 """
 import argparse
 import multiprocessing
@@ -12,56 +13,89 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from runtime import ArgumentParser, UserError, atomic_path, atomic_save, remove_temporaries, run_main
+from runtime import (
+    ArgumentParser,
+    UserError,
+    atomic_path,
+    atomic_save,
+    remove_temporaries,
+    run_main,
+)
 from utils import (CROP_TYPES, DATA_NAMES, UNREADABLE, folder_name, image_extensions, image_files,
                    index_path, one_of, rgb)
 
 # what each data set's download looks like once extracted, and where to get it
 LAYOUTS = {
-    'car': ('car_ims/*.jpg and cars_annos.mat', 'https://ai.stanford.edu/~jkrause/cars/car_dataset.html '
-            '(the original links are dead; mirrors of car_ims.tgz and cars_annos.mat exist)'),
-    'cub': ('the extracted CUB_200_2011 folder renamed to cub: images/, images.txt, image_class_labels.txt, '
-            'bounding_boxes.txt', 'https://www.vision.caltech.edu/datasets/cub_200_2011/'),
-    'sop': ('the extracted Stanford_Online_Products folder renamed to sop: Ebay_train.txt, Ebay_test.txt and '
-            'the *_final/ image folders', 'https://cvgl.stanford.edu/projects/lifted_struct/'),
-    'inshop': ('Eval/list_eval_partition.txt and the images of Img/img.zip extracted as Img/img/ or img/',
-               'https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html'),
+    'car': (
+        'car_ims/*.jpg and cars_annos.mat',
+        (
+            'https://ai.stanford.edu/~jkrause/cars/car_dataset.html '
+            '(the original links are dead; mirrors of car_ims.tgz and cars_annos.mat exist)'
+        ),
+    ),
+    'cub': (
+        (
+            'the extracted CUB_200_2011 folder renamed to cub: images/, images.txt,'
+            ' image_class_labels.txt, bounding_boxes.txt'
+        ),
+        'https://www.vision.caltech.edu/datasets/cub_200_2011/',
+    ),
+    'sop': (
+        (
+            'the extracted Stanford_Online_Products folder renamed to sop: Ebay_train.txt,'
+            ' Ebay_test.txt and the *_final/ image folders'
+        ),
+        'https://cvgl.stanford.edu/projects/lifted_struct/',
+    ),
+    'inshop': (
+        'Eval/list_eval_partition.txt and the images of Img/img.zip extracted as Img/img/ or img/',
+        'https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html',
+    ),
 }
 SPLITS = ('train', 'test', 'query', 'gallery')  # in the order the index lists them
-FOLDER_SPLITS = (('train', 'test'), ('train', 'query', 'gallery'))  # the split folders a labelled folder may hold
-FOLDER_LAYOUT = '<class>/<images> (or train/<class>/... beside test/<class>/..., or query/ and gallery/)'
+# the split folders a labelled folder may hold
+FOLDER_SPLITS = (('train', 'test'), ('train', 'query', 'gallery'))
+FOLDER_LAYOUT = (
+    '<class>/<images> (or train/<class>/... beside test/<class>/..., or query/ and gallery/)'
+)
 
 
 def layout_error(root, data_name, missing):
     """A UserError naming what is missing, the layout expected and where to download it."""
     layout, url = LAYOUTS[data_name]
-    return UserError(f'{missing} is missing, so {root} is not a complete {data_name} data set; it must hold '
-                     f'{layout} (download from {url})')
+    return UserError(f'{missing} is missing, so {root} is not a complete {data_name} data set; it '
+                     f'must hold {layout} (download from {url})')
 
 
 def inside(root, relative, source):
     """Join an annotation's relative path to root, refusing paths that leave the data folder."""
     path = os.path.normpath(os.path.join(root, relative))
-    if os.path.isabs(relative) or os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != \
-            os.path.abspath(root):
-        raise UserError(f'{source} names {relative!r}, which lies outside {root}; the annotation file is not the '
-                        f'official one, so download it again')
+    if os.path.isabs(relative) or os.path.commonpath(
+        [os.path.abspath(root), os.path.abspath(path)]
+    ) != os.path.abspath(root):
+        raise UserError(f'{source} names {relative!r}, which lies outside {root}; the annotation '
+                        f'file is not the official one, so download it again')
     return path
 
 
 def read_text_table(path, columns, root, data_name, header_lines=0, what=None):
-    """(header lines, rows) of a whitespace-separated annotation file, each line split into fields; every row has
-    exactly `columns` fields (a malformed row is said as `what` they should be, if given)."""
+    """(header lines, rows) of a whitespace-separated annotation file, each line split into fields;
+    every row has exactly `columns` fields (a malformed row is said as `what` they should be, if
+    given)."""
     if not os.path.isfile(path):
         raise layout_error(root, data_name, path)
     with open(path, encoding='utf-8', errors='replace') as file:
         lines = [line.split() for line in file.read().splitlines() if line.strip()]
     if len(lines) < header_lines:
-        raise UserError(f'{path} is malformed: it must start with {header_lines} header lines; download it again')
+        raise UserError(
+            f'{path} is malformed: it must start with {header_lines} header lines; download it'
+            ' again'
+        )
     for number, fields in enumerate(lines[header_lines:], header_lines + 1):
         if len(fields) != columns:
-            raise UserError(f'{path} is malformed at line {number} (expected {what or f"{columns} fields"}, found '
-                            f'{len(fields)}); download the data set again')
+            raise UserError(f'{path} is malformed at line {number} (expected '
+                            f'{what or f"{columns} fields"}, found {len(fields)}); download the '
+                            f'data set again')
     return lines[:header_lines], lines[header_lines:]
 
 
@@ -70,7 +104,9 @@ def to_number(text, path, kind=int):
     try:
         return kind(text)
     except ValueError:
-        raise UserError(f'{path} is malformed: {text!r} is not a number; download the data set again') from None
+        raise UserError(
+            f'{path} is malformed: {text!r} is not a number; download the data set again'
+        ) from None
 
 
 def read_car(root):
@@ -87,8 +123,9 @@ def read_car(root):
     except UserError:
         raise
     except Exception as error:  # scipy raises many kinds of errors on a damaged file
-        raise UserError(f'{path} is truncated or malformed ({type(error).__name__}: {error}); download it '
-                        f'again') from None
+        raise UserError(
+            f'{path} is truncated or malformed ({type(error).__name__}: {error}); download it again'
+        ) from None
     return entries
 
 
@@ -107,10 +144,16 @@ def read_cub(root):
     for image_id, relative in images:
         if image_id not in labels or image_id not in boxes:
             raise UserError(f'image {image_id} of {images_path} has no line in '
-                            f'{labels_path if image_id not in labels else boxes_path}; download the data set again')
+                            f'{labels_path if image_id not in labels else boxes_path}; download '
+                            f'the data set again')
         x, y, width, height = boxes[image_id]
-        entries.append((inside(root, os.path.join('images', relative), images_path), labels[image_id],
-                        (x, y, x + width, y + height)))
+        entries.append(
+            (
+                inside(root, os.path.join('images', relative), images_path),
+                labels[image_id],
+                (x, y, x + width, y + height),
+            )
+        )
     return entries
 
 
@@ -136,7 +179,8 @@ def read_annotations(root, data_name):
     else:
         entries = read_car(root) if data_name == 'car' else read_cub(root)
         classes = sorted({class_id for _, class_id, _ in entries})
-        # the first half of the classes trains and the second half tests: 1-98 / 99-196 and 1-100 / 101-200
+        # the first half of the classes trains and the second half tests: 1-98 / 99-196 and 1-100 /
+        # 101-200
         test_classes = set(classes[len(classes) // 2:])
     check_sources([source for source, _, _ in entries], root, data_name)
     names = defaultdict(list)
@@ -144,8 +188,8 @@ def read_annotations(root, data_name):
         names[os.path.basename(source)].append(source)
     clashes = [paths for paths in names.values() if len(paths) > 1]
     if clashes:
-        raise UserError(f'{clashes[0][0]} and {clashes[0][1]} share a file name, which the prepared layout keeps '
-                        f'flat; rename one of them')
+        raise UserError(f'{clashes[0][0]} and {clashes[0][1]} share a file name, which the '
+                        f'prepared layout keeps flat; rename one of them')
     return entries, test_classes
 
 
@@ -153,32 +197,40 @@ def check_sources(sources, root, data_name):
     """A UserError unless every image the annotations name exists."""
     missing = [source for source in sources if not os.path.isfile(source)]
     if missing:
-        raise UserError(f'{len(missing)} of the {len(sources)} images the annotations name do not exist, such as '
-                        f'{missing[0]}; extract the whole {data_name} download into {root}')
+        raise UserError(f'{len(missing)} of the {len(sources)} images the annotations name do not '
+                        f'exist, such as {missing[0]}; extract the whole {data_name} download into '
+                        f'{root}')
 
 
 def read_inshop(root):
-    """In-shop Clothes: [(source, prepared name, item id, None, split)] from Eval/list_eval_partition.txt.
+    """In-shop Clothes: [(source, prepared name, item id, None, split)] from
+    Eval/list_eval_partition.txt.
 
-    The file holds a count line, a header line, then `image_name item_id evaluation_status` rows. Image names
-    repeat across items (01_1_front.jpg), so the prepared images keep their relative paths.
+    The file holds a count line, a header line, then `image_name item_id evaluation_status` rows.
+    Image names repeat across items (01_1_front.jpg), so the prepared images keep their relative
+    paths.
     """
     path = os.path.join(root, 'Eval', 'list_eval_partition.txt')
     statuses = ('train', 'query', 'gallery')
     what = f'an image name, an item id and {one_of(statuses)}'
     (count_line, _), rows = read_text_table(path, 3, root, 'inshop', header_lines=2, what=what)
     if len(count_line) != 1:
-        raise UserError(f'{path} is malformed: it must start with a count line and a header line; download it again')
+        raise UserError(
+            f'{path} is malformed: it must start with a count line and a header line; download it'
+            ' again'
+        )
     count = to_number(count_line[0], path)
     if count != len(rows):
-        raise UserError(f'{path} is malformed: its first line counts {count} images but {len(rows)} rows follow; '
-                        f'download it again')
+        raise UserError(f'{path} is malformed: its first line counts {count} images but '
+                        f'{len(rows)} rows follow; download it again')
     # Img/img.zip extracts to img/; kept inside Img/ or moved up beside Eval/
     images = os.path.join(root, 'Img') if os.path.isdir(os.path.join(root, 'Img', 'img')) else root
     entries = []
     for number, (relative, item, split) in enumerate(rows, 3):
         if split not in statuses:
-            raise UserError(f'{path} is malformed at line {number} (expected {what}); download it again')
+            raise UserError(
+                f'{path} is malformed at line {number} (expected {what}); download it again'
+            )
         source = inside(images, relative, path)
         entries.append((source, os.path.relpath(source, images), item, None, split))
     check_sources([source for source, *_ in entries], root, 'inshop')
@@ -192,14 +244,23 @@ def folder_error(root, what):
 
 def own_entries(folder):
     """The names in folder, without hidden ones and what data_utils.py writes: prepared copies and their indices."""
-    return [name for name in sorted(os.listdir(folder)) if not name.startswith('.') and name not in CROP_TYPES
-            and not name.endswith('_data_dicts.pth')]
+    return [
+        name
+        for name in sorted(os.listdir(folder))
+        if not name.startswith('.')
+        and name not in CROP_TYPES
+        and not name.endswith('_data_dicts.pth')
+    ]
 
 
 def loose_files(folder, names, skipped):
     """Count the files `names` of folder, which lie beside its class folders, as skipped; returns the images."""
     extensions = image_extensions()
-    images = [os.path.join(folder, name) for name in names if os.path.splitext(name)[1].lower() in extensions]
+    images = [
+        os.path.join(folder, name)
+        for name in names
+        if os.path.splitext(name)[1].lower() in extensions
+    ]
     skipped['that PIL does not read as an image'] += [os.path.join(folder, name) for name in names
                                                       if os.path.join(folder, name) not in images]
     skipped['outside any class folder'] += images
@@ -207,7 +268,8 @@ def loose_files(folder, names, skipped):
 
 
 def class_images(folder, root, skipped):
-    """{class name: its images} of the class folders in `folder` (images may sit in nested folders below them).
+    """{class name: its images} of the class folders in `folder` (images may sit in nested folders
+    below them).
 
     Other files are counted in `skipped`; a class folder without any image is no class.
     """
@@ -221,43 +283,48 @@ def class_images(folder, root, skipped):
     images = loose_files(folder, loose, skipped)
     classes = {name: paths for name, paths in classes.items() if paths}
     if not classes:
-        raise folder_error(root, f'{folder} holds {"images but no class folders" if images else "no images"}')
+        raise folder_error(
+            root, f'{folder} holds {"images but no class folders" if images else "no images"}'
+        )
     return classes
 
 
 def read_folder(root, data_name):
     """A labelled image folder: [(source, prepared name, class name, None, split)].
 
-    Either one folder per class, sorted by name and split in halves as the benchmarks are (the first half trains,
-    the second half tests on unseen classes), or split folders train/ with test/ (or query/ and gallery/) holding
-    the class folders, used as they are. Prepared images keep their paths relative to root (names repeat across
-    classes); a format other than JPEG gets .jpg appended, as the prepared copies are JPEGs.
+    Either one folder per class, sorted by name and split in halves as the benchmarks are (the first
+    half trains, the second half tests on unseen classes), or split folders train/ with test/ (or
+    query/ and gallery/) holding the class folders, used as they are. Prepared images keep their
+    paths relative to root (names repeat across classes); a format other than JPEG gets .jpg
+    appended, as the prepared copies are JPEGs.
     """
     if not os.path.isdir(root):
-        raise folder_error(root, f'there is no folder {root}: put your images there, or name one of the benchmarks '
-                                 f'{one_of(DATA_NAMES)}')
+        raise folder_error(root, f'there is no folder {root}: put your images there, or name one '
+                                 f'of the benchmarks {one_of(DATA_NAMES)}')
     entries = own_entries(root)
     folders = {name for name in entries if os.path.isdir(os.path.join(root, name))}
     skipped = defaultdict(list)
     if folders and folders <= set(SPLITS):
         layout = next((splits for splits in FOLDER_SPLITS if folders == set(splits)), None)
         if layout is None:
-            raise folder_error(root, f'{root} holds the split folders {", ".join(sorted(folders))}, which are '
-                                     f'neither train/ and test/ nor train/, query/ and gallery/')
+            raise folder_error(root, f'{root} holds the split folders '
+                                     f'{", ".join(sorted(folders))}, which are neither train/ and '
+                                     f'test/ nor train/, query/ and gallery/')
         loose_files(root, [name for name in entries if name not in folders], skipped)
         splits = {split: class_images(os.path.join(root, split), root, skipped) for split in layout}
         for split, classes in splits.items():
             if len(classes) < 2:
-                raise folder_error(root, f'{os.path.join(root, split)} holds one class, but each side of the split '
-                                         f'needs at least two')
+                raise folder_error(root, f'{os.path.join(root, split)} holds one class, but each '
+                                         f'side of the split needs at least two')
     else:
         classes = class_images(root, root, skipped)
         names = sorted(classes)
         half = len(names) // 2
         if half < 2:
-            raise folder_error(root, f'{root} holds {len(names)} class folder{"s" * (len(names) > 1)} with images, '
-                                     f'and split in halves that leaves fewer than two classes on one side: it needs '
-                                     f'at least four')
+            raise folder_error(root, f'{root} holds {len(names)} class '
+                                     f'folder{"s" * (len(names) > 1)} with images, and split in '
+                                     f'halves that leaves fewer than two classes on one side: it '
+                                     f'needs at least four')
         splits = {'train': {name: classes[name] for name in names[:half]},
                   'test': {name: classes[name] for name in names[half:]}}
     counts = [f'{len(paths)} file{"s" * (len(paths) > 1)} {why} (such as {paths[0]})'
@@ -265,9 +332,18 @@ def read_folder(root, data_name):
     if counts:
         print(f'{data_name}: skipped {" and ".join(counts)}')
     jpeg = ('.jpg', '.jpeg')
-    return [(source, os.path.relpath(source, root) + ('' if source.lower().endswith(jpeg) else '.jpg'), class_name,
-             None, split) for split, classes in splits.items() for class_name, sources in classes.items()
-            for source in sources]
+    return [
+        (
+            source,
+            os.path.relpath(source, root) + ('' if source.lower().endswith(jpeg) else '.jpg'),
+            class_name,
+            None,
+            split,
+        )
+        for split, classes in splits.items()
+        for class_name, sources in classes.items()
+        for source in sources
+    ]
 
 
 def read_data_set(root, data_name):
@@ -278,8 +354,16 @@ def read_data_set(root, data_name):
         return read_folder(root, data_name)
     entries, test_classes = read_annotations(root, data_name)
     # CARS, CUB and SOP keep the seed's flat names (read_annotations checked that they are unique)
-    return [(source, os.path.basename(source), class_id, box, 'test' if class_id in test_classes else 'train')
-            for source, class_id, box in entries]
+    return [
+        (
+            source,
+            os.path.basename(source),
+            class_id,
+            box,
+            'test' if class_id in test_classes else 'train',
+        )
+        for source, class_id, box in entries
+    ]
 
 
 def convert(task):
@@ -287,8 +371,9 @@ def convert(task):
     given, unless its copy is up to date; returns (what happened: 'kept', 'written', 'updated' or
     'failed', an error text or None).
 
-    A copy takes its source's modification time, so a copy whose time differs is stale: the photo was edited (or
-    replaced) after it was prepared. Copies are written atomically, so an existing one is complete."""
+    A copy takes its source's modification time, so a copy whose time differs is stale: the photo
+    was edited (or replaced) after it was prepared. Copies are written atomically, so an existing
+    one is complete."""
     source, target, box = task
     try:
         source_time = os.stat(source).st_mtime_ns
@@ -308,8 +393,8 @@ def convert(task):
 
 
 def remove_stale(folder, targets):
-    """Delete the files below a prepared folder that are no copy of a current source (their photo was deleted or
-    renamed), and the folders that leaves empty; returns how many files went."""
+    """Delete the files below a prepared folder that are no copy of a current source (their photo
+    was deleted or renamed), and the folders that leaves empty; returns how many files went."""
     removed = 0
     for parent, _, files in os.walk(folder, topdown=False):
         for name in files:
@@ -331,7 +416,8 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
     for crop_type in crop_types:
         folder = os.path.join(root, crop_type)
         os.makedirs(folder, exist_ok=True)
-        # a run killed mid-write leaves temporary files; its finished images are kept and skipped below
+        # a run killed mid-write leaves temporary files; its finished images are kept and skipped
+        # below
         for parent in [parent for parent, _, _ in os.walk(folder)]:
             remove_temporaries(parent)
         remove_temporaries(root, f'{crop_type}_data_dicts.pth.')
@@ -344,14 +430,19 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
         if errors:
             listing = '\n'.join(f'  {error}' for error in errors)
             print(f'{len(errors)} unreadable images:\n{listing}')
-            raise UserError(f'{len(errors)} images of {data_name} could not be read (listed above); replace them '
-                            f'with good copies from the download and run data_utils.py again')
+            raise UserError(f'{len(errors)} images of {data_name} could not be read (listed '
+                            f'above); replace them with good copies from the download and run '
+                            f'data_utils.py again')
         updated = sum(outcome == 'updated' for outcome, _ in outcomes)
         removed = remove_stale(folder, {target for _, target, _ in tasks})
         if updated or removed:
-            print(f'{data_name} {crop_type}: wrote {updated} copies anew (their photos changed since they were '
-                  f'prepared) and removed {removed} (their photos are gone)')
-        index = {split: defaultdict(list) for split in SPLITS if any(entry[4] == split for entry in entries)}
+            print(f'{data_name} {crop_type}: wrote {updated} copies anew (their photos changed '
+                  f'since they were prepared) and removed {removed} (their photos are gone)')
+        index = {
+            split: defaultdict(list)
+            for split in SPLITS
+            if any(entry[4] == split for entry in entries)
+        }
         for _, name, class_id, _, split in entries:
             index[split][class_id].append(f'{crop_type}/{name}')
         index = {split: dict(classes) for split, classes in index.items()}
@@ -377,7 +468,9 @@ def make_demo(data_path, per_class=40):
             image = Image.fromarray(np.uint8(pixels * 255 / 16)).resize((64, 64), Image.BILINEAR)
             with atomic_path(os.path.join(folder, f'digit_{digit}_{k:04d}.jpg')) as tmp:
                 image.save(tmp, format='JPEG', quality=95)
-    print(f'wrote {10 * per_class} handwritten digits, {per_class} of each, as {root}/<digit>/<image>')
+    print(
+        f'wrote {10 * per_class} handwritten digits, {per_class} of each, as {root}/<digit>/<image>'
+    )
 
 
 def get_args_parser():
@@ -386,12 +479,20 @@ def get_args_parser():
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
     parser.add_argument('--data_name', default=None, type=folder_name,
-                        help=f'dataset name: one of the benchmarks {", ".join(DATA_NAMES)}, or any folder of '
-                             f'labelled images under --data_path; by default every benchmark found there')
-    parser.add_argument('--crop', action='store_true', help='also write the bounding-box cropped variant')
-    parser.add_argument('--make_demo', action='store_true',
-                        help='first write a small demo data set of handwritten digits as <data_path>/digits')
-    parser.add_argument('--workers', default=os.cpu_count(), type=int, help='processes converting images')
+                        help=f'dataset name: one of the benchmarks {", ".join(DATA_NAMES)}, or any '
+                             f'folder of labelled images under --data_path; by default every '
+                             f'benchmark found there')
+    parser.add_argument(
+        '--crop', action='store_true', help='also write the bounding-box cropped variant'
+    )
+    parser.add_argument(
+        '--make_demo',
+        action='store_true',
+        help='first write a small demo data set of handwritten digits as <data_path>/digits',
+    )
+    parser.add_argument(
+        '--workers', default=os.cpu_count(), type=int, help='processes converting images'
+    )
     return parser
 
 
@@ -413,8 +514,9 @@ def main():
         names = [name for name in DATA_NAMES if os.path.isdir(os.path.join(args.data_path, name))]
         if not names:
             raise UserError(f'no data set found under {args.data_path}: expected a folder '
-                            f'{one_of([f"{name}/" for name in DATA_NAMES])} there (see the README for each layout), '
-                            f'or pass --data_path, or --data_name for a folder of your own images')
+                            f'{one_of([f"{name}/" for name in DATA_NAMES])} there (see the README '
+                            f'for each layout), or pass --data_path, or --data_name for a folder '
+                            f'of your own images')
     crop_types = CROP_TYPES if args.crop else CROP_TYPES[:1]
     for name in names:
         prepare(args.data_path, name, crop_types, args.workers)

@@ -1,17 +1,20 @@
-"""Plumbing for test.py --gallery: a folder's embeddings kept on disk, appended as the folder changes and searched
-memory-mapped, exactly or through a faiss index saved beside them. Imports nothing from the research files but
-utils.py's embed_files (images read, transformed and embedded as test.py and train.py do) and
-neighbours.py's exact search.
+"""Plumbing for test.py --gallery: a folder's embeddings kept on disk, appended as the folder
+changes and searched memory-mapped, exactly or through a faiss index saved beside them. Imports
+nothing from the research files but utils.py's embed_files (images read, transformed and embedded as
+test.py and train.py do) and neighbours.py's exact search.
 
-A store is one folder, results/<model>_gallery_<folder hash>/, for one model file and one photo folder:
+A store is one folder, results/<model>_gallery_<folder hash>/, for one model file and one photo
+folder:
   meta.json                    {version, model, dim, dtype, generation}: written whole; names the two files below
   keys-<generation>.jsonl      one line per image: [path, size, mtime_ns], or [path, size, mtime_ns, "unreadable"]
   embeddings-<generation>.f16  row r: the embedding of the r-th line that is not unreadable, (D,) float16
   index-<kind>.faiss / .json   an index over the rows and what it was built from (hnsw, ivfpq)
-New and changed images are appended a chunk at a time, the rows first and then their keys, so a run killed while
-embedding loses at most the chunk it was on: rows without keys are cut off when the store is next opened. The row of
-a removed or changed image stays until a compaction writes the live rows into a new generation.
+New and changed images are appended a chunk at a time, the rows first and then their keys, so a run
+killed while embedding loses at most the chunk it was on: rows without keys are cut off when the
+store is next opened. The row of a removed or changed image stays until a compaction writes the live
+rows into a new generation.
 """
+
 import contextlib
 import json
 import os
@@ -28,21 +31,27 @@ from runtime import RunLock, UserError, atomic_path, remove_temporaries
 from utils import embed_files, unreadable_line
 
 VERSION = 1  # of the store's layout; a store or index of another version is written anew
-DTYPE = np.float16  # half of float32's disk and page cache; exact recall@10 0.9997 at 200,000 rows (index_speed.py)
+# half of float32's disk and page cache; exact recall@10 0.9997 at 200,000 rows (index_speed.py)
+DTYPE = np.float16
 CHUNK = 256  # images embedded, then appended and synced together: what an interruption can lose
 READ_ROWS = 1 << 16  # rows read from the memory map at a time: 64 MiB of float16 at 512-d
-COMPACT_FRACTION = 0.25  # compact when dead rows (removed or changed images) are this share of the store
+# compact when dead rows (removed or changed images) are this share of the store
+COMPACT_FRACTION = 0.25
 INDEXES = ('exact', 'hnsw', 'ivfpq')
 EXACT_BELOW = 1_000_000  # the default --index: exact below this many images, ivfpq from it (README)
-# HNSW: 16 links per node and faiss's default construction depth, half the build time of 32 links at the same
-# recall after re-ranking (measured at 50,000 vectors); the search depth grows to the candidates asked for
+# HNSW: 16 links per node and faiss's default construction depth, half the build time of 32 links at
+# the same recall after re-ranking (measured at 50,000 vectors); the search depth grows to the
+# candidates asked for
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 128
-# IVF-PQ: faiss's fast-scan codes, 4 bits per 8 dimensions (32 bytes a 512-d row); with 8-bit codes training the
-# product quantizer took minutes at 20,000 rows on this machine, with 4-bit codes seconds
+# IVF-PQ: faiss's fast-scan codes, 4 bits per 8 dimensions (32 bytes a 512-d row); with 8-bit codes
+# training the product quantizer took minutes at 20,000 rows on this machine, with 4-bit codes
+# seconds
 IVFPQ_BITS = 4
-IVFPQ_MIN = 39 * 2 ** IVFPQ_BITS  # k-means of 16 centroids per part: faiss asks for 39 training rows per centroid
-# inverted lists visited per query: an eighth of them, at least 32; at 1,000,000 vectors (1,000 lists) 32 found
-# 0.90 of the exact top 10, 64 found 0.95 and 128 found 0.98 in 3.1 ms (benchmarks/index_speed.py)
+# k-means of 16 centroids per part: faiss asks for 39 training rows per centroid
+IVFPQ_MIN = 39 * 2 ** IVFPQ_BITS
+# inverted lists visited per query: an eighth of them, at least 32; at 1,000,000 vectors (1,000
+# lists) 32 found 0.90 of the exact top 10, 64 found 0.95 and 128 found 0.98 in 3.1 ms
+# (benchmarks/index_speed.py)
 IVFPQ_NPROBE, IVFPQ_PROBED_SHARE = 32, 8
 RERANK = 20  # approximate candidates per result, re-ranked by their exact cosines from the store
 
@@ -52,7 +61,7 @@ def candidates(k):
     return max(RERANK * k, 200)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the store
 
 @contextlib.contextmanager
@@ -61,7 +70,10 @@ def open_store(path, model_path, dim):
     lock = RunLock(os.path.join(path, '.lock'))
     holder = lock.acquire()
     if holder is not None:
-        raise UserError(f'another process ({holder}) is using gallery store {path} right now; wait for it to end')
+        raise UserError(
+            f'another process ({holder}) is using gallery store {path} right now; wait for it'
+            ' to end'
+        )
     try:
         yield Store(path, model_path, dim)
     finally:
@@ -76,10 +88,18 @@ class Store:
         self.path, self.dim = path, dim
         self.model = [os.path.realpath(model_path), status.st_size, status.st_mtime_ns]
         meta = self.read_json('meta.json')
-        expected = {'version': VERSION, 'model': self.model, 'dim': dim, 'dtype': np.dtype(DTYPE).name}
+        expected = {
+            'version': VERSION,
+            'model': self.model,
+            'dim': dim,
+            'dtype': np.dtype(DTYPE).name,
+        }
         if meta is None or {key: meta.get(key) for key in expected} != expected:
             if meta is not None:
-                print(f'gallery store {path} was written by another model file or version, so it is written anew')
+                print(
+                    f'gallery store {path} was written by another model file or version, so it is'
+                    ' written anew'
+                )
             meta = {**expected, 'generation': uuid.uuid4().hex[:12]}
             self.write_json('meta.json', meta)
         self.generation = meta['generation']
@@ -129,13 +149,15 @@ class Store:
                 self.row_of[path, size, mtime] = len(self.keys)  # a later row of the same key wins
                 self.keys.append((path, size, mtime))
         row_bytes = self.dim * np.dtype(DTYPE).itemsize
-        if os.path.getsize(rows_path) < len(self.keys) * row_bytes:  # never written so: the keys follow their rows
-            raise UserError(f'gallery store {self.path} has fewer embeddings than keys; delete the folder and run '
-                            f'again to embed the gallery anew')
+        # never written so: the keys follow their rows
+        if os.path.getsize(rows_path) < len(self.keys) * row_bytes:
+            raise UserError(f'gallery store {self.path} has fewer embeddings than keys; delete the '
+                            f'folder and run again to embed the gallery anew')
         for path, size in ((keys_path, len(whole)), (rows_path, len(self.keys) * row_bytes)):
             if os.path.getsize(path) > size:
                 os.truncate(path, size)
-        # copy-on-write ('c') maps the file like 'r' but gives torch the writable array it wants; nothing writes it
+        # copy-on-write ('c') maps the file like 'r' but gives torch the writable array it wants;
+        # nothing writes it
         self.rows = (np.memmap(rows_path, dtype=DTYPE, mode='c', shape=(len(self.keys), self.dim))
                      if self.keys else np.zeros((0, self.dim), DTYPE))
         # every image's latest row is live until an update lists the folder and finds some removed
@@ -157,15 +179,18 @@ class Store:
             file.write(np.ascontiguousarray(features, dtype=DTYPE).tobytes())
             file.flush()
             os.fsync(file.fileno())
-        lines = [json.dumps(list(key)) for key in keys] + [json.dumps([*key, 'unreadable']) for key in unreadable]
+        lines = [json.dumps(list(key)) for key in keys] + [
+            json.dumps([*key, 'unreadable']) for key in unreadable
+        ]
         with open(self.file('keys'), 'a') as file:
             file.write(''.join(f'{line}\n' for line in lines))
             file.flush()
             os.fsync(file.fileno())
 
     def update(self, folder, paths, model):
-        """Embed what is new or changed below folder, note what was removed, and compact when it is time; prints
-        what it did in a line, and a line each for unreadable images and images that changed while embedded."""
+        """Embed what is new or changed below folder, note what was removed, and compact when it is
+        time; prints what it did in a line, and a line each for unreadable images and images that
+        changed while embedded."""
         keys = []
         for path in paths:
             with contextlib.suppress(FileNotFoundError):  # removed since the folder was listed
@@ -195,21 +220,22 @@ class Store:
         self.current = {key[0]: self.row_of[key] for key in current}
         unreadable = [key[0] for key in keys if key in self.unreadable]
         embedded = sum(key in self.row_of for key in todo)
-        print(f'gallery {folder}: {len(current)} images, {embedded} embedded now, {len(current) - embedded} from '
-              f'{self.path}/')
+        print(f'gallery {folder}: {len(current)} images, {embedded} embedded now, '
+              f'{len(current) - embedded} from {self.path}/')
         if unreadable:
             print(f'gallery {folder}: {unreadable_line(unreadable)}')
         if changed:
-            print(f'gallery {folder}: {len(changed)} image{"s" * (len(changed) > 1)} changed while being embedded '
-                  f'and {"were" if len(changed) > 1 else "was"} left out (such as {changed[0]}); run again to embed '
-                  f'{"them" if len(changed) > 1 else "it"}')
+            print(f'gallery {folder}: {len(changed)} image{"s" * (len(changed) > 1)} changed while '
+                  f'being embedded and {"were" if len(changed) > 1 else "was"} left out (such as '
+                  f'{changed[0]}); run again to embed {"them" if len(changed) > 1 else "it"}')
         dead = len(self.keys) - len(current)
         if dead and dead >= COMPACT_FRACTION * len(self.keys):
             self.compact(current, [key for key in keys if key in self.unreadable])
 
     def compact(self, current, unreadable):
-        """Write the live rows (the keys `current`, in order) and the unreadable keys into a new generation, streamed
-        a block at a time; the new meta.json is the moment it takes over, and the old files go after."""
+        """Write the live rows (the keys `current`, in order) and the unreadable keys into a new
+        generation, streamed a block at a time; the new meta.json is the moment it takes over, and
+        the old files go after."""
         generation = uuid.uuid4().hex[:12]
         rows = np.array([self.row_of[key] for key in current], dtype=np.int64)
         with atomic_path(self.file('embeddings', generation)) as tmp, open(tmp, 'wb') as file:
@@ -218,8 +244,13 @@ class Store:
         with atomic_path(self.file('keys', generation)) as tmp, open(tmp, 'w') as file:
             file.writelines(f'{json.dumps(list(key))}\n' for key in current)
             file.writelines(f'{json.dumps([*key, "unreadable"])}\n' for key in unreadable)
-        meta = {'version': VERSION, 'model': self.model, 'dim': self.dim, 'dtype': np.dtype(DTYPE).name,
-                'generation': generation}
+        meta = {
+            'version': VERSION,
+            'model': self.model,
+            'dim': self.dim,
+            'dtype': np.dtype(DTYPE).name,
+            'generation': generation,
+        }
         self.write_json('meta.json', meta)
         del self.rows  # unmapped before its file is removed
         self.generation = generation
@@ -242,7 +273,8 @@ class Store:
         re-ranked the same way.
         """
         query = F.normalize(query.float(), dim=0)[None]  # (1, D)
-        # an index's approximate candidates (1, candidates(k)), or None: the exact scan finds its own
+        # an index's approximate candidates (1, candidates(k)), or None: the exact scan finds its
+        # own
         among = None if index == 'exact' else index_search(index, query.numpy(), candidates(k))
         similarities, rows = top_k(query, self.read(0, len(self.keys)), k,  # (1, k), (1, k)
                                    leave_out=-1 if exclude is None else exclude, live=self.live,
@@ -260,7 +292,7 @@ def unchanged(key):
     return (status.st_size, status.st_mtime_ns) == tuple(key[1:])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # faiss indexes over the store's rows; row r is the index's id r, and dead rows are filtered out after a search
 
 def default_index(count):
@@ -269,16 +301,16 @@ def default_index(count):
 
 
 def ivfpq_shape(count, dim):
-    """(inverted lists, sub-vectors) of the IVF-PQ index for count vectors: about sqrt(count) lists with at least
-    39 training vectors each (faiss's minimum), and sub-vectors of 8 dimensions."""
+    """(inverted lists, sub-vectors) of the IVF-PQ index for count vectors: about sqrt(count) lists
+    with at least 39 training vectors each (faiss's minimum), and sub-vectors of 8 dimensions."""
     lists = max(1, min(int(np.sqrt(count)), count // 39))
     parts = max(part for part in range(1, dim + 1) if dim % part == 0 and part <= max(1, dim // 8))
     return lists, parts
 
 
 def new_index(kind, dim, count):
-    """An empty faiss index of this kind for count vectors of dim dimensions (L2, which on unit vectors ranks as
-    the cosine does)."""
+    """An empty faiss index of this kind for count vectors of dim dimensions (L2, which on unit
+    vectors ranks as the cosine does)."""
     import faiss
     if kind == 'hnsw':
         index = faiss.IndexHNSWFlat(dim, HNSW_M)
@@ -289,14 +321,19 @@ def new_index(kind, dim, count):
 
 
 def build_index(kind, vectors, count, dim, start=0, index=None):
-    """Train (ivfpq) and fill a new index from vectors(start, stop) -> (stop - start, D) float32, or extend `index`
-    with rows start:count."""
+    """Train (ivfpq) and fill a new index from vectors(start, stop) -> (stop - start, D) float32, or
+    extend `index` with rows start:count."""
     if index is None:
         index = new_index(kind, dim, count)
-        if kind == 'ivfpq':  # trained on rows spread evenly over the store, 64 per list (k-means needs 39)
+        # trained on rows spread evenly over the store, 64 per list (k-means needs 39)
+        if kind == 'ivfpq':
             lists, _ = ivfpq_shape(count, dim)
-            index.train(sampled_rows(vectors, np.linspace(0, count - 1, min(count, max(64 * lists, 10_000)))
-                                     .astype(np.int64)))
+            index.train(
+                sampled_rows(
+                    vectors,
+                    np.linspace(0, count - 1, min(count, max(64 * lists, 10_000))).astype(np.int64),
+                )
+            )
     for begin in range(start, count, READ_ROWS):
         rows = vectors(begin, min(begin + READ_ROWS, count))
         index.add(np.ascontiguousarray(rows, dtype=np.float32))
@@ -324,14 +361,20 @@ def index_search(index, queries, k):
 
 
 def open_index(store, kind):
-    """The store's index of this kind: read from disk if built from the same model, store generation and rows;
-    extended if the store has grown since; built anew otherwise. Prints what it did."""
+    """The store's index of this kind: read from disk if built from the same model, store generation
+    and rows; extended if the store has grown since; built anew otherwise. Prints what it did."""
     import faiss
     if kind == 'ivfpq' and store.live.sum() < IVFPQ_MIN:
-        raise UserError(f'--index ivfpq learns its codes from the gallery and needs at least {IVFPQ_MIN} images for '
-                        f'that, but this one holds {store.live.sum()}; use --index exact (or hnsw)')
+        raise UserError(f'--index ivfpq learns its codes from the gallery and needs at least '
+                        f'{IVFPQ_MIN} images for that, but this one holds {store.live.sum()}; use '
+                        f'--index exact (or hnsw)')
     path = os.path.join(store.path, f'index-{kind}.faiss')
-    made = {'version': VERSION, 'model': store.model, 'generation': store.generation, 'dim': store.dim}
+    made = {
+        'version': VERSION,
+        'model': store.model,
+        'generation': store.generation,
+        'dim': store.dim,
+    }
     meta, index = store.read_json(f'index-{kind}.json'), None
     if meta is not None and os.path.isfile(path):
         try:
@@ -344,17 +387,23 @@ def open_index(store, kind):
             print(f'{path} was built from another model or an older store, so it is built anew')
             index = None
         elif kind == 'ivfpq' and len(store.keys) > 2 * meta['trained_on']:
-            print(f'{path} was trained on {meta["trained_on"]} images and the store has grown to {len(store.keys)}, '
-                  f'so it is trained anew')
+            print(f'{path} was trained on {meta["trained_on"]} images and the store has grown to '
+                  f'{len(store.keys)}, so it is trained anew')
             index = None
     if index is not None and index.ntotal == len(store.keys):
         return index
     begin, before = time.perf_counter(), 0 if index is None else index.ntotal
     trained_on = len(store.keys) if index is None else meta['trained_on']
-    index = build_index(kind, lambda a, b: store.block(a, b).numpy(), len(store.keys), store.dim, before, index)
+    index = build_index(
+        kind, lambda a, b: store.block(a, b).numpy(), len(store.keys), store.dim, before, index
+    )
     with atomic_path(path) as tmp:
         faiss.write_index(index, tmp)
     store.write_json(f'index-{kind}.json', {**made, 'rows': index.ntotal, 'trained_on': trained_on})
-    done = f'extended by {index.ntotal - before} images' if before else f'built over {index.ntotal} images'
+    done = (
+        f'extended by {index.ntotal - before} images'
+        if before
+        else f'built over {index.ntotal} images'
+    )
     print(f'index {kind}: {done} in {time.perf_counter() - begin:.1f} s, saved as {path}')
     return index

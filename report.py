@@ -1,6 +1,6 @@
-"""An HTML report of a trained model on its test set (`python test.py --data_base ... --report`): the headline
-metrics, the classes and the queries it fails, the classes it confuses, a map of its embedding space and its training
-curves, in one folder that opens offline."""
+"""An HTML report of a trained model on its test set (`python test.py --data_base ... --report`):
+the headline metrics, the classes and the queries it fails, the classes it confuses, a map of its
+embedding space and its training curves, in one folder that opens offline."""
 import contextlib
 import html
 import json
@@ -18,24 +18,31 @@ from neighbours import top_k
 from runtime import UserError, atomic_dir, pyplot, remove_temporaries, save_figure
 from utils import load_index, parse_ranks, retrieval_metrics
 
-TSNE_LIMIT = 3000  # t-SNE up to this many embeddings; beyond, PCA: t-SNE's time grows past minutes on a CPU
+# t-SNE up to this many embeddings; beyond, PCA: t-SNE's time grows past minutes on a CPU
+TSNE_LIMIT = 3000
 PAIRS = 20  # confused class pairs on the page
 
 
 def write_report(args, data_base, data_base_path, framed, draw_row):
-    """Write results/<data base file name without .pth>_report/ (index.html, its pictures and CSV files) whole.
+    """Write results/<data base file name without .pth>_report/ (index.html, its pictures and CSV
+    files) whole.
 
-    args are test.py's flags (--report_queries worst queries, each with its --retrieval_num nearest); framed and
-    draw_row are test.py's, so that a worst query is drawn as test.py draws any query.
+    args are test.py's flags (--report_queries worst queries, each with its --retrieval_num
+    nearest); framed and draw_row are test.py's, so that a worst query is drawn as test.py draws any
+    query.
     """
     if args.gallery is not None:
-        raise UserError('--report covers the data base\'s own test set, not a --gallery folder; leave out one of them')
+        raise UserError(
+            '--report covers the data base\'s own test set, not a --gallery folder; leave out one'
+            ' of them'
+        )
     for flag in ('report_queries', 'retrieval_num'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag} must be at least 1, not {getattr(args, flag)}')
     found = analyse(data_base, args.retrieval_num, args.report_queries)
     name = f'{os.path.basename(data_base_path)[:-len(".pth")]}_report'
-    run = re.sub(r'_\d+_data_base\.pth$', '', data_base_path)  # results/<run name>, whose statistics lie beside
+    # results/<run name>, whose statistics lie beside
+    run = re.sub(r'_\d+_data_base\.pth$', '', data_base_path)
     remove_temporaries('results', f'{name}.')  # left by a report killed while it was written
     with atomic_dir(os.path.join('results', name)) as folder:
         missing = draw_queries(found, folder, framed, draw_row)
@@ -47,25 +54,40 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
         method = embedding_map(found, os.path.join(folder, 'map.png'))
         found['per_class'].to_csv(os.path.join(folder, 'classes.csv'), index=False)
         found['pairs'].to_csv(os.path.join(folder, 'confused_pairs.csv'), index=False)
-        found['worst'].drop(columns=['neighbours']).to_csv(os.path.join(folder, 'worst_queries.csv'), index=False)
+        found['worst'].drop(columns=['neighbours']).to_csv(
+            os.path.join(folder, 'worst_queries.csv'), index=False
+        )
         with open(os.path.join(folder, 'summary.json'), 'w') as file:
             json.dump({'data_base': data_base_path, 'epoch': data_base.epoch,
                        'metrics': found['metrics'], 'map': method, 'missing': missing}, file,
                       indent=1)
         with open(os.path.join(folder, 'index.html'), 'w', encoding='utf-8') as file:
-            file.write(page(found, data_base, data_base_path, f'{run}_statistics.csv', missing, method,
-                            os.path.isfile(curves)))
-    print(f'wrote the report on {len(found["labels"])} queries to results/{name}/index.html (it opens offline)')
+            file.write(
+                page(
+                    found,
+                    data_base,
+                    data_base_path,
+                    f'{run}_statistics.csv',
+                    missing,
+                    method,
+                    os.path.isfile(curves),
+                )
+            )
+    print(
+        f'wrote the report on {len(found["labels"])} queries to results/{name}/index.html (it opens'
+        ' offline)'
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the figures: metrics per query and per class, nearest neighbours, confused pairs
 
 def analyse(data_base, k, num_queries):
     """Everything the page shows, as numbers: {'metrics', 'per_class', 'worst', 'pairs', ...}.
 
-    The metrics are retrieval_metrics' on the stored test features, as train.py evaluated them (queries against the
-    gallery of a query/gallery data set), so they equal what train.py printed for that epoch.
+    The metrics are retrieval_metrics' on the stored test features, as train.py evaluated them
+    (queries against the gallery of a query/gallery data set), so they equal what train.py printed
+    for that epoch.
     """
     ranks = parse_ranks(data_base.recalls)
     images, labels, queries = data_base.test
@@ -75,9 +97,12 @@ def analyse(data_base, k, num_queries):
     gallery = (items.float(), item_labels) if split == 'gallery' else ()
     with progress_bar('metrics per query') as progress:
         # Recall@1 is swept too whatever the run's ranks: the per-class table shows it
-        metrics, per_query = retrieval_metrics(queries, labels, sorted(set(ranks) | {1}), *gallery, per_query=True,
-                                               progress=progress)
-    metrics = {key: metrics[key] for key in [f'recall@{rank}' for rank in ranks] + ['map@r', 'r_precision']}
+        metrics, per_query = retrieval_metrics(
+            queries, labels, sorted(set(ranks) | {1}), *gallery, per_query=True, progress=progress
+        )
+    metrics = {
+        key: metrics[key] for key in [f'recall@{rank}' for rank in ranks] + ['map@r', 'r_precision']
+    }
     with progress_bar('nearest neighbours') as progress:
         # searching the test set itself, each query is left out of its own list
         own = torch.arange(len(queries)) if split == 'test' else None
@@ -85,17 +110,39 @@ def analyse(data_base, k, num_queries):
                                          progress=progress)
     similarities, neighbours = similarities.numpy(), neighbours.numpy()  # (N, k), (N, k)
     names = class_names(data_base, split)
-    shown = names if names is not None else [str(label) for label in range(int(max(labels.max(),
-                                                                                     item_labels.max())) + 1)]
+    shown = (
+        names
+        if names is not None
+        else [str(label) for label in range(int(max(labels.max(), item_labels.max())) + 1)]
+    )
     labels, item_labels = labels.numpy(), item_labels.numpy()
     hit, ap = per_query['recall@1'].numpy(), per_query['ap@r'].numpy()
-    return {'metrics': metrics, 'labels': labels, 'item_labels': item_labels, 'images': images,
-            'item_images': item_images, 'gallery': split == 'gallery', 'names': shown, 'named': names is not None,
-            'features': queries, 'items': items.float(), 'k': similarities.shape[1],
-            'per_class': per_class(labels, item_labels, hit, ap, shown, split == 'gallery'),
-            'worst': worst_queries(per_query, labels, item_labels, images, item_images, similarities, neighbours,
-                                   shown, num_queries),
-            'pairs': confused_pairs(labels, item_labels[neighbours], shown)}
+    return {
+        'metrics': metrics,
+        'labels': labels,
+        'item_labels': item_labels,
+        'images': images,
+        'item_images': item_images,
+        'gallery': split == 'gallery',
+        'names': shown,
+        'named': names is not None,
+        'features': queries,
+        'items': items.float(),
+        'k': similarities.shape[1],
+        'per_class': per_class(labels, item_labels, hit, ap, shown, split == 'gallery'),
+        'worst': worst_queries(
+            per_query,
+            labels,
+            item_labels,
+            images,
+            item_images,
+            similarities,
+            neighbours,
+            shown,
+            num_queries,
+        ),
+        'pairs': confused_pairs(labels, item_labels[neighbours], shown),
+    }
 
 
 @contextlib.contextmanager
@@ -109,20 +156,26 @@ def progress_bar(description):
 
 
 def class_names(data_base, split):
-    """Each label's class as the prepared index names it (a labelled folder's name, a benchmark's class id, an
-    In-shop item id), or None when the index is gone or no longer lists the data base's images."""
+    """Each label's class as the prepared index names it (a labelled folder's name, a benchmark's
+    class id, an In-shop item id), or None when the index is gone or no longer lists the data base's
+    images."""
     try:
         index = load_index(data_base.root, data_base.data_name, data_base.crop_type)
     except UserError:
         return None
     root = os.path.join(data_base.root, data_base.data_name)
-    # labels number the classes in sorted order, a query split and its gallery together (utils.ImageReader)
+    # labels number the classes in sorted order, a query split and its gallery together
+    # (utils.ImageReader)
     searched = ('query', 'gallery') if split == 'gallery' else ('test',)
     if not all(part in index for part in searched):
         return None
     classes = sorted(set().union(*(index[part] for part in searched)))
-    listed = {os.path.join(root, relative): label for label, key in enumerate(classes) for part in searched
-              for relative in index[part].get(key, ())}
+    listed = {
+        os.path.join(root, relative): label
+        for label, key in enumerate(classes)
+        for part in searched
+        for relative in index[part].get(key, ())
+    }
     pairs = [(path, label) for part in (data_base.test, data_base.gallery) if part is not None
              for path, label in zip(part.images, part.labels.tolist())]
     if any(listed.get(path) != label for path, label in pairs):
@@ -131,10 +184,13 @@ def class_names(data_base, split):
 
 
 def per_class(labels, item_labels, hit, ap, names, gallery):
-    """One row per class, worst first (by MAP@R, then Recall@1): its images (queries and gallery images with a
-    gallery), Recall@1 and MAP@R over its queries (MAP@R over those with R > 0; NaN where there are none)."""
+    """One row per class, worst first (by MAP@R, then Recall@1): its images (queries and gallery
+    images with a gallery), Recall@1 and MAP@R over its queries (MAP@R over those with R > 0; NaN
+    where there are none)."""
     frame = pd.DataFrame({'label': labels, 'hit': hit.astype(np.float64), 'ap': ap})
-    table = frame.groupby('label').agg(queries=('label', 'size'), recall_at_1=('hit', 'mean'), map_at_r=('ap', 'mean'))
+    table = frame.groupby('label').agg(
+        queries=('label', 'size'), recall_at_1=('hit', 'mean'), map_at_r=('ap', 'mean')
+    )
     classes = np.union1d(labels, item_labels) if gallery else np.unique(labels)
     table = table.reindex(classes)
     table['queries'] = table['queries'].fillna(0).astype(int)
@@ -144,28 +200,49 @@ def per_class(labels, item_labels, hit, ap, names, gallery):
     else:
         table = table.rename(columns={'queries': 'images'})
     table = table.rename(columns={'recall_at_1': 'recall@1', 'map_at_r': 'map@r'})
-    return table.reset_index().sort_values(['map@r', 'recall@1', 'label'], na_position='last', kind='stable')
+    return table.reset_index().sort_values(
+        ['map@r', 'recall@1', 'label'], na_position='last', kind='stable'
+    )
 
 
-def worst_queries(per_query, labels, item_labels, images, item_images, similarities, neighbours, names, count):
-    """The `count` queries of lowest AP@R (queries with R = 0 have none and are left out), worst first, each with
-    its nearest items: a frame of position, image, class, ap@r, r_precision, hit@1, nearest (JSON [[image,
-    similarity], ...], for the CSV) and neighbours [(item position, similarity)]."""
+def worst_queries(
+    per_query, labels, item_labels, images, item_images, similarities, neighbours, names, count
+):
+    """The `count` queries of lowest AP@R (queries with R = 0 have none and are left out), worst
+    first, each with its nearest items: a frame of position, image, class, ap@r, r_precision, hit@1,
+    nearest (JSON [[image, similarity], ...], for the CSV) and neighbours [(item position,
+    similarity)]."""
     ap = per_query['ap@r'].numpy()
     ranked = np.flatnonzero(~np.isnan(ap))
     order = ranked[np.lexsort((ranked, ap[ranked]))][:count]  # lowest AP@R first, ties by position
-    return pd.DataFrame({
-        'position': order, 'image': [images[q] for q in order], 'class': [names[labels[q]] for q in order],
-        'ap@r': ap[order], 'r_precision': per_query['r_precision'].numpy()[order],
-        'hit@1': per_query['recall@1'].numpy()[order],
-        'nearest': [json.dumps([[item_images[i], round(float(s), 6)] for i, s in zip(neighbours[q], similarities[q])])
-                    for q in order],
-        'neighbours': [list(zip(neighbours[q].tolist(), similarities[q].tolist())) for q in order]})
+    return pd.DataFrame(
+        {
+            'position': order,
+            'image': [images[q] for q in order],
+            'class': [names[labels[q]] for q in order],
+            'ap@r': ap[order],
+            'r_precision': per_query['r_precision'].numpy()[order],
+            'hit@1': per_query['recall@1'].numpy()[order],
+            'nearest': [
+                json.dumps(
+                    [
+                        [item_images[i], round(float(s), 6)]
+                        for i, s in zip(neighbours[q], similarities[q])
+                    ]
+                )
+                for q in order
+            ],
+            'neighbours': [
+                list(zip(neighbours[q].tolist(), similarities[q].tolist())) for q in order
+            ],
+        }
+    )
 
 
 def confused_pairs(labels, neighbour_labels, names):
-    """The PAIRS (query class, other class) pairs whose images the query class's queries find most often among
-    their nearest (neighbour_labels (N, k)), with the count and its share of those queries' neighbours."""
+    """The PAIRS (query class, other class) pairs whose images the query class's queries find most
+    often among their nearest (neighbour_labels (N, k)), with the count and its share of those
+    queries' neighbours."""
     query_labels = np.broadcast_to(labels[:, None], neighbour_labels.shape)
     other = query_labels != neighbour_labels
     size = max(labels.max(), neighbour_labels.max()) + 1
@@ -174,16 +251,22 @@ def confused_pairs(labels, neighbour_labels, names):
     top = np.lexsort((codes, -counts))[:PAIRS]  # most often first, ties by class
     first, second = codes[top] // size, codes[top] % size
     queries = np.bincount(labels, minlength=size)
-    return pd.DataFrame({'query_class': [names[c] for c in first], 'retrieved_class': [names[c] for c in second],
-                         'count': counts[top], 'share': counts[top] / (queries[first] * neighbour_labels.shape[1])})
+    return pd.DataFrame(
+        {
+            'query_class': [names[c] for c in first],
+            'retrieved_class': [names[c] for c in second],
+            'count': counts[top],
+            'share': counts[top] / (queries[first] * neighbour_labels.shape[1]),
+        }
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the pictures
 
 def draw_queries(found, folder, framed, draw_row):
-    """Draw each worst query's row into folder/queries/<n>.png with test.py's framed and draw_row; returns the one
-    line's parts naming what could not be drawn (images no longer on disk)."""
+    """Draw each worst query's row into folder/queries/<n>.png with test.py's framed and draw_row;
+    returns the one line's parts naming what could not be drawn (images no longer on disk)."""
     os.makedirs(os.path.join(folder, 'queries'))
     missing, needed, drawn = [], set(), []
     for number, query in enumerate(found['worst'].to_dict('records'), 1):
@@ -196,10 +279,20 @@ def draw_queries(found, folder, framed, draw_row):
             continue
         label = found['labels'][query['position']]
         try:
-            results = [(framed(found['item_images'][i], bool(found['item_labels'][i] == label)), rank, similarity,
-                        bool(found['item_labels'][i] == label)) for rank, (i, similarity) in
-                       enumerate(query['neighbours'], 1)]
-            draw_row(framed(query['image'], border=False), results, os.path.join(folder, 'queries', f'{number}.png'))
+            results = [
+                (
+                    framed(found['item_images'][i], bool(found['item_labels'][i] == label)),
+                    rank,
+                    similarity,
+                    bool(found['item_labels'][i] == label),
+                )
+                for rank, (i, similarity) in enumerate(query['neighbours'], 1)
+            ]
+            draw_row(
+                framed(query['image'], border=False),
+                results,
+                os.path.join(folder, 'queries', f'{number}.png'),
+            )
             drawn.append(True)
         except UserError:  # a file that is there but no longer an image
             missing += [paths[0]]
@@ -207,40 +300,64 @@ def draw_queries(found, folder, framed, draw_row):
     found['drawn'] = drawn
     if not missing:
         return []
-    return [f'{len(set(missing))} of the {len(needed)} images of the worst queries (such as {missing[0]}), so '
-            f'{drawn.count(False)} of the {len(drawn)} queries are listed without pictures']
+    return [f'{len(set(missing))} of the {len(needed)} images of the worst queries (such as '
+            f'{missing[0]}), so {drawn.count(False)} of the {len(drawn)} queries are listed '
+            f'without pictures']
 
 
 def embedding_map(found, path):
-    """A 2-D map of the test embeddings (queries and gallery with a gallery) coloured by class into path; returns
-    which map it is: t-SNE up to TSNE_LIMIT embeddings, PCA beyond."""
+    """A 2-D map of the test embeddings (queries and gallery with a gallery) coloured by class into
+    path; returns which map it is: t-SNE up to TSNE_LIMIT embeddings, PCA beyond."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
-    features = torch.cat([found['features'], found['items']]) if found['gallery'] else found['features']
-    labels = np.concatenate([found['labels'], found['item_labels']]) if found['gallery'] else found['labels']
+    features = (
+        torch.cat([found['features'], found['items']]) if found['gallery'] else found['features']
+    )
+    labels = (
+        np.concatenate([found['labels'], found['item_labels']])
+        if found['gallery']
+        else found['labels']
+    )
     points = F.normalize(features, dim=-1).numpy()
     if len(points) <= TSNE_LIMIT:
-        # t-SNE on the first 50 principal components, the usual step that speeds it up and removes noise
-        reduced = PCA(min(50, *points.shape), random_state=0).fit_transform(points) if points.shape[1] > 50 else points
+        # t-SNE on the first 50 principal components, the usual step that speeds it up and removes
+        # noise
+        reduced = (
+            PCA(min(50, *points.shape), random_state=0).fit_transform(points)
+            if points.shape[1] > 50
+            else points
+        )
         perplexity = min(30.0, max(1.0, (len(points) - 1) / 3))
         xy = TSNE(2, perplexity=perplexity, init='pca', random_state=0).fit_transform(reduced)
-        method = f't-SNE (perplexity {perplexity:g}' + (f', on the first {reduced.shape[1]} principal components)'
-                                                         if reduced is not points else ')')
+        method = f't-SNE (perplexity {perplexity:g}' + (
+            f', on the first {reduced.shape[1]} principal components)'
+            if reduced is not points
+            else ')'
+        )
     else:
         xy = PCA(2, random_state=0).fit_transform(points)
-        method = f'PCA (the first two principal components; t-SNE takes too long beyond {TSNE_LIMIT:,} embeddings)'
+        method = (
+            f'PCA (the first two principal components; t-SNE takes too long beyond {TSNE_LIMIT:,}'
+            ' embeddings)'
+        )
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(4.6, 4.6))
     colours = plt.get_cmap('tab20')(labels % 20)
     size = 16 if len(points) <= 1000 else 3 if len(points) <= 10000 else 0.5
     queries = len(found['labels'])
-    axis.scatter(xy[:queries, 0], xy[:queries, 1], c=colours[:queries], s=size, marker='o', linewidths=0)
+    axis.scatter(
+        xy[:queries, 0], xy[:queries, 1], c=colours[:queries], s=size, marker='o', linewidths=0
+    )
     if found['gallery']:
-        axis.scatter(xy[queries:, 0], xy[queries:, 1], c=colours[queries:], s=size * 1.5, marker='+')
+        axis.scatter(
+            xy[queries:, 0], xy[queries:, 1], c=colours[queries:], s=size * 1.5, marker='+'
+        )
     classes = np.unique(labels)
     if len(classes) <= 20:
         for label in classes:
-            axis.scatter([], [], color=plt.get_cmap('tab20')(label % 20), label=found['names'][label], s=16)
+            axis.scatter(
+                [], [], color=plt.get_cmap('tab20')(label % 20), label=found['names'][label], s=16
+            )
         axis.legend(fontsize=7, loc='best', title='class', title_fontsize=7)
     axis.set(xticks=[], yticks=[])
     axis.set_title(method.split(' (')[0] + f' of {len(points):,} test embeddings', fontsize=9)
@@ -249,16 +366,21 @@ def embedding_map(found, path):
     return method
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the page: every string that goes into it is escaped
 
 def page(found, data_base, data_base_path, statistics_csv, missing, method, curves):
-    """The report's index.html: the run and its headline metrics, the classes it fails beside the pairs it confuses,
-    the map beside the training curves, then the worst queries (the long part) last."""
+    """The report's index.html: the run and its headline metrics, the classes it fails beside the
+    pairs it confuses, the map beside the training curves, then the worst queries (the long part)
+    last."""
     metrics, esc, epoch = found['metrics'], html.escape, data_base.epoch
     heading = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}
-    searched = (f'{len(found["labels"]):,} queries against a gallery of {len(found["item_labels"]):,} images'
-                if found['gallery'] else f'{len(found["labels"]):,} test images, each a query against the others')
+    searched = (
+        f'{len(found["labels"]):,} queries against a gallery of {len(found["item_labels"]):,}'
+        ' images'
+        if found['gallery']
+        else f'{len(found["labels"]):,} test images, each a query against the others'
+    )
     parts = [f'<h1>{esc(os.path.basename(data_base_path))}</h1>',
              f'<p>{esc(str(data_base.data_name))}, {esc(str(data_base.backbone_type))}, '
              f'{esc(str(data_base.loss_name))}, {esc(str(data_base.feature_dim))}-d, '
@@ -270,13 +392,18 @@ def page(found, data_base, data_base_path, statistics_csv, missing, method, curv
     parts.append(html_table([heading.get(key, key.replace('recall', 'Recall')) for key in metrics],
                             [[percent(value) for value in metrics.values()]]))
     parts.append(f'<p>{esc(statistics_sentence(metrics, statistics_csv, epoch))}</p>')
-    parts.append(f'<div class="row"><div>{classes_section(found)}</div><div>{pairs_section(found)}</div></div>')
+    parts.append(
+        '<div'
+        f' class="row"><div>{classes_section(found)}</div><div>{pairs_section(found)}</div></div>'
+    )
     marks = ' Queries are dots, gallery images crosses.' if found['gallery'] else ''
-    pictures = [f'<div><h2>Embedding map</h2><p>{esc(method)}, coloured by class (20 colours, repeated beyond 20 '
-                f'classes).{marks}</p><img class="map" src="map.png" alt="2-D map of the test embeddings"></div>']
+    pictures = [f'<div><h2>Embedding map</h2><p>{esc(method)}, coloured by class (20 colours, '
+                f'repeated beyond 20 classes).{marks}</p><img class="map" src="map.png" alt="2-D '
+                f'map of the test embeddings"></div>']
     if curves:
-        pictures.append('<div><h2>Training curves</h2><p>train.py\'s statistics figure of this run.</p>'
-                        '<img class="curves" src="statistics.png" alt="training curves"></div>')
+        pictures.append('<div><h2>Training curves</h2><p>train.py\'s statistics figure of this '
+                        'run.</p><img class="curves" src="statistics.png" alt="training '
+                        'curves"></div>')
     parts.append(f'<div class="row">{"".join(pictures)}</div>')
     parts += worst_section(found)
     return PAGE.format(title=esc(os.path.basename(data_base_path)), body='\n'.join(parts))
@@ -286,24 +413,43 @@ def classes_section(found):
     """The per-class table, worst first, with the total of its image counts."""
     per = found['per_class']
     counts = ['queries', 'gallery_images'] if found['gallery'] else ['images']
-    names = '' if found['named'] else (' The data set\'s index is not where the data base says, so classes are '
-                                       'shown by their labels.')
-    return (f'<h2>Classes, worst first</h2><p>{len(per):,} classes by MAP@R, then Recall@1.{html.escape(names)} '
-            f'<a href="classes.csv">classes.csv</a></p><div class="scroll">' + html_table(
-                ['class', *[c.replace('_', ' ') for c in counts], 'Recall@1', 'MAP@R'],
-                [[row['class'], *[f'{row[c]:,}' for c in counts], percent(row['recall@1']), percent(row['map@r'])]
-                 for row in per.to_dict('records')],
-                total=['all', *[f'{per[c].sum():,}' for c in counts], '', '']) + '</div>')
+    names = '' if found['named'] else (' The data set\'s index is not where the data base says, so '
+                                       'classes are shown by their labels.')
+    return (
+        f'<h2>Classes, worst first</h2><p>{len(per):,} classes by MAP@R, then'
+        f' Recall@1.{html.escape(names)} <a href="classes.csv">classes.csv</a></p><div'
+        ' class="scroll">'
+        + html_table(
+            ['class', *[c.replace('_', ' ') for c in counts], 'Recall@1', 'MAP@R'],
+            [
+                [
+                    row['class'],
+                    *[f'{row[c]:,}' for c in counts],
+                    percent(row['recall@1']),
+                    percent(row['map@r']),
+                ]
+                for row in per.to_dict('records')
+            ],
+            total=['all', *[f'{per[c].sum():,}' for c in counts], '', ''],
+        )
+        + '</div>'
+    )
 
 
 def pairs_section(found):
     """The most confused class pairs, with their counts."""
-    return (f'<h2>Most confused classes</h2><p>How often images of the second class are among the {found["k"]} '
-            f'nearest of the first class\'s queries, and their share of those nearest. '
-            f'<a href="confused_pairs.csv">confused_pairs.csv</a></p>' + html_table(
-                ['query class', 'retrieved class', 'count', 'share'],
-                [[row['query_class'], row['retrieved_class'], row['count'], percent(row['share'])]
-                 for row in found['pairs'].to_dict('records')]))
+    return (
+        '<h2>Most confused classes</h2><p>How often images of the second class are among the'
+        f' {found["k"]} nearest of the first class\'s queries, and their share of those nearest. <a'
+        ' href="confused_pairs.csv">confused_pairs.csv</a></p>'
+        + html_table(
+            ['query class', 'retrieved class', 'count', 'share'],
+            [
+                [row['query_class'], row['retrieved_class'], row['count'], percent(row['share'])]
+                for row in found['pairs'].to_dict('records')
+            ],
+        )
+    )
 
 
 def worst_section(found):
@@ -311,20 +457,36 @@ def worst_section(found):
     esc, worst = html.escape, found['worst']
     parts = ['<h2>Worst queries</h2>',
              f'<p>The {len(worst)} queries of lowest AP@R, each with its {found["k"]} nearest '
-             f'{"gallery images" if found["gallery"] else "test images"} (green border: same class; red: another; '
-             f'above each, its rank and cosine similarity). <a href="worst_queries.csv">worst_queries.csv</a></p>']
+             f'{"gallery images" if found["gallery"] else "test images"} (green border: same '
+             f'class; red: another; above each, its rank and cosine similarity). <a '
+             f'href="worst_queries.csv">worst_queries.csv</a></p>']
     for number, (query, drawn) in enumerate(zip(worst.to_dict('records'), found['drawn']), 1):
-        caption = (f'{number}. {query["image"]}: class {query["class"]}, AP@R {percent(query["ap@r"])}, R-Precision '
-                   f'{percent(query["r_precision"])}, nearest {"right" if query["hit@1"] else "wrong"}')
+        caption = (f'{number}. {query["image"]}: class {query["class"]}, AP@R '
+                   f'{percent(query["ap@r"])}, R-Precision {percent(query["r_precision"])}, '
+                   f'nearest {"right" if query["hit@1"] else "wrong"}')
         parts.append(f'<div class="query"><p>{esc(caption)}</p>')
         if drawn:
-            parts.append(f'<img class="wide" src="queries/{number}.png" alt="query {number} and its nearest">')
+            parts.append(
+                f'<img class="wide" src="queries/{number}.png" alt="query {number} and its'
+                ' nearest">'
+            )
         else:
             label = found['labels'][query['position']]
-            parts.append(html_table(['rank', 'image', 'class', 'similarity'], [
-                [rank, found['item_images'][i], found['names'][found['item_labels'][i]], f'{similarity:.3f}']
-                for rank, (i, similarity) in enumerate(query['neighbours'], 1)],
-                marks=[found['item_labels'][i] == label for i, _ in query['neighbours']]))
+            parts.append(
+                html_table(
+                    ['rank', 'image', 'class', 'similarity'],
+                    [
+                        [
+                            rank,
+                            found['item_images'][i],
+                            found['names'][found['item_labels'][i]],
+                            f'{similarity:.3f}',
+                        ]
+                        for rank, (i, similarity) in enumerate(query['neighbours'], 1)
+                    ],
+                    marks=[found['item_labels'][i] == label for i, _ in query['neighbours']],
+                )
+            )
         parts.append('</div>')
     return parts
 
@@ -332,14 +494,23 @@ def worst_section(found):
 def statistics_sentence(metrics, statistics_csv, epoch):
     """One sentence: whether train.py's statistics CSV holds the same figures for this epoch."""
     if not os.path.isfile(statistics_csv):
-        return f'Computed from the stored test features ({statistics_csv} is not there to compare with).'
+        return (
+            f'Computed from the stored test features ({statistics_csv} is not there to compare'
+            ' with).'
+        )
     frame = pd.read_csv(statistics_csv, index_col='epoch')
     columns = [f'test_{key}' for key in metrics]
     if epoch not in frame.index or not set(columns) <= set(frame.columns):
-        return f'Computed from the stored test features; {statistics_csv} has no row for epoch {epoch} to compare.'
-    same = np.allclose(frame.loc[epoch, columns].to_numpy(float), list(metrics.values()), rtol=1e-9, atol=0)
-    return (f'Computed from the stored test features: {"the same as" if same else "NOT the same as"} what train.py '
-            f'printed for epoch {epoch} ({statistics_csv}).')
+        return (
+            f'Computed from the stored test features; {statistics_csv} has no row for epoch {epoch}'
+            ' to compare.'
+        )
+    same = np.allclose(
+        frame.loc[epoch, columns].to_numpy(float), list(metrics.values()), rtol=1e-9, atol=0
+    )
+    return (f'Computed from the stored test features: '
+            f'{"the same as" if same else "NOT the same as"} what train.py printed for epoch '
+            f'{epoch} ({statistics_csv}).')
 
 
 def percent(value):
@@ -355,7 +526,9 @@ def html_table(header, rows, total=None, marks=None):
     for i, row in enumerate(rows):
         mark = '' if marks is None else f' class="{"right" if marks[i] else "wrong"}"'
         lines.append(f'<tr{mark}>{cells(row, "td")}</tr>')
-    lines.append('</tbody>' + (f'<tfoot><tr>{cells(total, "td")}</tr></tfoot>' if total else '') + '</table>')
+    lines.append(
+        '</tbody>' + (f'<tfoot><tr>{cells(total, "td")}</tr></tfoot>' if total else '') + '</table>'
+    )
     return '\n'.join(lines)
 
 

@@ -1,22 +1,25 @@
-"""Reproduce the README's benchmark tables: train every configuration, then tabulate and plot what was reproduced.
+"""Reproduce the README's benchmark tables: train every configuration, then tabulate and plot what
+was reproduced.
 
     python reproduce.py --data_path /home/data              # prepare and train the whole grid, then --table
     python reproduce.py --data_path /home/data --dry_run    # only print the commands
     python reproduce.py --table                             # results/benchmarks.md and .png from the CSVs so far
 
-The grid: each data set found under --data_path (car, cub, sop, inshop) x each backbone of --backbones (by default
-the tables' resnet50, inception, googlenet; any train.py --backbone_type, such as vit_small_dino) x each loss of
---losses (by default proxy_anchor; any train.py --loss_name) x each seed of --seeds (by default 1), with train.py's
-defaults, which are the seed's hyper-parameters; SOP
-is evaluated at Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the ranks their results are quoted at.
-Every run is started with --resume, so running this again after an interruption continues the unfinished
-configuration from its checkpoint, and one whose statistics CSV already reaches the final epoch is not trained again.
-Any other flag is passed on to every train.py run (say --amp, --num_workers 4 or --margin 0.2).
+The grid: each data set found under --data_path (car, cub, sop, inshop) x each backbone of
+--backbones (by default the tables' resnet50, inception, googlenet; any train.py --backbone_type,
+such as vit_small_dino) x each loss of --losses (by default proxy_anchor; any train.py --loss_name)
+x each seed of --seeds (by default 1), with train.py's defaults, which are the seed's
+hyper-parameters; SOP is evaluated at Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the
+ranks their results are quoted at. Every run is started with --resume, so running this again after
+an interruption continues the unfinished configuration from its checkpoint, and one whose statistics
+CSV already reaches the final epoch is not trained again. Any other flag is passed on to every
+train.py run (say --amp, --num_workers 4 or --margin 0.2).
 
-The table reports each run's final epoch, never its best one: picking the best epoch by its test score is feedback
-from the test set. Runs of the same configuration on other prepared data sets (train.py --data_name NAME) get a
-table of their own, without published figures.
+The table reports each run's final epoch, never its best one: picking the best epoch by its test
+score is feedback from the test set. Runs of the same configuration on other prepared data sets
+(train.py --data_name NAME) get a table of their own, without published figures.
 """
+
 import argparse
 import itertools
 import os
@@ -39,8 +42,8 @@ LOSS, FEATURE_DIM = 'proxy_anchor', 512  # the published figures are Proxy-Ancho
 
 
 class Benchmark(NamedTuple):
-    """A benchmark's table: its title, the K of its Recall@K, where its published figures come from, and those
-    figures per backbone (Recall@K in %, None where the source gives none)."""
+    """A benchmark's table: its title, the K of its Recall@K, where its published figures come from,
+    and those figures per backbone (Recall@K in %, None where the source gives none)."""
     title: str
     ranks: tuple
     source: str
@@ -81,15 +84,24 @@ def present_data(data_path):
     names = [name for name in DATA_NAMES if os.path.isdir(os.path.join(data_path, name))]
     if not names:
         folders = one_of([f'{name}/' for name in DATA_NAMES])
-        raise UserError(f'no data set found under {data_path}: expected a folder {folders} there (see the README for '
-                        f'each layout), or pass --data_path')
+        raise UserError(f'no data set found under {data_path}: expected a folder {folders} there '
+                        f'(see the README for each layout), or pass --data_path')
     return names
 
 
 def train_flags(data_path, data_name, backbone, seed, extra, loss=LOSS):
     """train.py's flags for one run: everything else stays at the seed's defaults or as passed on in extra."""
-    flags = ['--data_path', data_path, '--data_name', data_name, '--backbone_type', backbone, '--loss_name', loss,
-             '--resume']
+    flags = [
+        '--data_path',
+        data_path,
+        '--data_name',
+        data_name,
+        '--backbone_type',
+        backbone,
+        '--loss_name',
+        loss,
+        '--resume',
+    ]
     ranks = BENCHMARKS[data_name].ranks if data_name in BENCHMARKS else DEFAULT_RANKS
     if ranks != DEFAULT_RANKS:
         flags += ['--recalls', ','.join(map(str, ranks))]
@@ -104,7 +116,10 @@ def train_args(flags):
     parser = get_args_parser()
 
     def refuse(message):
-        raise UserError(f'train.py would refuse the flags {shlex.join(flags)} ({message}); see python train.py --help')
+        raise UserError(
+            f'train.py would refuse the flags {shlex.join(flags)} ({message}); see python train.py'
+            ' --help'
+        )
 
     parser.error = refuse  # one sentence instead of argparse's usage text and exit
     return parser.parse_args(flags)
@@ -117,24 +132,40 @@ def finished_epochs(path):
 
 def commands(data_path, extra, results='results', backbones=PUBLISHED_BACKBONES, seeds=(1,),
              losses=(LOSS,)):
-    """[(description, argv)] of the whole grid: data_utils.py for an unprepared set, then each train.py run, once
-    per loss and seed."""
+    """[(description, argv)] of the whole grid: data_utils.py for an unprepared set, then each
+    train.py run, once per loss and seed."""
     grid = []
     for data_name in present_data(data_path):
         if not os.path.isfile(index_path(data_path, data_name)):
-            grid.append((f'prepare {data_name}', [sys.executable, os.path.join(ROOT, 'data_utils.py'),
-                                                  '--data_path', data_path, '--data_name', data_name]))
+            grid.append(
+                (
+                    f'prepare {data_name}',
+                    [
+                        sys.executable,
+                        os.path.join(ROOT, 'data_utils.py'),
+                        '--data_path',
+                        data_path,
+                        '--data_name',
+                        data_name,
+                    ],
+                )
+            )
         for backbone, loss, seed in itertools.product(backbones, losses, seeds):
             flags = train_flags(data_path, data_name, backbone, seed, extra, loss)
-            args, fixed = train_args(flags), {'data_name': data_name, 'backbone_type': backbone,
-                                              'loss_name': loss, 'feature_dim': FEATURE_DIM, 'seed': seed}
+            args, fixed = train_args(flags), {
+                'data_name': data_name,
+                'backbone_type': backbone,
+                'loss_name': loss,
+                'feature_dim': FEATURE_DIM,
+                'seed': seed,
+            }
             if BENCHMARKS[data_name].ranks != DEFAULT_RANKS:
                 fixed['recalls'] = ','.join(map(str, BENCHMARKS[data_name].ranks))
             for flag, value in fixed.items():
                 if getattr(args, flag) != value:
                     instead = {'seed': ' from --seeds', 'loss_name': ' from --losses'}.get(flag, '')
-                    raise UserError(f'reproduce.py sets --{flag} itself for each configuration of the tables'
-                                    f'{instead}; leave it out')
+                    raise UserError(f'reproduce.py sets --{flag} itself for each configuration of '
+                                    f'the tables{instead}; leave it out')
             name = run_name(data_path, data_name, backbone, seed, extra, loss)
             epochs, done = args.num_epochs, finished_epochs(statistics_path(results, name))
             if done >= epochs:
@@ -144,7 +175,7 @@ def commands(data_path, extra, results='results', backbones=PUBLISHED_BACKBONES,
     return grid
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the table and the figure
 
 def final_epoch(path, data_name):
@@ -156,8 +187,15 @@ def final_epoch(path, data_name):
         return None
     last = frame.iloc[-1]  # the final epoch, never the best one
     row = {'epoch': int(frame.index[-1])}
-    ranks = BENCHMARKS[data_name].ranks if data_name in BENCHMARKS else [
-        column[len('test_recall@'):] for column in frame.columns if column.startswith('test_recall@')]
+    ranks = (
+        BENCHMARKS[data_name].ranks
+        if data_name in BENCHMARKS
+        else [
+            column[len('test_recall@') :]
+            for column in frame.columns
+            if column.startswith('test_recall@')
+        ]
+    )
     for key in [f'recall@{k}' for k in ranks] + ['map@r']:
         if f'test_{key}' in frame.columns and pd.notna(last[f'test_{key}']):
             row[key] = 100 * float(last[f'test_{key}'])
@@ -165,13 +203,15 @@ def final_epoch(path, data_name):
 
 
 def reproduced(results, data_name, backbone, seeds, epochs, data_path='data', extra=(), loss=LOSS):
-    """One configuration over its seeds: {'seeds': the finished ones, 'training': [(seed, epoch)] of the unfinished,
-    'ranks': the K of every Recall@K found, metric: (mean, sample standard deviation or None for one seed) over the
-    finished seeds}."""
+    """One configuration over its seeds: {'seeds': the finished ones, 'training': [(seed, epoch)] of
+    the unfinished, 'ranks': the K of every Recall@K found, metric: (mean, sample standard deviation
+    or None for one seed) over the finished seeds}."""
     finished, summary = [], {'seeds': [], 'training': [], 'ranks': set()}
     for seed in seeds:
-        row = final_epoch(statistics_path(results, run_name(data_path, data_name, backbone, seed, extra, loss)),
-                          data_name)
+        row = final_epoch(
+            statistics_path(results, run_name(data_path, data_name, backbone, seed, extra, loss)),
+            data_name,
+        )
         if row is None:
             continue
         summary['ranks'] |= {int(key[len('recall@'):]) for key in row if key.startswith('recall@')}
@@ -183,20 +223,26 @@ def reproduced(results, data_name, backbone, seeds, epochs, data_path='data', ex
     for key in sorted({key for row in finished for key in row if key != 'epoch'}):
         values = pd.Series([row[key] for row in finished if key in row], dtype=float)
         if len(values) == len(finished):
-            summary[key] = (values.mean(), values.std() if len(values) > 1 else None)  # pandas' std: the sample's
+            # pandas' std: the sample's
+            summary[key] = (values.mean(), values.std() if len(values) > 1 else None)
     return summary
 
 
 def other_data(results, configurations, seeds, data_path, extra):
-    """The data names beyond the benchmarks with a run of the tables' configurations (backbone, loss) in results,
-    sorted."""
+    """The data names beyond the benchmarks with a run of the tables' configurations (backbone,
+    loss) in results, sorted."""
     found = set()
     names = os.listdir(results) if os.path.isdir(results) else []
     for backbone, loss in configurations:
         for seed in seeds:
-            # a run's name is the data name followed by what the other flags add, the same for every data name
+            # a run's name is the data name followed by what the other flags add, the same for every
+            # data name
             tail = run_name(data_path, 'x', backbone, seed, extra, loss)[1:] + '_statistics.csv'
-            found |= {name[:-len(tail)] for name in names if name.endswith(tail) and len(name) > len(tail)}
+            found |= {
+                name[: -len(tail)]
+                for name in names
+                if name.endswith(tail) and len(name) > len(tail)
+            }
     return sorted(found - set(DATA_NAMES))
 
 
@@ -212,9 +258,15 @@ def cell(value, signed=False):
 
 def seeds_cell(summary, requested):
     """How many seeds a row holds, and which runs are still training."""
-    text = str(len(summary['seeds'])) + (f' of {requested}' if len(summary['seeds']) < requested else '')
+    text = str(len(summary['seeds'])) + (
+        f' of {requested}' if len(summary['seeds']) < requested else ''
+    )
     if summary['training']:
-        text += ' (training: ' + ', '.join(f'seed {seed} at epoch {epoch}' for seed, epoch in summary['training']) + ')'
+        text += (
+            ' (training: '
+            + ', '.join(f'seed {seed} at epoch {epoch}' for seed, epoch in summary['training'])
+            + ')'
+        )
     return text
 
 
@@ -226,19 +278,24 @@ def label(backbone, loss, losses):
 
 def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path='data', extra=(),
           losses=(LOSS,)):
-    """results/benchmarks.md: per data set, the reproduced final-epoch figures beside the published ones (those of
-    Proxy-Anchor: other losses have none)."""
+    """results/benchmarks.md: per data set, the reproduced final-epoch figures beside the published
+    ones (those of Proxy-Anchor: other losses have none)."""
     configurations = list(itertools.product(backbones, losses))
     named = 'Proxy-Anchor loss' if tuple(losses) == (LOSS,) else f'losses {", ".join(losses)}'
-    lines = ['# Reproduced benchmarks', '',
-             f'{named}, {FEATURE_DIM}-d embeddings, train.py defaults (the original PP hyper-parameters)'
-             + (f' with {shlex.join(extra)}' if extra else '') + '. '
-             f'"reproduced" is the final epoch of each run (the statistics CSV\'s last row, after {epochs} epochs), '
-             'never the best one: the mean ± sample standard deviation over the seeds that have finished (asked for: '
-             f'{", ".join(map(str, seeds))}; "Seeds" counts those finished; one seed has no spread). Runs still '
-             'training are not counted. "difference" is the mean minus the published figure, in points. "-" marks a '
-             'configuration with no finished run or a figure the source does not give. Written by '
-             '`python reproduce.py --table`.', '']
+    lines = [
+        '# Reproduced benchmarks',
+        '',
+        f'{named}, {FEATURE_DIM}-d embeddings, train.py defaults (the original PP hyper-parameters)'
+        + (f' with {shlex.join(extra)}' if extra else '')
+        + '. "reproduced" is the final epoch of each run (the statistics CSV\'s last row, after'
+        f' {epochs} epochs), never the best one: the mean ± sample standard deviation over the'
+        f' seeds that have finished (asked for: {", ".join(map(str, seeds))}; "Seeds" counts'
+        ' those finished; one seed has no spread). Runs still training are not counted.'
+        ' "difference" is the mean minus the published figure, in points. "-" marks a'
+        ' configuration with no finished run or a figure the source does not give. Written by'
+        ' `python reproduce.py --table`.',
+        '',
+    ]
     for data_name in DATA_NAMES:
         benchmark = BENCHMARKS[data_name]
         ranks = benchmark.ranks
@@ -247,18 +304,35 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
                   '|---|---|' + '---|' * (len(ranks) + 2)]
         for backbone, loss in configurations:
             ours = reproduced(results, data_name, backbone, seeds, epochs, data_path, extra, loss)
-            published = benchmark.published.get(backbone, (None,) * len(ranks)) if loss == LOSS else \
-                (None,) * len(ranks)
+            published = (
+                benchmark.published.get(backbone, (None,) * len(ranks))
+                if loss == LOSS
+                else (None,) * len(ranks)
+            )
             mine = [ours.get(f'recall@{k}') for k in ranks]
-            difference = [None if a is None or b is None else a[0] - b for a, b in zip(mine, published)]
-            lines.append(f'| {label(backbone, loss, losses)} | reproduced | ' + ' | '.join(map(cell, mine)) +
-                         f' | {cell(ours.get("map@r"))} | {seeds_cell(ours, len(seeds))} |')
+            difference = [
+                None if a is None or b is None else a[0] - b for a, b in zip(mine, published)
+            ]
+            lines.append(
+                f'| {label(backbone, loss, losses)} | reproduced | '
+                + ' | '.join(map(cell, mine))
+                + f' | {cell(ours.get("map@r"))} | {seeds_cell(ours, len(seeds))} |'
+            )
             lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | |')
-            lines.append('| | difference | ' + ' | '.join(cell(d, signed=True) for d in difference) + ' | | |')
+            lines.append(
+                '| | difference | '
+                + ' | '.join(cell(d, signed=True) for d in difference)
+                + ' | | |'
+            )
         lines.append('')
-    for data_name in other_data(results, configurations, seeds, data_path, extra):  # your own images: none published
-        runs = {(backbone, loss): reproduced(results, data_name, backbone, seeds, epochs, data_path, extra, loss)
-                for backbone, loss in configurations}
+    # your own images: none published
+    for data_name in other_data(results, configurations, seeds, data_path, extra):
+        runs = {
+            (backbone, loss): reproduced(
+                results, data_name, backbone, seeds, epochs, data_path, extra, loss
+            )
+            for backbone, loss in configurations
+        }
         ranks = sorted(set().union(*(run['ranks'] for run in runs.values())))
         lines += [f'## {data_name}', '', 'Not a benchmark: nothing published to compare with.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
@@ -277,35 +351,71 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
 
 def figure(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path='data', extra=(),
            losses=(LOSS,)):
-    """results/benchmarks.png: reproduced (mean over the finished seeds, their spread as error bars) against
-    published Recall@1, one panel per data set, one pair of bars per backbone and loss."""
+    """results/benchmarks.png: reproduced (mean over the finished seeds, their spread as error bars)
+    against published Recall@1, one panel per data set, one pair of bars per backbone and loss."""
     configurations = list(itertools.product(backbones, losses))
     import numpy as np
     from matplotlib.patches import Patch
     plt = pyplot()
     published_colour, reproduced_colour = '0.65', 'tab:blue'
     with plt.style.context(['science', 'no-latex']):
-        fig, axes = plt.subplots(1, len(DATA_NAMES), figsize=(9.5 * max(1, len(configurations) / 3), 2.9),
-                                 sharey=True)
+        fig, axes = plt.subplots(
+            1, len(DATA_NAMES), figsize=(9.5 * max(1, len(configurations) / 3), 2.9), sharey=True
+        )
         x, width = np.arange(len(configurations)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
             runs = [reproduced(results, data_name, b, seeds, epochs, data_path, extra, loss)
                     for b, loss in configurations]
-            published = [BENCHMARKS[data_name].published.get(b, (None,))[0] if loss == LOSS else None
-                         for b, loss in configurations]
-            bars = [(-width / 2, [(value, None) for value in published], published_colour, 'not published'),
-                    (width / 2, [run.get('recall@1', (None, None)) for run in runs], reproduced_colour,
-                     'not finished')]
+            published = [
+                BENCHMARKS[data_name].published.get(b, (None,))[0] if loss == LOSS else None
+                for b, loss in configurations
+            ]
+            bars = [
+                (
+                    -width / 2,
+                    [(value, None) for value in published],
+                    published_colour,
+                    'not published',
+                ),
+                (
+                    width / 2,
+                    [run.get('recall@1', (None, None)) for run in runs],
+                    reproduced_colour,
+                    'not finished',
+                ),
+            ]
             for offset, values, colour, missing in bars:
                 for position, (value, spread) in zip(x + offset, values):
                     if value is None:
-                        axis.text(position, 2, missing, rotation=90, ha='center', va='bottom', fontsize=6,
-                                  color='0.35')
+                        axis.text(
+                            position,
+                            2,
+                            missing,
+                            rotation=90,
+                            ha='center',
+                            va='bottom',
+                            fontsize=6,
+                            color='0.35',
+                        )
                         continue
-                    axis.bar(position, value, width, color=colour, edgecolor='white', linewidth=0,
-                             yerr=spread, error_kw={'elinewidth': 0.8, 'capsize': 2, 'ecolor': 'black'})
-                    axis.text(position, value + (spread or 0) + 1, f'{value:.1f}', ha='center', va='bottom',
-                              fontsize=5.5)
+                    axis.bar(
+                        position,
+                        value,
+                        width,
+                        color=colour,
+                        edgecolor='white',
+                        linewidth=0,
+                        yerr=spread,
+                        error_kw={'elinewidth': 0.8, 'capsize': 2, 'ecolor': 'black'},
+                    )
+                    axis.text(
+                        position,
+                        value + (spread or 0) + 1,
+                        f'{value:.1f}',
+                        ha='center',
+                        va='bottom',
+                        fontsize=5.5,
+                    )
             tilted = len(configurations) > 3  # more names than fit side by side
             axis.set_xticks(x, [label(b, loss, losses) for b, loss in configurations], fontsize=7,
                             rotation=35 if tilted else 0, ha='right' if tilted else 'center')
@@ -342,8 +452,9 @@ def seed_list(text):
     try:
         seeds = tuple(int(part) for part in text.split(','))
     except ValueError:
-        raise argparse.ArgumentTypeError(f'--seeds must be integers separated by commas, like 1,2,3, not {text!r}') \
-            from None
+        raise argparse.ArgumentTypeError(
+            f'--seeds must be integers separated by commas, like 1,2,3, not {text!r}'
+        ) from None
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f'--seeds lists a seed twice: {text}')
     return seeds
@@ -351,24 +462,46 @@ def seed_list(text):
 
 def get_args_parser():
     """The command-line flags of reproduce.py; flags it does not know go to train.py."""
-    parser = ArgumentParser(description='Train every configuration of the README benchmark tables, then tabulate the '
-                                        'reproduced figures beside the published ones; any other flag is passed on '
-                                        'to train.py',
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    parser.add_argument('--data_path', default='/home/data', type=str,
-                        help='datasets path: every one of car/, cub/, sop/ and inshop/ found there is run')
-    parser.add_argument('--backbones', default=','.join(PUBLISHED_BACKBONES), type=backbone_list,
-                        help='comma-separated backbones to train and tabulate: any train.py --backbone_type')
+    parser = ArgumentParser(
+        description=(
+            'Train every configuration of the README benchmark tables, '
+            'then tabulate the reproduced figures beside the published '
+            'ones; any other flag is passed on to train.py'
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        '--data_path',
+        default='/home/data',
+        type=str,
+        help='datasets path: every one of car/, cub/, sop/ and inshop/ found there is run',
+    )
+    parser.add_argument(
+        '--backbones',
+        default=','.join(PUBLISHED_BACKBONES),
+        type=backbone_list,
+        help='comma-separated backbones to train and tabulate: any train.py --backbone_type',
+    )
     parser.add_argument('--losses', default=LOSS, type=loss_list,
-                        help='comma-separated losses to train and tabulate: any train.py --loss_name (the published '
-                             'figures are proxy_anchor\'s)')
-    parser.add_argument('--seeds', default='1', type=seed_list,
-                        help='comma-separated random seeds: every configuration is trained once per seed, and the '
-                             'table reports the mean ± sample standard deviation over them')
-    parser.add_argument('--dry_run', action='store_true', help='print the commands instead of running them')
+                        help='comma-separated losses to train and tabulate: any train.py '
+                             '--loss_name (the published figures are proxy_anchor\'s)')
+    parser.add_argument(
+        '--seeds',
+        default='1',
+        type=seed_list,
+        help=(
+            'comma-separated random seeds: every configuration is trained once '
+            'per seed, and the table reports the mean ± sample standard deviation '
+            'over them'
+        ),
+    )
+    parser.add_argument(
+        '--dry_run', action='store_true', help='print the commands instead of running them'
+    )
     parser.add_argument('--table', action='store_true',
-                        help='only write results/benchmarks.md and results/benchmarks.png from the statistics CSVs '
-                             'that exist')
+                        help='only write results/benchmarks.md and results/benchmarks.png from the '
+                             'statistics CSVs that exist')
     return parser
 
 
@@ -377,15 +510,18 @@ def main():
     args, extra = get_args_parser().parse_known_args()
     epochs = train_args(['--data_path', args.data_path] + extra).num_epochs
     if not args.table:
-        grid = commands(args.data_path, extra, backbones=args.backbones, seeds=args.seeds, losses=args.losses)
+        grid = commands(
+            args.data_path, extra, backbones=args.backbones, seeds=args.seeds, losses=args.losses
+        )
         for number, (description, argv) in enumerate(grid, 1):
             if args.dry_run:
                 print(shlex.join(argv))
                 continue
             print(f'[{number}/{len(grid)}] {description}: {shlex.join(argv)}', flush=True)
             if subprocess.run(argv).returncode:
-                raise UserError(f'{description} failed (its error is above); fix that and run reproduce.py again: '
-                                f'finished runs are skipped and this one resumes from its last checkpoint')
+                raise UserError(f'{description} failed (its error is above); fix that and run '
+                                f'reproduce.py again: finished runs are skipped and this one '
+                                f'resumes from its last checkpoint')
         if args.dry_run:
             return
     grid = args.backbones, args.seeds, args.data_path, extra, args.losses

@@ -1,6 +1,6 @@
-"""Plumbing that no research idea depends on: errors a user can fix, files written whole or not at all, one run per
-name, random-generator states and kernel settings, torchrun's processes and gathers. Imports nothing from the
-project."""
+"""Plumbing that no research idea depends on: errors a user can fix, files written whole or not at
+all, one run per name, random-generator states and kernel settings, torchrun's processes and
+gathers. Imports nothing from the project."""
 import argparse
 import contextlib
 import difflib
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # errors a user can cause, and files that are written whole or not at all
 
 class UserError(Exception):
@@ -29,8 +29,8 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (an unknown flag, a bad choice or number) are one UserError sentence, not its usage
-    text and exit status 2; an unknown flag close to a known one is suggested."""
+    """argparse whose errors (an unknown flag, a bad choice or number) are one UserError sentence,
+    not its usage text and exit status 2; an unknown flag close to a known one is suggested."""
 
     def error(self, message):
         unknown = re.fullmatch(r'unrecognized arguments: (.*)', message)
@@ -49,7 +49,8 @@ def run_main(main):
         main()
     except UserError as error:
         message = str(error)
-        if '\nOriginal Traceback' in message:  # raised in a DataLoader worker, which prepends its traceback
+        # raised in a DataLoader worker, which prepends its traceback
+        if '\nOriginal Traceback' in message:
             message = message.rstrip().rsplit(f'{type(error).__name__}: ', 1)[-1]  # or a subclass's
         sys.stderr.write(f'error: {message}\n')
         sys.exit(1)
@@ -71,11 +72,13 @@ def atomic_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would hide results from the rest of a shared group
+    # mkstemp's 0600 would hide results from the rest of a shared group
+    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     try:
         yield tmp
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+        # atomic on POSIX: readers see the old file or the new one, never half of one
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -139,10 +142,11 @@ def atomic_save(obj, path):
 
 
 def safe_load(path, what='file', expected='a file this project wrote'):
-    """torch.load with weights_only=True onto the CPU: tensors and plain containers only, never arbitrary code.
+    """torch.load with weights_only=True onto the CPU: tensors and plain containers only, never
+    arbitrary code.
 
-    A file that is no PyTorch file at all (a CSV, an image, a text file named .pth) is refused for what it is, in
-    one sentence that names `expected`, what the caller wanted instead."""
+    A file that is no PyTorch file at all (a CSV, an image, a text file named .pth) is refused for
+    what it is, in one sentence that names `expected`, what the caller wanted instead."""
     if not os.path.isfile(path):
         raise UserError(f'{what} {path} does not exist')
     kind = non_torch_kind(path)
@@ -154,12 +158,14 @@ def safe_load(path, what='file', expected='a file this project wrote'):
         raise UserError(f'refused to load {what} {path}: it holds Python objects other than tensors and plain '
                         f'containers, which could run code; only load files this project wrote') from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as error:
-        # a pickle stream cut short or garbled fails in the unpickler's own bookkeeping (KeyError, IndexError)
+        # a pickle stream cut short or garbled fails in the unpickler's own bookkeeping (KeyError,
+        # IndexError)
         raise UserError(f'could not read {what} {path} ({type(error).__name__}); it may be truncated or not '
                         f'a PyTorch file, so write it again') from None
 
 
-TORCH_MAGIC = (b'PK\x03\x04', b'\x80')  # torch.save's zip archive, or the pickle stream of its legacy format
+# torch.save's zip archive, or the pickle stream of its legacy format
+TORCH_MAGIC = (b'PK\x03\x04', b'\x80')
 
 
 def non_torch_kind(path):
@@ -179,18 +185,21 @@ def non_torch_kind(path):
     try:
         head.decode('utf-8')
         return 'a text file'
-    except UnicodeDecodeError as error:  # a multi-byte character cut by the 4096-byte read is still text
+    # a multi-byte character cut by the 4096-byte read is still text
+    except UnicodeDecodeError as error:
         return 'a text file' if error.start > len(head) - 4 else 'neither a PyTorch file nor text'
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one run per name
 
 class RunLock:
-    """An exclusive lock on a run's name, so that two processes never train (and write) under it at once.
+    """An exclusive lock on a run's name, so that two processes never train (and write) under it at
+    once.
 
-    fcntl.flock: the kernel releases it when its holder dies, even by SIGKILL, so a crashed run never blocks the
-    next one. The file names its holder, for the refusal, and is removed on release.
+    fcntl.flock: the kernel releases it when its holder dies, even by SIGKILL, so a crashed run
+    never blocks the next one. The file names its holder, for the refusal, and is removed on
+    release.
     """
 
     def __init__(self, path):
@@ -209,7 +218,9 @@ class RunLock:
                 holder = os.read(fd, 1000).decode(errors='replace').strip() or 'a process starting up'
                 os.close(fd)
                 return holder
-            try:  # the holder may have removed the file between our open and our lock: then lock the new one
+            # the holder may have removed the file between our open and our lock: then lock the new
+            # one
+            try:
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                     break
             except FileNotFoundError:
@@ -222,8 +233,8 @@ class RunLock:
         return None
 
     def release(self):
-        """Remove the file, then drop the lock; a folder made for it and left empty (a run that failed at once) goes
-        too, so that such a run leaves nothing behind."""
+        """Remove the file, then drop the lock; a folder made for it and left empty (a run that
+        failed at once) goes too, so that such a run leaves nothing behind."""
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)
         os.close(self.fd)
@@ -235,7 +246,8 @@ class RunLock:
 
 @contextlib.contextmanager
 def exclusive_run(prefix, rank, world):
-    """Hold results/.<prefix>.lock for the block; a run of the same name already running is one UserError.
+    """Hold results/.<prefix>.lock for the block; a run of the same name already running is one
+    UserError.
 
     Rank 0 holds the lock for the whole torchrun job and tells the other ranks whether it got it.
     """
@@ -246,8 +258,9 @@ def exclusive_run(prefix, rank, world):
         dist.broadcast_object_list(shared, src=0)
         holder = shared[0]
     if holder is not None:
-        raise UserError(f'another process ({holder}) is training {prefix} right now, and two runs under one name '
-                        f'would mix their files; wait for it to end, or tell this run apart with --run_name')
+        raise UserError(f'another process ({holder}) is training {prefix} right now, and two runs '
+                        f'under one name would mix their files; wait for it to end, or tell this '
+                        f'run apart with --run_name')
     try:
         yield
     finally:
@@ -255,7 +268,7 @@ def exclusive_run(prefix, rank, world):
             lock.release()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # random generators and kernel settings
 
 def set_seed(seed):
@@ -297,15 +310,16 @@ def cpu_generator_seeded(seed):
 def set_kernels(amp):
     """Fix for the whole run the kernel settings its figures depend on.
 
-    cuDNN as the seed set it, except in the --amp speed mode, which autotunes. Until torch's thread count is first
-    set, MKL picks one per call and sums in another order, so it is set here, once, before anything is computed.
+    cuDNN as the seed set it, except in the --amp speed mode, which autotunes. Until torch's thread
+    count is first set, MKL picks one per call and sums in another order, so it is set here, once,
+    before anything is computed.
     """
     torch.backends.cudnn.deterministic = not amp
     torch.backends.cudnn.benchmark = amp
     torch.set_num_threads(torch.get_num_threads())
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # several processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
 
 def setup_device():
@@ -350,8 +364,8 @@ def unwrap(model):
 
 
 def gather_shards(part, size):
-    """All `size` rows of a tensor whose rows r, r + W, ... rank r holds as `part` (the sharding of a Subset over
-    range(rank, size, W)), in order, on every rank; not differentiable."""
+    """All `size` rows of a tensor whose rows r, r + W, ... rank r holds as `part` (the sharding of
+    a Subset over range(rank, size, W)), in order, on every rank; not differentiable."""
     world = dist.get_world_size()
     rows = -(-size // world)
     padded = part.new_zeros(rows, *part.shape[1:])  # equal shapes for all_gather

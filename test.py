@@ -15,7 +15,8 @@ from runs import DataBase, load_model
 from runtime import ArgumentParser, UserError, atomic_dir, pyplot, remove_temporaries, run_main
 from utils import embed_files, image_files, read_image, unreadable_line
 
-BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}  # correct, wrong, query label unknown
+# correct, wrong, query label unknown
+BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}
 RESULT_COLUMNS = ['rank', 'path', 'similarity', 'same_class']  # results.csv, one row per result
 
 
@@ -24,21 +25,24 @@ def get_args_parser():
     parser = ArgumentParser(description='Show the images a trained model retrieves for a query',
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg', type=str, nargs='+',
-                        help='query image name: test images of the data base, any image files, or folders of them '
-                             '(every image below each); the model and data base load once, and each query gets '
-                             'its own folder under results/')
+                        help='query image name: test images of the data base, any image files, or '
+                             'folders of them (every image below each); the model and data base '
+                             'load once, and each query gets its own folder under results/')
     parser.add_argument('--data_base', default='car_resnet50_proxy_anchor_512_20_data_base.pth', type=str,
                         help='queried database (a path, or a file name under results/)')
     parser.add_argument('--retrieval_num', default=8, type=int, help='retrieval number')
     parser.add_argument('--data_path', default=None, type=str,
-                        help="the folder that holds the data base's data set now, if it has moved since training "
-                             "(the one holding <data_name>/); by default the data base's own --data_path")
+                        help="the folder that holds the data base's data set now, if it has moved "
+                             "since training (the one holding <data_name>/); by default the data "
+                             "base's own --data_path")
     parser.add_argument('--gallery', default=None, type=str,
-                        help='a folder of your own images to search instead of the test set: every image below it, '
-                             'embedded by the model saved beside the data base and kept under results/')
+                        help='a folder of your own images to search instead of the test set: every '
+                             'image below it, embedded by the model saved beside the data base and '
+                             'kept under results/')
     parser.add_argument('--index', default=None, choices=gallery.INDEXES,
-                        help=f'how --gallery is searched: exact, or a faiss index built once and saved beside the '
-                             f'embeddings (default: exact below {gallery.EXACT_BELOW:,} images, else ivfpq)')
+                        help=f'how --gallery is searched: exact, or a faiss index built once and '
+                             f'saved beside the embeddings (default: exact below '
+                             f'{gallery.EXACT_BELOW:,} images, else ivfpq)')
     parser.add_argument('--report', action='store_true',
                         help='instead of one query, write an HTML report on the whole test set: '
                              'results/<data base name>_report/index.html')
@@ -69,8 +73,9 @@ def query_files(names):
         if os.path.isdir(name):
             images = image_files(name)[0]
             if not images:
-                raise UserError(f'--query_img_name {name} is a folder without any image (any format PIL reads, '
-                                f'searched in all its folders); name images or a folder of them')
+                raise UserError(f'--query_img_name {name} is a folder without any image (any '
+                                f'format PIL reads, searched in all its folders); name images or a '
+                                f'folder of them')
             queries += images
         else:  # a file, or a data base image named by its file name alone
             queries.append(name)
@@ -100,8 +105,8 @@ def gallery_images(folder):
         raise UserError(f'--gallery {folder} is not a folder; point it at a folder of images')
     paths = [os.path.abspath(path) for path in image_files(folder)[0]]
     if not paths:
-        raise UserError(f'--gallery {folder} holds no image (any format PIL reads, searched in all its folders); '
-                        f'point it at a folder of images')
+        raise UserError(f'--gallery {folder} holds no image (any format PIL reads, searched in all '
+                        f'its folders); point it at a folder of images')
     return paths
 
 
@@ -126,7 +131,8 @@ def search_gallery(args, queries, data_base, data_base_path):
         index = kind if kind == 'exact' else gallery.open_index(store, kind)
         for query, inside, known in found:
             row = None if inside is None else store.row(images[inside])
-            if row is not None:  # a photo of the folder: its stored embedding, and not its own result
+            # a photo of the folder: its stored embedding, and not its own result
+            if row is not None:
                 query_path, query_feature = images[inside], store.block(row, row + 1)[0]
             elif known is not None:  # a test image of the data base
                 query_path = data_base.test.images[known]
@@ -137,20 +143,22 @@ def search_gallery(args, queries, data_base, data_base_path):
                 yield query_path, None, None
                 continue
             if query_feature.size(0) != store.dim:
-                raise UserError(f'the model embeds in {store.dim} dimensions but data base {data_base_path} holds '
-                                f'{query_feature.size(0)}-d features; use the pair train.py wrote together')
+                raise UserError(f'the model embeds in {store.dim} dimensions but data base '
+                                f'{data_base_path} holds {query_feature.size(0)}-d features; use '
+                                f'the pair train.py wrote together')
             if len(store.current) <= (row is not None):
-                raise UserError(f'--gallery {args.gallery} holds no readable image other than the query; add '
-                                f'images to search')
+                raise UserError(f'--gallery {args.gallery} holds no readable image other than the '
+                                f'query; add images to search')
             results = store.search(query_feature, args.retrieval_num, exclude=row, index=index)
             yield query_path, None, [(rank, result, similarity, None)
                                      for rank, (result, similarity) in enumerate(results, 1)]
 
 
 def output_name(query_path, data_base, queries=()):
-    """The query's folder name under results/: its file name without extension, as in the seed. Where the data base
-    (or another of this run's queries) holds other images of that name (In-shop's 01_1_front.jpg is in almost every
-    item's folder), the names of the folders above it come first, as many as make it unique: id_00000002_01_1_front."""
+    """The query's folder name under results/: its file name without extension, as in the seed.
+    Where the data base (or another of this run's queries) holds other images of that name
+    (In-shop's 01_1_front.jpg is in almost every item's folder), the names of the folders above it
+    come first, as many as make it unique: id_00000002_01_1_front."""
     parts = os.path.normpath(os.path.splitext(query_path)[0]).split(os.sep)
     paths = [path for split in (data_base.test, data_base.gallery, data_base.train)
              if split is not None for path in split.images] + list(queries)
@@ -196,7 +204,8 @@ def search_data_base(args, queries, data_base, data_base_path):
     model = None
     for query in queries:
         index = find_query(query, images)
-        # searching a gallery, the query may still be a test image, such as an In-shop query: its embedding is stored
+        # searching a gallery, the query may still be a test image, such as an In-shop query: its
+        # embedding is stored
         known = (None if index is not None or data_base.gallery is None
                  else find_query(query, test.images))
         if index is not None:
@@ -205,15 +214,17 @@ def search_data_base(args, queries, data_base, data_base_path):
             query_feature, query_path = test.features[known], test.images[known]
             query_label = test.labels[known].item()
         else:
-            if model is None and os.path.isfile(query):  # loaded once, for the first query outside the data base
+            # loaded once, for the first query outside the data base
+            if model is None and os.path.isfile(query):
                 model = load_model(data_base, data_base_path, embedding_device())[0]
             query_feature, query_label, query_path = embed_query(query, data_base, model), None, query
             if query_feature is None:  # no image PIL reads: main names it with the others skipped
                 yield query_path, None, None
                 continue
         if query_feature.size(0) != features.size(1):
-            raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base {data_base_path} '
-                            f'holds {features.size(1)}-d features; use the pair train.py wrote together')
+            raise UserError(f'the model embeds in {query_feature.size(0)} dimensions but data base '
+                            f'{data_base_path} holds {features.size(1)}-d features; use the pair '
+                            f'train.py wrote together')
         # a query of the searched split is not its own result
         similarities, positions = top_k(query_feature[None], features.float(), args.retrieval_num,
                                         leave_out=-1 if index is None else index)  # (1, k), (1, k)
@@ -235,7 +246,8 @@ def main():
     queries = query_files(args.query_img_name)
     if args.gallery is not None:  # a folder of photos without labels
         searches = search_gallery(args, queries, data_base, data_base_path)
-    else:  # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
+    # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
+    else:
         data_base.check_images_exist(data_base_path, args.data_path)
         searches = search_data_base(args, queries, data_base, data_base_path)
     skipped = []
@@ -258,17 +270,20 @@ def main():
 
 
 def write_results(query_path, ranked, name):
-    """results/<name>/: the query, each result framed and named by its rank and similarity, the row of them all
-    (retrieval.png) and results.csv, written whole. ranked: [(rank, path, similarity, same class or None)]."""
+    """results/<name>/: the query, each result framed and named by its rank and similarity, the row
+    of them all (retrieval.png) and results.csv, written whole. ranked: [(rank, path, similarity,
+    same class or None)]."""
     results = [(framed(path, correct), rank, similarity, correct) for rank, path, similarity, correct in ranked]
-    remove_temporaries('results', f'{name}.')  # left by a run killed while writing this query's folder
+    # left by a run killed while writing this query's folder
+    remove_temporaries('results', f'{name}.')
     with atomic_dir(os.path.join('results', name)) as folder:
         query_image = framed(query_path, border=False)
         query_image.save(os.path.join(folder, 'query_img.jpg'))
         for image, rank, similarity, _ in results:
             image.save(os.path.join(folder, f'retrieval_img_{rank}_{similarity:.4f}.jpg'))
         draw_row(query_image, results, os.path.join(folder, 'retrieval.png'))
-        # same_class is empty where the query's class is unknown (a photo of your own, a gallery without labels)
+        # same_class is empty where the query's class is unknown (a photo of your own, a gallery
+        # without labels)
         pd.DataFrame(ranked, columns=RESULT_COLUMNS).to_csv(os.path.join(folder, 'results.csv'), index=False)
 
 

@@ -35,8 +35,10 @@ from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, ImageR
                    parse_ranks, retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
-CPU_BACKBONE = 'timm/resnet18'  # what the collapse warning suggests: it trains from random weights on a CPU
-DEMO = 'digits'  # the demo data set that train.py writes itself when there is no folder of that name
+# what the collapse warning suggests: it trains from random weights on a CPU
+CPU_BACKBONE = 'timm/resnet18'
+# the demo data set that train.py writes itself when there is no folder of that name
+DEMO = 'digits'
 BASE, NAMED = 'in every run name', 'names the run off its default'  # the two kinds of recipe flags
 
 
@@ -66,29 +68,32 @@ def get_args_parser():
     data = parser.add_argument_group('data')
     data.add_argument('--data_path', default='/home/data', type=str, help='datasets path')
     recipe(data.add_argument('--data_name', default='car', type=folder_name,
-                             help=f'dataset name: {", ".join(DATA_NAMES)}, or any other folder prepared by '
-                                  f'data_utils.py; {DEMO} is written and prepared first if there is no such folder'),
+                             help=f'dataset name: {", ".join(DATA_NAMES)}, or any other folder '
+                                  f'prepared by data_utils.py; {DEMO} is written and prepared '
+                                  f'first if there is no such folder'),
            BASE)
     recipe(data.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
                              help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)'))
     data.add_argument('--cache_images', action='store_true',
-                      help='decode every image once into memory (3 x H x W bytes each, per process), so that epochs '
-                           'after the first only crop, resize and flip: several times faster input')
+                      help='decode every image once into memory (3 x H x W bytes each, per '
+                           'process), so that epochs after the first only crop, resize and flip: '
+                           'several times faster input')
     model = parser.add_argument_group('model')
     recipe(model.add_argument('--backbone_type', default='resnet50', type=check_backbone,
                               help=f'backbone network type: {", ".join(BACKBONES)}, or {TIMM_PREFIX}<name> for any '
                                    f'timm model'), BASE)
     recipe(model.add_argument('--feature_dim', default=512, type=int, help='feature dim'), BASE)
     recipe(model.add_argument('--no_pretrained', action='store_true',
-                              help='start the backbone from random weights instead of its pretrained ones (offline '
-                                   'runs)'))
+                              help='start the backbone from random weights instead of its '
+                                   'pretrained ones (offline runs)'))
     loss = parser.add_argument_group('loss')
     recipe(loss.add_argument('--loss_name', default='proxy_anchor', type=check_loss_name,
                              help=f'loss name: {", ".join(LOSSES)}, or {PML_PREFIX}<class name> for any '
                                   f'pytorch-metric-learning loss'), BASE)
     recipe(loss.add_argument('--loss_args', default='', type=canonical_loss_args,
-                             help=f'parameters of a {PML_PREFIX}<class name> loss, name=value,... (numbers, True/False '
-                                  f'or words); the others are at their defaults'))
+                             help=f'parameters of a {PML_PREFIX}<class name> loss, name=value,... '
+                                  f'(numbers, True/False or words); the others are at their '
+                                  f'defaults'))
     for flag, (hyper, losses) in loss_flags().items():
         action = loss.add_argument(f'--{flag}', default=hyper.default, type=type(hyper.default),
                                    help=f'{hyper.help} ({", ".join(losses)})')
@@ -107,17 +112,19 @@ def get_args_parser():
     recipe(optimisation.add_argument('--batch_size', default=64, type=int,
                                      help='training batch size (over all GPUs)'))
     recipe(optimisation.add_argument('--images_per_class', default=0, type=int,
-                                     help='M: class-balanced batches of batch_size / M classes with M images each '
-                                          '(the official code\'s --IPC); 0: a plain shuffle, as the original PP code'))
+                                     help='M: class-balanced batches of batch_size / M classes '
+                                          'with M images each (the official code\'s --IPC); 0: a '
+                                          'plain shuffle, as the original PP code'))
     # raising --num_epochs continues a run, so it is no recipe flag
     optimisation.add_argument('--num_epochs', default=20, type=int, help='training epoch number')
     recipe(optimisation.add_argument('--warm_up', default=2, type=int,
                                      help='warm up number: epochs with a frozen backbone'))
     recipe(optimisation.add_argument('--seed', default=1, type=int, help='random seed'))
     recipe(optimisation.add_argument('--amp', action='store_true',
-                                     help='speed mode: bf16 autocast and channels_last on CUDA, and cuDNN picks its '
-                                          'fastest kernels (cudnn.benchmark on, deterministic off); without it cuDNN '
-                                          'is deterministic, as in the published recipe'))
+                                     help='speed mode: bf16 autocast and channels_last on CUDA, '
+                                          'and cuDNN picks its fastest kernels (cudnn.benchmark '
+                                          'on, deterministic off); without it cuDNN is '
+                                          'deterministic, as in the published recipe'))
     run = parser.add_argument_group('running')
     run.add_argument('--num_workers', default=default_workers(), type=int,
                      help='data loading processes per training process: min(8, cores / processes on this machine)')
@@ -127,16 +134,17 @@ def get_args_parser():
                      help="also log each epoch's figures for TensorBoard in results/tensorboard/<name>/")
     evaluation = parser.add_argument_group('evaluation')
     evaluation.add_argument('--recalls', default='1,2,4,8', type=str,
-                            help='selected recall: the K of Recall@K, comma-separated (SOP is quoted at '
-                                 '1,10,100,1000, In-shop at 1,10,20,30,40); a K above the number of other test images '
-                                 'retrieves them all')
+                            help='selected recall: the K of Recall@K, comma-separated (SOP is '
+                                 'quoted at 1,10,100,1000, In-shop at 1,10,20,30,40); a K above '
+                                 'the number of other test images retrieves them all')
     recipe(evaluation.add_argument('--val_fraction', default=0.0, type=float,
-                                   help='hold out this fraction of the training classes (the last ones by class id) '
-                                        'as a validation set, evaluated every epoch like the test set; 0: none, as '
-                                        'in the original PP code'))
+                                   help='hold out this fraction of the training classes (the last '
+                                        'ones by class id) as a validation set, evaluated every '
+                                        'epoch like the test set; 0: none, as in the original PP '
+                                        'code'))
     run.add_argument('--run_name', default=None, type=str,
-                     help='appended to the output names (letters, digits, ".", "-", "_"), to tell apart runs the '
-                          'flags do not')
+                     help='appended to the output names (letters, digits, ".", "-", "_"), to tell '
+                          'apart runs the flags do not')
     return parser
 
 
@@ -194,34 +202,39 @@ def check_args(args, parser):
         raise UserError(f'--val_fraction must lie in [0, 1), not {args.val_fraction}')
     if args.images_per_class:
         if args.images_per_class < 2:
-            raise UserError(f'--images_per_class must be at least 2 (a class-balanced batch needs pairs of a class), '
-                            f'not {args.images_per_class}; leave it out for plainly shuffled batches')
+            raise UserError(f'--images_per_class must be at least 2 (a class-balanced batch needs '
+                            f'pairs of a class), not {args.images_per_class}; leave it out for '
+                            f'plainly shuffled batches')
         if args.batch_size % args.images_per_class:
             low = args.batch_size - args.batch_size % args.images_per_class
-            raise UserError(f'--batch_size {args.batch_size} is not a multiple of --images_per_class '
-                            f'{args.images_per_class}; use --batch_size {max(low, args.images_per_class)} or '
-                            f'{low + args.images_per_class}')
+            raise UserError(f'--batch_size {args.batch_size} is not a multiple of '
+                            f'--images_per_class {args.images_per_class}; use --batch_size '
+                            f'{max(low, args.images_per_class)} or {low + args.images_per_class}')
     if args.loss_args and not args.loss_name.startswith(PML_PREFIX):
-        raise UserError(f'--loss_args sets the parameters of a {PML_PREFIX}<class name> loss, not of '
-                        f'{args.loss_name}, whose parameters are flags of their own (see --help); leave it out')
+        raise UserError(f'--loss_args sets the parameters of a {PML_PREFIX}<class name> loss, not '
+                        f'of {args.loss_name}, whose parameters are flags of their own (see '
+                        f'--help); leave it out')
     # resolved once, here: an unknown or missing parameter of a PML loss stops the run at once
     entry = loss_entry(args.loss_name, args.loss_args)
     for flag, (hyper, losses) in loss_flags().items():
         value = getattr(args, flag)
-        if not (value >= hyper.low if hyper.low_included else value > hyper.low):  # also refuses nan
+        # also refuses nan
+        if not (value >= hyper.low if hyper.low_included else value > hyper.low):
             bound = ('positive' if hyper.low == 0 else f'above {hyper.low}') if not hyper.low_included else \
                 f'{hyper.low:g} or more'
             raise UserError(f'--{flag} must be {bound}, not {value}')
         if args.loss_name not in losses and value != hyper.default:
-            raise UserError(f'--{flag} is a parameter of the {" and ".join(losses)} loss{"es" * (len(losses) > 1)} '
-                            f'only, not of {args.loss_name}; leave it out')
+            raise UserError(f'--{flag} is a parameter of the {" and ".join(losses)} '
+                            f'loss{"es" * (len(losses) > 1)} only, not of {args.loss_name}; leave '
+                            f'it out')
     if args.run_name is not None:
         if not re.fullmatch(r'[A-Za-z0-9._-]+', args.run_name):
-            raise UserError(f'--run_name may hold only letters, digits, ".", "-" and "_" (it becomes part of file '
-                            f'names), not {args.run_name!r}')
+            raise UserError(f'--run_name may hold only letters, digits, ".", "-" and "_" (it '
+                            f'becomes part of file names), not {args.run_name!r}')
         if args.run_name.startswith(flags_of(parser, NAMED)):
-            raise UserError(f'--run_name {args.run_name} starts like the part a flag adds to a run name (such as '
-                            f'_seed2), so two different runs could share files; choose a name that starts otherwise')
+            raise UserError(f'--run_name {args.run_name} starts like the part a flag adds to a run '
+                            f'name (such as _seed2), so two different runs could share files; '
+                            f'choose a name that starts otherwise')
     return parse_ranks(args.recalls), entry
 
 
@@ -327,8 +340,8 @@ def set_up(args, prefix, ranks, entry, device, rank, world):
     set_seed(args.seed)
     set_kernels(args.amp)
     if args.batch_size % world:
-        raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, so it must be a '
-                        f'multiple of {world}')
+        raise UserError(f'--batch_size {args.batch_size} is the batch over all {world} processes, '
+                        f'so it must be a multiple of {world}')
     if args.data_name == DEMO:
         if rank == 0:
             write_demo(args.data_path)
@@ -352,7 +365,8 @@ def set_up(args, prefix, ranks, entry, device, rank, world):
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
     loss_criterion = make_loss(entry, args, num_classes).to(device)
-    if world > 1:  # every rank computes the same global loss, so parameters equal at the start stay equal
+    # every rank computes the same global loss, so parameters equal at the start stay equal
+    if world > 1:
         for parameter in loss_criterion.parameters():
             dist.broadcast(parameter.data, 0)
     if rank == 0:
@@ -396,20 +410,23 @@ def load_splits(args, rank):
         splits['gallery'] = read('gallery')
     if args.val_fraction > 0:
         splits['val'] = hold_out(splits['train'], args)
-    if args.cache_images:  # before any DataLoader worker starts, so that all of them share the decoded images
+    # before any DataLoader worker starts, so that all of them share the decoded images
+    if args.cache_images:
         start = time.perf_counter()
         caches = [data.cache_images() for data in splits.values()]
         if rank == 0:
-            print(f'decoded {sum(map(len, caches))} images into memory ({sum(c.nbytes for c in caches) / 2 ** 30:.1f}'
-                  f' GiB) in {time.perf_counter() - start:.0f} s')
+            print(f'decoded {sum(map(len, caches))} images into memory '
+                  f'({sum(c.nbytes for c in caches) / 2 ** 30:.1f} GiB) in '
+                  f'{time.perf_counter() - start:.0f} s')
     if args.batch_size > len(splits['train']):
-        raise UserError(f'--batch_size {args.batch_size} is larger than the {len(splits["train"])} training images of '
-                        f'{args.data_name}; use a smaller --batch_size')
+        raise UserError(f'--batch_size {args.batch_size} is larger than the {len(splits["train"])} '
+                        f'training images of {args.data_name}; use a smaller --batch_size')
     classes, per_batch = splits['train'].num_classes, args.batch_size // max(1, args.images_per_class)
     if args.images_per_class and per_batch > classes:
-        raise UserError(f'--batch_size {args.batch_size} with --images_per_class {args.images_per_class} asks for '
-                        f'{per_batch} classes per batch, but the training set of {args.data_name} has only {classes}; '
-                        f'use a --batch_size of at most {classes * args.images_per_class} or a larger '
+        raise UserError(f'--batch_size {args.batch_size} with --images_per_class '
+                        f'{args.images_per_class} asks for {per_batch} classes per batch, but the '
+                        f'training set of {args.data_name} has only {classes}; use a --batch_size '
+                        f'of at most {classes * args.images_per_class} or a larger '
                         f'--images_per_class')
     return splits
 
@@ -448,7 +465,8 @@ def evaluate(splits, features, ranks):
         if 'gallery' in splits else {}
     return {split: retrieval_metrics(features[split], torch.tensor(splits[split].labels), ranks,
                                      **(gallery if split == 'test' else {}))
-            for split in ('val', 'test') if split in splits}  # validation first: the test line ends the report
+            # validation first: the test line ends the report
+            for split in ('val', 'test') if split in splits}
 
 
 def record(statistics, stats, metrics):
@@ -707,15 +725,18 @@ class ClassBalancedBatches(GlobalBatches):
         """The epoch's global batches of data-set indices, each M images of each of P classes, one
         class after another."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        members = [(self.labels == label).nonzero()[:, 0] for label in self.labels.unique()]  # per class
+        # per class
+        members = [(self.labels == label).nonzero()[:, 0] for label in self.labels.unique()]
         groups = []  # per class: its groups of M images
         for images in members:
             images = images[torch.randperm(len(images), generator=generator)]
-            whole = len(images) - len(images) % self.per_class  # the images in full groups: the last one's fillers
+            # the images in full groups: the last one's fillers
+            whole = len(images) - len(images) % self.per_class
             groups.append(torch.cat([images, self.fill(images[:whole] if whole else images,
                                                        -len(images) % self.per_class, generator)]).view(
                 -1, self.per_class))
-        left = torch.tensor([len(group) for group in groups], dtype=torch.float64)  # (C,) groups not yet drawn
+        # (C,) groups not yet drawn
+        left = torch.tensor([len(group) for group in groups], dtype=torch.float64)
         classes, batches = self.batch_size // self.per_class, []
         while left.sum() > 0:
             priority = torch.where(left > 0, left + torch.rand(len(left), generator=generator, dtype=left.dtype), -1)
@@ -798,7 +819,8 @@ def make_optimizer(model, args, loss_criterion=None):
     backbone, head, proxies = model.parameter_groups()
     own = list(loss_criterion.parameters()) if loss_criterion is not None else []
     groups = [{'params': backbone + head}, {'params': proxies + own, 'lr': args.proxy_lr}]
-    if args.optimizer == 'adamp':  # the seed's: AdamP's defaults otherwise (betas 0.9/0.999, eps 1e-8)
+    # the seed's: AdamP's defaults otherwise (betas 0.9/0.999, eps 1e-8)
+    if args.optimizer == 'adamp':
         optimizer = ChannelsLastAdamP(groups, lr=args.lr, weight_decay=args.weight_decay)
     elif args.optimizer == 'adamw':
         optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)

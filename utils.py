@@ -19,7 +19,8 @@ from torchvision.transforms import v2
 from neighbours import CHUNK_BYTES, class_lists
 from runtime import UserError, cpu_generator_seeded, safe_load
 
-DATA_NAMES = ('car', 'cub', 'sop', 'inshop')  # the benchmarks; any other prepared folder name works too
+# the benchmarks; any other prepared folder name works too
+DATA_NAMES = ('car', 'cub', 'sop', 'inshop')
 CROP_TYPES = ('uncropped', 'cropped')
 # the recipe's crop, and the shorter side an image is resized to before it at test time
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
@@ -34,7 +35,7 @@ def one_of(names):
     return ', '.join(names[:-1]) + f' or {names[-1]}' if len(names) > 1 else names[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data: the index data_utils.py writes, transforms, and the Dataset
 
 def index_path(data_path, data_name, crop_type='uncropped'):
@@ -43,8 +44,8 @@ def index_path(data_path, data_name, crop_type='uncropped'):
 
 
 def load_index(data_path, data_name, crop_type='uncropped'):
-    """Read a prepared data set's index {'train': {class: [relative paths]}, 'test': {...}} ('query' and 'gallery'
-    instead of 'test' for In-shop and folders split that way)."""
+    """Read a prepared data set's index {'train': {class: [relative paths]}, 'test': {...}} ('query'
+    and 'gallery' instead of 'test' for In-shop and folders split that way)."""
     path = index_path(data_path, data_name, crop_type)
     if not os.path.isfile(path):
         raise not_prepared(data_path, data_name, path)
@@ -52,23 +53,30 @@ def load_index(data_path, data_name, crop_type='uncropped'):
 
 
 def not_prepared(data_path, data_name, path):
-    """The UserError for a data set without an index: a --data_path that does not exist, a --data_name with no
-    folder (with the close names that have one), or a folder data_utils.py has not prepared yet."""
+    """The UserError for a data set without an index: a --data_path that does not exist, a
+    --data_name with no folder (with the close names that have one), or a folder data_utils.py has
+    not prepared yet."""
     if not os.path.isdir(data_path):
-        return UserError(f'--data_path {data_path} does not exist; pass the folder that holds your data sets, one '
-                         f'folder each')
+        return UserError(f'--data_path {data_path} does not exist; pass the folder that holds your '
+                         f'data sets, one folder each')
     if not os.path.isdir(os.path.join(data_path, data_name)):
         # results/ is where train.py writes (and locks) when run in the data folder itself
-        present = sorted(name for name in os.listdir(data_path) if not name.startswith('.')
-                         and os.path.isdir(os.path.join(data_path, name))
-                         and os.path.realpath(os.path.join(data_path, name)) != os.path.realpath('results'))
+        present = sorted(
+            name
+            for name in os.listdir(data_path)
+            if not name.startswith('.')
+            and os.path.isdir(os.path.join(data_path, name))
+            and os.path.realpath(os.path.join(data_path, name)) != os.path.realpath('results')
+        )
         close = difflib.get_close_matches(data_name, present, n=3, cutoff=0.6)
         known = (f'did you mean {one_of(close)}?' if close else
                  f'it holds {one_of(present)}' if present else 'it holds no data set folder')
-        return UserError(f'there is no data set {data_name} under {data_path} ({known}); pass the name of a folder '
-                         f'there, or put your data set there as {os.path.join(data_path, data_name)}')
+        return UserError(f'there is no data set {data_name} under {data_path} ({known}); pass the '
+                         f'name of a folder there, or put your data set there as '
+                         f'{os.path.join(data_path, data_name)}')
     return UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
-                     f'`python data_utils.py --data_path {data_path} --data_name {data_name}` first')
+                     f'`python data_utils.py --data_path {data_path} --data_name {data_name}` '
+                     f'first')
 
 
 def folder_name(text):
@@ -125,10 +133,13 @@ def unreadable(path):
 def image_extensions():
     """The file name extensions of every format PIL reads (lower case), not only JPEG."""
     Image.init()
-    # stub formats (HDF5, GRIB, WMF, ...) are only registered names: PIL cannot read them without extra plugins
+    # stub formats (HDF5, GRIB, WMF, ...) are only registered names: PIL cannot read them without
+    # extra plugins
     readable = {name for name, (factory, _) in Image.OPEN.items()
                 if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
-    return {extension for extension, name in Image.registered_extensions().items() if name in readable}
+    return {
+        extension for extension, name in Image.registered_extensions().items() if name in readable
+    }
 
 
 def image_files(folder):
@@ -153,18 +164,21 @@ def available_memory():
 
 
 class ImageCache:
-    """Every image of a list decoded once into one uint8 buffer, so that later epochs skip JPEG decoding.
+    """Every image of a list decoded once into one uint8 buffer, so that later epochs skip JPEG
+    decoding.
 
-    Decoding is most of the input pipeline's cost per image (benchmarks/input_speed.py). The pixels sit in one
-    NumPy array with per-image offsets and shapes rather than in one object per image: DataLoader workers forked
-    after the cache is built share its pages copy-on-write, and reading an image touches no per-image reference
-    count (which would copy the page holding it into every worker). It costs 3 * H * W bytes per image in each
-    process that builds one; every torchrun rank builds its own.
+    Decoding is most of the input pipeline's cost per image (benchmarks/input_speed.py). The pixels
+    sit in one NumPy array with per-image offsets and shapes rather than in one object per image:
+    DataLoader workers forked after the cache is built share its pages copy-on-write, and reading an
+    image touches no per-image reference count (which would copy the page holding it into every
+    worker). It costs 3 * H * W bytes per image in each process that builds one; every torchrun rank
+    builds its own.
     """
 
     def __init__(self, paths, num_threads=None):
         shapes = []
-        for path in paths:  # sizes from the file headers first, so the buffer is allocated once, at its final size
+        # sizes from the file headers first, so the buffer is allocated once, at its final size
+        for path in paths:
             try:
                 with Image.open(path) as image:
                     shapes.append((3, image.height, image.width))
@@ -174,8 +188,9 @@ class ImageCache:
         self.offsets = np.concatenate([[0], np.cumsum(self.shapes.prod(axis=1))])  # (N + 1,)
         needed, free = int(self.offsets[-1]), available_memory()
         if free is not None and needed > 0.9 * free:
-            raise UserError(f'caching {len(paths)} decoded images needs {needed / 2 ** 30:.1f} GiB of memory but '
-                            f'only {free / 2 ** 30:.1f} GiB is available; train without --cache_images')
+            raise UserError(f'caching {len(paths)} decoded images needs {needed / 2 ** 30:.1f} GiB '
+                            f'of memory but only {free / 2 ** 30:.1f} GiB is available; train '
+                            f'without --cache_images')
         self.pixels = np.empty(needed, dtype=np.uint8)
 
         def fill(i):
@@ -188,7 +203,8 @@ class ImageCache:
     def __getitem__(self, i):
         """Image i as a (3, H, W) uint8 tensor that shares the buffer's memory (transforms must not write to it)."""
         _, height, width = self.shapes[i]
-        # stored (H, W, 3) like the decoder's output: the uint8 antialiased resize is twice as fast on that layout
+        # stored (H, W, 3) like the decoder's output: the uint8 antialiased resize is twice as fast
+        # on that layout
         pixels = torch.from_numpy(self.pixels[self.offsets[i]:self.offsets[i + 1]])
         return pixels.view(height, width, 3).permute(2, 0, 1)  # (3, H, W)
 
@@ -202,35 +218,54 @@ class ImageCache:
 
 
 class ImageReader(Dataset):
-    """A prepared data set's train, test, query or gallery split as (uint8 image tensor (3, 224, 224), label) pairs.
+    """A prepared data set's train, test, query or gallery split as (uint8 image tensor (3, 224,
+    224), label) pairs.
 
-    Labels are 0..C-1 in class-id order. Given (index, epoch) (train.py's GlobalBatches), the augmentation is seeded
-    from (seed, epoch, index). `backbone_type` is accepted for the seed's interface: the per-backbone
-    normalisation (ImageNet mean/std, or BN-Inception's BGR 0-255) is the model's first layer, run on the device.
-    A query split and its gallery share their labels: a class has the same label in both.
+    Labels are 0..C-1 in class-id order. Given (index, epoch) (train.py's GlobalBatches), the
+    augmentation is seeded from (seed, epoch, index). `backbone_type` is accepted for the seed's
+    interface: the per-backbone normalisation (ImageNet mean/std, or BN-Inception's BGR 0-255) is
+    the model's first layer, run on the device. A query split and its gallery share their labels: a
+    class has the same label in both.
     """
 
-    def __init__(self, data_path, data_name, data_type, backbone_type=None, crop_type='uncropped', seed=0,
-                 augment=None):
+    def __init__(
+        self,
+        data_path,
+        data_name,
+        data_type,
+        backbone_type=None,
+        crop_type='uncropped',
+        seed=0,
+        augment=None,
+    ):
         index = load_index(data_path, data_name, crop_type)
         root = os.path.join(data_path, data_name)
         self.images, self.labels = [], []
         classes = sorted(index[data_type])
-        if data_type in ('query', 'gallery'):  # one label per class across both, so that they compare
+        # one label per class across both, so that they compare
+        if data_type in ('query', 'gallery'):
             classes = sorted(set(index['query']) | set(index['gallery']))
         for label, class_id in enumerate(classes):
             for relative in index[data_type].get(class_id, ()):
                 self.images.append(os.path.join(root, relative))
                 self.labels.append(label)
         self.num_classes = len(index[data_type])
-        # training images are augmented unless augment=False (embedding the training set for the data base)
-        self.transform = train_transform() if (data_type == 'train' if augment is None else augment) \
+        # training images are augmented unless augment=False (embedding the training set for the
+        # data base)
+        self.transform = (
+            train_transform()
+            if (data_type == 'train' if augment is None else augment)
             else test_transform()
+        )
         self.seed, self.cache = seed, None
 
     def keep_classes(self, start, stop):
         """Keep only the images of labels start..stop-1, relabelled from 0 (a validation split of the classes)."""
-        kept = [(image, label - start) for image, label in zip(self.images, self.labels) if start <= label < stop]
+        kept = [
+            (image, label - start)
+            for image, label in zip(self.images, self.labels)
+            if start <= label < stop
+        ]
         self.images, self.labels = [image for image, _ in kept], [label for _, label in kept]
         self.num_classes = stop - start
 
@@ -246,7 +281,8 @@ class ImageReader(Dataset):
         image = self.cache[index] if self.cache is not None else read_image(self.images[index])
         if epoch is None:
             return self.transform(image), self.labels[index]
-        # a hash of ints is the same in every process, so an image's augmentation does not depend on who loads it
+        # a hash of ints is the same in every process, so an image's augmentation does not depend on
+        # who loads it
         with cpu_generator_seeded(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF):
             return self.transform(image), self.labels[index]
 
@@ -311,14 +347,14 @@ def unreadable_line(paths, what='image'):
             f'{", ".join(map(str, paths))}')
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # losses: S is the (B, C) matrix of cosines between embeddings and proxies
 
 class ProxyAnchorLoss(nn.Module):
     """Proxy-Anchor loss (Kim et al., CVPR 2020).
 
-    scale (32): s, the temperature of the soft max/min. margin (0.1): m, the margin around each proxy.
-    loss = 1/|P+| sum_{p in P+} log(1 + sum_{i in X_p+} exp(-s (S_ip - m)))
+    scale (32): s, the temperature of the soft max/min. margin (0.1): m, the margin around each
+    proxy. loss = 1/|P+| sum_{p in P+} log(1 + sum_{i in X_p+} exp(-s (S_ip - m)))
          + 1/|P|  sum_{p in P}  log(1 + sum_{i in X_p-} exp( s (S_ip + m)))
     """
 
@@ -362,8 +398,9 @@ class NormalizedSoftmaxLoss(nn.Module):
 
 
 class EmbeddingLoss(nn.Module):
-    """Base of the losses called on the batch's (B, D) embeddings and (B,) labels instead of on cosines to the
-    model's proxies: the pair-based ones, and those holding class proxies of their own (class_proxies())."""
+    """Base of the losses called on the batch's (B, D) embeddings and (B,) labels instead of on
+    cosines to the model's proxies: the pair-based ones, and those holding class proxies of their
+    own (class_proxies())."""
 
     def class_proxies(self):
         """The loss's own class proxies as (C, K, D), K per class (K = 1 but for multi-centre losses), or None."""
@@ -371,11 +408,13 @@ class EmbeddingLoss(nn.Module):
 
 
 class PMLLoss(EmbeddingLoss):
-    """A pytorch-metric-learning loss, with the miner that picks its pairs or triplets if it has one.
+    """A pytorch-metric-learning loss, with the miner that picks its pairs or triplets if it has
+    one.
 
-    Its embeddings are cast to float32 at least (as for PP's own losses under --amp). A loss built with num_classes
-    (given here too: PML's ProxyNCALoss does not keep it) holds its class weights as a parameter: PML keeps them as
-    `proxies` (C, D), or as `W` or `fc` (D, C * K) whose column c * K + k is class c's k-th centre.
+    Its embeddings are cast to float32 at least (as for PP's own losses under --amp). A loss built
+    with num_classes (given here too: PML's ProxyNCALoss does not keep it) holds its class weights
+    as a parameter: PML keeps them as `proxies` (C, D), or as `W` or `fc` (D, C * K) whose column c
+    * K + k is class c's k-th centre.
     """
 
     def __init__(self, loss, miner=None, num_classes=None):
@@ -402,38 +441,60 @@ class PMLLoss(EmbeddingLoss):
 def class_cosines(embeddings, proxies):
     """(B, C) cosines of (B, D) embeddings to (C, K, D) class proxies, each class's nearest centre."""
     centres = F.normalize(proxies.detach(), dim=-1).flatten(0, 1)  # (C * K, D)
-    return (embeddings.detach().float() @ centres.float().T).view(len(embeddings), *proxies.shape[:2]).amax(-1)
+    return (
+        (embeddings.detach().float() @ centres.float().T)
+        .view(len(embeddings), *proxies.shape[:2])
+        .amax(-1)
+    )
 
 
-# the baselines of the official Proxy-Anchor code (code/losses.py) and pytorch-metric-learning, with the settings
-# given there; each flag below is one of their parameters
+# the baselines of the official Proxy-Anchor code (code/losses.py) and pytorch-metric-learning, with
+# the settings given there; each flag below is one of their parameters
 
 def proxy_nca(num_classes, embedding_size, proxy_nca_scale):
     """Proxy-NCA (Movshovitz-Attias et al., ICCV 2017) as the official code runs it: ProxyNCALoss(softmax_scale=32)."""
-    return PMLLoss(pml_losses().ProxyNCALoss(num_classes, embedding_size, softmax_scale=proxy_nca_scale),
-                   num_classes=num_classes)
+    return PMLLoss(
+        pml_losses().ProxyNCALoss(num_classes, embedding_size, softmax_scale=proxy_nca_scale),
+        num_classes=num_classes,
+    )
 
 
 def soft_triple(num_classes, embedding_size, soft_triple_centers, soft_triple_la, soft_triple_gamma,
                 soft_triple_margin):
-    """SoftTriple (Qian et al., ICCV 2019): K centres per class; PML's defaults, the paper's K = 10, lambda = 20,
-    gamma = 0.1, delta = 0.01."""
-    return PMLLoss(pml_losses().SoftTripleLoss(num_classes, embedding_size, centers_per_class=soft_triple_centers,
-                                               la=soft_triple_la, gamma=soft_triple_gamma,
-                                               margin=soft_triple_margin), num_classes=num_classes)
+    """SoftTriple (Qian et al., ICCV 2019): K centres per class; PML's defaults, the paper's K = 10,
+    lambda = 20, gamma = 0.1, delta = 0.01."""
+    return PMLLoss(
+        pml_losses().SoftTripleLoss(
+            num_classes,
+            embedding_size,
+            centers_per_class=soft_triple_centers,
+            la=soft_triple_la,
+            gamma=soft_triple_gamma,
+            margin=soft_triple_margin,
+        ),
+        num_classes=num_classes,
+    )
 
 
 def arcface(num_classes, embedding_size, arcface_margin, arcface_scale):
-    """ArcFace (Deng et al., CVPR 2019): an additive angular margin in degrees; PML's defaults, the paper's 0.5 rad
-    and s = 64."""
-    return PMLLoss(pml_losses().ArcFaceLoss(num_classes, embedding_size, margin=arcface_margin, scale=arcface_scale),
-                   num_classes=num_classes)
+    """ArcFace (Deng et al., CVPR 2019): an additive angular margin in degrees; PML's defaults, the
+    paper's 0.5 rad and s = 64."""
+    return PMLLoss(
+        pml_losses().ArcFaceLoss(
+            num_classes, embedding_size, margin=arcface_margin, scale=arcface_scale
+        ),
+        num_classes=num_classes,
+    )
 
 
 def cosface(num_classes, embedding_size, cosface_margin, cosface_scale):
     """CosFace (Wang et al., CVPR 2018): an additive cosine margin; PML's defaults, the paper's m = 0.35, s = 64."""
-    return PMLLoss(pml_losses().CosFaceLoss(num_classes, embedding_size, margin=cosface_margin, scale=cosface_scale),
-                   num_classes=num_classes)
+    return PMLLoss(
+        pml_losses().CosFaceLoss(
+            num_classes, embedding_size, margin=cosface_margin, scale=cosface_scale
+        ),
+        num_classes=num_classes,
+    )
 
 
 def multi_similarity(ms_alpha, ms_beta, ms_base, ms_epsilon):
@@ -445,8 +506,8 @@ def multi_similarity(ms_alpha, ms_beta, ms_base, ms_epsilon):
 
 
 def triplet(triplet_margin):
-    """Triplet loss on semi-hard triplets, as the official code runs it: TripletMarginMiner(0.1, 'semihard') and
-    TripletMarginLoss(margin=0.1)."""
+    """Triplet loss on semi-hard triplets, as the official code runs it: TripletMarginMiner(0.1,
+    'semihard') and TripletMarginLoss(margin=0.1)."""
     from pytorch_metric_learning import miners
     return PMLLoss(pml_losses().TripletMarginLoss(margin=triplet_margin),
                    miners.TripletMarginMiner(triplet_margin, type_of_triplets='semihard'))
@@ -460,8 +521,8 @@ def contrastive(contrastive_pos_margin, contrastive_neg_margin):
 
 
 def npair():
-    """N-pair loss (Sohn, NeurIPS 2016) as the official code runs it, NPairsLoss(l2_reg_weight=0): PML 2 has no
-    such parameter, its default being no embedding regularizer."""
+    """N-pair loss (Sohn, NeurIPS 2016) as the official code runs it, NPairsLoss(l2_reg_weight=0):
+    PML 2 has no such parameter, its default being no embedding regularizer."""
     return PMLLoss(pml_losses().NPairsLoss())
 
 
@@ -482,8 +543,9 @@ def pml_losses():
 
 
 class HyperParameter(NamedTuple):
-    """A loss's hyper-parameter as train.py's flag of the same name: its default, the values it may take (above
-    `low`, or from `low` on when `low_included`), its help, and whether a value off the default names the run."""
+    """A loss's hyper-parameter as train.py's flag of the same name: its default, the values it may
+    take (above `low`, or from `low` on when `low_included`), its help, and whether a value off the
+    default names the run."""
     default: float
     low: float
     low_included: bool
@@ -492,12 +554,12 @@ class HyperParameter(NamedTuple):
 
 
 class LossEntry(NamedTuple):
-    """A loss train.py can train: build(**its hyper-parameters) gives its module (with num_classes and
-    embedding_size too when build takes them), and hyper declares those hyper-parameters.
+    """A loss train.py can train: build(**its hyper-parameters) gives its module (with num_classes
+    and embedding_size too when build takes them), and hyper declares those hyper-parameters.
 
-    cosines True: called on the (B, C) cosines to the model's class proxies and the (B,) labels. False: an
-    EmbeddingLoss, called on the batch's (B, D) embeddings and labels; the model then builds no proxies. source:
-    where the loss and its settings come from.
+    cosines True: called on the (B, C) cosines to the model's class proxies and the (B,) labels.
+    False: an EmbeddingLoss, called on the batch's (B, D) embeddings and labels; the model then
+    builds no proxies. source: where the loss and its settings come from.
     """
     build: Callable
     hyper: dict
@@ -518,40 +580,106 @@ def at_least_zero(default, help):
 SCALE = HyperParameter(32.0, 0.0, False, 'the scale s that multiplies the cosines')
 OFFICIAL = 'the official Proxy-Anchor code (code/losses.py) through PML'
 LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
-    'proxy_anchor': LossEntry(ProxyAnchorLoss, {'scale': SCALE, 'margin': HyperParameter(
-        0.1, 0.0, True, 'the margin m around each proxy')}, source='PP, Kim et al., CVPR 2020'),
-    'normalized_softmax': LossEntry(NormalizedSoftmaxLoss, {'scale': SCALE},
-                                    source='PP, Zhai & Wu, BMVC 2019'),
+    'proxy_anchor': LossEntry(
+        ProxyAnchorLoss,
+        {
+            'scale': SCALE,
+            'margin': HyperParameter(0.1, 0.0, True, 'the margin m around each proxy'),
+        },
+        source='PP, Kim et al., CVPR 2020',
+    ),
+    'normalized_softmax': LossEntry(
+        NormalizedSoftmaxLoss, {'scale': SCALE}, source='PP, Zhai & Wu, BMVC 2019'
+    ),
     # with class proxies of their own
-    'proxy_nca': LossEntry(proxy_nca, {'proxy_nca_scale': positive(32.0, 'the softmax scale of Proxy-NCA')}, False,
-                           OFFICIAL),
-    'soft_triple': LossEntry(soft_triple, {
-        'soft_triple_centers': HyperParameter(10, 1, True, 'SoftTriple\'s centres per class K'),
-        'soft_triple_la': positive(20.0, 'SoftTriple\'s scale lambda'),
-        'soft_triple_gamma': positive(0.1, 'SoftTriple\'s entropy temperature gamma'),
-        'soft_triple_margin': at_least_zero(0.01, 'SoftTriple\'s margin delta')}, False, 'PML, its defaults'),
-    'arcface': LossEntry(arcface, {'arcface_margin': at_least_zero(28.6, 'ArcFace\'s angular margin in degrees'),
-                                   'arcface_scale': positive(64.0, 'ArcFace\'s scale s')}, False, 'PML, its defaults'),
-    'cosface': LossEntry(cosface, {'cosface_margin': at_least_zero(0.35, 'CosFace\'s cosine margin m'),
-                                   'cosface_scale': positive(64.0, 'CosFace\'s scale s')}, False, 'PML, its defaults'),
+    'proxy_nca': LossEntry(
+        proxy_nca,
+        {'proxy_nca_scale': positive(32.0, 'the softmax scale of Proxy-NCA')},
+        False,
+        OFFICIAL,
+    ),
+    'soft_triple': LossEntry(
+        soft_triple,
+        {
+            'soft_triple_centers': HyperParameter(10, 1, True, 'SoftTriple\'s centres per class K'),
+            'soft_triple_la': positive(20.0, 'SoftTriple\'s scale lambda'),
+            'soft_triple_gamma': positive(0.1, 'SoftTriple\'s entropy temperature gamma'),
+            'soft_triple_margin': at_least_zero(0.01, 'SoftTriple\'s margin delta'),
+        },
+        False,
+        'PML, its defaults',
+    ),
+    'arcface': LossEntry(
+        arcface,
+        {
+            'arcface_margin': at_least_zero(28.6, 'ArcFace\'s angular margin in degrees'),
+            'arcface_scale': positive(64.0, 'ArcFace\'s scale s'),
+        },
+        False,
+        'PML, its defaults',
+    ),
+    'cosface': LossEntry(
+        cosface,
+        {
+            'cosface_margin': at_least_zero(0.35, 'CosFace\'s cosine margin m'),
+            'cosface_scale': positive(64.0, 'CosFace\'s scale s'),
+        },
+        False,
+        'PML, its defaults',
+    ),
     # pair-based, on the batch's embeddings
-    'multi_similarity': LossEntry(multi_similarity, {
-        'ms_alpha': positive(2.0, 'Multi-Similarity\'s positive scale alpha'),
-        'ms_beta': positive(50.0, 'Multi-Similarity\'s negative scale beta'),
-        'ms_base': HyperParameter(0.5, -1.0, True, 'Multi-Similarity\'s similarity offset lambda'),
-        'ms_epsilon': at_least_zero(0.1, 'the Multi-Similarity miner\'s margin epsilon')}, False, OFFICIAL),
-    'triplet': LossEntry(triplet, {'triplet_margin': at_least_zero(
-        0.1, 'the triplet loss\'s margin, also its semi-hard miner\'s')}, False, OFFICIAL),
-    'contrastive': LossEntry(contrastive, {
-        'contrastive_pos_margin': HyperParameter(0.0, -1.0, True, 'the contrastive loss\'s positive margin'),
-        'contrastive_neg_margin': HyperParameter(0.5, -1.0, True, 'the contrastive loss\'s negative margin')},
-        False, OFFICIAL),
+    'multi_similarity': LossEntry(
+        multi_similarity,
+        {
+            'ms_alpha': positive(2.0, 'Multi-Similarity\'s positive scale alpha'),
+            'ms_beta': positive(50.0, 'Multi-Similarity\'s negative scale beta'),
+            'ms_base': HyperParameter(
+                0.5, -1.0, True, 'Multi-Similarity\'s similarity offset lambda'
+            ),
+            'ms_epsilon': at_least_zero(0.1, 'the Multi-Similarity miner\'s margin epsilon'),
+        },
+        False,
+        OFFICIAL,
+    ),
+    'triplet': LossEntry(
+        triplet,
+        {
+            'triplet_margin': at_least_zero(
+                0.1, 'the triplet loss\'s margin, also its semi-hard miner\'s'
+            )
+        },
+        False,
+        OFFICIAL,
+    ),
+    'contrastive': LossEntry(
+        contrastive,
+        {
+            'contrastive_pos_margin': HyperParameter(
+                0.0, -1.0, True, 'the contrastive loss\'s positive margin'
+            ),
+            'contrastive_neg_margin': HyperParameter(
+                0.5, -1.0, True, 'the contrastive loss\'s negative margin'
+            ),
+        },
+        False,
+        OFFICIAL,
+    ),
     'npair': LossEntry(npair, {}, False, OFFICIAL),
-    'circle': LossEntry(circle, {'circle_m': at_least_zero(0.4, 'the circle loss\'s relaxation margin m'),
-                                 'circle_gamma': positive(80.0, 'the circle loss\'s scale gamma')},
-                        False, 'PML, its defaults'),
-    'supcon': LossEntry(supcon, {'supcon_temperature': positive(0.1, 'SupCon\'s temperature')}, False,
-                        'PML, its defaults'),
+    'circle': LossEntry(
+        circle,
+        {
+            'circle_m': at_least_zero(0.4, 'the circle loss\'s relaxation margin m'),
+            'circle_gamma': positive(80.0, 'the circle loss\'s scale gamma'),
+        },
+        False,
+        'PML, its defaults',
+    ),
+    'supcon': LossEntry(
+        supcon,
+        {'supcon_temperature': positive(0.1, 'SupCon\'s temperature')},
+        False,
+        'PML, its defaults',
+    ),
 }
 PML_PREFIX = 'pml/'  # --loss_name pml/<class name>: any pytorch-metric-learning loss
 
@@ -566,28 +694,37 @@ def pml_loss_names():
 
 
 def check_loss_name(name):
-    """The --loss_name value itself if it names a loss, else one UserError that lists the close ones (train.py's
-    argparse type)."""
+    """The --loss_name value itself if it names a loss, else one UserError that lists the close ones
+    (train.py's argparse type)."""
     if name in LOSSES or name.startswith(PML_PREFIX) and name[len(PML_PREFIX):] in pml_loss_names():
         return name
     known = list(LOSSES) + [PML_PREFIX + other for other in pml_loss_names()]
-    lowered = {other.lower(): other for other in known}  # pml/arcfaceloss is close to pml/ArcFaceLoss
-    close = [lowered[match] for match in difflib.get_close_matches(name.lower(), lowered, n=3, cutoff=0.6)]
+    # pml/arcfaceloss is close to pml/ArcFaceLoss
+    lowered = {other.lower(): other for other in known}
+    close = [
+        lowered[match]
+        for match in difflib.get_close_matches(name.lower(), lowered, n=3, cutoff=0.6)
+    ]
     hint = f' (close: {", ".join(close)})' if close else ''
-    raise UserError(f'unknown --loss_name {name}{hint}: choose one of {", ".join(LOSSES)}, or {PML_PREFIX}<class '
-                    f'name> for any pytorch-metric-learning loss, such as {PML_PREFIX}LiftedStructureLoss')
+    raise UserError(f'unknown --loss_name {name}{hint}: choose one of {", ".join(LOSSES)}, or '
+                    f'{PML_PREFIX}<class name> for any pytorch-metric-learning loss, such as '
+                    f'{PML_PREFIX}LiftedStructureLoss')
 
 
 def pml_parameters(cls):
-    """{name: inspect.Parameter} of a PML loss class's constructor, and of its base class's where it passes its
-    *args on (CosFaceLoss(*args, margin, scale) takes ArcFaceLoss's num_classes and embedding_size)."""
+    """{name: inspect.Parameter} of a PML loss class's constructor, and of its base class's where it
+    passes its *args on (CosFaceLoss(*args, margin, scale) takes ArcFaceLoss's num_classes and
+    embedding_size)."""
     parameters = {}
     for klass in cls.__mro__:
         if '__init__' not in vars(klass):
             continue
         signature = inspect.signature(klass.__init__).parameters
         for name, parameter in signature.items():
-            if name != 'self' and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            if name != 'self' and parameter.kind not in (
+                parameter.VAR_POSITIONAL,
+                parameter.VAR_KEYWORD,
+            ):
                 parameters.setdefault(name, parameter)
         if not any(parameter.kind == parameter.VAR_POSITIONAL for parameter in signature.values()):
             break
@@ -598,8 +735,9 @@ GIVEN = ('num_classes', 'embedding_size')  # what train.py passes to a loss itse
 
 
 def pml_entry(name, loss_args):
-    """The LossEntry of --loss_name pml/<name> with its --loss_args {parameter: value}, checked against the class's
-    signature: an unknown parameter, or a required one left out, is one UserError."""
+    """The LossEntry of --loss_name pml/<name> with its --loss_args {parameter: value}, checked
+    against the class's signature: an unknown parameter, or a required one left out, is one
+    UserError."""
     cls = getattr(pml_losses(), name[len(PML_PREFIX):])
     parameters = pml_parameters(cls)
     settable = [key for key in parameters if key not in GIVEN]
@@ -609,14 +747,19 @@ def pml_entry(name, loss_args):
             hint = f'; did you mean {" or ".join(close)}?' if close else ''
             raise UserError(f'{name} takes no parameter {key} (from --loss_args); it takes '
                             f'{", ".join(settable) or "none"}{hint}')
-    missing = [key for key, parameter in parameters.items()
-               if parameter.default is parameter.empty and key not in GIVEN and key not in loss_args]
+    missing = [
+        key
+        for key, parameter in parameters.items()
+        if parameter.default is parameter.empty and key not in GIVEN and key not in loss_args
+    ]
     if missing:
-        raise UserError(f'{name} needs {" and ".join(missing)}, which has no default: pass it with --loss_args '
-                        f'{missing[0]}=<value>, or choose another loss')
+        raise UserError(f'{name} needs {" and ".join(missing)}, which has no default: pass it with '
+                        f'--loss_args {missing[0]}=<value>, or choose another loss')
     given = [key for key in GIVEN if key in parameters]
     # a loss that takes num_classes holds class weights of its own; one that does not is pair-based
-    return LossEntry(functools.partial(pml_built, cls, loss_args, given), {}, False, f'PML {cls.__name__}')
+    return LossEntry(
+        functools.partial(pml_built, cls, loss_args, given), {}, False, f'PML {cls.__name__}'
+    )
 
 
 def pml_built(cls, loss_args, given, num_classes=None, embedding_size=None):
@@ -627,26 +770,28 @@ def pml_built(cls, loss_args, given, num_classes=None, embedding_size=None):
 
 
 def canonical_loss_args(text):
-    """--loss_args as train.py keeps it (its argparse type): the pairs sorted by name, each value as it parses, so
-    that the same parameters always name the same run."""
+    """--loss_args as train.py keeps it (its argparse type): the pairs sorted by name, each value as
+    it parses, so that the same parameters always name the same run."""
     return ','.join(f'{key}={value}' for key, value in parse_loss_args(text).items())
 
 
 def parse_loss_args(text):
-    """--loss_args 'name=value,...' -> {name: value} with int, float, bool or str values, in the canonical order of
-    the names; anything else is a UserError."""
+    """--loss_args 'name=value,...' -> {name: value} with int, float, bool or str values, in the
+    canonical order of the names; anything else is a UserError."""
     values = {}
     for part in filter(None, text.split(',')):
         key, equals, value = part.partition('=')
         if not equals or not key.strip().isidentifier():
-            raise UserError(f'--loss_args must be name=value pairs separated by commas, like margin=0.2,'
-                            f'swap=True, not {text!r}')
+            raise UserError(f'--loss_args must be name=value pairs separated by commas, like '
+                            f'margin=0.2,swap=True, not {text!r}')
         try:
             value = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             value = value.strip()
         if not isinstance(value, (bool, int, float, str)):
-            raise UserError(f'--loss_args {key.strip()}={value!r} is not a number, True/False or a word')
+            raise UserError(
+                f'--loss_args {key.strip()}={value!r} is not a number, True/False or a word'
+            )
         values[key.strip()] = value
     return dict(sorted(values.items()))
 
@@ -658,31 +803,35 @@ def loss_entry(loss_name, loss_args=''):
     return LOSSES[loss_name]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # retrieval metrics, defined on each query's lists of similarities (neighbours.py finds them)
 
 def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None,
                       chunk_bytes=CHUNK_BYTES, per_query=False, progress=None):
-    """Recall@K for K in ranks, MAP@R and R-Precision (Musgrave et al., ECCV 2020), all as fractions.
+    """Recall@K for K in ranks, MAP@R and R-Precision (Musgrave et al., ECCV 2020), all as
+    fractions.
 
-    Each query (a row of features (N, D), its class in labels (N,)) ranks items by cosine similarity. Without a
-    gallery the items are all the other rows: the query itself is excluded by its position, so a duplicate image is
-    an ordinary neighbour, and R is the number of other items of its class. With one (gallery_features (G, D),
-    gallery_labels (G,)) the items are the whole gallery, nothing excluded, and R is the number of gallery items of
-    its class. An other-class item exactly as similar as a same-class one ranks before it, so ties never flatter a
-    model: embeddings collapsed to one point score as if every same-class item came last.
-    - Recall@K: the fraction of all queries with a same-class item among their K nearest (a K beyond the items a
-      query ranks means all of them).
-    - R-Precision: the fraction of same-class items among a query's R nearest, averaged over queries.
-    - MAP@R: the mean over queries of AP@R = (1/R) sum over i <= R of P(i) where the i-th nearest is of the query's
-      class, P(i) being the fraction of same-class items among its i nearest.
-    A query with R = 0 (no other item, or no gallery item, of its class) counts as a miss for Recall@K and is left
-    out of MAP@R and R-Precision, as pytorch-metric-learning's AccuracyCalculator does.
+    Each query (a row of features (N, D), its class in labels (N,)) ranks items by cosine
+    similarity. Without a gallery the items are all the other rows: the query itself is excluded by
+    its position, so a duplicate image is an ordinary neighbour, and R is the number of other items
+    of its class. With one (gallery_features (G, D), gallery_labels (G,)) the items are the whole
+    gallery, nothing excluded, and R is the number of gallery items of its class. An other-class
+    item exactly as similar as a same-class one ranks before it, so ties never flatter a model:
+    embeddings collapsed to one point score as if every same-class item came last.
+    - Recall@K: the fraction of all queries with a same-class item among their K nearest (a K beyond
+      the items a query ranks means all of them).
+    - R-Precision: the fraction of same-class items among a query's R nearest, averaged over
+      queries.
+    - MAP@R: the mean over queries of AP@R = (1/R) sum over i <= R of P(i) where the i-th nearest is
+      of the query's class, P(i) being the fraction of same-class items among its i nearest.
+    A query with R = 0 (no other item, or no gallery item, of its class) counts as a miss for
+    Recall@K and is left out of MAP@R and R-Precision, as pytorch-metric-learning's
+    AccuracyCalculator does.
 
-    Returns {'recall@K': ..., 'map@r': ..., 'r_precision': ...}; with per_query, (that dict, each query's figures in
-    the order of features: 'recall@K' (N,) bool hits, 'ap@r' and 'r_precision' (N,) float64, NaN where R = 0).
-    chunk_bytes bounds the similarity blocks held at once; progress, when given, is called as progress(blocks done,
-    blocks in all) while they are swept.
+    Returns {'recall@K': ..., 'map@r': ..., 'r_precision': ...}; with per_query, (that dict, each
+    query's figures in the order of features: 'recall@K' (N,) bool hits, 'ap@r' and 'r_precision'
+    (N,) float64, NaN where R = 0). chunk_bytes bounds the similarity blocks held at once; progress,
+    when given, is called as progress(blocks done, blocks in all) while they are swept.
     """
     ranks = [int(k) for k in ranks]
     lists = class_lists(features, labels, ranks, gallery_features, gallery_labels, chunk_bytes,
@@ -694,7 +843,8 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
 
 
 def metrics_from_lists(lists, ranks, total):
-    """Every metric, averaged and per query, from each query's lists (the definitions are retrieval_metrics').
+    """Every metric, averaged and per query, from each query's lists (the definitions are
+    retrieval_metrics').
 
     lists (neighbours.ClassLists), per query: positives (n, m) its R same-class similarities,
     descending, then -inf; top (n, m) its largest other-class similarities, descending, exact in
@@ -710,11 +860,14 @@ def metrics_from_lists(lists, ranks, total):
     # other-class items at least as similar as the j-th same-class item, so ranked before it
     ahead = m - torch.searchsorted(top.flip(1).contiguous(), positives, side='left')  # (n, m)
     position = j + ahead  # (n, m) rank of the j-th same-class item
-    within_r = (j <= r[:, None]) & (position <= r[:, None])  # (n, m) the same-class items among the R nearest
-    first_miss = ahead[:, 0] if ahead_of_nearest is None else ahead_of_nearest  # (n,) ranked above the first hit
+    # (n, m) the same-class items among the R nearest
+    within_r = (j <= r[:, None]) & (position <= r[:, None])
+    # (n,) ranked above the first hit
+    first_miss = ahead[:, 0] if ahead_of_nearest is None else ahead_of_nearest
     has_r = r > 0
     hits = (first_miss[:, None] < torch.tensor(ranks, device=r.device)) & has_r[:, None]  # (n, K)
-    ap = (within_r * j / position.double()).sum(1) / r.double()  # (n,) AP@R; NaN (0 / 0) where R = 0
+    # (n,) AP@R; NaN (0 / 0) where R = 0
+    ap = (within_r * j / position.double()).sum(1) / r.double()
     rp = within_r.sum(1) / r.double()  # (n,) R-Precision
     metrics = {f'recall@{k}': hits[:, i].sum().item() / total for i, k in enumerate(ranks)}
     metrics['map@r'] = ap[has_r].mean().item()
@@ -723,25 +876,32 @@ def metrics_from_lists(lists, ranks, total):
 
 
 def in_query_order(hits, ap, rp, where, total, ranks):
-    """The per-query figures of the sorted queries put back at their rows where (n,) among all total queries; the
-    queries left out (no gallery item of their class) are misses with NaN AP@R and R-Precision."""
+    """The per-query figures of the sorted queries put back at their rows where (n,) among all total
+    queries; the queries left out (no gallery item of their class) are misses with NaN AP@R and
+    R-Precision."""
     all_hits = hits.new_zeros((total, len(ranks)))
     all_ap, all_rp = ap.new_full((total,), math.nan), rp.new_full((total,), math.nan)
     all_hits[where], all_ap[where], all_rp[where] = hits, ap, rp
-    return {**{f'recall@{k}': all_hits[:, i] for i, k in enumerate(ranks)}, 'ap@r': all_ap, 'r_precision': all_rp}
+    return {
+        **{f'recall@{k}': all_hits[:, i] for i, k in enumerate(ranks)},
+        'ap@r': all_ap,
+        'r_precision': all_rp,
+    }
 
 
 COLLAPSED = 0.999  # a mean cosine above this: the images' embeddings are all nearly one direction
 
 
 def mean_pairwise_cosine(features):
-    """The mean cosine between two distinct rows of features (N, D), from their sum in O(N D): near 1 when the
-    embeddings have collapsed onto one direction, so that rankings among them are noise."""
+    """The mean cosine between two distinct rows of features (N, D), from their sum in O(N D): near
+    1 when the embeddings have collapsed onto one direction, so that rankings among them are
+    noise."""
     units = F.normalize(torch.as_tensor(features).double(), dim=1)  # (N, D)
     n, total = len(units), units.sum(0)  # (D,)
     if n < 2:
         return math.nan
-    return ((total @ total - (units * units).sum()) / (n * (n - 1))).item()  # all pairs minus the diagonal
+    # all pairs minus the diagonal
+    return ((total @ total - (units * units).sum()) / (n * (n - 1))).item()
 
 
 def recall(features, labels, ranks):
@@ -755,9 +915,11 @@ def parse_ranks(text):
     try:
         ranks = [int(part) for part in text.split(',')]
     except ValueError:
-        raise UserError(f'--recalls must be positive integers separated by commas, like 1,2,4,8, not {text!r}') \
-            from None
+        raise UserError(
+            f'--recalls must be positive integers separated by commas, like 1,2,4,8, not {text!r}'
+        ) from None
     if not ranks or min(ranks) < 1:
-        raise UserError(f'--recalls must be positive integers separated by commas, like 1,2,4,8, not {text!r}')
+        raise UserError(
+            f'--recalls must be positive integers separated by commas, like 1,2,4,8, not {text!r}'
+        )
     return ranks
-

@@ -1,19 +1,22 @@
-"""Time and peak memory of utils.retrieval_metrics against an exact faiss-cpu search, at SOP's and In-shop's sizes.
+"""Time and peak memory of utils.retrieval_metrics against an exact faiss-cpu search, at SOP's and
+In-shop's sizes.
 
-    python benchmarks/eval_speed.py [--cases sop,inshop,large] [--num_images 60502] [--spread 2.15] [--repeats 1]
+    python benchmarks/eval_speed.py [--cases sop,inshop,large] [--num_images 60502] [--spread 2.15]
+    [--repeats 1]
                                     [--baseline REVISION]
 
 The data, float32 unit rows, each its class centre plus Gaussian noise:
   sop     all-vs-all, Stanford Online Products' size: N = 60,502 rows of 512 dimensions in SOP-like classes (2 to 12
-          images, about 5.3 on average, 11.3k classes); --spread 2.15 puts Recall@1 near 0.8, where trained SOP
-          models are (79.1 for Proxy-Anchor). At both rank sets, 1,10,100,1000 (SOP's) and 1,2,4,8.
+          images, about 5.3 on average, 11.3k classes); --spread 2.15 puts Recall@1 near 0.8, where
+          trained SOP models are (79.1 for Proxy-Anchor). At both rank sets, 1,10,100,1000 (SOP's)
+          and 1,2,4,8.
   inshop  queries against a gallery, In-shop Clothes' size: 14,218 queries and 12,612 gallery rows of 512
-          dimensions from the same 3,985 classes (at least one of each on either side, 3.6 queries and 3.2 gallery
-          images per class on average); spread 2.0 puts Recall@1 near 0.92 (91.9 for Proxy-Anchor). Ranks
-          1,10,20,30,40 (In-shop's).
+          dimensions from the same 3,985 classes (at least one of each on either side, 3.6 queries
+          and 3.2 gallery images per class on average); spread 2.0 puts Recall@1 near 0.92 (91.9 for
+          Proxy-Anchor). Ranks 1,10,20,30,40 (In-shop's).
   large   a large gallery: 10,000 queries of 4,000 classes against 500,000 gallery rows of 128 dimensions in 125,000
-          classes, the queries' among them (4 gallery images per class on average); spread 1.2, Recall@1 near 0.84.
-          Ranks 1,10,20,30,40.
+          classes, the queries' among them (4 gallery images per class on average); spread 1.2,
+          Recall@1 near 0.84. Ranks 1,10,20,30,40.
 The methods:
   ours       utils.retrieval_metrics, as train.py calls it.
   per_query  the same with per_query=True and a progress callback, as a report of the worst queries calls it.
@@ -21,23 +24,27 @@ The methods:
              with the project files it imports (neighbours.py, runtime.py) of that revision too,
              so that one run times a change's before and after.
   faiss      faiss.IndexFlatIP (exact inner product) over the items (all rows, or the gallery) searched with every
-             query for its k = max(max rank, max R) nearest (+1 without a gallery, the query then dropped from its
-             own list by position), and the metric arithmetic the seed's evaluation does on such lists (the hits
-             among the first K; precision at each hit among the first R).
+             query for its k = max(max rank, max R) nearest (+1 without a gallery, the query then
+             dropped from its own list by position), and the metric arithmetic the seed's evaluation
+             does on such lists (the hits among the first K; precision at each hit among the first
+             R).
 All use the same number of threads (--threads, by default torch's, that is every core).
 
-Each measurement runs in a fresh process that loads the features from a .npy file, imports its libraries, records
-its resident memory and resets its high-water mark (`echo 5 > /proc/self/clear_refs`), runs the method once, and
-reads VmHWM from /proc/self/status: the peak reported is VmHWM minus the resident memory before the method, i.e. the
-memory the method needs above the features and the libraries. tracemalloc would miss it: torch and faiss allocate
-outside Python's allocator. The time is the wall-clock time of the method alone, and beside it the CPU time of
-all its threads, which other processes on a busy machine inflate less. Methods alternate, and with --repeats
-above 1 the fastest repeat of each is kept (and the least CPU time), since other processes make single timings
-noisy. The metrics are printed side by side: ours, per_query's means and before's are the same; faiss agrees
-but for near-ties: two cosines within float32 rounding (1e-7) of each other may swap places between the two GEMMs,
-which moves a figure by a few thousandths of a point at most. A first line compares the float32 GEMM of torch.mm
-(MKL) with neighbours.cosine_block's (oneDNN).
+Each measurement runs in a fresh process that loads the features from a .npy file, imports its
+libraries, records its resident memory and resets its high-water mark (`echo 5 >
+/proc/self/clear_refs`), runs the method once, and reads VmHWM from /proc/self/status: the peak
+reported is VmHWM minus the resident memory before the method, i.e. the memory the method needs
+above the features and the libraries. tracemalloc would miss it: torch and faiss allocate outside
+Python's allocator. The time is the wall-clock time of the method alone, and beside it the CPU time
+of all its threads, which other processes on a busy machine inflate less. Methods alternate, and
+with --repeats above 1 the fastest repeat of each is kept (and the least CPU time), since other
+processes make single timings noisy. The metrics are printed side by side: ours, per_query's means
+and before's are the same; faiss agrees but for near-ties: two cosines within float32 rounding
+(1e-7) of each other may swap places between the two GEMMs, which moves a figure by a few
+thousandths of a point at most. A first line compares the float32 GEMM of torch.mm (MKL) with
+neighbours.cosine_block's (oneDNN).
 """
+
 import argparse
 import importlib
 import json
@@ -54,7 +61,8 @@ sys.path.insert(0, ROOT)
 from runtime import UserError, run_main  # noqa: E402
 
 RANK_SETS = ('1,10,100,1000', '1,2,4,8')
-# name: (queries, gallery items, query classes, gallery classes, dimension, spread, ranks); see the docstring
+# name: (queries, gallery items, query classes, gallery classes, dimension, spread, ranks); see the
+# docstring
 GALLERY_CASES = {'inshop': (14218, 12612, 3985, 3985, 512, 2.0, '1,10,20,30,40'),
                  'large': (10000, 500000, 4000, 125000, 128, 1.2, '1,10,20,30,40')}
 
@@ -62,7 +70,8 @@ GALLERY_CASES = {'inshop': (14218, 12612, 3985, 3985, 512, 2.0, '1,10,20,30,40')
 def make_features(num_images, dim, spread, seed):
     """(features (N, D) float32 unit rows, labels (N,) int64) in SOP-like classes of 2 to 12 images."""
     rng = np.random.default_rng(seed)
-    sizes = np.clip(2 + rng.poisson(3.35, size=num_images), 2, 12)  # mean 5.3, as SOP's 60,502 / 11,316
+    # mean 5.3, as SOP's 60,502 / 11,316
+    sizes = np.clip(2 + rng.poisson(3.35, size=num_images), 2, 12)
     sizes = sizes[:np.searchsorted(np.cumsum(sizes), num_images) + 1]
     sizes[-1] -= sizes.sum() - num_images
     sizes = sizes[sizes > 0]
@@ -80,15 +89,17 @@ def labels_of(count, classes, rng):
 
 
 def make_gallery(num_queries, num_gallery, query_classes, gallery_classes, dim, spread, seed):
-    """(queries (Q, D), query labels (Q,), gallery (G, D), gallery labels (G,)): float32 unit rows around one centre
-    per class; the query classes are the first query_classes of the gallery's."""
+    """(queries (Q, D), query labels (Q,), gallery (G, D), gallery labels (G,)): float32 unit rows
+    around one centre per class; the query classes are the first query_classes of the gallery's."""
     rng = np.random.default_rng(seed)
     query_labels = labels_of(num_queries, query_classes, rng)
     gallery_labels = labels_of(num_gallery, gallery_classes, rng)
     centres = rng.standard_normal((gallery_classes, dim), dtype=np.float32)
     sets = []
     for labels in (query_labels, gallery_labels):
-        features = centres[labels] + spread * rng.standard_normal((len(labels), dim), dtype=np.float32)
+        features = centres[labels] + spread * rng.standard_normal(
+            (len(labels), dim), dtype=np.float32
+        )
         features /= np.linalg.norm(features, axis=1, keepdims=True)
         sets += [features, labels.astype(np.int64)]
     return tuple(sets)
@@ -108,7 +119,8 @@ def faiss_metrics(features, labels, ranks, gallery_features=None, gallery_labels
     items, item_labels = (features, labels) if symmetric else (gallery_features, gallery_labels)
     n = len(labels)
     r = np.bincount(item_labels, minlength=labels.max() + 1)[labels] - symmetric  # (N,) R per query
-    k = min(len(items), max(max(ranks), int(r.max())) + symmetric)  # +1: the query finds itself, dropped below
+    # +1: the query finds itself, dropped below
+    k = min(len(items), max(max(ranks), int(r.max())) + symmetric)
     index = faiss.IndexFlatIP(items.shape[1])
     index.add(items)
     _, neighbours = index.search(features, k)  # (N, k)
@@ -119,8 +131,10 @@ def faiss_metrics(features, labels, ranks, gallery_features=None, gallery_labels
         queries = np.arange(start, start + len(found))
         if symmetric:
             is_self = found == queries[:, None]
-            is_self[~is_self.any(axis=1), -1] = True  # a query beyond its own list: drop the last instead
-            found = found[~is_self].reshape(len(found), k - 1)  # (b, k - 1) the query removed by position
+            # a query beyond its own list: drop the last instead
+            is_self[~is_self.any(axis=1), -1] = True
+            # (b, k - 1) the query removed by position
+            found = found[~is_self].reshape(len(found), k - 1)
         hits = item_labels[found] == labels[queries, None]  # (b, k - 1) or (b, k)
         for i, rank in enumerate(ranks):
             hits_at[i] += hits[:, :rank].any(axis=1).sum()
@@ -161,9 +175,9 @@ def baseline_tree(revision, folder):
 
 
 def measure(method, path, ranks, threads, tree=None):
-    """Run in a fresh process: (seconds, CPU seconds of all its threads, peak bytes above the loaded features,
-    metrics) of one method; per_query
-    reports the means of its per-query figures, which must equal the averages."""
+    """Run in a fresh process: (seconds, CPU seconds of all its threads, peak bytes above the loaded
+    features, metrics) of one method; per_query reports the means of its per-query figures, which
+    must equal the averages."""
     import faiss
     import torch
     utils = import_from(tree, 'utils') if method == 'before' else importlib.import_module('utils')
@@ -172,26 +186,39 @@ def measure(method, path, ranks, threads, tree=None):
     faiss.omp_set_num_threads(threads)
     data = np.load(path)
     features, labels = data['features'], data['labels']
-    gallery = (data['gallery_features'], data['gallery_labels']) if 'gallery_features' in data else ()
+    gallery = (
+        (data['gallery_features'], data['gallery_labels']) if 'gallery_features' in data else ()
+    )
     baseline = memory_status()['VmRSS']
     try:  # reset the high-water mark to the current resident size (Linux 4.0+)
         with open('/proc/self/clear_refs', 'w') as file:
             file.write('5')
     except OSError:
         pass
-    inputs = (torch.from_numpy(features), torch.from_numpy(labels), ranks, *map(torch.from_numpy, gallery))
+    inputs = (
+        torch.from_numpy(features),
+        torch.from_numpy(labels),
+        ranks,
+        *map(torch.from_numpy, gallery),
+    )
     start, cpu_start = time.perf_counter(), time.process_time()
     if method in ('ours', 'before'):
         metrics = retrieval_metrics(*inputs)
     elif method == 'per_query':
         blocks = []
-        _, per_query = retrieval_metrics(*inputs, per_query=True, progress=lambda done, total: blocks.append(done))
+        _, per_query = retrieval_metrics(
+            *inputs, per_query=True, progress=lambda done, total: blocks.append(done)
+        )
     else:
         metrics = faiss_metrics(features, labels, ranks, *gallery)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = memory_status()['VmHWM'] - baseline
     if method == 'per_query':
-        metrics = {key: per_query[key].double().mean().item() for key in per_query if key.startswith('recall@')}
+        metrics = {
+            key: per_query[key].double().mean().item()
+            for key in per_query
+            if key.startswith('recall@')
+        }
         metrics['map@r'] = per_query['ap@r'].nanmean().item()
         metrics['r_precision'] = per_query['r_precision'].nanmean().item()
     return seconds, cpu_seconds, peak, {key: float(value) for key, value in metrics.items()}
@@ -219,43 +246,76 @@ def gemm_speeds(threads, size=2048, dim=512, repeats=5):
 
 def run_worker(method, path, ranks, threads, tree):
     """measure() in a child process of this script."""
-    command = [sys.executable, os.path.abspath(__file__), '--worker', method, '--data', path, '--threads',
-               str(threads), '--ranks', ranks] + (['--tree', tree] if tree else [])
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        '--worker',
+        method,
+        '--data',
+        path,
+        '--threads',
+        str(threads),
+        '--ranks',
+        ranks,
+    ] + (['--tree', tree] if tree else [])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise UserError(f'the {method} measurement failed:\n{result.stderr}')
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-RATIOS = (('ours', 'faiss'), ('per_query', 'ours'), ('ours', 'before'))  # (method, baseline) pairs printed
+# (method, baseline) pairs printed
+RATIOS = (('ours', 'faiss'), ('per_query', 'ours'), ('ours', 'before'))
 
 
 def compare(label, path, ranks, threads, repeats, tree):
-    """Measure every method on the features saved at path, alternating, and print the comparison; returns the
-    ratios {(method, baseline): (fastest time / fastest time, least CPU time / least CPU time)}."""
-    runs = {method: [] for method in ('ours', 'per_query', 'before', 'faiss') if method != 'before' or tree}
+    """Measure every method on the features saved at path, alternating, and print the comparison;
+    returns the ratios {(method, baseline): (fastest time / fastest time, least CPU time / least CPU
+    time)}."""
+    runs = {
+        method: []
+        for method in ('ours', 'per_query', 'before', 'faiss')
+        if method != 'before' or tree
+    }
     for _ in range(repeats):
         for method in runs:
             runs[method].append(run_worker(method, path, ranks, threads, tree))
     best = {method: min(results, key=lambda result: result[0]) for method, results in runs.items()}
     cpu = {method: min(result[1] for result in results) for method, results in runs.items()}
-    ratios = {pair: (best[pair[0]][0] / best[pair[1]][0], cpu[pair[0]] / cpu[pair[1]]) for pair in RATIOS
-              if set(pair) <= set(best)}
-    print(f'\n{label}, ranks {ranks}: ' + ', '.join(f'{method} {best[method][0]:.1f} s (CPU {cpu[method]:.1f} s)'
-                                                    for method in best))
+    ratios = {
+        pair: (best[pair[0]][0] / best[pair[1]][0], cpu[pair[0]] / cpu[pair[1]])
+        for pair in RATIOS
+        if set(pair) <= set(best)
+    }
+    print(
+        f'\n{label}, ranks {ranks}: '
+        + ', '.join(
+            f'{method} {best[method][0]:.1f} s (CPU {cpu[method]:.1f} s)' for method in best
+        )
+    )
     print('  ratio ' + ', '.join(f'{method}/{baseline} {wall:.2f} (CPU {cpu_ratio:.2f})'
                                  for (method, baseline), (wall, cpu_ratio) in ratios.items()))
-    print('  peak memory above the features: ' + ', '.join(f'{method} {best[method][2] / 2 ** 30:.3f} GiB'
-                                                            for method in best))
+    print(
+        '  peak memory above the features: '
+        + ', '.join(f'{method} {best[method][2] / 2 ** 30:.3f} GiB' for method in best)
+    )
     for method, (_, _, _, metrics) in best.items():
-        print(f'  {method:9s} ' + '  '.join(f'{key} {100 * value:.3f}' for key, value in metrics.items()))
+        print(
+            f'  {method:9s} '
+            + '  '.join(f'{key} {100 * value:.3f}' for key, value in metrics.items())
+        )
     ours = best['ours'][3]
     for method in [method for method in best if method != 'ours']:
         difference = max(abs(ours[key] - best[method][3][key]) for key in ours)
         print(f'  largest difference between ours and {method}: {100 * difference:.4f} points')
     if repeats > 1:
-        print('  all times (s): ' + '; '.join(f'{method} ' + ' '.join(f'{result[0]:.1f}' for result in results)
-                                              for method, results in runs.items()))
+        print(
+            '  all times (s): '
+            + '; '.join(
+                f'{method} ' + ' '.join(f'{result[0]:.1f}' for result in results)
+                for method, results in runs.items()
+            )
+        )
     return ratios
 
 
@@ -263,16 +323,30 @@ def main():
     """Generate the features of each case, measure both methods and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--cases', default='sop,inshop,large',
-                        help='comma-separated cases: sop (all-vs-all), inshop, large (queries against a gallery)')
-    parser.add_argument('--num_images', default=60502, type=int, help='sop: N rows (SOP test set: 60,502)')
+    parser.add_argument(
+        '--cases',
+        default='sop,inshop,large',
+        help='comma-separated cases: sop (all-vs-all), inshop, large (queries against a gallery)',
+    )
+    parser.add_argument(
+        '--num_images', default=60502, type=int, help='sop: N rows (SOP test set: 60,502)'
+    )
     parser.add_argument('--dim', default=512, type=int, help='sop: D, the feature dimension')
-    parser.add_argument('--spread', default=2.15, type=float, help='sop: noise around the class centres')
-    parser.add_argument('--threads', default=None, type=int, help="threads of both methods (default: torch's)")
-    parser.add_argument('--repeats', default=1, type=int, help='runs of each method; the fastest is kept')
+    parser.add_argument(
+        '--spread', default=2.15, type=float, help='sop: noise around the class centres'
+    )
+    parser.add_argument(
+        '--threads', default=None, type=int, help="threads of both methods (default: torch's)"
+    )
+    parser.add_argument(
+        '--repeats', default=1, type=int, help='runs of each method; the fastest is kept'
+    )
     parser.add_argument('--seed', default=0, type=int, help='random seed of the features')
-    parser.add_argument('--baseline', default=None,
-                        help='a git revision whose utils.retrieval_metrics is timed too, as "before"')
+    parser.add_argument(
+        '--baseline',
+        default=None,
+        help='a git revision whose utils.retrieval_metrics is timed too, as "before"',
+    )
     parser.add_argument('--worker', default=None, choices=('ours', 'per_query', 'before', 'faiss'),
                         help=argparse.SUPPRESS)
     parser.add_argument('--data', default=None, help=argparse.SUPPRESS)
@@ -280,20 +354,31 @@ def main():
     parser.add_argument('--tree', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker, args.data, [int(k) for k in args.ranks.split(',')], args.threads,
-                                 args.tree)))
+        print(
+            json.dumps(
+                measure(
+                    args.worker,
+                    args.data,
+                    [int(k) for k in args.ranks.split(',')],
+                    args.threads,
+                    args.tree,
+                )
+            )
+        )
         return
     cases = args.cases.split(',')
     if args.num_images < 2 or args.repeats < 1:
         raise UserError('--num_images must be at least 2 and --repeats at least 1')
     if not cases or not set(cases) <= {'sop', *GALLERY_CASES}:
-        raise UserError(f'--cases must be some of sop,{",".join(GALLERY_CASES)} separated by commas, '
-                        f'not {args.cases!r}')
+        raise UserError(f'--cases must be some of sop,{",".join(GALLERY_CASES)} separated by '
+                        f'commas, not {args.cases!r}')
     import torch
     threads = args.threads or torch.get_num_threads()
     print(f'{threads} threads on {os.cpu_count()} cores')
-    print('float32 GEMM 2048 x 512 x 2048: ' + ', '.join(f'{name} {speed:.0f} GFLOP/s'
-                                                        for name, speed in gemm_speeds(threads).items()))
+    print(
+        'float32 GEMM 2048 x 512 x 2048: '
+        + ', '.join(f'{name} {speed:.0f} GFLOP/s' for name, speed in gemm_speeds(threads).items())
+    )
     ratios = []
     with tempfile.TemporaryDirectory() as folder:
         path, tree = os.path.join(folder, 'features.npz'), None
@@ -304,24 +389,30 @@ def main():
         if 'sop' in cases:
             features, labels = make_features(args.num_images, args.dim, args.spread, args.seed)
             print(f'\nsop: N = {len(labels)}, D = {args.dim}, {labels.max() + 1} classes of '
-                  f'{np.bincount(labels).min()} to {np.bincount(labels).max()} images, spread {args.spread}; '
-                  f'features {features.nbytes / 2 ** 20:.0f} MiB')
+                  f'{np.bincount(labels).min()} to {np.bincount(labels).max()} images, spread '
+                  f'{args.spread}; features {features.nbytes / 2 ** 20:.0f} MiB')
             np.savez(path, features=features, labels=labels)
             del features
-            ratios += [compare('sop', path, ranks, threads, args.repeats, tree) for ranks in RANK_SETS]
+            ratios += [
+                compare('sop', path, ranks, threads, args.repeats, tree) for ranks in RANK_SETS
+            ]
         for case in [case for case in GALLERY_CASES if case in cases]:
             *sizes, spread, ranks = GALLERY_CASES[case]
             queries, query_labels, gallery, gallery_labels = make_gallery(*sizes, spread, args.seed)
             r = np.bincount(gallery_labels)[query_labels]
-            print(f'\n{case}: {len(queries)} queries x {len(gallery)} gallery items, D = {sizes[-1]}, R of 1 to '
-                  f'{r.max()} (mean {r.mean():.1f}), spread {spread}; features '
-                  f'{(queries.nbytes + gallery.nbytes) / 2 ** 20:.0f} MiB')
+            print(f'\n{case}: {len(queries)} queries x {len(gallery)} gallery items, D = '
+                  f'{sizes[-1]}, R of 1 to {r.max()} (mean {r.mean():.1f}), spread {spread}; '
+                  f'features {(queries.nbytes + gallery.nbytes) / 2 ** 20:.0f} MiB')
             np.savez(path, features=queries, labels=query_labels, gallery_features=gallery,
                      gallery_labels=gallery_labels)
             del queries, gallery
             ratios.append(compare(case, path, ranks, threads, args.repeats, tree))
     print()
-    meanings = ('ours is no slower than faiss', 'the per-query figures cost no time', 'no slowdown since the baseline')
+    meanings = (
+        'ours is no slower than faiss',
+        'the per-query figures cost no time',
+        'no slowdown since the baseline',
+    )
     for (method, baseline), meaning in zip(RATIOS, meanings):
         found = [ratio[method, baseline] for ratio in ratios if (method, baseline) in ratio]
         if found:

@@ -1,27 +1,33 @@
-"""Recall, build time, query time and memory of test.py --gallery's searches on a synthetic million-image store.
+"""Recall, build time, query time and memory of test.py --gallery's searches on a synthetic
+million-image store.
 
-    python benchmarks/index_speed.py [--num_images 1000000] [--dim 512] [--queries 1000] [--threads 2]
+    python benchmarks/index_speed.py [--num_images 1000000] [--dim 512] [--queries 1000] [--threads
+    2]
                                      [--indexes hnsw,ivfpq]
 
-The data: --num_images unit vectors of --dim dimensions in clusters of about 100 (each its cluster centre, a standard
-normal vector, plus --spread times as much standard normal noise, normalised), and --queries more drawn the same
-way. The truth is each query's 10 nearest vectors by exact float32 inner product (faiss.IndexFlatIP over the float32
-vectors). The vectors are written into a gallery.Store as test.py writes one (float16 rows, memory-mapped), and each
-method is gallery.py's own code:
+The data: --num_images unit vectors of --dim dimensions in clusters of about 100 (each its cluster
+centre, a standard normal vector, plus --spread times as much standard normal noise, normalised),
+and --queries more drawn the same way. The truth is each query's 10 nearest vectors by exact float32
+inner product (faiss.IndexFlatIP over the float32 vectors). The vectors are written into a
+gallery.Store as test.py writes one (float16 rows, memory-mapped), and each method is gallery.py's
+own code:
   exact f32 RAM  the search before the store: the float32 embeddings in memory, one matrix product and a top-k per
                  query (the baseline of the ratios)
   exact f32      Store.search streaming a float32 store (gallery.DTYPE set to float32) a block at a time
   exact f16      Store.search streaming the float16 store, test.py's default below gallery.EXACT_BELOW images
   hnsw, ivfpq    gallery.open_index (built, written to disk) and Store.search through it: the
                  index's candidates re-ranked by their exact cosines from the float16 store
-Query time is per query, one query at a time as test.py searches: the mean over every query for the indexes and
-over the first --timed_queries for the exact searches, which read the whole store per query. Recall@10 is over every
-query; for the exact stores it is computed as one batch over the same float16 (or float32) values that Store.search
-multiplies, and the timed queries are checked to return those same neighbours. Memory: `RAM` is what the method
-holds in the process (the float32 matrix, or the index as faiss writes it); `mapped` is the store file the search
-reads through the page cache (the kernel keeps it or drops it as memory allows; only the re-ranked rows are read
-through an index). The ratios divide the exact float32 search in RAM by each method, measured in the same run.
+Query time is per query, one query at a time as test.py searches: the mean over every query for the
+indexes and over the first --timed_queries for the exact searches, which read the whole store per
+query. Recall@10 is over every query; for the exact stores it is computed as one batch over the same
+float16 (or float32) values that Store.search multiplies, and the timed queries are checked to
+return those same neighbours. Memory: `RAM` is what the method holds in the process (the float32
+matrix, or the index as faiss writes it); `mapped` is the store file the search reads through the
+page cache (the kernel keeps it or drops it as memory allows; only the re-ranked rows are read
+through an index). The ratios divide the exact float32 search in RAM by each method, measured in the
+same run.
 """
+
 import argparse
 import os
 import sys
@@ -40,7 +46,9 @@ K = 10
 
 def clustered(count, dim, spread, centres, rng):
     """(count, dim) float32 unit rows, each a random row of centres plus spread x standard normal noise."""
-    rows = centres[rng.integers(0, len(centres), count)] + spread * rng.standard_normal((count, dim), np.float32)
+    rows = centres[rng.integers(0, len(centres), count)] + spread * rng.standard_normal(
+        (count, dim), np.float32
+    )
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
@@ -54,7 +62,11 @@ def write_store(folder, vectors, dtype):
     store = gallery.Store(path, model, vectors.shape[1])
     for start in range(0, len(vectors), gallery.READ_ROWS):
         block = vectors[start:start + gallery.READ_ROWS]
-        store.append([(f'/photos/{row:08d}.jpg', 1, 1) for row in range(start, start + len(block))], block, [])
+        store.append(
+            [(f'/photos/{row:08d}.jpg', 1, 1) for row in range(start, start + len(block))],
+            block,
+            [],
+        )
     store.load()
     store.live[:] = True  # what Store.update marks for the images still in the folder
     return store
@@ -80,7 +92,12 @@ def time_store(store, queries, kind, index=None):
     rows = {path: row for row, (path, _, _) in enumerate(store.keys)}
     found, begin = [], time.perf_counter()
     for query in queries:
-        found.append([rows[path] for path, _ in store.search(torch.from_numpy(query), K, index=index or kind)])
+        found.append(
+            [
+                rows[path]
+                for path, _ in store.search(torch.from_numpy(query), K, index=index or kind)
+            ]
+        )
     return (time.perf_counter() - begin) / len(queries), np.array(found)
 
 
@@ -91,12 +108,19 @@ def main():
     parser.add_argument('--num_images', default=1_000_000, type=int, help='vectors in the store')
     parser.add_argument('--dim', default=512, type=int, help='their dimensions')
     parser.add_argument('--queries', default=1000, type=int, help='queries (not in the store)')
-    parser.add_argument('--spread', default=1.0, type=float, help='noise around each cluster centre, in its units')
-    parser.add_argument('--timed_queries', default=20, type=int, help='queries timed for the exact store searches')
+    parser.add_argument(
+        '--spread', default=1.0, type=float, help='noise around each cluster centre, in its units'
+    )
+    parser.add_argument(
+        '--timed_queries', default=20, type=int, help='queries timed for the exact store searches'
+    )
     parser.add_argument('--threads', default=2, type=int, help='threads of faiss and torch')
     parser.add_argument('--seed', default=0, type=int, help='random seed of the data')
-    parser.add_argument('--indexes', default=','.join(gallery.INDEXES[1:]),
-                        help='the faiss indexes to build, comma-separated (hnsw takes longest to build)')
+    parser.add_argument(
+        '--indexes',
+        default=','.join(gallery.INDEXES[1:]),
+        help='the faiss indexes to build, comma-separated (hnsw takes longest to build)',
+    )
     args = parser.parse_args()
     indexes = [kind for kind in args.indexes.split(',') if kind]
     if not set(indexes) <= set(gallery.INDEXES[1:]):
@@ -112,16 +136,29 @@ def main():
                                      args.spread, centres, rng) for start in starts])
     queries = clustered(args.queries, args.dim, args.spread, centres, rng)
     timed = queries[:args.timed_queries]
-    print(f'{args.num_images:,} x {args.dim} clustered unit vectors, {args.queries} queries, {args.threads} threads')
+    print(
+        f'{args.num_images:,} x {args.dim} clustered unit vectors, {args.queries} queries,'
+        f' {args.threads} threads'
+    )
     truth = exact_truth(base, queries, args.threads)
     rows = []
 
     # the search before the store: float32 embeddings in memory
     matrix = torch.from_numpy(base)
     begin = time.perf_counter()
-    found = np.array([(matrix @ torch.from_numpy(query)).topk(K).indices.numpy() for query in timed])
-    rows.append(('exact f32 RAM', recall(found, truth), 0.0, (time.perf_counter() - begin) / len(timed),
-                 base.nbytes, 0))
+    found = np.array(
+        [(matrix @ torch.from_numpy(query)).topk(K).indices.numpy() for query in timed]
+    )
+    rows.append(
+        (
+            'exact f32 RAM',
+            recall(found, truth),
+            0.0,
+            (time.perf_counter() - begin) / len(timed),
+            base.nbytes,
+            0,
+        )
+    )
     print(rows[-1], flush=True)
     del matrix
 
@@ -132,7 +169,9 @@ def main():
             written = time.perf_counter() - begin
             per_query, found = time_store(store, timed, 'exact')
             batch = exact_truth(np.asarray(store.rows, dtype=np.float32), queries, args.threads)
-            assert recall(found, batch[:len(timed)]) > 0.99, 'Store.search disagrees with the same values in a batch'
+            assert (
+                recall(found, batch[: len(timed)]) > 0.99
+            ), 'Store.search disagrees with the same values in a batch'
             rows.append((name, recall(batch, truth), written, per_query, 0, store.rows.nbytes))
             print(rows[-1], flush=True)
         del base
@@ -141,8 +180,16 @@ def main():
             index = gallery.open_index(store, kind)
             built = time.perf_counter() - begin
             per_query, found = time_store(store, queries, kind, index)
-            rows.append((kind, recall(found, truth), built, per_query,
-                         os.path.getsize(os.path.join(store.path, f'index-{kind}.faiss')), store.rows.nbytes))
+            rows.append(
+                (
+                    kind,
+                    recall(found, truth),
+                    built,
+                    per_query,
+                    os.path.getsize(os.path.join(store.path, f'index-{kind}.faiss')),
+                    store.rows.nbytes,
+                )
+            )
             print(rows[-1], flush=True)
             del index
 
@@ -151,8 +198,9 @@ def main():
     print('|---|---|---|---|---|---|---|---|')
     for name, value, build, per_query, ram, mapped in rows:
         less = f'{base_memory / ram:.1f}x' if ram else 'all'
-        print(f'| {name} | {value:.4f} | {build:.1f} s | {per_query * 1000:.2f} ms | {ram / 2 ** 20:,.0f} MiB | '
-              f'{mapped / 2 ** 20:,.0f} MiB | {base_time / per_query:.1f}x | {less} |')
+        print(f'| {name} | {value:.4f} | {build:.1f} s | {per_query * 1000:.2f} ms | '
+              f'{ram / 2 ** 20:,.0f} MiB | {mapped / 2 ** 20:,.0f} MiB | '
+              f'{base_time / per_query:.1f}x | {less} |')
 
 
 if __name__ == '__main__':

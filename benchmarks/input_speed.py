@@ -1,9 +1,11 @@
-"""Images per second per CPU core of the seed's input pipeline and of this project's, on CUB-like JPEGs.
+"""Images per second per CPU core of the seed's input pipeline and of this project's, on CUB-like
+JPEGs.
 
     python benchmarks/input_speed.py [--num_images 200] [--repeats 5]
 
-It writes CUB-like JPEGs (500 x 375, 1/f "natural" content, about CUB's 95 KB per file) into a temporary prepared
-data set, then times one single-threaded process (a per-core figure) through a DataLoader with num_workers=0:
+It writes CUB-like JPEGs (500 x 375, 1/f "natural" content, about CUB's 95 KB per file) into a
+temporary prepared data set, then times one single-threaded process (a per-core figure) through a
+DataLoader with num_workers=0:
   seed     PIL open + convert('RGB'), torchvision.transforms RandomResizedCrop(224), RandomHorizontalFlip,
            ToTensor, Normalize: float32 images leave the CPU normalised.
   decode   utils.ImageReader as train.py uses it: PIL decoding (utils.read_image, as data_utils.py
@@ -14,9 +16,10 @@ data set, then times one single-threaded process (a per-core figure) through a D
   tv       decode with torchvision's decode_image instead of PIL, as train.py did before every
            script read images as data_utils.py prepares them (torchvision's decoders are deprecated
            since its version 0.29, and gave other pixels for 16-bit PNGs and some GIFs).
-Every figure is a steady-state epoch (the second or later), the pipelines interleaved and repeated, the median
-kept, since other processes on the machine make single timings noisy.
+Every figure is a steady-state epoch (the second or later), the pipelines interleaved and repeated,
+the median kept, since other processes on the machine make single timings noisy.
 """
+
 import argparse
 import os
 import statistics
@@ -75,8 +78,14 @@ class SeedReader(Dataset):
 
     def __init__(self, images, labels):
         self.images, self.labels = images, labels
-        self.transform = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(224),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     def __getitem__(self, index):
         return self.transform(Image.open(self.images[index]).convert('RGB')), self.labels[index]
@@ -110,7 +119,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--num_images', default=200, type=int, help='CUB-like JPEGs to time over')
-    parser.add_argument('--repeats', default=5, type=int, help='timed epochs per pipeline (after one warm-up)')
+    parser.add_argument(
+        '--repeats', default=5, type=int, help='timed epochs per pipeline (after one warm-up)'
+    )
     parser.add_argument('--batch_size', default=32, type=int, help='images per collated batch')
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core: figures are per core
@@ -129,7 +140,9 @@ def main():
             if seeded:  # as train.py reads them: (index, epoch, padding) items, augmentation seeded
                 sampler = GlobalBatches(len(dataset), args.batch_size)
                 return DataLoader(Marked(dataset), batch_sampler=sampler, num_workers=0)
-            return DataLoader(dataset, args.batch_size, sampler=RandomSampler(dataset), num_workers=0)
+            return DataLoader(
+                dataset, args.batch_size, sampler=RandomSampler(dataset), num_workers=0
+            )
 
         loaders = {'seed': loader(seed, False), 'decode': loader(project, True),
                    'cache': loader(cached, True), 'tv': loader(torchvision_decoded, True)}
@@ -140,8 +153,8 @@ def main():
                 if epoch > 0:  # epoch 0 warms caches and allocators up
                     speeds[name].append(speed)
 
-    print(f'{args.num_images} JPEGs of 500 x 375, {mean_bytes / 1024:.0f} KB on average; one thread; '
-          f'median of {args.repeats} steady-state epochs')
+    print(f'{args.num_images} JPEGs of 500 x 375, {mean_bytes / 1024:.0f} KB on average; one '
+          f'thread; median of {args.repeats} steady-state epochs')
     print(f'CPU: {cpu_name()}, torch {torch.__version__}')
     median = {name: statistics.median(values) for name, values in speeds.items()}
     for name, value in median.items():

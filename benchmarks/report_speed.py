@@ -1,13 +1,16 @@
-"""Time test.py --report at Stanford Online Products' size: 60,502 random 512-d test features in SOP-like classes.
+"""Time test.py --report at Stanford Online Products' size: 60,502 random 512-d test features in
+SOP-like classes.
 
     python benchmarks/report_speed.py [--num_images 60502] [--dim 512] [--spread 2.15]
 
-The data base is written to a temporary folder with image paths that do not exist (no thumbnails, as for a data base
-whose images are gone; drawing 20 rows of 9 images adds a few seconds where they exist), and report.write_report runs
-on it as `test.py --report` would, with --report_queries 20 and --retrieval_num 8. The features are eval_speed.py's:
-each its class centre plus Gaussian noise, classes of 2 to 12 images (about 11.3k classes); --spread 2.15 puts
-Recall@1 near 0.8, where trained SOP models are. Printed: the wall-clock and CPU time of the whole report and of its
-three costly steps (the per-query metrics, the nearest-neighbour search, the 2-D map), and the peak resident memory.
+The data base is written to a temporary folder with image paths that do not exist (no thumbnails, as
+for a data base whose images are gone; drawing 20 rows of 9 images adds a few seconds where they
+exist), and report.write_report runs on it as `test.py --report` would, with --report_queries 20 and
+--retrieval_num 8. The features are eval_speed.py's: each its class centre plus Gaussian noise,
+classes of 2 to 12 images (about 11.3k classes); --spread 2.15 puts Recall@1 near 0.8, where trained
+SOP models are. Printed: the wall-clock and CPU time of the whole report and of its three costly
+steps (the per-query metrics, the nearest-neighbour search, the 2-D map), and the peak resident
+memory.
 """
 import argparse
 import importlib.util
@@ -61,28 +64,44 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)
         os.makedirs('results')
-        data_base = {'test_images': [f'gone/{i}.jpg' for i in range(len(labels))],
-                     'test_labels': torch.from_numpy(labels), 'test_features': torch.from_numpy(features),
-                     'proxies': torch.zeros(1, args.dim), 'epoch': 1,
-                     'args': {'data_path': 'gone', 'data_name': 'sop', 'recalls': '1,10,100,1000',
-                              'backbone_type': 'resnet50', 'loss_name': 'proxy_anchor', 'feature_dim': args.dim}}
+        data_base = {
+            'test_images': [f'gone/{i}.jpg' for i in range(len(labels))],
+            'test_labels': torch.from_numpy(labels),
+            'test_features': torch.from_numpy(features),
+            'proxies': torch.zeros(1, args.dim),
+            'epoch': 1,
+            'args': {
+                'data_path': 'gone',
+                'data_name': 'sop',
+                'recalls': '1,10,100,1000',
+                'backbone_type': 'resnet50',
+                'loss_name': 'proxy_anchor',
+                'feature_dim': args.dim,
+            },
+        }
         path = 'results/sop_resnet50_proxy_anchor_512_1_data_base.pth'
         flags = SimpleNamespace(gallery=None, report_queries=20, retrieval_num=8)
         start, cpu = time.perf_counter(), time.process_time()
         report.write_report(flags, data_base, path, test.framed, test.draw_row)
         total = time.perf_counter() - start, time.process_time() - cpu
-        size = sum(os.path.getsize(os.path.join(parent, name)) for parent, _, names in os.walk('results')
-                   for name in names)
+        size = sum(
+            os.path.getsize(os.path.join(parent, name))
+            for parent, _, names in os.walk('results')
+            for name in names
+        )
     with open('/proc/self/status') as file:
         peak = next(int(line.split()[1]) * 1024 for line in file if line.startswith('VmHWM'))
-    print(f'{len(labels):,} x {args.dim} features, {labels.max() + 1:,} classes, {torch.get_num_threads()} threads; '
-          f'the report\'s folder holds {size / 2 ** 20:.1f} MiB')
+    print(f'{len(labels):,} x {args.dim} features, {labels.max() + 1:,} classes, '
+          f'{torch.get_num_threads()} threads; the report\'s folder holds {size / 2 ** 20:.1f} MiB')
     steps = [('per-query metrics', times['retrieval_metrics']),
              ('nearest neighbours (top_k)', times['top_k']), ('2-D map', times['embedding_map']),
              ('whole report', total)]
     for step, (wall, cpu) in steps:
         print(f'{step:<28} {wall:7.1f} s wall {cpu:7.1f} s CPU')
-    print(f'peak resident memory {peak / 2 ** 30:.2f} GiB (features {features.nbytes / 2 ** 30:.2f} GiB)')
+    print(
+        f'peak resident memory {peak / 2 ** 30:.2f} GiB (features {features.nbytes / 2 ** 30:.2f}'
+        ' GiB)'
+    )
 
 
 if __name__ == '__main__':

@@ -1,14 +1,17 @@
-"""Training-step and evaluation images per second of each backbone, float32 against --amp, on synthetic images.
+"""Training-step and evaluation images per second of each backbone, float32 against --amp, on
+synthetic images.
 
     python benchmarks/train_speed.py --device cuda               # batch 64; a few minutes on one GPU
     python benchmarks/train_speed.py --device cpu --batch_size 8 --steps 2
 
-Training runs train.py's own loop (train.train_one_epoch: copy from pinned memory, autocast, train.batch_loss,
-backward, AdamP step, one host sync per step for the running loss) on uint8 images already decoded, so the input
-pipeline is not measured here (benchmarks/input_speed.py does that). The backbone's BatchNorm stays in eval mode as
-in the published recipe, and weights are random: speed does not depend on them. Evaluation embeds batches twice as
-large with train.py's evaluation loop (utils.embed_batches). --amp: bf16 autocast and channels_last.
+Training runs train.py's own loop (train.train_one_epoch: copy from pinned memory, autocast,
+train.batch_loss, backward, AdamP step, one host sync per step for the running loss) on uint8 images
+already decoded, so the input pipeline is not measured here (benchmarks/input_speed.py does that).
+The backbone's BatchNorm stays in eval mode as in the published recipe, and weights are random:
+speed does not depend on them. Evaluation embeds batches twice as large with train.py's evaluation
+loop (utils.embed_batches). --amp: bf16 autocast and channels_last.
 """
+
 import argparse
 import os
 import sys
@@ -22,7 +25,8 @@ import train  # noqa: E402
 from model import BACKBONES, Model  # noqa: E402
 from utils import LOSSES, embed_batches  # noqa: E402
 
-NUM_CLASSES, FEATURE_DIM, IMAGE_SIZE = 100, 512, 224  # CUB's 100 training classes, the seed's embedding size
+# CUB's 100 training classes, the seed's embedding size
+NUM_CLASSES, FEATURE_DIM, IMAGE_SIZE = 100, 512, 224
 
 
 def synthetic_batches(count, batch_size, device):
@@ -51,7 +55,9 @@ def train_speed(model, batches, device, amp, warmup, steps):
     """Images per second of train.train_one_epoch over `steps` batches, after `warmup` untimed ones."""
     proxies = list(model.proxies.parameters())
     others = [p for p in model.parameters() if all(p is not q for q in proxies)]
-    optimizer = train.ChannelsLastAdamP([{'params': others}, {'params': proxies, 'lr': 1e-2}], lr=1e-4)
+    optimizer = train.ChannelsLastAdamP(
+        [{'params': others}, {'params': proxies, 'lr': 1e-2}], lr=1e-4
+    )
     args = types.SimpleNamespace(amp=amp, no_pretrained=False, num_epochs=1,
                                  feature_dim=FEATURE_DIM)
     loss = LOSSES['proxy_anchor'].build()
@@ -82,7 +88,9 @@ def machine(device):
     name = 'CPU'
     if os.path.exists('/proc/cpuinfo'):
         with open('/proc/cpuinfo') as file:
-            names = [line.split(':', 1)[1].strip() for line in file if line.startswith('model name')]
+            names = [
+                line.split(':', 1)[1].strip() for line in file if line.startswith('model name')
+            ]
         name = names[0] if names else name
     return f'{name}, {torch.get_num_threads()} threads'
 
@@ -91,13 +99,24 @@ def main():
     """Time every backbone in float32 and with --amp; print one table."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'],
-                        help='where to train')
-    parser.add_argument('--backbones', default=','.join(BACKBONES),
-                        help='comma-separated backbone types: any train.py --backbone_type, such as timm/resnet18')
-    parser.add_argument('--batch_size', default=64, type=int, help='training batch size (evaluation uses twice it)')
+    parser.add_argument(
+        '--device',
+        default='cuda' if torch.cuda.is_available() else 'cpu',
+        choices=['cpu', 'cuda'],
+        help='where to train',
+    )
+    parser.add_argument(
+        '--backbones',
+        default=','.join(BACKBONES),
+        help='comma-separated backbone types: any train.py --backbone_type, such as timm/resnet18',
+    )
+    parser.add_argument(
+        '--batch_size', default=64, type=int, help='training batch size (evaluation uses twice it)'
+    )
     parser.add_argument('--steps', default=20, type=int, help='timed batches per measurement')
-    parser.add_argument('--warmup', default=5, type=int, help='untimed batches before each measurement')
+    parser.add_argument(
+        '--warmup', default=5, type=int, help='untimed batches before each measurement'
+    )
     args = parser.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():
         sys.exit('error: --device cuda needs a GPU that PyTorch can see; use --device cpu')
@@ -120,10 +139,16 @@ def main():
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats(device)
             train_rate = train_speed(model, train_batches, device, amp, args.warmup, args.steps)
-            peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
+            peak = (
+                torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
+            )
             eval_rate = eval_speed(model, eval_batches, amp, args.warmup, args.steps)
-            print(f'{backbone_type:{name_width}s} {"bf16 amp" if amp else "float32":10s} {train_rate:12.1f} '
-                  f'{eval_rate:11.1f}' + (f' {peak:9.2f}' if peak is not None else ''), flush=True)
+            print(
+                f'{backbone_type:{name_width}s} {"bf16 amp" if amp else "float32":10s}'
+                f' {train_rate:12.1f} {eval_rate:11.1f}'
+                + (f' {peak:9.2f}' if peak is not None else ''),
+                flush=True,
+            )
             del model
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
