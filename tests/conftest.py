@@ -143,7 +143,7 @@ def set_process_state(state):
 @pytest.fixture(autouse=True)
 def same_process_state():
     """Whatever a test changes of the process-wide state is put back after it, so that no test
-    computes differently for what ran before it in this process (issue 14: a thread-count call left
+    computes differently for what ran before it in this process (a thread-count call once left
     MKL in another mode)."""
     state = process_state()
     yield
@@ -358,7 +358,7 @@ def quick_runs(monkeypatch):
     """train.py runs of seconds, for tests of the training loop rather than of what it learns:
     32-pixel crops (GoogLeNet still ends on a 1 x 1 map), one thread (two stall at every barrier on
     a busy machine: ten times slower) and no statistics figure (half a second an epoch;
-    test_loss_training draws one)."""
+    test_train_losses draws one)."""
     import runs
     import utils
     monkeypatch.setattr(utils, 'IMAGE_SIZE', 32)

@@ -1,5 +1,11 @@
-"""data_utils.py on small data sets in the raw CUB-200-2011, CARS196 and SOP layouts (tests/conftest.py)."""
+"""data_utils.py on small data sets in the raw CUB-200-2011, CARS196 and SOP layouts
+(tests/conftest.py): the splits, the index, and reruns that skip finished images and complete an
+interrupted run."""
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +14,9 @@ from PIL import Image
 from scipy.io import loadmat
 
 import data_utils
-from conftest import make_car, make_cub, make_sop
+import utils
+from conftest import ROOT, make_car, make_cub, make_sop, write_image
+from script_runner import temporaries
 from utils import ImageReader, UserError, index_path, load_index
 
 
@@ -124,22 +132,85 @@ def test_prepare_is_idempotent(tmp_path):
     assert load_index(str(tmp_path), 'cub') == first
 
 
-@pytest.mark.parametrize('data_name, make, remove', [
-    ('car', make_car, 'cars_annos.mat'),
-    ('cub', make_cub, 'image_class_labels.txt'),
-    ('cub', make_cub, 'bounding_boxes.txt'),
-    ('sop', make_sop, 'Ebay_test.txt'),
-])
-def test_missing_annotation_file_names_it(tmp_path, data_name, make, remove):
-    root = make(str(tmp_path))
-    os.remove(os.path.join(root, remove))
-    with pytest.raises(UserError) as error:
-        data_utils.prepare(str(tmp_path), data_name, workers=1)
-    assert remove in str(error.value) and 'http' in str(error.value)
-
-
 def test_missing_image_is_named(tmp_path):
     root = make_car(str(tmp_path))
     os.remove(os.path.join(root, 'car_ims', '000005.jpg'))
     with pytest.raises(UserError, match='000005.jpg'):
         data_utils.prepare(str(tmp_path), 'car', workers=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data_utils.py: reruns skip finished images and complete interrupted runs
+
+def outputs(root):
+    """{path: mtime_ns} of every converted image."""
+    folder = os.path.join(root, 'uncropped')
+    return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
+
+
+def test_rerun_skips_finished_images(tmp_path):
+    root = make_cub(str(tmp_path), num_classes=4, per_class=3)
+    data_utils.prepare(str(tmp_path), 'cub', workers=1)
+    before = outputs(root)
+    assert len(before) == 12
+    time.sleep(0.01)
+    data_utils.prepare(str(tmp_path), 'cub', workers=1)
+    assert outputs(root) == before  # not one image rewritten
+
+
+def test_rerun_completes_a_run_that_lost_images_and_left_temporaries(tmp_path):
+    root = make_cub(str(tmp_path), num_classes=4, per_class=3)
+    data_utils.prepare(str(tmp_path), 'cub', workers=1)
+    index = utils.load_index(str(tmp_path), 'cub')
+    folder = os.path.join(root, 'uncropped')
+    lost = sorted(os.listdir(folder))[::3]
+    for name in lost:
+        os.remove(os.path.join(folder, name))
+    os.remove(utils.index_path(str(tmp_path), 'cub'))
+    # what a SIGKILL during a write leaves: an image's and the index's temporary files
+    strays = os.path.join(folder, f'.{lost[0]}.k3x9_a1.tmp'), os.path.join(root, '.uncropped_data_dicts.pth.z.tmp')
+    for stray in strays:
+        with open(stray, 'wb') as file:
+            file.write(b'\xff\xd8 half an image')
+    kept = {name: mtime for name, mtime in outputs(root).items() if not name.startswith('.')}
+    data_utils.prepare(str(tmp_path), 'cub', workers=1)
+    after = outputs(root)
+    assert set(after) == set(kept) | set(lost)
+    assert all(after[name] == mtime for name, mtime in kept.items())
+    assert utils.load_index(str(tmp_path), 'cub') == index
+    assert not temporaries(str(tmp_path))
+
+
+def test_sigkill_during_conversion_then_rerun(tmp_path):
+    """Kill data_utils.py mid-conversion: every image written is whole, no index yet; the next call completes."""
+    root = make_cub(str(tmp_path), num_classes=4, per_class=10)
+    with open(os.path.join(root, 'images.txt')) as file:
+        for line in file:
+            image_id, relative = line.split()
+            # large noisy images, so converting them takes long enough to be interrupted
+            write_image(os.path.join(root, 'images', relative), int(relative[:3]), int(image_id), size=(900, 700))
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'data_utils.py'), '--data_path', str(tmp_path),
+                                '--data_name', 'cub', '--workers', '1'],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = os.path.join(root, 'uncropped')
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:
+        if os.path.isdir(folder) and len([n for n in os.listdir(folder) if not n.startswith('.')]) >= 5:
+            break
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, 'data_utils.py finished before it could be killed'
+    done = [name for name in os.listdir(folder) if not name.startswith('.')]
+    assert 5 <= len(done) < 40
+    assert not os.path.exists(utils.index_path(str(tmp_path), 'cub'))
+    for name in done:
+        with Image.open(os.path.join(folder, name)) as image:
+            image.load()  # whole: a half-written JPEG raises here
+            assert image.size == (900, 700)
+    before = outputs(root)
+    data_utils.prepare(str(tmp_path), 'cub', workers=1)
+    after = outputs(root)
+    assert len(after) == 40 and all(after[name] == before[name] for name in done)
+    assert sum(map(len, utils.load_index(str(tmp_path), 'cub')['train'].values())) == 20
+    assert not temporaries(str(tmp_path))

@@ -2,13 +2,14 @@
 name exist, every command they show is accepted by its script's parser, and their examples run.
 
 Every code block says what it holds. `python` blocks are examples, and each runs in a test: the
-ONNX Runtime example of docs/export.md in tests/test_export.py, which has an exported model for it,
+ONNX Runtime example of docs/export.md in tests/test_run_export.py, which has an exported model for it,
 the others here. `bash` blocks are commands: the README's quick start runs here on the digits demo
 it writes, with one epoch instead of three and small crops; the others need a downloaded data set,
 a GPU, a network or many minutes, so their commands (and those quoted in the text) are parsed by
 their scripts' own parsers instead. `text` blocks are output and layouts, never run.
 """
 import argparse
+import glob
 import importlib.util
 import os
 import re
@@ -29,7 +30,7 @@ LANGUAGES = ('bash', 'python', 'text')
 QUICK_START = 'Quick start (CPU, no download)'
 # python blocks that another test runs, with what it needs: (page, heading) -> that test's file
 RUN_ELSEWHERE = {
-    ('docs/export.md', 'Embedding one image exactly as PP does'): 'tests/test_export.py'}
+    ('docs/export.md', 'Embedding one image exactly as PP does'): 'tests/test_run_export.py'}
 
 
 class Block(NamedTuple):
@@ -157,6 +158,9 @@ def test_no_words_that_only_this_projects_history_knows():
         text = prose(page)
         assert re.findall(r'\bissue \d+', text, re.I) == [], page  # work orders, not for readers
         assert re.findall(r'\bthe seed\b', text, re.I) == [], page  # the original implementation
+    for path in glob.glob(os.path.join(ROOT, 'tests', '*.py')):  # a test says what it checks
+        with open(path) as file:
+            assert re.findall(r'\bissue \d+', file.read(), re.I) == [], path
 
 
 # --------------------------------------------------------------------------------------------------

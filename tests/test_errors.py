@@ -1,5 +1,9 @@
-"""Bad input ends in one clear sentence on stderr, exit status 1, no traceback and nothing half-written (issue 3)."""
+"""Bad input ends in one clear sentence on stderr, exit status 1, no traceback, no usage text and
+nothing half-written: every script's refusals, a table per script of the command lines it
+refuses, then the damaged inputs it meets. A refusal that only a scenario of its own reaches (a
+poisoned file, a --resume, a query of a trained run) is tested beside that scenario."""
 import os
+import re
 import shutil
 import urllib.error
 
@@ -10,14 +14,28 @@ import torch
 from PIL import Image
 from scipy.io import loadmat, savemat
 
+import runs
 import utils
 from runtime import UserError
-from conftest import make_car, make_cub, make_sop, write_image
+from conftest import TINY, make_car, make_cub, make_folder, make_inshop, make_sop, train_in, write_image
 from script_runner import error_sentence, load_script, temporaries
 
 PREFIX = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4'  # the run TRAIN names
 TRAIN = ['--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', '16',
          '--batch_size', '4', '--num_workers', '0']
+
+
+def says(line, expected):
+    """Whether an error line is 'error: ' and expected, where '...' in expected stands for any text."""
+    return re.fullmatch('error: ' + '.*'.join(map(re.escape, expected.split('...'))), line) is not None
+
+
+def refused(script, name, *flags, cwd):
+    """The error line of a command line a script refuses: one sentence, exit status 1, no usage text."""
+    status, out, err = script(name, *flags, cwd=cwd)
+    line = error_sentence(status, err)
+    assert 'usage:' not in out + err and out == ''
+    return line
 
 
 def assert_nothing_prepared(data_path, data_name):
@@ -38,6 +56,19 @@ def rewrite_cars_annos(root, change):
 # ----------------------------------------------------------------------------------------------------------------------
 # data_utils.py
 
+@pytest.mark.parametrize('flags, expected', [
+    (['--data_nme', 'cub'], 'unrecognized arguments: --data_nme cub (did you mean --data_name or --data_path?); '
+                            'see python data_utils.py --help'),
+    (['--workers', 'two'], "argument --workers: invalid int value: 'two'; see python data_utils.py --help"),
+    (['--data_name', '../elsewhere'], "--data_name must name a folder directly under --data_path, not the path "
+                                      "'../elsewhere'; pass the folder above it as --data_path"),
+])
+def test_data_utils_refuses_a_command_line(script, tmp_path, flags, expected):
+    line = refused(script, 'data_utils', '--data_path', tmp_path, *flags, cwd=tmp_path)
+    assert says(line, expected), line
+    assert os.listdir(tmp_path) == []
+
+
 def test_missing_data_set_folder(script, tmp_path):
     status, _, err = script('data_utils', '--data_path', tmp_path / 'nowhere', '--data_name', 'car', cwd=tmp_path)
     assert 'nowhere/car is missing' in error_sentence(status, err)
@@ -46,8 +77,9 @@ def test_missing_data_set_folder(script, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize('data_name, make, name', [('car', make_car, 'cars_annos.mat'), ('cub', make_cub, 'images.txt'),
-                                                   ('sop', make_sop, 'Ebay_train.txt')])
+@pytest.mark.parametrize('data_name, make, name', [
+    ('car', make_car, 'cars_annos.mat'), ('cub', make_cub, 'images.txt'), ('cub', make_cub, 'image_class_labels.txt'),
+    ('cub', make_cub, 'bounding_boxes.txt'), ('sop', make_sop, 'Ebay_train.txt'), ('sop', make_sop, 'Ebay_test.txt')])
 def test_missing_annotation_file(script, tmp_path, data_name, make, name):
     os.remove(os.path.join(make(str(tmp_path)), name))
     status, _, err = script('data_utils', '--data_path', tmp_path, '--data_name', data_name, '--workers', 1,
@@ -169,28 +201,143 @@ def test_unreadable_images_are_all_listed_and_no_index_is_written(script, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# data_utils.py: In-shop Clothes Retrieval and labelled image folders
+
+@pytest.mark.parametrize('damage, expected', [
+    ('no partition file', 'list_eval_partition.txt is missing, so {root} is not a complete inshop data set'),
+    ('count line', 'list_eval_partition.txt is malformed: its first line counts 16 images but 15 rows follow'),
+    ('bad status', 'list_eval_partition.txt is malformed at line 5 (expected an image name, an item id and train, '
+                   'query or gallery)'),
+    ('no images', '15 of the 15 images the annotations name do not exist'),
+])
+def test_inshop_errors(script, tmp_path, damage, expected):
+    make_inshop(str(tmp_path))
+    root = tmp_path / 'inshop'
+    partition = root / 'Eval' / 'list_eval_partition.txt'
+    lines = partition.read_text().splitlines()
+    if damage == 'no partition file':
+        partition.unlink()
+    elif damage == 'count line':
+        partition.write_text('\n'.join(['16'] + lines[1:]) + '\n')
+    elif damage == 'bad status':
+        partition.write_text('\n'.join(lines[:4] + [lines[4].replace('train', 'validation')] + lines[5:]) + '\n')
+    else:
+        os.rename(root / 'Img', root / 'Images')
+    status, _, err = script('data_utils', '--data_path', tmp_path, '--data_name', 'inshop', '--workers', 1,
+                            cwd=tmp_path)
+    line = error_sentence(status, err)
+    assert expected.format(root=root) in line
+    if damage == 'no partition file':
+        assert 'Eval/list_eval_partition.txt and the images of Img/img.zip' in line and 'DeepFashion' in line
+    assert not os.path.exists(utils.index_path(str(tmp_path), 'inshop'))
+
+
+@pytest.mark.parametrize('layout, expected', [
+    ('no folder', 'there is no folder {root}: put your images there, or name one of the benchmarks car, cub, sop '
+                  'or inshop; a labelled image folder holds {root}/<class>/<images>'),
+    ('no class folders', '{root} holds images but no class folders'),
+    ('three classes', '{root} holds 3 class folders with images, and split in halves that leaves fewer than two '
+                      'classes on one side: it needs at least four'),
+    ('one test class', '{root}/test holds one class, but each side of the split needs at least two'),
+    ('one query class', '{root}/query holds one class, but each side of the split needs at least two'),
+    ('empty split folder', '{root}/test holds no images'),
+    ('test beside empty classes', '{root}/test holds no images'),
+    ('incomplete split', '{root} holds the split folders gallery, train, which are neither train/ and test/ nor '
+                         'train/, query/ and gallery/'),
+    ('nothing at all', '{root} holds no images'),
+])
+def test_folder_errors(script, tmp_path, layout, expected):
+    root = tmp_path / 'mine'
+    if layout == 'no class folders':
+        for k in range(4):
+            write_image(str(root / f'photo_{k}.jpg'), 1, k)
+    elif layout == 'three classes':
+        make_folder(str(tmp_path), 'mine', ['a', 'b', 'c'])
+    elif layout in ('one test class', 'empty split folder', 'test beside empty classes'):
+        make_folder(str(tmp_path), 'mine', ['a', 'b'], split='train')
+        make_folder(str(tmp_path), 'mine', ['c'] if layout == 'one test class' else [], split='test')
+        os.makedirs(root / 'test' / ('empty class' if layout == 'test beside empty classes' else ''), exist_ok=True)
+    elif layout == 'one query class':
+        make_folder(str(tmp_path), 'mine', ['a', 'b'], split='train')
+        make_folder(str(tmp_path), 'mine', ['c'], split='query')
+        make_folder(str(tmp_path), 'mine', ['c', 'd'], split='gallery')
+    elif layout == 'incomplete split':
+        make_folder(str(tmp_path), 'mine', ['a', 'b'], split='train')
+        make_folder(str(tmp_path), 'mine', ['c', 'd'], split='gallery')
+    elif layout == 'nothing at all':
+        os.makedirs(root)
+    status, _, err = script('data_utils', '--data_path', tmp_path, '--data_name', 'mine', '--workers', 1,
+                            cwd=tmp_path)
+    assert expected.format(root=root) in error_sentence(status, err)
+    assert not os.path.exists(utils.index_path(str(tmp_path), 'mine')) and not temporaries(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # train.py
 
 @pytest.mark.parametrize('flags, expected', [
+    # sizes and counts
     (['--batch_size', '0'], '--batch_size must be at least 1, not 0'),
+    (['--batch_size', '9'], '--batch_size 9 is larger than the 8 training images of cub; use a smaller --batch_size'),
     (['--feature_dim', '-8'], '--feature_dim must be at least 1, not -8'),
     (['--recalls', '1,x'], "--recalls must be positive integers separated by commas, like 1,2,4,8, not '1,x'"),
     (['--recalls', '1,0'], "--recalls must be positive integers separated by commas, like 1,2,4,8, not '1,0'"),
     (['--num_epochs', '0'], '--num_epochs must be at least 1, not 0'),
     (['--warm_up', '-1'], '--warm_up must be at least 0, not -1'),
     (['--num_workers', '-2'], '--num_workers must be at least 0, not -2'),
+    # the optimizer and its schedule
+    (['--optimizer', 'adam'], "argument --optimizer: invalid choice: 'adam' (choose from 'adamp', 'adamw', 'sgd'); "
+                              "see python train.py --help"),
+    (['--lr', '0'], '--lr must be positive, not 0.0'),
+    (['--lr', 'nan'], '--lr must be positive, not nan'),
+    (['--lr', 'fast'], "argument --lr: invalid float value: 'fast'; see python train.py --help"),
+    (['--proxy_lr', '-0.01'], '--proxy_lr must be positive, not -0.01'),
+    (['--weight_decay', '-0.1'], '--weight_decay must be 0 or more, not -0.1'),
+    (['--lr_step', '0'], '--lr_step must be at least 1, not 0'),
+    (['--lr_gamma', '0'], '--lr_gamma must lie in (0, 1] (1 keeps the learning rate constant), not 0.0'),
+    (['--lr_gamma', '1.5'], '--lr_gamma must lie in (0, 1] (1 keeps the learning rate constant), not 1.5'),
+    # the backbone
+    (['--backbone_type', 'vit_tiny'], 'unknown --backbone_type vit_tiny: choose one of resnet50, inception, googlenet, '
+                                      'vit_small_dino, dinov2_small, dinov2_base, or timm/<name>...'),
+    (['--backbone_type', 'timm/no_such_model'], 'timm has no model no_such_model (from --backbone_type '
+                                                'timm/no_such_model); timm.list_models() lists the names it knows'),
+    (['--backbone_type', 'timm/resnet18.no_such_tag'], 'timm has no weights tagged no_such_tag for resnet18 (from '
+                                                       '--backbone_type timm/resnet18.no_such_tag); ...'),
+    # the loss
+    (['--scale', '0'], '--scale must be positive, not 0.0'),
+    (['--loss_name', 'normalized_softmax', '--margin', '0.2'], '--margin is a parameter of the proxy_anchor loss '
+                                                               'only, not of normalized_softmax; leave it out'),
+    (['--loss_name', 'proxy_anchor', '--triplet_margin', '0.2'], '--triplet_margin is a parameter of the triplet '
+                                                                 'loss only, not of proxy_anchor; leave it out'),
+    (['--loss_name', 'triplets'], 'unknown --loss_name triplets (close: triplet, soft_triple): choose one of ...'),
+    (['--loss_name', 'triplet', '--loss_args', 'margin=0.2'], '--loss_args sets the parameters of a pml/<class name> '
+                                                              'loss, not of triplet, whose parameters are flags of '
+                                                              'their own (see --help); leave it out'),
+    (['--loss_name', 'pml/TripletMarginLoss', '--loss_args', 'margn=0.2'], 'pml/TripletMarginLoss takes no parameter '
+                                                                           'margn (from --loss_args); it takes '
+                                                                           'margin, ...; did you mean margin?'),
+    # class-balanced batches
+    (['--images_per_class', '1'], '--images_per_class must be at least 2 (a class-balanced batch needs pairs of a '
+                                  'class), not 1; leave it out for plainly shuffled batches'),
+    (['--images_per_class', '3'], '--batch_size 4 is not a multiple of --images_per_class 3; use --batch_size 3 or 6'),
+    (['--images_per_class', '2', '--batch_size', '6'], '--batch_size 6 with --images_per_class 2 asks for 3 classes '
+                                                       'per batch, but the training set of cub has only 2; use a '
+                                                       '--batch_size of at most 4 or a larger --images_per_class'),
+    # the validation split and the run's name
+    (['--val_fraction', '1'], '--val_fraction must lie in [0, 1), not 1.0'),
+    (['--val_fraction', '0.2'], '--val_fraction 0.2 of the 2 training classes of cub holds out 0 and trains on 2, but '
+                                'each side needs at least 2 classes; ...'),
+    (['--run_name', 'a/b'], '--run_name may hold only letters, digits, ".", "-" and "_" (it becomes part of file '
+                            "names), not 'a/b'"),
+    (['--run_name', 'seed2'], '--run_name seed2 starts like the part a flag adds to a run name (such as _seed2), so '
+                              'two different runs could share files; choose a name that starts otherwise'),
+    # a flag train.py does not know
+    (['--epochs', '3'], 'unrecognized arguments: --epochs 3 (did you mean --num_epochs?); see python train.py --help'),
 ])
-def test_flags_out_of_range(script, tmp_path, prepared, flags, expected):
-    status, _, err = script('train', '--data_path', prepared, *TRAIN, *flags, cwd=tmp_path)
-    assert error_sentence(status, err) == f'error: {expected}'
+def test_train_refuses_a_command_line(script, tmp_path, prepared, flags, expected):
+    line = refused(script, 'train', '--data_path', prepared, *TRAIN, *flags, cwd=tmp_path)
+    assert says(line, expected), line
     assert os.listdir(tmp_path) == []
-
-
-def test_batch_larger_than_the_training_set(script, tmp_path, prepared):
-    status, _, err = script('train', '--data_path', prepared, *TRAIN, '--batch_size', '9', cwd=tmp_path)
-    assert error_sentence(status, err) == ('error: --batch_size 9 is larger than the 8 training images of cub; use a '
-                                           'smaller --batch_size')
-    assert not os.path.exists(tmp_path / 'results')
 
 
 def test_data_set_not_prepared(script, tmp_path):
@@ -300,6 +447,40 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(script, tmp_path, prepared)
                            f'args, epoch, model, optimizer, rng, scheduler, statistics)')
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# test.py
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--retrieval-num', '4'], 'unrecognized arguments: --retrieval-num 4 (did you mean --retrieval_num?); see '
+                               'python test.py --help'),
+    (['--retrieval_num'], 'argument --retrieval_num: expected one argument; see python test.py --help'),
+    (['--retrieval_num', '0'], '--retrieval_num must be at least 1, not 0'),
+])
+def test_test_py_refuses_a_command_line(script, tmp_path, flags, expected):
+    assert says(refused(script, 'test', *flags, cwd=tmp_path), expected)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('kind', ['statistics csv', 'text named .pth', 'jpeg'])
+def test_a_file_that_is_no_data_base_says_what_it_is(script, tmp_path, kind):
+    if kind == 'statistics csv':
+        path = tmp_path / f'{PREFIX}_statistics.csv'
+        pd.DataFrame({'train_loss': [1.5, 1.2]}, index=pd.RangeIndex(1, 3, name='epoch')).to_csv(path)
+        what = 'a text file'
+    elif kind == 'text named .pth':
+        path = tmp_path / 'junk.pth'
+        path.write_text('not a data base at all\n')
+        what = 'a text file'
+    else:
+        path = tmp_path / 'holiday.jpg'
+        write_image(str(path), 1, 0)
+        what = 'a JPEG image'
+    status, _, err = script('test', '--data_base', path, '--query_img_name', 'any.jpg', cwd=tmp_path)
+    assert error_sentence(status, err) == (f'error: {path} is not a data base but {what}; pass a '
+                                           f'{runs.DATA_BASE_FILE} file train.py wrote')
+    assert not (tmp_path / 'results').exists()
+
+
 def test_data_base_that_is_not_a_data_base(script, tmp_path):
     torch.save({'weight': torch.zeros(3)}, tmp_path / 'x_2_model.pth')
     status, _, err = script('test', '--data_base', tmp_path / 'x_2_model.pth', cwd=tmp_path)
@@ -308,17 +489,89 @@ def test_data_base_that_is_not_a_data_base(script, tmp_path):
     assert not os.path.exists(tmp_path / 'results')
 
 
-@pytest.mark.parametrize('name, flags, expected', [
-    ('train', ['--epochs', '3'], 'unrecognized arguments: --epochs 3 (did you mean --num_epochs?); see python '
-                                 'train.py --help'),
-    ('train', ['--lr', 'fast'], "argument --lr: invalid float value: 'fast'"),
-    ('data_utils', ['--data_nme', 'cub'], '--data_nme cub (did you mean --data_name or --data_path?)'),
-    ('data_utils', ['--workers', 'two'], "argument --workers: invalid int value: 'two'"),
-    ('test', ['--retrieval-num', '4'], '(did you mean --retrieval_num?)'),
-    ('test', ['--retrieval_num'], 'argument --retrieval_num: expected one argument'),
+@pytest.fixture(scope='module')
+def run(prepared, tmp_path_factory):
+    """(folder, data base name) of a 1-epoch run of timm's test network on 64-pixel crops, for the
+    refusals of what test.py is asked to do with it."""
+    folder = tmp_path_factory.mktemp('run')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils, 'IMAGE_SIZE', 64)
+        patch.setattr(utils, 'RESIZE_SIZE', 73)
+        train_in(folder, '--data_path', prepared, '--data_name', 'cub', '--backbone_type', TINY, '--no_pretrained',
+                 '--feature_dim', 8, '--batch_size', 4, '--num_epochs', 1, '--num_workers', 0)
+    data_base, = (folder / 'results').glob('*_1_data_base.pth')
+    return folder, data_base.name
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--report', '--report_queries', '0'], '--report_queries must be at least 1, not 0'),
+    (['--report', '--gallery', '.'], "--report covers the data base's own test set, not a --gallery folder; leave out "
+                                     "one of them"),
 ])
-def test_every_script_says_a_bad_flag_in_one_sentence(script, tmp_path, name, flags, expected):
-    """One argparse base for every script: a bad flag is one sentence and exit status 1, never the usage text, and an
-    unknown flag close to a known one is suggested."""
-    status, out, err = script(name, *flags, cwd=tmp_path)
-    assert expected in error_sentence(status, err) and 'usage:' not in out + err
+def test_test_py_refuses_a_report_it_cannot_write(script, run, flags, expected):
+    folder, data_base = run
+    assert says(refused(script, 'test', '--data_base', data_base, *flags, cwd=folder), expected)
+    assert not list((folder / 'results').glob('*_report'))
+
+
+@pytest.mark.parametrize('content', ['nothing', 'no images', 'no folder', 'only the query'])
+def test_gallery_without_images_is_one_sentence(script, run, tmp_path, content):
+    run_folder, data_base = run
+    folder = tmp_path / 'empty'
+    if content != 'no folder':
+        os.makedirs(folder / 'sub')
+    if content == 'no images':
+        (folder / 'sub' / 'list.csv').write_text('a,b\n')
+    query = tmp_path / 'q.jpg'
+    write_image(str(query), 2, 0)
+    if content == 'only the query':
+        query = folder / 'sub' / 'q.jpg'
+        write_image(str(query), 2, 0)
+    status, _, err = script('test', '--query_img_name', query, '--data_base', data_base, '--gallery', folder,
+                            cwd=run_folder)
+    line = error_sentence(status, err)
+    expected = {'nothing': f'--gallery {folder} holds no image', 'no images': f'--gallery {folder} holds no image',
+                'no folder': f'--gallery {folder} is not a folder',
+                'only the query': f'--gallery {folder} holds no readable image other than the query'}[content]
+    assert line.startswith(f'error: {expected}')
+    assert not os.path.exists(run_folder / 'results' / 'q')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# export.py
+
+@pytest.mark.parametrize('flags, expected', [
+    ([], 'the following arguments are required: --data_base; see python export.py --help'),
+    (['--data_base', 'nowhere_data_base.pth'], 'data base nowhere_data_base.pth was found neither as given nor '
+                                               'under results/; train.py writes results/...'),
+    (['--format', 'tflite'], "argument --format: invalid choice: 'tflite' (choose from 'onnx', 'torchscript'); see "
+                             "python export.py --help"),
+])
+def test_export_refuses_a_command_line(script, tmp_path, flags, expected):
+    assert says(refused(script, 'export', *flags, cwd=tmp_path), expected)
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reproduce.py
+
+@pytest.mark.parametrize('data_sets, flags, expected', [
+    (['imagenet'], [], 'no data set found under data: expected a folder car/, cub/, sop/ or inshop/ there ...'),
+    (['car'], ['--learning_rate', '1'], 'train.py would refuse the flags --data_path data --learning_rate 1 '
+                                        '(unrecognized arguments: --learning_rate 1); see python train.py --help'),
+    (['car'], ['--loss_name', 'normalized_softmax'], 'reproduce.py sets --loss_name itself for each configuration of '
+                                                     'the tables from --losses; leave it out'),
+    (['cub'], ['--seeds', '1,x'], "argument --seeds: --seeds must be integers separated by commas, like 1,2,3, not "
+                                  "'1,x'; see python reproduce.py --help"),
+    (['cub'], ['--seeds', '1,1'], 'argument --seeds: --seeds lists a seed twice: 1,1; see python reproduce.py --help'),
+    (['cub'], ['--seed', '4'], 'reproduce.py sets --seed itself for each configuration of the tables from --seeds; '
+                               'leave it out'),
+    (['cub'], ['--losses', 'triplet,triplet'], 'argument --losses: --losses lists a loss twice: triplet,triplet; see '
+                                               'python reproduce.py --help'),
+    (['cub'], ['--losses', 'tripet'], 'unknown --loss_name tripet (close: triplet): choose one of ...'),
+])
+def test_reproduce_refuses_a_command_line(script, tmp_path, data_sets, flags, expected):
+    for name in data_sets:
+        os.makedirs(tmp_path / 'data' / name)
+    assert says(refused(script, 'reproduce', '--data_path', 'data', '--dry_run', *flags, cwd=tmp_path), expected)
+    assert os.listdir(tmp_path) == ['data']

@@ -1,318 +1,300 @@
-"""test.py --gallery DIR: search a folder of one's own photos with a model trained on a labelled folder (issue 10)."""
+"""gallery.py's store and indexes: appended as a folder changes, memory-mapped, searched in
+blocks."""
+import json
 import os
-import re
-import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data_utils
+import gallery
 import model
 import utils
-from conftest import make_folder, train_in, write_album, write_image
-from script_runner import error_sentence, temporaries
 
-PREFIX = 'pets_timm-resnet18_proxy_anchor_16_no_pretrained_batch_size4'
+DIM = 8
 EMBED = model.Model.embed
-DATA_BASE = f'{PREFIX}_1_data_base.pth'
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """A 1-epoch train.py run on a labelled folder `pets` whose class names hold spaces; returns the run folder."""
-    data = str(tmp_path_factory.mktemp('data'))
-    make_folder(data, 'pets', ['black cat', 'dog', 'gold fish', 'tabby cat'])
-    data_utils.prepare(data, 'pets', workers=1)
-    run = tmp_path_factory.mktemp('run')
-    train_in(run, '--data_path', data, '--data_name', 'pets', '--backbone_type', 'timm/resnet18', '--no_pretrained',
-             '--feature_dim', 16, '--batch_size', 4, '--num_epochs', 1, '--num_workers', 0)
-    return run
-
-
-def test_any_prepared_name_trains_under_the_seed_naming(trained):
-    names = set(os.listdir(trained / 'results'))
-    assert {f'{PREFIX}_statistics.csv', f'{PREFIX}_1_model.pth', DATA_BASE, f'{PREFIX}_checkpoint.pth'} <= names
-    data_base = torch.load(trained / 'results' / DATA_BASE, weights_only=True)
-    assert [os.path.basename(os.path.dirname(path)) for path in data_base['test_images']] == \
-        ['gold fish', 'gold fish', 'tabby cat', 'tabby cat']  # the second half of the sorted class names
-    assert 'gallery_features' not in data_base
 
 
 @pytest.fixture
-def photos(tmp_path):
-    """A folder of photos in nested folders and several formats, beside a file that is no image."""
-    folder = tmp_path / 'photos'
-    write_image(str(folder / 'holiday' / 'beach.jpg'), 3, 0, size=(60, 45))
-    os.makedirs(folder / 'holiday' / 'day 2')
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
-        folder / 'holiday' / 'day 2' / 'boat.png')
-    Image.new('RGB', (33, 33), (20, 200, 90)).save(folder / 'scan.bmp')
-    (folder / 'notes.txt').write_text('not an image')
-    return folder
-
-
-@pytest.fixture
-def embedded(monkeypatch):
-    """The number of images Model.embed is given, over all calls."""
-    count = [0]
-    embed = model.Model.embed
+def net(monkeypatch):
+    """A random timm/resnet18 embedding net on 32-pixel crops, and a count of the images it embeds."""
+    monkeypatch.setattr(utils, 'IMAGE_SIZE', 32)
+    monkeypatch.setattr(utils, 'RESIZE_SIZE', 36)
+    torch.manual_seed(0)
+    network = model.Model('timm/resnet18', DIM, 2, pretrained=False).eval()
+    network.count = 0
 
     def counting(self, images):
-        count[0] += len(images)
-        return embed(self, images)
+        self.count += len(images)
+        return EMBED(self, images)
 
     monkeypatch.setattr(model.Model, 'embed', counting)
-    return count
+    return network
 
 
-@pytest.fixture(scope='module')
-def independent(trained):
-    """independent(paths) -> (N, D) embeddings of image files by the saved model, computed here (each file once)."""
-    data_base = torch.load(trained / 'results' / DATA_BASE, weights_only=True)
-    net = model.Model('timm/resnet18', 16, data_base['proxies'].size(0), pretrained=False)
-    net.load_state_dict(torch.load(trained / 'results' / f'{PREFIX}_1_model.pth', weights_only=True))
-    known = {}
-
-    @torch.inference_mode()
-    def embed(paths):
-        for path in paths:
-            key = (str(path), os.stat(path).st_mtime_ns)
-            if key not in known:  # model.Model.embed itself, not the counting stand-in of the `embedded` fixture
-                known[key] = EMBED(net.eval(), utils.test_transform()(utils.read_image(str(path)))[None])[0]
-        return torch.stack([known[str(path), os.stat(path).st_mtime_ns] for path in paths])
-    return embed
+def photo(path, seed):
+    """A small PNG of random smooth colours: photos of different seeds are far apart."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).resize((40, 40), Image.BILINEAR).save(path)
+    return str(path)
 
 
-def written(folder):
-    """[(similarity, path)] of the retrieval images test.py wrote, by rank."""
-    files = sorted((int(name.split('_')[2]), name) for name in os.listdir(folder) if name.startswith('retrieval_img_'))
-    return [(float(os.path.splitext(name)[0].split('_')[3]), folder / name) for _, name in files]
+def album(folder, count, first=0):
+    """count photos folder/p<seed>.png; their paths."""
+    return [photo(os.path.join(folder, f'p{seed:04d}.png'), seed) for seed in range(first, first + count)]
 
 
-def check_results(independent, folder, query, images):
-    """The results are the images nearest to the query by brute force, with their similarities and grey borders."""
-    features = independent([query] + images)
-    similarities = F.normalize(features[1:], dim=1) @ F.normalize(features[0], dim=0)
-    expected = similarities.sort(descending=True).values.tolist()
-    found = written(folder)
-    assert len(found) == len(images)
-    # the store keeps float16 rows: a unit row rounded so moves a cosine by at most 2 ** -11 (4.9e-4)
-    np.testing.assert_allclose([similarity for similarity, _ in found], expected, atol=6e-4)
-    table = pd.read_csv(folder / 'results.csv', keep_default_na=False)
-    assert list(table.columns) == ['rank', 'path', 'similarity', 'same_class']
-    assert table['rank'].tolist() == list(range(1, len(images) + 1))
-    np.testing.assert_allclose(table["similarity"], expected, atol=6e-4)
-    assert (table['same_class'] == '').all()  # the photos have no labels
-    # each listed path is the image of that similarity
-    order = [str(images[i]) for i in similarities.sort(descending=True).indices.tolist()]
-    assert [os.path.realpath(path) for path in table['path']] == [os.path.realpath(path) for path in order]
-    pictures = [picture(path) for path in images]
-    for similarity, path in found:
-        with Image.open(path) as image:
-            pixels = np.asarray(image, dtype=float)
-        assert np.abs(pixels[1:4, 50:170].reshape(-1, 3).mean(axis=0) - 128).max() < 40  # grey: no labels
-        # the picture shown is the photo with that similarity
-        shown = int(np.argmin([np.abs(pixels[8:-8, 8:-8] - other).mean() for other in pictures]))
-        assert similarities[shown].item() == pytest.approx(similarity, abs=6e-4)
+@torch.inference_mode()
+def independent(network, paths):
+    """(N, D) embeddings computed here, one image at a time, by Model.embed itself (each file version once)."""
+    known = network.__dict__.setdefault('known', {})
+    for path in paths:
+        key = (path, os.stat(path).st_mtime_ns)
+        if key not in known:
+            known[key] = EMBED(network, utils.test_transform()(utils.read_image(path))[None])[0]
+    return torch.stack([known[path, os.stat(path).st_mtime_ns] for path in paths])
 
 
-def picture(path):
-    """An image as test.py draws it, without the border."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert('RGB').resize((224, 224), Image.BILINEAR), dtype=float)[8:-8, 8:-8]
+def store_of(tmp_path, network):
+    """gallery.open_store on a fresh model file for this network (a context manager)."""
+    model_path = tmp_path / 'm_model.pth'
+    if not model_path.exists():
+        torch.save(network.state_dict(), model_path)
+    return gallery.open_store(str(tmp_path / 'store'), str(model_path), DIM)
 
 
-def gallery_run(script, run, query, folder, num=8):
-    status, out, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', folder,
-                              '--retrieval_num', num, cwd=run)
-    assert status == 0, err
-    return out, err
+def brute_force(network, query, paths, k):
+    """[(path, cosine)] of the k paths nearest to the query image, from independent embeddings."""
+    features = independent(network, paths)
+    similarities = F.normalize(features, dim=1) @ F.normalize(independent(network, [query])[0], dim=0)
+    top = similarities.topk(k)
+    return [(paths[i], value) for i, value in zip(top.indices.tolist(), top.values.tolist())]
 
 
-def test_gallery_embeds_once_and_again_only_what_changed(script, trained, independent, photos, embedded, tmp_path):
-    query = tmp_path / 'query.png'
-    Image.new('RGB', (40, 40), (200, 120, 40)).save(query)
-    images = [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png', photos / 'scan.bmp']
-
-    out, err = gallery_run(script, trained, query, photos)
-    assert embedded[0] == 3 + 1  # the three photos (not notes.txt), then the query
-    assert f'gallery {photos}: 3 images, 3 embedded now, 0 from results/{PREFIX}_1_model_gallery_' in out
-    assert f'embedding {photos}: 100%' in err  # the progress bar
-    assert f'wrote the query and its 3 nearest images in {photos} to results/query/' in out
-    check_results(independent, trained / 'results' / 'query', query, images)
-    caches = [name for name in os.listdir(trained / 'results') if '_gallery_' in name]
-    assert len(caches) == 1 and not temporaries(str(trained / 'results'))
-
-    embedded[0] = 0
-    out, _ = gallery_run(script, trained, query, photos)
-    assert embedded[0] == 1  # only the query: every photo comes from the cache
-    assert f'gallery {photos}: 3 images, 0 embedded now, 3 from results/' in out
-    check_results(independent, trained / 'results' / 'query', query, images)
-
-    # a photo changed in place, one added and one removed
-    Image.new('RGB', (50, 30), (0, 0, 255)).save(photos / 'holiday' / 'beach.jpg', format='JPEG')
-    later = os.stat(photos / 'holiday' / 'beach.jpg').st_mtime + 5  # whatever the file system's time resolution
-    os.utime(photos / 'holiday' / 'beach.jpg', (later, later))
-    write_image(str(photos / 'new' / 'garden.jpeg'), 7, 1)
-    os.remove(photos / 'scan.bmp')
-    images = [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png',
-              photos / 'new' / 'garden.jpeg']
-    embedded[0] = 0
-    out, _ = gallery_run(script, trained, query, photos)
-    assert embedded[0] == 2 + 1
-    assert f'gallery {photos}: 3 images, 2 embedded now, 1 from results/' in out
-    check_results(independent, trained / 'results' / 'query', query, images)
-
-    # a query inside the folder is not its own result, and its embedding is the cached one
-    embedded[0] = 0
-    out, _ = gallery_run(script, trained, photos / 'holiday' / 'day 2' / 'boat.png', photos)
-    assert embedded[0] == 0
-    assert f'wrote the query and its 2 nearest images in {photos} to results/boat/' in out
-    check_results(independent, trained / 'results' / 'boat', photos / 'holiday' / 'day 2' / 'boat.png',
-                  [images[0], images[2]])
-
-    # the cache belongs to one model file: a model written anew (retrained under the same name) embeds all again
-    later = os.stat(trained / 'results' / f'{PREFIX}_1_model.pth').st_mtime + 5
-    os.utime(trained / 'results' / f'{PREFIX}_1_model.pth', (later, later))
-    embedded[0] = 0
-    out, _ = gallery_run(script, trained, photos / 'holiday' / 'day 2' / 'boat.png', photos)
-    assert embedded[0] == 3 and f'gallery {photos}: 3 images, 3 embedded now, 0 from' in out
+def check_search(store, network, query, paths, k, index='exact'):
+    """The store's k nearest equal the brute force's, with cosines within float16 rounding (2 ** -11)."""
+    found = store.search(independent(network, [query])[0], k, index=index)
+    expected = brute_force(network, query, paths, k)
+    assert [path for path, _ in found] == [path for path, _ in expected]
+    np.testing.assert_allclose([v for _, v in found], [v for _, v in expected], atol=6e-4)
 
 
-@pytest.mark.parametrize('content', ['nothing', 'no images', 'no folder', 'only the query'])
-def test_gallery_without_images_is_one_sentence(script, trained, tmp_path, content):
-    folder = tmp_path / 'empty'
-    if content != 'no folder':
-        os.makedirs(folder / 'sub')
-    if content == 'no images':
-        (folder / 'sub' / 'list.csv').write_text('a,b\n')
-    query = tmp_path / 'q.jpg'
-    write_image(str(query), 2, 0)
-    if content == 'only the query':
-        query = folder / 'sub' / 'q.jpg'
-        write_image(str(query), 2, 0)
-    status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', folder,
-                            cwd=trained)
-    line = error_sentence(status, err)
-    expected = {'nothing': f'--gallery {folder} holds no image', 'no images': f'--gallery {folder} holds no image',
-                'no folder': f'--gallery {folder} is not a folder',
-                'only the query': f'--gallery {folder} holds no readable image other than the query'}[content]
-    assert line.startswith(f'error: {expected}')
-    assert not os.path.exists(trained / 'results' / 'q')
+def test_append_change_remove_and_compaction(tmp_path, net, capsys):
+    paths = album(tmp_path / 'photos', 8)
+    query = photo(tmp_path / 'query.png', 100)
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths, net)
+        assert net.count == 8 and isinstance(store.rows, np.memmap) and store.rows.dtype == np.float16
+        torch.testing.assert_close(store.block(0, 8), independent(net, paths), atol=6e-4, rtol=0)
+        check_search(store, net, query, paths, 5)
+        rows_file = store.file('embeddings')
+    before = open(rows_file, 'rb').read()
+
+    paths += album(tmp_path / 'photos', 1, first=8)  # one added: only it is embedded, appended after the others
+    net.count = 0
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths, net)
+        assert net.count == 1 and len(store.keys) == 9
+        assert open(rows_file, 'rb').read()[:len(before)] == before
+        check_search(store, net, query, paths, 9)
+
+    photo(paths[0], 200)  # one changed in place
+    later = os.stat(paths[0]).st_mtime + 5  # whatever the file system's time resolution
+    os.utime(paths[0], (later, later))
+    os.remove(paths[1])  # and one removed
+    live = [paths[0]] + paths[2:]
+    net.count = 0
+    with store_of(tmp_path, net) as store:
+        store.update('photos', live, net)
+        assert net.count == 1 and len(store.keys) == 10 and store.live.sum() == 8  # the old rows are dead
+        assert store.file('embeddings') == rows_file  # 2 dead of 10 is below a quarter: no compaction yet
+        check_search(store, net, query, live, 8)
+
+    for path in live[-2:]:
+        os.remove(path)
+    live = live[:-2]
+    capsys.readouterr()
+    with store_of(tmp_path, net) as store:
+        store.update('photos', live, net)  # 4 dead of 10: compacted into a new generation
+        assert store.file('embeddings') != rows_file and not os.path.exists(rows_file)
+        assert len(store.keys) == 6 and store.live.all()
+        assert os.path.getsize(store.file('embeddings')) == 6 * DIM * 2
+        check_search(store, net, query, live, 6)
+    assert 'gallery photos: 6 images, 0 embedded now, 6 from' in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / 'store')) == sorted(
+        ['meta.json', os.path.basename(store.file('keys')), os.path.basename(store.file('embeddings'))])
 
 
-def test_gallery_needs_the_model_beside_the_data_base(script, trained, photos, tmp_path):
-    shutil.copyfile(trained / 'results' / DATA_BASE, tmp_path / 'alone_1_data_base.pth')
-    status, _, err = script('test', '--query_img_name', photos / 'scan.bmp', '--data_base',
-                            tmp_path / 'alone_1_data_base.pth', '--gallery', photos, cwd=tmp_path)
-    assert error_sentence(status, err).startswith(
-        f'error: data base {tmp_path / "alone_1_data_base.pth"} has no model '
-        f'{tmp_path / "alone_1_model.pth"} beside it, which embeds images outside the data base '
-        f'(your own queries, a --gallery folder)')
-    assert not os.path.exists(tmp_path / 'results')
+def test_an_interruption_loses_at_most_one_chunk(tmp_path, net, monkeypatch):
+    monkeypatch.setattr(gallery, 'CHUNK', 2)
+    paths = album(tmp_path / 'photos', 7)
+    calls = [0]
+
+    def failing(self, images):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt  # as Ctrl-C or a kill during the third chunk
+        return EMBED(self, images)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model.Model, 'embed', failing)
+        with pytest.raises(KeyboardInterrupt), store_of(tmp_path, net) as store:
+            store.update('photos', paths, net)
+    with store_of(tmp_path, net) as store:
+        assert len(store.keys) == 4  # the two chunks before the interruption
+        keys, rows = store.file('keys'), store.file('embeddings')
+    # a kill between a chunk's rows and its keys, and one in the middle of a key line
+    with open(rows, 'ab') as file:
+        file.write(np.ones((2, DIM), np.float16).tobytes())
+    with open(keys, 'a') as file:
+        file.write(json.dumps([paths[4], 1, 2])[:10])
+    with store_of(tmp_path, net) as store:
+        assert len(store.keys) == 4 and os.path.getsize(rows) == 4 * DIM * 2
+        net.count = 0
+        store.update('photos', paths, net)
+        assert net.count == 3 and len(store.keys) == 7
+        check_search(store, net, paths[0], paths, 7)
 
 
-def test_unreadable_photos_are_skipped_counted_and_listed_in_one_line(script, trained, independent, photos, tmp_path):
-    truncated = photos / 'holiday' / 'cut.jpg'
-    with open(photos / 'holiday' / 'beach.jpg', 'rb') as file:
-        truncated.write_bytes(file.read()[:200])
-    fake = photos / 'fake.png'
-    fake.write_text('not a PNG')
-    query = tmp_path / 'query.png'
-    Image.new('RGB', (40, 40), (200, 120, 40)).save(query)
-    for _ in range(2):  # the second run reports them again, from the store
-        out, _ = gallery_run(script, trained, query, photos)
-        skipped = [line for line in out.splitlines() if ': skipped ' in line]
-        assert len(skipped) == 1 and f'gallery {photos}: skipped 2 unreadable images' in skipped[0]
-        assert str(truncated) in skipped[0] and str(fake) in skipped[0]
-        assert f'gallery {photos}: 3 images' in out
-    check_results(independent, trained / 'results' / 'query', query,
-                  [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png', photos / 'scan.bmp'])
+def test_the_search_reads_the_memory_map_in_blocks(tmp_path, net, monkeypatch):
+    paths = album(tmp_path / 'photos', 9)
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths, net)
+        searched, search = [], gallery.top_k
+
+        def recorded(queries, items, k, **options):
+            searched.append((items.data_ptr(), items.dtype, len(items), options['block_rows']))
+            return search(queries, items, k, **options)
+
+        monkeypatch.setattr(gallery, 'top_k', recorded)
+        monkeypatch.setattr(gallery, 'READ_ROWS', 2)
+        check_search(store, net, paths[3], paths, 4)
+        # the whole store on the memory map, not a copy, read two rows at a time (top_k's blocks)
+        assert isinstance(store.rows, np.memmap)
+        assert searched == [(store.rows.ctypes.data, torch.float16, 9, 2)]
 
 
-def test_an_album_in_every_pixel_format_is_searched_and_its_unreadable_files_named(
-        script, trained, independent, tmp_path):
-    """Photos in every pixel format data_utils.py prepares (16-bit, CMYK, palette, alpha, animated)
-    beside files no decoder reads: the search ends with results for every readable query and one
-    line each naming the gallery's and the queries' unreadable files, never a traceback."""
-    folder = tmp_path / 'album'
-    album = write_album(str(folder))
-    cut, fake = folder / 'cut.jpg', folder / 'fake.png'
-    with open(album['baseline.jpg'], 'rb') as file:
-        cut.write_bytes(file.read()[:200])
-    fake.write_text('not a PNG')
-    outside, broken = tmp_path / 'query16.png', tmp_path / 'broken.jpg'
-    shutil.copy(album['rgba16.png'], outside)
-    broken.write_text('not a JPEG')
-    status, out, err = script('test', '--query_img_name', album['animated.gif'], outside, broken,
-                              '--data_base', DATA_BASE, '--gallery', folder, '--retrieval_num', 30,
-                              cwd=trained)
-    assert status == 0 and 'Traceback' not in err, err
-    assert f'gallery {folder}: {len(album)} images, {len(album)} embedded now' in out
-    assert [line for line in out.splitlines() if 'skipped' in line] == [
-        f'gallery {folder}: skipped 2 unreadable images (missing, truncated or not an image): '
-        f'{cut}, {fake}',
-        f'skipped 1 unreadable query image (missing, truncated or not an image): {broken}']
-    assert out.splitlines()[-1].startswith('skipped 1 unreadable query image')
-    written = re.findall(r'^wrote the query and its (\d+) nearest images in .* to (results/.+)/$',
-                         out, re.M)
-    for query, (count, result) in zip([album['animated.gif'], outside], written):
-        others = [path for path in album.values() if path != query]
-        table = pd.read_csv(trained / result / 'results.csv', keep_default_na=False)
-        assert int(count) == len(table) == len(others) and sorted(table['path']) == sorted(others)
-        features = independent([query] + list(table['path']))  # (1 + N, D)
-        expected = F.normalize(features[1:], dim=1) @ F.normalize(features[0], dim=0)  # (N,)
-        # float16 rows: a unit row rounded so moves a cosine by at most 2 ** -11 (4.9e-4)
-        np.testing.assert_allclose(table['similarity'], expected, atol=6e-4)
-        assert table['similarity'].is_monotonic_decreasing and (table['same_class'] == '').all()
-    assert len(written) == 2
-    # the test set searched for queries that are all unreadable: one sentence
-    status, _, err = script('test', '--query_img_name', broken, fake, '--data_base', DATA_BASE,
-                            cwd=trained)
-    assert error_sentence(status, err) == (
-        f'error: no query could be read: {broken}, {fake} (missing, truncated or not an image); '
-        f'pass image files')
+def test_unreadable_and_changing_photos(tmp_path, net, monkeypatch, capsys):
+    paths = album(tmp_path / 'photos', 4)
+    broken = str(tmp_path / 'photos' / 'broken.jpg')
+    with open(broken, 'w') as file:
+        file.write('no JPEG')
+    read = utils.read_image
+
+    def touching(path):  # the second photo is being written while it is read
+        if path == paths[1]:
+            later = os.stat(path).st_mtime + 5
+            os.utime(path, (later, later))
+        return read(path)
+
+    monkeypatch.setattr(utils, 'read_image', touching)
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths + [broken], net)
+        # the changed photo was embedded with the others, then left out: its size or time changed
+        assert net.count == 4 and store.row(paths[1]) is None
+        check_search(store, net, paths[0], [paths[0], paths[2], paths[3]], 3)
+    out = capsys.readouterr().out
+    assert f'gallery photos: skipped 1 unreadable image (missing, truncated or not an image): {broken}\n' in out
+    assert (f'gallery photos: 1 image changed while being embedded and was left out (such as {paths[1]}); run again '
+            f'to embed it') in out
+    monkeypatch.setattr(utils, 'read_image', read)
+    net.count = 0
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths + [broken], net)
+        assert net.count == 1 and store.row(paths[1]) is not None  # the broken file is not read again
+        check_search(store, net, paths[0], paths, 4)
+    assert 'skipped 1 unreadable image' in capsys.readouterr().out
 
 
-def test_results_are_printed_as_text(script, trained, photos, tmp_path):
-    query = tmp_path / 'query.png'
-    Image.new('RGB', (40, 40), (20, 120, 240)).save(query)
-    out, _ = gallery_run(script, trained, query, photos, num=2)
-    table = pd.read_csv(trained / 'results' / 'query' / 'results.csv', keep_default_na=False)
-    # the printed table's columns: rank, similarity, same class (empty: the gallery has no labels), path
-    lines = [line for line in out.splitlines() if line[:6].strip().isdigit()]
-    assert [(int(line[:6]), float(line[8:18]), line[20:30].strip(), line[32:]) for line in lines] == \
-        [(rank, round(similarity, 4), '', path) for rank, similarity, path in
-         zip(table['rank'], table['similarity'], table['path'])]
-    assert table['same_class'].tolist() == [''] * len(table)
+def append(store, vectors, first=0):
+    """Add unit rows to a store as if embedded from photos /photos/p<number>.png; their paths."""
+    paths = [f'/photos/p{number:04d}.png' for number in range(first, first + len(vectors))]
+    store.append([(path, 1, 1) for path in paths], vectors, [])
+    store.load()
+    return paths
 
 
-def test_missing_query_is_reported_before_the_gallery_is_embedded(script, trained, photos, embedded, tmp_path):
-    status, _, err = script('test', '--query_img_name', tmp_path / 'typo.jpg', '--data_base', DATA_BASE,
-                            '--gallery', photos, cwd=trained)
-    assert error_sentence(status, err) == f'error: query image {tmp_path / "typo.jpg"} does not exist; pass an ' \
-                                          f'image file'
-    assert embedded[0] == 0
+@pytest.fixture
+def large_album(tmp_path, net):
+    """A store of gallery.IVFPQ_MIN + 16 random unit rows (D = 8), as test.py would hold embedded photos; returns
+    (their paths, the rows). Embedding that many photos would take a minute on a loaded 2-core machine."""
+    vectors = F.normalize(torch.randn(gallery.IVFPQ_MIN + 16, DIM, generator=torch.Generator().manual_seed(1)), dim=1)
+    with store_of(tmp_path, net) as store:
+        return append(store, vectors.numpy()), vectors
 
 
-def test_index_flag_gives_the_exact_results_and_refuses_ivfpq_on_few_images(script, trained, photos, tmp_path):
-    query = tmp_path / 'query.png'
-    Image.new('RGB', (40, 40), (200, 120, 40)).save(query)
-    gallery_run(script, trained, query, photos)
-    exact = (trained / 'results' / 'query' / 'results.csv').read_text()
-    status, out, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
-                              '--index', 'hnsw', cwd=trained)
-    assert status == 0, err
-    assert 'index hnsw: built over 3 images' in out
-    assert (trained / 'results' / 'query' / 'results.csv').read_text() == exact
-    status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
-                            '--index', 'ivfpq', cwd=trained)
-    assert error_sentence(status, err) == ('error: --index ivfpq learns its codes from the gallery and needs at least '
-                                           '624 images for that, but this one holds 3; use --index exact (or hnsw)')
-    status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
-                            '--index', 'flat', cwd=trained)
-    assert error_sentence(status, err).startswith("error: argument --index: invalid choice: 'flat'")
+@pytest.mark.parametrize('kind', gallery.INDEXES)
+def test_each_index_finds_the_exact_nearest(tmp_path, net, large_album, kind, capsys):
+    paths, vectors = large_album
+    with store_of(tmp_path, net) as store:
+        index = kind if kind == 'exact' else gallery.open_index(store, kind)
+        for row in (3, 321, 600):
+            found = store.search(vectors[row], 3, index=index)
+            assert found[0][0] == paths[row] and found[0][1] == pytest.approx(1, abs=6e-4)
+            assert found[1][1] < 0.99  # well separated: the row itself is the only near one
+            expected = (F.normalize(store.block(0, len(paths)), dim=1) @ vectors[row]).topk(3)  # brute force
+            assert [path for path, _ in found] == [paths[i] for i in expected.indices.tolist()]
+            np.testing.assert_allclose([v for _, v in found], expected.values, atol=6e-4)
+    if kind != 'exact':
+        assert f'index {kind}: built over {len(paths)} images' in capsys.readouterr().out
+        with store_of(tmp_path, net) as store:  # read back from disk, not built again
+            gallery.open_index(store, kind)
+        assert capsys.readouterr().out == ''
+
+
+@pytest.mark.parametrize('kind', ['hnsw', 'ivfpq'])
+def test_an_index_is_extended_or_rebuilt_as_the_store_changes(tmp_path, net, large_album, kind, capsys):
+    paths, _ = large_album
+    with store_of(tmp_path, net) as store:
+        gallery.open_index(store, kind)
+        new = F.normalize(torch.randn(3, DIM, generator=torch.Generator().manual_seed(2)), dim=1)
+        paths += append(store, new.numpy(), first=len(paths))
+    capsys.readouterr()
+    with store_of(tmp_path, net) as store:
+        index = gallery.open_index(store, kind)
+        assert index.ntotal == len(paths) and f'index {kind}: extended by 3 images' in capsys.readouterr().out
+        assert store.search(new[2], 1, index=index)[0][0] == paths[-1]
+        meta = store.read_json(f'index-{kind}.json')
+    # an index of another model, or of an older generation of the store, is built anew
+    for change in ({'model': ['/elsewhere/other_model.pth', 1, 2]}, {'generation': 'older'}):
+        store.write_json(f'index-{kind}.json', {**meta, **change})
+        with store_of(tmp_path, net) as store:
+            index = gallery.open_index(store, kind)
+        out = capsys.readouterr().out
+        assert out.startswith(f'{store.path}/index-{kind}.faiss was built from another model or an older store, so '
+                              f'it is built anew\nindex {kind}: built over {len(paths)} images')
+        assert index.ntotal == len(paths)
+
+
+def test_ivfpq_on_too_few_images_is_one_sentence(tmp_path, net):
+    paths = album(tmp_path / 'photos', 5)
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths, net)
+        with pytest.raises(gallery.UserError) as error:
+            gallery.open_index(store, 'ivfpq')
+    assert str(error.value) == (f'--index ivfpq learns its codes from the gallery and needs at least '
+                                f'{gallery.IVFPQ_MIN} images for that, but this one holds 5; use --index exact (or '
+                                f'hnsw)')
+
+
+def test_a_second_process_on_the_store_is_one_sentence(tmp_path, net):
+    with store_of(tmp_path, net):
+        with pytest.raises(gallery.UserError) as error, store_of(tmp_path, net):
+            pass
+    assert str(error.value).startswith('another process (pid ') and 'is using gallery store' in str(error.value)
+
+
+def test_a_store_of_another_model_file_is_written_anew(tmp_path, net, capsys):
+    paths = album(tmp_path / 'photos', 3)
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths, net)
+    later = os.stat(tmp_path / 'm_model.pth').st_mtime + 5  # the model trained again under the same name
+    os.utime(tmp_path / 'm_model.pth', (later, later))
+    net.count = 0
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths, net)
+    assert net.count == 3
+    assert 'was written by another model file or version, so it is written anew' in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The golden run (issue 14): with no new flag, train.py computes the seed's recipe, on any CPU, and the same command
+"""The golden run: with no new flag, train.py computes the seed's recipe, on any CPU, and the same command
 gives the same numbers.
 
 Figures stored from one CPU cannot pin a training run: float kernels differ in their last bits between CPUs, and

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL after epoch 1 and resumed ends exactly where an uninterrupted run ends (issue 3)."""
+"""A run killed with SIGKILL after epoch 1 and resumed ends exactly where an uninterrupted run
+ends."""
 import os
 import signal
 import subprocess

@@ -86,25 +86,6 @@ def test_finished_configurations_are_not_run_again(script, tmp_path):
     assert commands[0] == train_run('car', 'resnet50', '--num_epochs', '25')
 
 
-def test_no_data_set_is_one_sentence(script, tmp_path):
-    data_folders(tmp_path, ['imagenet'])
-    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', cwd=tmp_path)
-    assert 'no data set found under data' in error_sentence(status, err)
-
-
-def test_a_flag_train_py_does_not_know_is_one_sentence(script, tmp_path):
-    data_folders(tmp_path, ['car'])
-    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', '--learning_rate', '1', cwd=tmp_path)
-    assert 'unrecognized arguments: --learning_rate 1' in error_sentence(status, err)
-
-
-def test_a_flag_that_would_change_the_grid_is_refused(script, tmp_path):
-    data_folders(tmp_path, ['car'])
-    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', '--loss_name', 'normalized_softmax',
-                            cwd=tmp_path)
-    assert 'sets --loss_name itself' in error_sentence(status, err)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # the table and the figure
 
@@ -243,7 +224,7 @@ def test_a_failed_run_stops_with_one_sentence(script, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# several seeds (issue 8)
+# several seeds
 
 def test_seeds_train_every_configuration_once_per_seed_with_the_other_flags(script, tmp_path):
     """--seeds 1,2,3 lists each configuration three times, seed 1 with the seed's command; other flags go along,
@@ -263,7 +244,7 @@ def test_seeds_train_every_configuration_once_per_seed_with_the_other_flags(scri
 def test_the_table_finds_a_run_of_any_flag_off_its_default(script, tmp_path, flag):
     """reproduce.py --table with a recipe flag passed on reads the run train.py names after that flag, not the
     default run's."""
-    from test_workbench import OFF_DEFAULT
+    from test_train_flags import OFF_DEFAULT
     flags = [f'--{flag}', *OFF_DEFAULT[flag][0]]
     train = load_script('train')
     name = train.prefix_of(train.get_args_parser().parse_args(['--data_name', 'cub', *flags]))
@@ -273,16 +254,6 @@ def test_the_table_finds_a_run_of_any_flag_off_its_default(script, tmp_path, fla
     status, out, err = script('reproduce', '--table', *flags, cwd=tmp_path)
     assert status == 0, err
     assert read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']['ResNet50', 'reproduced'][0] == '71.0%'
-
-
-@pytest.mark.parametrize('flags, expected', [(['--seeds', '1,x'], '--seeds must be integers separated by commas'),
-                                             (['--seeds', '1,1'], '--seeds lists a seed twice'),
-                                             (['--seed', '4'], 'sets --seed itself for each configuration of the '
-                                                               'tables from --seeds')])
-def test_bad_seeds_are_one_sentence(script, tmp_path, flags, expected):
-    data_folders(tmp_path, ['cub'])
-    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', *flags, cwd=tmp_path)
-    assert expected in error_sentence(status, err)
 
 
 def test_table_reports_mean_and_sample_spread_over_the_finished_seeds(script, tmp_path):
@@ -309,7 +280,7 @@ def test_table_reports_mean_and_sample_spread_over_the_finished_seeds(script, tm
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# several losses (issue 17)
+# several losses
 
 def test_losses_train_each_configuration_once_per_loss_and_seed(script, tmp_path):
     """--losses lists every backbone x loss x seed, each with its --loss_name, the other flags passed on; a finished
@@ -328,14 +299,6 @@ def test_losses_train_each_configuration_once_per_loss_and_seed(script, tmp_path
     assert commands == expected
     assert comments == ['# cub_resnet50_proxy_anchor_512_images_per_class4_seed2 already reached epoch 20: not '
                         'trained again']
-
-
-@pytest.mark.parametrize('flags, expected', [(['--losses', 'triplet,triplet'], '--losses lists a loss twice'),
-                                             (['--losses', 'tripet'], 'unknown --loss_name tripet (close: triplet')])
-def test_bad_losses_are_one_sentence(script, tmp_path, flags, expected):
-    data_folders(tmp_path, ['cub'])
-    status, _, err = script('reproduce', '--data_path', 'data', '--dry_run', *flags, cwd=tmp_path)
-    assert expected in error_sentence(status, err)
 
 
 def test_table_has_a_row_per_backbone_and_loss(script, tmp_path):

@@ -1,4 +1,5 @@
-"""test.py retrieves for any image, embedding one outside the data base with the model saved beside it (issue 3)."""
+"""test.py retrieves for any image, embedding one outside the data base with the model saved
+beside it."""
 import os
 import shutil
 

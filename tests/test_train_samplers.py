@@ -1,11 +1,12 @@
-"""--images_per_class M (issue 17): class-balanced global batches, every image in each epoch, seeded by (seed, epoch),
-dealt to torchrun's ranks; its refusals and the hint for a pair-based loss without it."""
+"""train.py's samplers, --images_per_class M: class-balanced global batches, every image in each
+epoch, seeded by (seed, epoch), dealt to torchrun's ranks; the hint for a pair-based loss
+without it."""
 from collections import Counter
 
 import pytest
 
 from conftest import TINY
-from script_runner import error_sentence, load_script
+from script_runner import load_script
 
 train = load_script('train')
 
@@ -94,18 +95,6 @@ def test_torchrun_ranks_share_each_global_batch(world):
         assert {len(share) for share in shares} == {8 // world}
         assert sorted(index for share in shares for index, epoch, padding in share) == sorted(batch)
         assert all(epoch == 2 and not padding for share in shares for _, epoch, padding in share)
-
-
-@pytest.mark.parametrize('flags, expected', [
-    (['--images_per_class', '1'], '--images_per_class must be at least 2'),
-    (['--images_per_class', '3'], '--batch_size 4 is not a multiple of --images_per_class 3; use --batch_size 3 or 6'),
-    (['--images_per_class', '2', '--batch_size', '6'], 'asks for 3 classes per batch, but the training set of cub has '
-                                                       'only 2'),
-])
-def test_refusals_are_one_sentence(prepared, tmp_path, script, flags, expected):
-    status, _, err = script('train', '--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet',
-                            '--no_pretrained', '--num_workers', 0, '--batch_size', 4, *flags, cwd=tmp_path)
-    assert expected in error_sentence(status, err)
 
 
 @pytest.mark.parametrize('loss_name, flags, hinted', [('contrastive', [], True),

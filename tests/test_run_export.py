@@ -181,18 +181,6 @@ def names(folder):
     return {name: open(os.path.join(results, name), 'rb').read() for name in sorted(os.listdir(results))}
 
 
-@pytest.mark.parametrize('flags, expected', [
-    ((), 'the following arguments are required: --data_base'),
-    (('--data_base', 'nowhere_data_base.pth'), 'data base nowhere_data_base.pth was found neither as given nor under '
-                                               'results/'),
-    (('--format', 'tflite'), "invalid choice: 'tflite'"),
-])
-def test_refuses_a_bad_command_line(script, tmp_path, flags, expected):
-    status, out, err = script('export', *flags, cwd=tmp_path)
-    assert expected in error_sentence(status, err)
-    assert out == '' and os.listdir(tmp_path) == []
-
-
 def test_refuses_what_is_not_a_run(script, googlenet_run, tmp_path):
     folder, data_base = googlenet_run
     model_file = folder / 'results' / data_base.replace('_data_base.pth', '_model.pth')

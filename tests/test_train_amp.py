@@ -1,4 +1,5 @@
-"""Mixed precision (issue 5): the losses compute in float32 whatever the cosines' dtype, and --amp trains on CPU."""
+"""Mixed precision (--amp): the losses compute in float32 whatever the cosines' dtype, and
+train.py's epoch and optimizer step in bfloat16 on the CPU."""
 import types
 
 import pytest
@@ -14,7 +15,8 @@ from model import Model, ProxyLinear
 from utils import LOSSES
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
-# the losses on cosines to the model's proxies; the others are PML's, on the embeddings (test_baseline_losses)
+# the losses on cosines to the model's proxies; the others are PML's, on the embeddings
+# (test_utils_baseline_losses.py)
 ON_COSINES = [name for name, entry in LOSSES.items() if entry.cosines]
 
 

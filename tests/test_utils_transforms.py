@@ -1,4 +1,5 @@
-"""The fast input pipeline draws the seed's crops (issue 5): same pixel statistics, same normalised model input."""
+"""utils.py's fast input pipeline draws the original implementation's crops: same pixel
+statistics, same normalised model input; the image cache gives the images decoding gives."""
 import os
 import re
 import subprocess
@@ -86,7 +87,7 @@ def test_crop_statistics_match_the_seed_pipeline(crops):
     assert ours.dtype == torch.uint8 and ours.shape == (NUM_IMAGES * CROPS_PER_IMAGE, 3, 224, 224)
     ours = ours.float() / 255
     assert_statistics_match(theirs, ours)
-    # and relative to the values themselves, as the issue words it
+    # and relative to the values themselves
     dims = (0, 2, 3)
     torch.testing.assert_close(ours.mean(dims), theirs.mean(dims), rtol=0.02, atol=0)
     torch.testing.assert_close(ours.std(dims), theirs.std(dims), rtol=0.02, atol=0)

@@ -1,17 +1,17 @@
-"""The baseline losses (issue 17) against pytorch-metric-learning built as the issue and the official Proxy-Anchor code
-give them: the same value and gradients on the same embeddings and class weights; pml/<Name> and --loss_args."""
+"""utils.py's baseline losses against pytorch-metric-learning built as the official Proxy-Anchor
+code (or PML's defaults) gives them: the same value and gradients on the same embeddings and
+class weights; pml/<Name> and --loss_args."""
 import re
 
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml, miners
 
-from script_runner import error_sentence
 from utils import LOSSES, EmbeddingLoss, UserError, check_loss_name, class_cosines, loss_entry, parse_loss_args
 
 BATCH, NUM_CLASSES, DIM = 16, 4, 8
 
-# each named loss as the issue (from the official code/losses.py) or PML's defaults give it: (loss, miner or None)
+# each named loss as the official code/losses.py or PML's defaults give it: (loss, miner or None)
 REFERENCES = {
     'proxy_nca': lambda: (pml.ProxyNCALoss(NUM_CLASSES, DIM, softmax_scale=32), None),
     'soft_triple': lambda: (pml.SoftTripleLoss(NUM_CLASSES, DIM, centers_per_class=10, la=20, gamma=0.1,
@@ -55,7 +55,7 @@ def value_and_gradients(loss, call, embeddings):
 
 @pytest.mark.parametrize('loss_name', list(REFERENCES))
 def test_each_baseline_equals_pytorch_metric_learning(loss_name):
-    """Value and gradients (embeddings and the loss's class weights) equal PML's loss built with the issue's
+    """Value and gradients (embeddings and the loss's class weights) equal PML's loss built with the reference
     settings, given the same class weights."""
     assert set(REFERENCES) == {name for name, entry in LOSSES.items() if not entry.cosines}
     embeddings, labels = problem()
@@ -141,19 +141,3 @@ def test_loss_args_parse_to_one_canonical_form():
     """The same parameters in any order or spelling give the same values, so they name the same run."""
     assert parse_loss_args('b=2,a=0.50, c=True ,d=word') == {'a': 0.5, 'b': 2, 'c': True, 'd': 'word'}
     assert parse_loss_args('') == {}
-
-
-def test_train_py_refuses_what_the_losses_cannot_take(prepared, tmp_path, script):
-    """The command line's refusals: --loss_args for a named loss, a bad PML argument, an unknown loss."""
-    base = ['--data_path', prepared, '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
-            '--num_workers', 0, '--batch_size', 4]
-    for flags, expected in (
-            (['--loss_name', 'triplet', '--loss_args', 'margin=0.2'], '--loss_args sets the parameters of a '
-                                                                      'pml/<class name> loss, not of triplet'),
-            (['--loss_name', 'pml/TripletMarginLoss', '--loss_args', 'margn=0.2'], 'did you mean margin?'),
-            (['--loss_name', 'triplets'], 'unknown --loss_name triplets (close: triplet'),
-            (['--loss_name', 'proxy_anchor', '--triplet_margin', '0.2'], '--triplet_margin is a parameter of the '
-                                                                         'triplet loss only')):
-        status, _, err = script('train', *base, *flags, cwd=tmp_path)
-        assert expected in error_sentence(status, err)
-    assert not (tmp_path / 'results').exists() or not list((tmp_path / 'results').iterdir())

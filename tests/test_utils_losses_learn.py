@@ -10,7 +10,7 @@ from model import ProxyLinear
 from utils import LOSSES, recall
 
 SIGNAL, NUISANCE, PER_CLASS = 8, 24, 20
-# the losses on cosines to the model's proxies (tests/test_loss_training.py: a pair loss)
+# the losses on cosines to the model's proxies (tests/test_train_losses.py: a pair loss)
 ON_COSINES = [name for name, entry in LOSSES.items() if entry.cosines]
 
 

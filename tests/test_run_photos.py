@@ -1,5 +1,5 @@
-"""Your own photos as a practitioner meets them (issue 16): files that are no data base, a model from another run,
-collapsed embeddings, stale prepared copies, data that moved, results as text, many queries, typos, the demo."""
+"""Your own photos as a practitioner meets them: a model from another run, collapsed embeddings,
+stale prepared copies, data that moved, results as text, many queries, typos, the demo."""
 import contextlib
 import io
 import os
@@ -77,29 +77,6 @@ def independent_embedding(net, image):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# files that are no data base
-
-@pytest.mark.parametrize('kind', ['statistics csv', 'text named .pth', 'jpeg'])
-def test_a_file_that_is_no_data_base_says_what_it_is(script, tmp_path, kind):
-    if kind == 'statistics csv':
-        path = tmp_path / f'{PREFIX}_statistics.csv'
-        pd.DataFrame({'train_loss': [1.5, 1.2]}, index=pd.RangeIndex(1, 3, name='epoch')).to_csv(path)
-        what = 'a text file'
-    elif kind == 'text named .pth':
-        path = tmp_path / 'junk.pth'
-        path.write_text('not a data base at all\n')
-        what = 'a text file'
-    else:
-        path = tmp_path / 'holiday.jpg'
-        write_image(str(path), 1, 0)
-        what = 'a JPEG image'
-    status, _, err = script('test', '--data_base', path, '--query_img_name', 'any.jpg', cwd=tmp_path)
-    assert error_sentence(status, err) == (f'error: {path} is not a data base but {what}; pass a '
-                                           f'{runs.DATA_BASE_FILE} file train.py wrote')
-    assert not (tmp_path / 'results').exists()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # the model beside the data base must be the one it was written with
 
 def test_weights_digest_tells_weights_apart():
@@ -163,7 +140,7 @@ def test_collapse_detector_on_constructed_embeddings():
     assert utils.mean_pairwise_cosine(collapsed) > utils.COLLAPSED
     assert utils.mean_pairwise_cosine(healthy) < utils.COLLAPSED
     assert utils.mean_pairwise_cosine(positive) < utils.COLLAPSED
-    # the retrieval the issue saw on collapsed embeddings: every similarity reads 1.000
+    # the retrieval a user saw on collapsed embeddings: every similarity reads 1.000
     assert (F.normalize(collapsed, dim=1) @ F.normalize(collapsed[0], dim=0)).min() > 0.999
 
 

@@ -1,7 +1,7 @@
-"""The training recipe the published numbers depend on (issue 11), each part pinned by a test that fails without it:
-the warm-up boundary, BatchNorm statistics, the learning rates of a 20-epoch schedule, a resume past a learning-rate
-step, resume refusals, the last partial batch, the data base's training features and proxies, GoogLeNet's dropout
-and cuDNN's settings."""
+"""train.py's recipe, which the published numbers depend on, each part pinned by a test that fails
+without it: the warm-up boundary, BatchNorm statistics, the learning rates of a 20-epoch schedule,
+a resume past a learning-rate step, resume refusals, the last partial batch, the data base's
+training features and proxies, GoogLeNet's dropout and cuDNN's settings."""
 import pytest
 import torch
 import torch.nn.functional as F

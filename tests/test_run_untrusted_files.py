@@ -1,4 +1,4 @@
-"""Files from others cannot run code, and annotation paths cannot leave the data folder (issue 3)."""
+"""Files from others cannot run code, and annotation paths cannot leave the data folder."""
 import ast
 import glob
 import os

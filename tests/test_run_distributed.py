@@ -1,6 +1,7 @@
-"""DistributedDataParallel on the CPU with gloo (issue 5): 2 processes compute the single-process loss and gradients,
-for the losses on the model's proxies, one with class weights of its own and pair-based ones on the gathered batch
-(issue 17); two single-process "nodes" train one epoch as one process does."""
+"""DistributedDataParallel on the CPU with gloo: 2 processes compute the single-process loss and
+gradients, for the losses on the model's proxies, one with class weights of its own and
+pair-based ones on the gathered batch; two single-process "nodes" train one epoch as one process
+does."""
 import os
 import socket
 import subprocess

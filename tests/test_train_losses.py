@@ -1,6 +1,7 @@
-"""Training with a baseline loss (issue 17): a loss's own parameters train at --proxy_lr, go into the checkpoint and
-the data base, and resume exactly; a pair-based loss builds no proxies and says train accuracy does not apply; a pair
-loss on class-balanced batches learns an embedding for unseen classes."""
+"""train.py with a baseline loss: a loss's own parameters train at --proxy_lr, go into the
+checkpoint and the data base, and resume exactly; a pair-based loss builds no proxies and says
+train accuracy does not apply; a pair loss on class-balanced batches learns an embedding for
+unseen classes."""
 import math
 
 import pandas as pd
@@ -13,7 +14,7 @@ import runs
 from conftest import train_in
 from runs import DataBase, load_model
 from script_runner import error_sentence, load_script
-from test_learning import NUISANCE, PER_CLASS, SIGNAL, synthetic
+from test_utils_losses_learn import NUISANCE, PER_CLASS, SIGNAL, synthetic
 from utils import LOSSES, EmbeddingLoss, recall
 
 pytestmark = pytest.mark.usefixtures('without_onednn', 'quick_runs')  # quick_runs: see conftest.py
@@ -134,8 +135,8 @@ class PairEmbedder(nn.Module):
 
 @pytest.mark.parametrize('loss_name', ['multi_similarity', 'contrastive'])
 def test_a_pair_loss_on_class_balanced_batches_learns_unseen_classes(loss_name):
-    """Synthetic classes (tests/test_learning.py's), batches of 16 classes x 4 images from train.py's sampler:
-    R@1 on 20 held-out classes rises from about chance to well above it."""
+    """Synthetic classes (tests/test_utils_losses_learn.py's), batches of 16 classes x 4 images
+    from train.py's sampler: R@1 on 20 held-out classes rises from about chance to well above it."""
     torch.manual_seed(0)
     (train_x, train_y), (test_x, test_y) = synthetic(num_train=60, num_test=20)
     net = PairEmbedder()
