@@ -354,7 +354,7 @@ def train(args, prefix, ranks, entry, device, rank, world, watch):
         last = f'results/{prefix}_{args.num_epochs}'
         print(f'wrote {last}_data_base.pth, {last}_model.pth (epoch {args.num_epochs}) and '
               f'results/{prefix}_statistics.csv; see a retrieval: python test.py --data_base '
-              f'{last}_data_base.pth --query_img_name {shlex.quote(run.splits["test"].images[0])}')
+              f'{prefix} --query_img_name {shlex.quote(run.splits["test"].images[0])}')
 
 
 def set_up(args, prefix, ranks, entry, device, rank, world):
