@@ -76,7 +76,8 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
                 )
             )
     print(
-        f'wrote the report on {len(found["labels"])} queries to {results}/{name}/index.html (it opens'
+        f'wrote the report on {len(found["labels"])} queries to {results}/{name}/index.html (it'
+        ' opens'
         ' offline)'
     )
 

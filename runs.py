@@ -153,8 +153,8 @@ class DataBase(NamedTuple):
         for folder in folders:
             if os.path.isfile(os.path.join(folder, name)):
                 return os.path.join(folder, name)
-        found = {path: run_of(path) for folder in folders
-                 for path in sorted(glob.glob(os.path.join(glob.escape(folder), '*_data_base.pth')))}
+        found = {path: run_of(path) for folder in folders for path in
+                 sorted(glob.glob(os.path.join(glob.escape(folder), '*_data_base.pth')))}
         for runs in ({path: run for path, run in found.items() if run == name},
                      {path: run for path, run in found.items() if run.startswith(name)}):
             if len(set(runs.values())) > 1:
@@ -168,8 +168,8 @@ class DataBase(NamedTuple):
         exist = (f'; the closest that exist: {", ".join(close)}' if close else
                  f'; none holds a data base: train.py writes {DATA_BASE_FILE}, so train a model '
                  f'first')
-        raise UserError(f'data base {name} was found neither as given nor under results/ as a file, '
-                        f'run name or prefix of one (looked in the working folder\'s results/, '
+        raise UserError(f'data base {name} was found neither as given nor under results/ as a '
+                        f'file, run name or prefix of one (looked in the working folder\'s results/, '
                         f'the folders ${RESULTS_VARIABLE} lists, then the repository\'s results/: '
                         f'{where}){exist}')
 

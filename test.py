@@ -32,7 +32,8 @@ def get_args_parser():
     parser.add_argument('--data_base', default='car_resnet50_proxy_anchor_512_20_data_base.pth', type=str,
                         help='queried database: a path, or a file name, a run name (its newest '
                              'epoch) or an unambiguous prefix of one, looked for in results/, '
-                             f'the folders ${RESULTS_VARIABLE} lists and the repository\'s results/')
+                             f'the folders ${RESULTS_VARIABLE} lists and the repository\'s '
+                             f'results/')
     parser.add_argument('--retrieval_num', default=8, type=int, help='retrieval number')
     parser.add_argument('--output_dir', default=None, type=str,
                         help='the folder each query\'s results go to, one folder per query, none '
@@ -244,7 +245,7 @@ def search_data_base(args, queries, data_base, data_base_path):
 
 
 def main():
-    """Find each query's nearest neighbours and write them into this call's folder (--output_dir)."""
+    """Find each query's nearest neighbours and write them into this call's folder."""
     args = get_args_parser().parse_args()
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')

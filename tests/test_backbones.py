@@ -299,7 +299,8 @@ def test_vit_small_dino_trains_resumes_and_retrieves(script, tmp_path, prepared)
                               '--retrieval_num', '8', cwd=tmp_path)
     assert status == 0, err
     # test.py rebuilt the ViT from the data base's flags: its similarities are the saved model's
-    written = sorted(float(name.split('_')[3][:-4]) for name in os.listdir(query_folder(tmp_path / 'results', 'photo'))
+    folder = query_folder(tmp_path / 'results', 'photo')
+    written = sorted(float(name.split('_')[3][:-4]) for name in os.listdir(folder)
                      if name.startswith('retrieval_img_'))
     net = Model('vit_small_dino', 8, data_base['proxies'].size(0), pretrained=False).eval()
     net.load_state_dict(torch.load(tmp_path / 'results' / f'{prefix}_2_model.pth', weights_only=True))
