@@ -155,13 +155,15 @@ class DataBase(NamedTuple):
                 return os.path.join(folder, name)
         found = {path: run_of(path) for folder in folders for path in
                  sorted(glob.glob(os.path.join(glob.escape(folder), '*_data_base.pth')))}
-        for runs in ({path: run for path, run in found.items() if run == name},
-                     {path: run for path, run in found.items() if run.startswith(name)}):
-            if len(set(runs.values())) > 1:
+        # the run of that name, else the one run whose name starts so
+        for matching in ({path: run for path, run in found.items() if run == name},
+                         {path: run for path, run in found.items() if run.startswith(name)}):
+            if len(set(matching.values())) > 1:
                 raise UserError(f'--data_base {name} could mean the data base of any of the runs '
-                                f'{", ".join(sorted(set(runs.values())))}; pass more of the name')
-            if runs:  # the newest epoch of the run, then the newest file
-                return max(runs, key=lambda path: (epoch_of(path), os.path.getmtime(path)))
+                                f'{", ".join(sorted(set(matching.values())))}; pass more of the '
+                                f'name')
+            if matching:  # the newest epoch of the run, then the newest file
+                return max(matching, key=lambda path: (epoch_of(path), os.path.getmtime(path)))
         where = ', '.join(folders) or 'none exists'
         names = {os.path.basename(path) for path in found} | set(found.values())
         close = difflib.get_close_matches(name, names, n=5, cutoff=0)
