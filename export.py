@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from runs import DataBase, load_model
+from runs import RESULTS_VARIABLE, DataBase, load_model, output_folder
 from runtime import ArgumentParser, UserError, atomic_path, remove_temporaries, run_main
 from utils import UnreadableImage, embed_batches, inference_image, inference_sizes, unreadable_line
 
@@ -41,8 +41,11 @@ def get_args_parser():
     )
     # required, so no default to print (SUPPRESS keeps --help from showing 'default: None')
     parser.add_argument('--data_base', required=True, default=argparse.SUPPRESS, type=str,
-                        help='the data base of the run to export (a path, or a file name under '
-                             'results/); its model is the _model.pth file beside it')
+                        help='the data base of the run to export: a path, or a file name, a run '
+                             'name (its newest epoch) or an unambiguous prefix of one, looked for '
+                             f'in results/, the folders ${RESULTS_VARIABLE} lists and the '
+                             f'repository\'s results/; its model is the _model.pth file beside it '
+                             f'and the export goes to the results/ folder it lies in')
     parser.add_argument('--format', default='onnx', choices=list(FORMATS),
                         help='onnx: for ONNX Runtime and the other ONNX runtimes; torchscript: for '
                              'torch.jit.load and libtorch (C++)')
@@ -72,22 +75,22 @@ def main():
     args = get_args_parser().parse_args()
     data_base, data_base_path = DataBase.open(args.data_base)
     suffix, format_name, runtime = FORMATS[args.format]
-    name = export_name(data_base_path)
+    name, results = export_name(data_base_path), output_folder(data_base_path)
     export_path, description_path = (
-        os.path.join('results', f'{name}{ending}') for ending in (suffix, '.json')
+        os.path.join(results, f'{name}{ending}') for ending in (suffix, '.json')
     )
     earlier = earlier_export(description_path, export_path, os.path.realpath(data_base_path))
     model, model_path = load_model(data_base, data_base_path)
     model_key = file_key(model_path)
-    files = kept_exports(earlier, model_key, args.format)
+    files = kept_exports(earlier, model_key, args.format, description_path)
     backbone_type = data_base.backbone_type
     epoch = '?' if data_base.epoch is None else data_base.epoch
     print(f'exporting {data_base_path} ({backbone_type}, {data_base.feature_dim}-d, epoch {epoch}) '
           f'as {format_name}')
 
     images, source = check_inputs(data_base.test.images)
-    made_results = not os.path.isdir('results')
-    remove_temporaries('results', f'{name}.')  # left by an export of this name that was killed
+    made_results = not os.path.isdir(results)
+    remove_temporaries(results, f'{name}.')  # left by an export of this name that was killed
     try:
         # the export is moved into place first and its description last, so a description names
         # complete files
@@ -120,7 +123,7 @@ def main():
     except BaseException:
         if made_results:  # a failed export leaves nothing behind, not even the folder
             with contextlib.suppress(OSError):
-                os.rmdir('results')
+                os.rmdir(results)
         raise
     print(f'{runtime} agrees with PyTorch on {source}: 1 - cosine is {max(gap, 0):.1e} at most '
           f'({TOLERANCE:.0e} allowed)')
@@ -170,12 +173,13 @@ def earlier_export(description_path, export_path, data_base_real):
     if earlier['data_base'] != data_base_real:
         raise UserError(f'{description_path} describes the export of another data base of the same '
                         f'name ({earlier["data_base"]}), which this one would replace; move those '
-                        f'files away from results/, or rename this data base')
+                        f'files away, or rename this data base')
     return earlier
 
 
-def kept_exports(earlier, model_key, kind):
-    """The earlier description's exports in other formats that are still there and from the same weights."""
+def kept_exports(earlier, model_key, kind, description_path):
+    """The earlier description's exports in other formats that are still there (beside its
+    description_path) and from the same weights."""
     # none, or the run was trained again since: they are out of date
     if earlier.get('weights') != model_key:
         return {}
@@ -184,7 +188,7 @@ def kept_exports(earlier, model_key, kind):
         for other, entry in earlier['files'].items()
         if other != kind
         and isinstance(entry, dict)
-        and os.path.isfile(os.path.join('results', str(entry.get('file'))))
+        and os.path.isfile(os.path.join(os.path.dirname(description_path), str(entry.get('file'))))
     }
 
 

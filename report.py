@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from neighbours import top_k
+from runs import output_folder
 from runtime import UserError, atomic_dir, pyplot, remove_temporaries, save_figure
 from utils import load_index, parse_ranks, retrieval_metrics
 
@@ -43,8 +44,9 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
     name = f'{os.path.basename(data_base_path)[:-len(".pth")]}_report'
     # results/<run name>, whose statistics lie beside
     run = re.sub(r'_\d+_data_base\.pth$', '', data_base_path)
-    remove_temporaries('results', f'{name}.')  # left by a report killed while it was written
-    with atomic_dir(os.path.join('results', name)) as folder:
+    results = output_folder(data_base_path)  # the run's results/, where the data base lies
+    remove_temporaries(results, f'{name}.')  # left by a report killed while it was written
+    with atomic_dir(os.path.join(results, name)) as folder:
         missing = draw_queries(found, folder, framed, draw_row)
         curves = f'{run}_statistics.png'
         if os.path.isfile(curves):
@@ -74,7 +76,8 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
                 )
             )
     print(
-        f'wrote the report on {len(found["labels"])} queries to results/{name}/index.html (it opens'
+        f'wrote the report on {len(found["labels"])} queries to {results}/{name}/index.html (it'
+        ' opens'
         ' offline)'
     )
 

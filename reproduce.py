@@ -10,10 +10,10 @@ The grid: each data set found under --data_path (car, cub, sop, inshop) x each b
 such as vit_small_dino) x each loss of --losses (by default proxy_anchor; any train.py --loss_name)
 x each seed of --seeds (by default 1), with train.py's defaults, which are the seed's
 hyper-parameters; SOP is evaluated at Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the
-ranks their results are quoted at. Every run is started with --resume, so running this again after
-an interruption continues the unfinished configuration from its checkpoint, and one whose statistics
-CSV already reaches the final epoch is not trained again. Any other flag is passed on to every
-train.py run (say --amp, --num_workers 4 or --margin 0.2).
+ranks their results are quoted at. A run with a checkpoint is started with --resume, so running
+this again after an interruption continues the unfinished configuration from its checkpoint, and
+one whose statistics CSV already reaches the final epoch is not trained again. Any other flag is
+passed on to every train.py run (say --amp, --num_workers 4 or --margin 0.2).
 
 The table reports each run's final epoch, never its best one: picking the best epoch by its test
 score is feedback from the test set. Runs of the same configuration on other prepared data sets
@@ -100,7 +100,6 @@ def train_flags(data_path, data_name, backbone, seed, extra, loss=LOSS):
         backbone,
         '--loss_name',
         loss,
-        '--resume',
     ]
     ranks = BENCHMARKS[data_name].ranks if data_name in BENCHMARKS else DEFAULT_RANKS
     if ranks != DEFAULT_RANKS:
@@ -171,7 +170,10 @@ def commands(data_path, extra, results='results', backbones=PUBLISHED_BACKBONES,
             if done >= epochs:
                 print(f'# {name} already reached epoch {done}: not trained again')
                 continue
-            grid.append((f'train {name}', [sys.executable, os.path.join(ROOT, 'train.py')] + flags))
+            # --resume continues a run that saved an epoch, and is refused where none did
+            resume = ['--resume'] * os.path.isfile(os.path.join(results, f'{name}_checkpoint.pth'))
+            grid.append((f'train {name}',
+                         [sys.executable, os.path.join(ROOT, 'train.py')] + flags + resume))
     return grid
 
 

@@ -29,8 +29,11 @@ all, the checkpoint last. Under results/:
   tensorboard/<run>/           with --tensorboard: the same figures, the learning rates, images/s
   .<run>.lock                  held while the run trains (runtime.exclusive_run)
 """
+import difflib
+import glob
 import hashlib
 import os
+import re
 from typing import NamedTuple, Optional
 
 import pandas as pd
@@ -46,6 +49,8 @@ EARLIER_RUN = {'crop_type': 'uncropped', 'recalls': '1,2,4,8'}
 # the flags that named runs before every recipe flag did: such a run's files may carry that name
 OLD_NAMED_FLAGS = ('scale', 'margin', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step',
                    'lr_gamma', 'seed', 'val_fraction')
+# folders (os.pathsep-separated) where --data_base names are looked for after ./results/
+RESULTS_VARIABLE = 'PP_RESULTS'
 CHECKPOINT_KEYS = {'model', 'optimizer', 'scheduler', 'epoch', 'args', 'rng', 'statistics'}
 
 
@@ -138,12 +143,37 @@ class DataBase(NamedTuple):
 
     @staticmethod
     def find(name):
-        """The data base file: the path as given, else the same name under results/."""
-        for path in (name, os.path.join('results', name)):
-            if os.path.isfile(path):
-                return path
-        raise UserError(f'data base {name} was found neither as given nor under results/; train.py '
-                        f'writes {DATA_BASE_FILE}, so train a model first')
+        """The data base file `name` means, as --data_base takes it: a path; else, in each of
+        results_folders(), a file name, a run name (its newest epoch's data base) or an unambiguous
+        prefix of one (the newest data base among those of the run it names). Not found, it is a
+        UserError that says where it looked and names the data bases there, closest first."""
+        if os.path.isfile(name):
+            return name
+        folders = results_folders()
+        for folder in folders:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        found = {path: run_of(path) for folder in folders for path in
+                 sorted(glob.glob(os.path.join(glob.escape(folder), '*_data_base.pth')))}
+        # the run of that name, else the one run whose name starts so
+        for matching in ({path: run for path, run in found.items() if run == name},
+                         {path: run for path, run in found.items() if run.startswith(name)}):
+            if len(set(matching.values())) > 1:
+                raise UserError(f'--data_base {name} could mean the data base of any of the runs '
+                                f'{", ".join(sorted(set(matching.values())))}; pass more of the '
+                                f'name')
+            if matching:  # the newest epoch of the run, then the newest file
+                return max(matching, key=lambda path: (epoch_of(path), os.path.getmtime(path)))
+        where = ', '.join(folders) or 'none exists'
+        names = {os.path.basename(path) for path in found} | set(found.values())
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0)
+        exist = (f'; the closest that exist: {", ".join(close)}' if close else
+                 f'; none holds a data base: train.py writes {DATA_BASE_FILE}, so train a model '
+                 f'first')
+        raise UserError(f'data base {name} was found neither as given nor under results/ as a '
+                        f'file, run name or prefix of one (looked in the working folder\'s results/, '
+                        f'the folders ${RESULTS_VARIABLE} lists, then the repository\'s results/: '
+                        f'{where}){exist}')
 
     @classmethod
     def open(cls, name, data_path=None):
@@ -173,6 +203,40 @@ class DataBase(NamedTuple):
             raise UserError(f'the images of data base {path} are not {where} (there is no '
                             f'{missing}); if they moved, pass the folder that now holds '
                             f'{self.data_name}/ as --data_path')
+
+
+def results_folders():
+    """Where a --data_base name is looked for, each once, in this order: results/ of the working
+    folder, the folders $PP_RESULTS lists, and results/ beside these scripts, where train.py writes
+    when run from the repository; only those that exist."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+    listed = [folder for folder in os.environ.get(RESULTS_VARIABLE, '').split(os.pathsep) if folder]
+    folders = []
+    for folder in ['results', *listed, here]:
+        if os.path.isdir(folder) and not any(os.path.samefile(folder, seen) for seen in folders):
+            folders.append(folder)
+    return folders
+
+
+def run_of(path):
+    """The run name of a data base file: its file name without _<epoch>_data_base.pth."""
+    return re.sub(r'(_\d+)?_data_base\.pth$', '', os.path.basename(path))
+
+
+def epoch_of(path):
+    """The epoch in a data base's file name (0 where it has none)."""
+    found = re.search(r'_(\d+)_data_base\.pth$', os.path.basename(path))
+    return int(found.group(1)) if found else 0
+
+
+def output_folder(data_base_path):
+    """Where test.py and export.py write what they make of a data base: the results/ folder it lies
+    in (its run's, wherever the script runs), else results/ of the working folder."""
+    folder = os.path.dirname(os.path.abspath(data_base_path))
+    if os.path.basename(folder) != 'results' or (
+            os.path.isdir('results') and os.path.samefile(folder, 'results')):
+        return 'results'
+    return folder
 
 
 def new_data_base(splits, proxies, epoch, data_path, weights, run):
@@ -313,6 +377,46 @@ def refuse_renamed_run(old, new, recipe):
         raise UserError(f'this run was written as {old} before every recipe flag named runs; to '
                         f'resume it, rename its files: for f in results/{old}_*; do mv "$f" '
                         f'"results/{new}${{f#results/{old}}}"; done')
+
+
+def refuse_resume_without_checkpoint(path, recipe):
+    """The UserError of --resume where this run has no checkpoint (at path): --resume continues a
+    run, so it names the checkpoints of the same data set and backbone, with the flags in which
+    each differs from this run's recipe ({flag: (value, default)}), fewest first."""
+    data_name, backbone = recipe['data_name'][0], recipe['backbone_type'][0]
+    pattern = glob.escape(f'{data_name}_{backbone_file_name(backbone)}_') + '*_checkpoint.pth'
+    near = []
+    for other in glob.glob(os.path.join('results', pattern)):
+        saved = saved_args(other)
+        if saved is not None and (saved.get('data_name'), saved.get('backbone_type')) == (
+                data_name, backbone):
+            changes = recipe_changes(saved, recipe)
+            near.append((len(changes), other, ', '.join(
+                flag_words(flag, value) for flag, value in changes) or 'no recipe flag'))
+    listed = '; '.join(f'{other} (its {changes})' for _, other, changes in sorted(near)[:5])
+    close = (f'; the checkpoints of {data_name} and {backbone} differ in their flags: {listed}, so '
+             f'resume one with its flags' if near else '')
+    raise UserError(f'--resume continues a run, but there is no {path} (no epoch of this run was '
+                    f'saved){close}; leave out --resume to start this run')
+
+
+def saved_args(path):
+    """The settings a checkpoint holds (only they are read: the file is mapped), or None for a
+    file that is no checkpoint train.py wrote."""
+    try:
+        saved = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # any unreadable file is simply not listed
+        return None
+    args = saved.get('args') if isinstance(saved, dict) else None
+    return args if isinstance(args, dict) else None
+
+
+def flag_words(flag, value):
+    """A flag as a command line has it: --batch_size 16, --no_pretrained; 'no --amp' for a switch
+    that is off."""
+    if isinstance(value, bool):
+        return f'--{flag}' if value else f'no --{flag}'
+    return f'--{flag} {flag_value(value)}'
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,7 +44,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_main(main):
-    """Run a script's main(), turning a UserError into one sentence on stderr and exit status 1."""
+    """Run a script's main(), turning a UserError into one sentence on stderr and exit status 1,
+    and Ctrl-C into exit status 130 (with what the script said of it); each line printed shows at
+    once, also through a pipe (| tee log)."""
+    if hasattr(sys.stdout, 'reconfigure'):  # not pytest's capture
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         main()
     except UserError as error:
@@ -54,8 +58,11 @@ def run_main(main):
             message = message.rstrip().rsplit(f'{type(error).__name__}: ', 1)[-1]  # or a subclass's
         sys.stderr.write(f'error: {message}\n')
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.stderr.write('interrupted\n')
+    except KeyboardInterrupt as interrupt:
+        # the script may say what was saved and how to go on; written at once, for a pipe (tee)
+        with contextlib.suppress(OSError):  # the pipe's reader may have died of the same Ctrl-C
+            sys.stderr.write(f'interrupted; {interrupt}\n' if interrupt.args else 'interrupted\n')
+            sys.stderr.flush()
         sys.exit(130)
 
 
@@ -198,8 +205,9 @@ class RunLock:
     once.
 
     fcntl.flock: the kernel releases it when its holder dies, even by SIGKILL, so a crashed run
-    never blocks the next one. The file names its holder, for the refusal, and is removed on
-    release.
+    never blocks the next one. A forked child (a DataLoader worker) closes its copy at once: it
+    would otherwise hold the lock until it noticed its parent's death, seconds later. The file
+    names its holder, for the refusal, and is removed on release.
     """
 
     def __init__(self, path):
@@ -207,17 +215,25 @@ class RunLock:
         self.made_folder = False
 
     def acquire(self):
-        """Take the lock; returns None, or a description of the process that holds it."""
+        """Take the lock; returns None, or a description of the live process that holds it."""
         self.made_folder = not os.path.isdir(self.folder)
         os.makedirs(self.folder, exist_ok=True)
+        deadline = time.monotonic() + DEAD_HOLDER_WAIT
         while True:
+            # os.open's descriptors are close-on-exec: a program the run starts never holds it
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 1000).decode(errors='replace').strip() or 'a process starting up'
                 os.close(fd)
-                return holder
+                if not holder_ended(holder):
+                    return holder
+                # its holder has died; the kernel drops the lock once its last copy is closed
+                if time.monotonic() > deadline:
+                    return 'a process left behind by a run that has ended'
+                time.sleep(0.05)
+                continue
             # the holder may have removed the file between our open and our lock: then lock the new
             # one
             try:
@@ -230,7 +246,14 @@ class RunLock:
         os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}'
                  .encode())
         self.fd = fd
+        os.register_at_fork(after_in_child=self.close_in_child)
         return None
+
+    def close_in_child(self):
+        """In a forked child, close its copy of the lock: only the process that took it holds it."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def release(self):
         """Remove the file, then drop the lock; a folder made for it and left empty (a run that
@@ -242,6 +265,32 @@ class RunLock:
         if self.made_folder:
             with contextlib.suppress(OSError):  # not empty: the run wrote its outputs there
                 os.rmdir(self.folder)
+
+
+# how long a lock whose holder has died may take to be dropped (its last copy closed) before the
+# refusal says so
+DEAD_HOLDER_WAIT = 10
+
+
+def holder_ended(holder):
+    """Whether the process a lock file names ('pid N on HOST, ...') has ended: only one on this
+    host can be checked; a zombie (killed, not yet waited for) has ended too."""
+    found = re.match(r'pid (\d+) on (\S+),', holder)
+    if found is None or found.group(2) != socket.gethostname():
+        return False
+    try:
+        with open(f'/proc/{found.group(1)}/stat') as file:
+            return file.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
 
 
 @contextlib.contextmanager

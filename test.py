@@ -11,7 +11,7 @@ from torchvision.transforms.v2.functional import to_pil_image
 import gallery
 from neighbours import top_k
 from report import write_report
-from runs import DataBase, load_model
+from runs import RESULTS_VARIABLE, DataBase, load_model, output_folder
 from runtime import ArgumentParser, UserError, atomic_dir, pyplot, remove_temporaries, run_main
 from utils import embed_files, image_files, read_image, unreadable_line
 
@@ -27,10 +27,19 @@ def get_args_parser():
     parser.add_argument('--query_img_name', default='/home/data/car/uncropped/008055.jpg', type=str, nargs='+',
                         help='query image name: test images of the data base, any image files, or '
                              'folders of them (every image below each); the model and data base '
-                             'load once, and each query gets its own folder under results/')
+                             'load once, and each query gets its own folder in the call\'s '
+                             '--output_dir')
     parser.add_argument('--data_base', default='car_resnet50_proxy_anchor_512_20_data_base.pth', type=str,
-                        help='queried database (a path, or a file name under results/)')
+                        help='queried database: a path, or a file name, a run name (its newest '
+                             'epoch) or an unambiguous prefix of one, looked for in results/, '
+                             f'the folders ${RESULTS_VARIABLE} lists and the repository\'s '
+                             f'results/')
     parser.add_argument('--retrieval_num', default=8, type=int, help='retrieval number')
+    parser.add_argument('--output_dir', default=None, type=str,
+                        help='the folder each query\'s results go to, one folder per query, none '
+                             'of them replaced; by default a new numbered folder per call, '
+                             '<data base name>_queries/<n>/, in the results/ folder the data base '
+                             'lies in')
     parser.add_argument('--data_path', default=None, type=str,
                         help="the folder that holds the data base's data set now, if it has moved "
                              "since training (the one holding <data_name>/); by default the data "
@@ -92,11 +101,11 @@ def embed_query(query, data_base, model):
     return None if unreadable else features[0]  # (D,)
 
 
-def gallery_store_path(folder, model_path):
-    """results/<model>_gallery_<folder hash>/: one store per model file and folder."""
+def gallery_store_path(folder, model_path, results):
+    """<results>/<model>_gallery_<folder hash>/: one store per model file and folder."""
     digest = hashlib.sha1(os.path.realpath(folder).encode()).hexdigest()[:12]
     stem = os.path.basename(model_path)[:-len('.pth')]
-    return os.path.join('results', f'{stem}_gallery_{digest}')
+    return os.path.join(results, f'{stem}_gallery_{digest}')
 
 
 def gallery_images(folder):
@@ -122,7 +131,7 @@ def search_gallery(args, queries, data_base, data_base_path):
     for query, inside, known in found:
         if inside is None and known is None and not os.path.isfile(query):
             raise UserError(f'query image {query} does not exist; pass an image file')
-    path = gallery_store_path(args.gallery, model_path)
+    path = gallery_store_path(args.gallery, model_path, output_folder(data_base_path))
     if os.path.isfile(f'{path}.pth'):
         print(f'{path}.pth is a gallery cache of an older version, no longer read; delete it')
     with gallery.open_store(path, model_path, model.embedding.out_features) as store:
@@ -236,7 +245,7 @@ def search_data_base(args, queries, data_base, data_base_path):
 
 
 def main():
-    """Find each query's nearest neighbours and write them under results/<query name>/."""
+    """Find each query's nearest neighbours and write them into this call's folder."""
     args = get_args_parser().parse_args()
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
@@ -244,24 +253,33 @@ def main():
     if args.report:  # the whole test set instead of one query
         return write_report(args, data_base, data_base_path, framed, draw_row)
     queries = query_files(args.query_img_name)
+    others = queries if len(queries) > 1 else ()
+    if args.output_dir is not None:  # refused before anything is searched or written
+        for query in queries:
+            refuse_earlier_result(os.path.join(args.output_dir,
+                                               output_name(query, data_base, others)))
     if args.gallery is not None:  # a folder of photos without labels
         searches = search_gallery(args, queries, data_base, data_base_path)
     # the test set, or the gallery of a data set evaluated queries against a gallery (In-shop)
     else:
         data_base.check_images_exist(data_base_path, args.data_path)
         searches = search_data_base(args, queries, data_base, data_base_path)
-    skipped = []
+    skipped, folder = [], args.output_dir
     for query_path, query_label, ranked in searches:
         if ranked is None:
             skipped.append(query_path)
             continue
-        name = output_name(query_path, data_base, queries if len(queries) > 1 else ())
-        write_results(query_path, ranked, name)
+        if folder is None:  # made for the first result: a call that writes nothing makes none
+            folder = new_call_folder(data_base_path)
+        name = output_name(query_path, data_base, others)
+        refuse_earlier_result(os.path.join(folder, name))
+        write_results(query_path, ranked, os.path.join(folder, name))
         print_results(query_path, ranked)
         hits = sum(correct is True for *_, correct in ranked)
         summary = f', {hits} of the same class' if query_label is not None else ''
         searched = f' in {args.gallery}' if args.gallery is not None else ''
-        print(f'wrote the query and its {len(ranked)} nearest images{searched}{summary} to results/{name}/')
+        print(f'wrote the query and its {len(ranked)} nearest images{searched}{summary} to '
+              f'{os.path.join(folder, name)}/', flush=True)
     if skipped and len(skipped) == len(queries):
         raise UserError(f'no query could be read: {", ".join(skipped)} (missing, truncated or not '
                         f'an image); pass image files')
@@ -269,14 +287,39 @@ def main():
         print(unreadable_line(skipped, 'query image'))
 
 
-def write_results(query_path, ranked, name):
-    """results/<name>/: the query, each result framed and named by its rank and similarity, the row
-    of them all (retrieval.png) and results.csv, written whole. ranked: [(rank, path, similarity,
-    same class or None)]."""
-    results = [(framed(path, correct), rank, similarity, correct) for rank, path, similarity, correct in ranked]
+def refuse_earlier_result(path):
+    """A UserError if a query's folder `path` exists: an earlier result is never replaced."""
+    if os.path.exists(path):
+        raise UserError(f'{path} holds an earlier result, which test.py never replaces; pass '
+                        f'another --output_dir, or leave it out for a new folder')
+
+
+def new_call_folder(data_base_path):
+    """A new folder for this call's queries, <results>/<data base name>_queries/<n>/ with n one
+    above the highest so far: made here, so two calls at once never share one."""
+    name = os.path.basename(data_base_path)
+    for ending in ('_data_base.pth', '.pth'):
+        name = name[:-len(ending)] if name.endswith(ending) else name
+    parent = os.path.join(output_folder(data_base_path), f'{name}_queries')
+    os.makedirs(parent, exist_ok=True)
+    number = 1 + max((int(entry) for entry in os.listdir(parent) if entry.isdigit()), default=0)
+    while True:
+        try:
+            os.mkdir(os.path.join(parent, str(number)))
+            return os.path.join(parent, str(number))
+        except FileExistsError:  # another call took it first
+            number += 1
+
+
+def write_results(query_path, ranked, path):
+    """The folder `path`: the query, each result framed and named by its rank and similarity, the
+    row of them all (retrieval.png) and results.csv, written whole. ranked: [(rank, path,
+    similarity, same class or None)]."""
+    results = [(framed(image, correct), rank, similarity, correct)
+               for rank, image, similarity, correct in ranked]
     # left by a run killed while writing this query's folder
-    remove_temporaries('results', f'{name}.')
-    with atomic_dir(os.path.join('results', name)) as folder:
+    remove_temporaries(os.path.dirname(path), f'{os.path.basename(path)}.')
+    with atomic_dir(path) as folder:
         query_image = framed(query_path, border=False)
         query_image.save(os.path.join(folder, 'query_img.jpg'))
         for image, rank, similarity, _ in results:

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import sys
 import time
 from typing import NamedTuple
 
@@ -248,15 +249,36 @@ def main(watch=None):
     ranks, entry = check_args(args, parser)
     device, rank, world = setup_device()
     prefix, watch = prefix_of(args), Watch() if watch is None else watch
+    started = time.time()
     try:
         with exclusive_run(prefix, rank, world):
             train(args, prefix, ranks, entry, device, rank, world, watch)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted(args, prefix, started, world)) from None
     except torch.OutOfMemoryError:
         raise UserError(f'{device} ran out of memory with --batch_size {args.batch_size}; try a smaller one, such '
                         f'as --batch_size {max(1, args.batch_size // 2)}, or add --amp') from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def interrupted(args, prefix, started, world):
+    """What Ctrl-C leaves: the epoch this run saved last (its checkpoint, if this run resumed it or
+    wrote it since `started`) and the command that continues it, or that no epoch was saved yet."""
+    path = runs.checkpoint_path(prefix)
+    epoch = None
+    if os.path.isfile(path) and (args.resume or os.path.getmtime(path) >= started):
+        # mapped, not read: only the epoch is wanted
+        epoch = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['epoch']
+    again = [arg for arg in sys.argv[1:] if arg != '--resume']
+    if epoch is not None:
+        again.append('--resume')
+    command = shlex.join(['python', sys.argv[0], *again]) if world == 1 else (
+        f'your torchrun command{" with --resume" if epoch is not None else ""}')
+    if epoch is None:
+        return f'no epoch of {prefix} was saved yet; start it again with: {command}'
+    return f'epoch {epoch} of {prefix} is saved in {path}; continue it with: {command}'
 
 
 class Watch:
@@ -332,7 +354,7 @@ def train(args, prefix, ranks, entry, device, rank, world, watch):
         last = f'results/{prefix}_{args.num_epochs}'
         print(f'wrote {last}_data_base.pth, {last}_model.pth (epoch {args.num_epochs}) and '
               f'results/{prefix}_statistics.csv; see a retrieval: python test.py --data_base '
-              f'{last}_data_base.pth --query_img_name {shlex.quote(run.splits["test"].images[0])}')
+              f'{prefix} --query_img_name {shlex.quote(run.splits["test"].images[0])}')
 
 
 def set_up(args, prefix, ranks, entry, device, rank, world):
@@ -449,10 +471,9 @@ def resume(args, prefix, model, loss_criterion, optimizer, scheduler, columns, r
         return checkpoint['epoch'] + 1, {column: checkpoint['statistics'][column] for column in columns}
     if args.resume:
         runs.refuse_renamed_run(prefix_of(args, runs.OLD_NAMED_FLAGS), prefix, recipe_of(args))
+        runs.refuse_resume_without_checkpoint(path, recipe_of(args))
     if rank == 0:
-        if args.resume:
-            print(f'no checkpoint at {path}, so training starts at epoch 1')
-        elif os.path.exists(path):
+        if os.path.exists(path):
             print(f'{path} holds an earlier run, which this one replaces after its first epoch; '
                   f'stop now and add --resume to continue that run instead')
     return 1, {column: [] for column in columns}

@@ -3,6 +3,7 @@
 In-process runs skip the seconds of importing torch that a subprocess costs; they go through the same
 runtime.run_main as `python <script>.py`, so an exception other than UserError still fails the test loudly.
 """
+import glob
 import importlib.util
 import os
 import re
@@ -41,3 +42,17 @@ def temporaries(folder):
     """Temporary files or folders atomic_path/atomic_dir left anywhere under `folder`."""
     return [os.path.join(parent, name) for parent, folders, files in os.walk(folder)
             for name in folders + files if name.startswith('.') and name.endswith('.tmp')]
+
+
+def query_folder(results, name):
+    """<results>/<data base name>_queries/<n>/<name>: the folder of query `name` from test.py's newest call
+    that wrote one."""
+    calls = sorted(glob.glob(os.path.join(glob.escape(str(results)), '*_queries', '*', glob.escape(name))),
+                   key=lambda path: int(os.path.basename(os.path.dirname(path))))
+    assert calls, f'test.py wrote no query {name} under {results}'
+    return type(results)(calls[-1]) if not isinstance(results, str) else calls[-1]
+
+
+def wrote_query(out, name):
+    """Whether test.py's output says it wrote query `name` into a call's folder under a results/."""
+    return re.search(rf' to (\S*/)?results/\S*_queries/\d+/{re.escape(name)}/$', out, re.M) is not None

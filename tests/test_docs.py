@@ -19,7 +19,7 @@ from typing import NamedTuple
 import pytest
 
 from conftest import ROOT
-from script_runner import load_script
+from script_runner import load_script, query_folder
 
 spec = importlib.util.spec_from_file_location('docs_flags', os.path.join(ROOT, 'docs', 'flags.py'))
 flags = importlib.util.module_from_spec(spec)
@@ -217,9 +217,8 @@ def test_every_command_is_accepted_by_its_scripts_parser():
 def test_the_quick_start_runs(script, tmp_path, small_crops):
     lines = code_block('README.md', QUICK_START, 'bash').strip().split('\n')
     assert lines[0] == 'pip install -r requirements.txt'
-    train, test = (line.replace('--num_epochs 3', '--num_epochs 1').replace('_3_data_', '_1_data_')
-                   for line in lines[1:])
-    assert '--num_epochs 1' in train and '_1_data_base' in test
+    train, test = (line.replace('--num_epochs 3', '--num_epochs 1') for line in lines[1:])
+    assert '--num_epochs 1' in train
     status, out, err = script('train', *shlex.split(train)[2:], cwd=tmp_path)
     assert status == 0, err
     printed = code_block('README.md', QUICK_START, 'text').split('\n')
@@ -228,7 +227,14 @@ def test_the_quick_start_runs(script, tmp_path, small_crops):
     status, out, err = script('test', *shlex.split(test)[2:], cwd=tmp_path)
     assert status == 0, err
     assert 'wrote the query and its 8 nearest images' in out
-    assert (tmp_path / 'results' / 'digit_7_0003' / 'retrieval.png').is_file()
+    assert (query_folder(tmp_path / 'results', 'digit_7_0003') / 'retrieval.png').is_file()
+    # the Report section's command names a data base the quick start leaves
+    report = [line for block in code_blocks('README.md') for line in block.code.split('\n')
+              if line.startswith('python test.py') and '--report' in line]
+    assert len(report) == 1
+    status, out, err = script('test', *shlex.split(report[0])[2:], cwd=tmp_path)
+    assert status == 0, err
+    assert 'wrote the report on 200 queries' in out
 
 
 # --------------------------------------------------------------------------------------------------

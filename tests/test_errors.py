@@ -2,6 +2,7 @@
 nothing half-written: every script's refusals, a table per script of the command lines it
 refuses, then the damaged inputs it meets. A refusal that only a scenario of its own reaches (a
 poisoned file, a --resume, a query of a trained run) is tested beside that scenario."""
+import glob
 import os
 import re
 import shutil
@@ -534,7 +535,7 @@ def test_gallery_without_images_is_one_sentence(script, run, tmp_path, content):
                 'no folder': f'--gallery {folder} is not a folder',
                 'only the query': f'--gallery {folder} holds no readable image other than the query'}[content]
     assert line.startswith(f'error: {expected}')
-    assert not os.path.exists(run_folder / 'results' / 'q')
+    assert not glob.glob(str(run_folder / 'results' / '*_queries' / '*' / 'q'))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

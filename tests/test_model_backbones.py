@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 import model as model_module
 from conftest import Pairs
 from model import Model
-from script_runner import error_sentence, load_script
+from script_runner import error_sentence, load_script, query_folder
 import utils
 from utils import LOSSES, UserError
 
@@ -278,7 +278,8 @@ def test_vit_small_dino_trains_resumes_and_retrieves(script, tmp_path, prepared)
     status, out, err = script('test', '--data_base', f'{prefix}_2_data_base.pth', '--query_img_name', query,
                               '--retrieval_num', '3', cwd=tmp_path)
     assert status == 0, err
-    assert 'nearest images' in out and (tmp_path / 'results' / os.path.basename(query)[:-4] / 'retrieval.png').exists()
+    assert 'nearest images' in out
+    assert (query_folder(tmp_path / 'results', os.path.basename(query)[:-4]) / 'retrieval.png').exists()
 
     photo = tmp_path / 'photo.png'
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(photo)
@@ -286,7 +287,8 @@ def test_vit_small_dino_trains_resumes_and_retrieves(script, tmp_path, prepared)
                               '--retrieval_num', '8', cwd=tmp_path)
     assert status == 0, err
     # test.py rebuilt the ViT from the data base's flags: its similarities are the saved model's
-    written = sorted(float(name.split('_')[3][:-4]) for name in os.listdir(tmp_path / 'results' / 'photo')
+    folder = query_folder(tmp_path / 'results', 'photo')
+    written = sorted(float(name.split('_')[3][:-4]) for name in os.listdir(folder)
                      if name.startswith('retrieval_img_'))
     net = Model('vit_small_dino', 8, data_base['proxies'].size(0), pretrained=False).eval()
     net.load_state_dict(torch.load(tmp_path / 'results' / f'{prefix}_2_model.pth', weights_only=True))

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import ROOT, make_cub
 from model import Model
+from script_runner import query_folder
 from utils import read_image, retrieval_metrics
 from utils import test_transform as eval_transform  # aliased: pytest would collect a test_* name
 
@@ -198,7 +199,7 @@ def test_query_from_the_data_base(trained):
     labels = data_base['test_labels'].tolist()
     correct = [labels[i] == labels[query] for i in order]
     assert correct == [True, False, True]  # both border colours are checked
-    folder = results(trained, os.path.splitext(os.path.basename(query_path))[0])
+    folder = str(query_folder(results(trained), os.path.splitext(os.path.basename(query_path))[0]))
     check_retrieval(folder, order, similarities, data_base['test_images'], correct, trained)
 
 
@@ -219,5 +220,5 @@ def test_query_outside_the_data_base_is_embedded_with_the_saved_model(trained):
     query_feature = F.normalize(query_feature.double(), dim=0)
     similarities = (features @ query_feature).tolist()
     order = sorted(range(6), key=lambda i: -similarities[i])[:4]
-    folder = results(trained, os.path.splitext(os.path.basename(query_path))[0])
+    folder = str(query_folder(results(trained), os.path.splitext(os.path.basename(query_path))[0]))
     check_retrieval(folder, order, similarities, data_base['test_images'], [None] * 4, trained)

@@ -12,7 +12,7 @@ from PIL import Image
 import data_utils
 import utils
 from conftest import make_inshop, make_folder, write_image
-from script_runner import error_sentence, load_script
+from script_runner import error_sentence, load_script, query_folder, temporaries, wrote_query
 
 PREFIX = 'inshop_googlenet_proxy_anchor_16_no_pretrained_batch_size3'
 INSHOP_RANKS = [1, 10, 20, 30, 40]
@@ -267,8 +267,8 @@ def test_inshop_query_ranks_the_gallery(script, inshop_run, query_from):
     assert f'wrote the query and its {len(order)} nearest images, {hits} of the same class' in out
     # every item has the same file names: the folder is named by the item too, so queries never overwrite each other
     item, stem = query.split(os.sep)[-2], os.path.splitext(os.path.basename(query))[0]
-    assert f'to results/{item}_{stem}/' in out
-    found = results_of(run / 'results' / f'{item}_{stem}')
+    assert wrote_query(out, f'{item}_{stem}')
+    found = results_of(query_folder(run / 'results', f'{item}_{stem}'))
     query_degree = 8.0 if query_from == 'query' else 20.0
     assert [rank for rank, _, _ in found] == list(range(1, len(order) + 1))
     for (rank, similarity, path), position in zip(found, order):
@@ -285,6 +285,7 @@ def test_inshop_outside_image_ranks_the_gallery(script, inshop_run, tmp_path):
     status, out, err = script('test', '--query_img_name', query, '--data_base', f'{PREFIX}_1_data_base.pth',
                               '--retrieval_num', 10, cwd=run)
     assert status == 0, err
-    assert 'wrote the query and its 4 nearest images to results/my_shirt/' in out  # the 4 gallery images
-    for _, _, path in results_of(run / 'results' / 'my_shirt'):
+    assert 'wrote the query and its 4 nearest images to results/' in out  # the 4 gallery images
+    assert wrote_query(out, 'my_shirt')
+    for _, _, path in results_of(query_folder(run / 'results', 'my_shirt')):
         assert np.abs(border(path) - (128, 128, 128)).max() < 40

@@ -20,6 +20,7 @@ from adamp import AdamP
 from PIL import Image
 
 from model import Model
+from script_runner import query_folder
 from utils import ImageReader
 
 PREFIX = 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4_warm_up1'
@@ -131,7 +132,7 @@ def test_test_py_searches_an_earlier_data_base(script, earlier, tmp_path, small_
     assert status == 0, err
     assert 'nearest images, ' in out and 'of the same class' in out
     query_name = os.path.splitext(os.path.basename(known))[0]
-    frame = pd.read_csv(work / 'results' / query_name / 'results.csv')
+    frame = pd.read_csv(query_folder(work / 'results', query_name) / 'results.csv')
     features = F.normalize(data_base['test_features'], dim=1)
     similarities = features @ features[1]
     similarities[1] = -2  # the query is not its own result
@@ -142,7 +143,7 @@ def test_test_py_searches_an_earlier_data_base(script, earlier, tmp_path, small_
     status, out, err = script('test', '--data_base', name, '--query_img_name',
                               photo(tmp_path / 'mine.png', 0), cwd=work)
     assert status == 0, err
-    assert (work / 'results' / 'mine' / 'results.csv').is_file()
+    assert (query_folder(work / 'results', 'mine') / 'results.csv').is_file()
 
     album = tmp_path / 'album'
     query = photo(album / 'a.png', 1)
@@ -151,7 +152,7 @@ def test_test_py_searches_an_earlier_data_base(script, earlier, tmp_path, small_
     status, out, err = script('test', '--data_base', name, '--query_img_name', query, '--gallery',
                               album, cwd=work)
     assert status == 0, err
-    found = pd.read_csv(work / 'results' / 'a' / 'results.csv')['path']
+    found = pd.read_csv(query_folder(work / 'results', 'a') / 'results.csv')['path']
     assert sorted(found) == [str(album / 'b.png'), str(album / 'c.png')]
 
 

@@ -15,7 +15,7 @@ import data_utils
 import model
 import utils
 from conftest import make_folder, train_in, write_album, write_image
-from script_runner import error_sentence, temporaries
+from script_runner import error_sentence, query_folder, temporaries, wrote_query
 
 PREFIX = 'pets_timm-resnet18_proxy_anchor_16_no_pretrained_batch_size4'
 EMBED = model.Model.embed
@@ -143,8 +143,8 @@ def test_gallery_embeds_once_and_again_only_what_changed(script, trained, indepe
     assert embedded[0] == 3 + 1  # the three photos (not notes.txt), then the query
     assert f'gallery {photos}: 3 images, 3 embedded now, 0 from results/{PREFIX}_1_model_gallery_' in out
     assert f'embedding {photos}: 100%' in err  # the progress bar
-    assert f'wrote the query and its 3 nearest images in {photos} to results/query/' in out
-    check_results(independent, trained / 'results' / 'query', query, images)
+    assert f'wrote the query and its 3 nearest images in {photos} to results/' in out and wrote_query(out, 'query')
+    check_results(independent, query_folder(trained / 'results', 'query'), query, images)
     caches = [name for name in os.listdir(trained / 'results') if '_gallery_' in name]
     assert len(caches) == 1 and not temporaries(str(trained / 'results'))
 
@@ -152,7 +152,7 @@ def test_gallery_embeds_once_and_again_only_what_changed(script, trained, indepe
     out, _ = gallery_run(script, trained, query, photos)
     assert embedded[0] == 1  # only the query: every photo comes from the cache
     assert f'gallery {photos}: 3 images, 0 embedded now, 3 from results/' in out
-    check_results(independent, trained / 'results' / 'query', query, images)
+    check_results(independent, query_folder(trained / 'results', 'query'), query, images)
 
     # a photo changed in place, one added and one removed
     Image.new('RGB', (50, 30), (0, 0, 255)).save(photos / 'holiday' / 'beach.jpg', format='JPEG')
@@ -166,14 +166,14 @@ def test_gallery_embeds_once_and_again_only_what_changed(script, trained, indepe
     out, _ = gallery_run(script, trained, query, photos)
     assert embedded[0] == 2 + 1
     assert f'gallery {photos}: 3 images, 2 embedded now, 1 from results/' in out
-    check_results(independent, trained / 'results' / 'query', query, images)
+    check_results(independent, query_folder(trained / 'results', 'query'), query, images)
 
     # a query inside the folder is not its own result, and its embedding is the cached one
     embedded[0] = 0
     out, _ = gallery_run(script, trained, photos / 'holiday' / 'day 2' / 'boat.png', photos)
     assert embedded[0] == 0
-    assert f'wrote the query and its 2 nearest images in {photos} to results/boat/' in out
-    check_results(independent, trained / 'results' / 'boat', photos / 'holiday' / 'day 2' / 'boat.png',
+    assert f'wrote the query and its 2 nearest images in {photos} to results/' in out and wrote_query(out, 'boat')
+    check_results(independent, query_folder(trained / 'results', 'boat'), photos / 'holiday' / 'day 2' / 'boat.png',
                   [images[0], images[2]])
 
     # the cache belongs to one model file: a model written anew (retrained under the same name) embeds all again
@@ -209,7 +209,7 @@ def test_unreadable_photos_are_skipped_counted_and_listed_in_one_line(script, tr
         assert len(skipped) == 1 and f'gallery {photos}: skipped 2 unreadable images' in skipped[0]
         assert str(truncated) in skipped[0] and str(fake) in skipped[0]
         assert f'gallery {photos}: 3 images' in out
-    check_results(independent, trained / 'results' / 'query', query,
+    check_results(independent, query_folder(trained / 'results', 'query'), query,
                   [photos / 'holiday' / 'beach.jpg', photos / 'holiday' / 'day 2' / 'boat.png', photos / 'scan.bmp'])
 
 
@@ -261,7 +261,7 @@ def test_results_are_printed_as_text(script, trained, photos, tmp_path):
     query = tmp_path / 'query.png'
     Image.new('RGB', (40, 40), (20, 120, 240)).save(query)
     out, _ = gallery_run(script, trained, query, photos, num=2)
-    table = pd.read_csv(trained / 'results' / 'query' / 'results.csv', keep_default_na=False)
+    table = pd.read_csv(query_folder(trained / 'results', 'query') / 'results.csv', keep_default_na=False)
     # the printed table's columns: rank, similarity, same class (empty: the gallery has no labels), path
     lines = [line for line in out.splitlines() if line[:6].strip().isdigit()]
     assert [(int(line[:6]), float(line[8:18]), line[20:30].strip(), line[32:]) for line in lines] == \
@@ -282,12 +282,12 @@ def test_index_flag_gives_the_exact_results_and_refuses_ivfpq_on_few_images(scri
     query = tmp_path / 'query.png'
     Image.new('RGB', (40, 40), (200, 120, 40)).save(query)
     gallery_run(script, trained, query, photos)
-    exact = (trained / 'results' / 'query' / 'results.csv').read_text()
+    exact = (query_folder(trained / 'results', 'query') / 'results.csv').read_text()
     status, out, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
                               '--index', 'hnsw', cwd=trained)
     assert status == 0, err
     assert 'index hnsw: built over 3 images' in out
-    assert (trained / 'results' / 'query' / 'results.csv').read_text() == exact
+    assert (query_folder(trained / 'results', 'query') / 'results.csv').read_text() == exact
     status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
                             '--index', 'ivfpq', cwd=trained)
     assert error_sentence(status, err) == ('error: --index ivfpq learns its codes from the gallery and needs at least '

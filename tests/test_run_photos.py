@@ -17,7 +17,7 @@ import runs
 import utils
 from conftest import TINY, make_cub, make_folder, train_in, write_image
 from model import Model
-from script_runner import error_sentence, load_script
+from script_runner import error_sentence, load_script, query_folder, wrote_query
 
 PREFIX = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4'
 DATA_BASE = f'{PREFIX}_1_data_base.pth'
@@ -240,7 +240,8 @@ def test_results_are_printed_and_written_as_csv_for_many_queries(script, run, tm
     features, labels = F.normalize(data_base['test_features'], dim=1), data_base['test_labels']
     similarities = features @ features[1]
     similarities[1] = -2
-    frame = pd.read_csv(elsewhere / 'results' / name / 'results.csv')
+    assert not (elsewhere / 'results').exists()  # written beside the run's data base
+    frame = pd.read_csv(query_folder(work / 'results', name) / 'results.csv')
     assert list(frame.columns) == ['rank', 'path', 'similarity', 'same_class']
     order = similarities.argsort(descending=True)[:3].tolist()
     assert frame['rank'].tolist() == [1, 2, 3]
@@ -248,21 +249,21 @@ def test_results_are_printed_and_written_as_csv_for_many_queries(script, run, tm
     np.testing.assert_allclose(frame['similarity'], similarities[order].numpy(), atol=1e-5)
     assert frame['same_class'].tolist() == [bool(labels[i] == labels[1]) for i in order]
     assert f'wrote the query and its 3 nearest images, {frame["same_class"].sum()} of the same class to ' \
-           f'results/{name}/' in out
+           f'{work / "results"}/' in out and wrote_query(out, name)
     for rank, path, similarity in zip(frame['rank'], frame['path'], frame['similarity']):
         assert any(line.split() == [str(rank), f'{similarity:.4f}', 'yes' if labels[data_base['test_images'].index(
             path)] == labels[1] else 'no', path] for line in out.splitlines())
 
     net = saved_model(model_path, data_base)
     for query, folder in zip(photos, ('2019_beach', '2020_beach')):
-        frame = pd.read_csv(elsewhere / 'results' / folder / 'results.csv', keep_default_na=False)
+        frame = pd.read_csv(query_folder(work / 'results', folder) / 'results.csv', keep_default_na=False)
         expected = F.normalize(data_base['test_features'], dim=1) @ F.normalize(
             independent_embedding(net, query), dim=0)
         np.testing.assert_allclose(frame['similarity'], expected.topk(3).values.numpy(), atol=2e-4)
         for path, similarity in zip(frame['path'], frame['similarity']):  # each path with its own similarity
             assert similarity == pytest.approx(expected[data_base['test_images'].index(path)].item(), abs=2e-4)
         assert frame['same_class'].tolist() == ['', '', '']  # a photo of one's own: its class is unknown
-        assert f'to results/{folder}/' in out
+        assert wrote_query(out, folder)
 
 
 def test_a_moved_run_and_data_folder(script, tmp_path, small_crops):
@@ -289,7 +290,8 @@ def test_a_moved_run_and_data_folder(script, tmp_path, small_crops):
                               moved / 'data' / relative, '--data_path', moved / 'data', cwd=elsewhere)
     assert status == 0, err
     assert 'of the same class' in out  # recognised as the data base image it is: its class is known
-    frame = pd.read_csv(elsewhere / 'results' / os.path.splitext(os.path.basename(relative))[0] / 'results.csv')
+    frame = pd.read_csv(query_folder(moved / 'results', os.path.splitext(os.path.basename(relative))[0]) /
+                        'results.csv')
     assert all(path.startswith(str(moved / 'data' / 'cub' / 'uncropped')) for path in frame['path'])
     assert all(os.path.isfile(path) for path in frame['path'])
 

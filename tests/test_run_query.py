@@ -13,7 +13,7 @@ import data_utils
 import utils
 from conftest import make_cub, train_in
 from model import Model
-from script_runner import error_sentence, temporaries
+from script_runner import error_sentence, query_folder, temporaries, wrote_query
 
 PREFIX = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4'
 DATA_BASE = f'{PREFIX}_1_data_base.pth'
@@ -61,8 +61,8 @@ def test_image_outside_the_data_base_is_embedded_and_retrieved(script, trained, 
     status, out, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--retrieval_num', 3,
                               cwd=trained)
     assert status == 0, err
-    assert 'wrote the query and its 3 nearest images to results/my_photo/' in out
-    folder = trained / 'results' / 'my_photo'
+    assert 'wrote the query and its 3 nearest images to results/' in out and wrote_query(out, 'my_photo')
+    folder = query_folder(trained / 'results', 'my_photo')
     assert sorted(os.listdir(folder))[:3] == ['query_img.jpg', 'results.csv', 'retrieval.png']
     similarities, _, _ = independent_similarities(trained, query)
     expected = similarities.topk(3).values.tolist()
@@ -88,8 +88,8 @@ def test_copy_of_a_data_base_image_retrieves_as_the_original(script, trained, tm
     status, _, err = script('test', '--query_img_name', copy, '--data_base', DATA_BASE, '--retrieval_num', 5,
                             cwd=trained)
     assert status == 0, err
-    known = written(trained / 'results' / os.path.splitext(os.path.basename(original))[0])
-    unknown = written(trained / 'results' / 'copy_of_it')
+    known = written(query_folder(trained / 'results', os.path.splitext(os.path.basename(original))[0]))
+    unknown = written(query_folder(trained / 'results', 'copy_of_it'))
     assert unknown[1] == pytest.approx(1.0, abs=1e-4)  # the original itself ranks first
     for rank in range(1, 5):
         assert unknown[rank + 1] == pytest.approx(known[rank], abs=2e-4)

@@ -20,7 +20,7 @@ from PIL import Image
 import data_utils
 import utils
 from conftest import make_cub, make_folder, train_in
-from script_runner import temporaries
+from script_runner import error_sentence, query_folder, temporaries
 from test_utils_metrics import gallery_rankings_of, ranked_metrics, ranked_per_query, rankings_of
 
 FLAGS = ('--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim', 16, '--batch_size', 4, '--num_workers',
@@ -207,7 +207,7 @@ def test_every_picture_the_page_shows_is_in_its_folder(script, cub_run, crafted)
     status, _, err = script('test', '--query_img_name', worst['image'][0], '--data_base', name, '--retrieval_num', K,
                             cwd=run)
     assert status == 0, err
-    drawn = run / 'results' / os.path.splitext(os.path.basename(worst['image'][0]))[0] / 'retrieval.png'
+    drawn = query_folder(run / 'results', os.path.splitext(os.path.basename(worst['image'][0]))[0]) / 'retrieval.png'
     with Image.open(drawn) as by_test, Image.open(folder / 'queries' / '1.png') as by_report:
         assert np.array_equal(np.asarray(by_test), np.asarray(by_report))
 

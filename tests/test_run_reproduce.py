@@ -47,9 +47,9 @@ def parse_command(argv):
     return os.path.basename(argv[1]), flags
 
 
-def train_run(data_name, backbone, *extra):
+def train_run(data_name, backbone, *extra, resume=False):
     flags = {'--data_path': 'data', '--data_name': data_name, '--backbone_type': backbone,
-             '--loss_name': 'proxy_anchor', '--resume': True}
+             '--loss_name': 'proxy_anchor', **({'--resume': True} if resume else {})}
     if data_name in ('sop', 'inshop'):
         flags['--recalls'] = {'sop': '1,10,100,1000', 'inshop': '1,10,20,30,40'}[data_name]
     for i in range(0, len(extra), 2):
@@ -78,9 +78,10 @@ def test_dry_run_covers_only_the_data_present_and_passes_other_flags_on(script, 
 def test_finished_configurations_are_not_run_again(script, tmp_path):
     data_folders(tmp_path, ['car'], prepared=['car'])
     fabricate(tmp_path, 'car', 'resnet50', epochs=20)  # finished
-    fabricate(tmp_path, 'car', 'googlenet', epochs=7)  # interrupted: resumes
+    fabricate(tmp_path, 'car', 'googlenet', epochs=7)  # interrupted: resumes from its checkpoint
+    (tmp_path / 'results' / 'car_googlenet_proxy_anchor_512_checkpoint.pth').write_bytes(b'')
     commands, comments = dry_run(script, tmp_path)
-    assert commands == [train_run('car', 'inception'), train_run('car', 'googlenet')]
+    assert commands == [train_run('car', 'inception'), train_run('car', 'googlenet', resume=True)]
     assert comments == ['# car_resnet50_proxy_anchor_512 already reached epoch 20: not trained again']
     commands, _ = dry_run(script, tmp_path, '--num_epochs', '25')  # a longer schedule trains it further
     assert commands[0] == train_run('car', 'resnet50', '--num_epochs', '25')

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_sop
-from script_runner import load_script
+from script_runner import load_script, query_folder
 
 PREFIX = 'sop_googlenet_proxy_anchor_16_no_pretrained_batch_size4_warm_up1'
 COLUMNS = ['train_loss', 'train_accuracy', 'test_recall@1', 'test_recall@10', 'test_recall@100', 'test_recall@1000',
@@ -84,6 +84,6 @@ def test_retrieval_of_a_sop_query_asks_for_more_than_there_is(trained):
     out = run('test', '--query_img_name', query, '--data_base', f'{PREFIX}_1_data_base.pth', '--retrieval_num', 10,
               cwd=cwd)
     assert 'its 8 nearest images, 2 of the same class' in out  # every other image, so both classmates
-    folder = cwd / 'results' / os.path.splitext(os.path.basename(query))[0]
+    folder = query_folder(cwd / 'results', os.path.splitext(os.path.basename(query))[0])
     ranks = sorted(int(name.split('_')[2]) for name in os.listdir(folder) if name.startswith('retrieval_img_'))
     assert ranks == list(range(1, 9))
