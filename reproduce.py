@@ -10,10 +10,11 @@ The grid: each data set found under --data_path (car, cub, sop, inshop) x each b
 such as vit_small_dino) x each loss of --losses (by default proxy_anchor; any train.py --loss_name)
 x each seed of --seeds (by default 1), with train.py's defaults, which are the seed's
 hyper-parameters; a backbone the Proxy-Anchor paper also published at 256 x 256 crops (BN-Inception
-on CARS196, CUB and SOP) is trained at --image_size 256 too, a row of its own; SOP is evaluated at Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the
-ranks their results are quoted at. Every run is started with --resume, so running this again after
-an interruption continues the unfinished configuration from its checkpoint, and one whose statistics
-CSV already reaches the final epoch is not trained again. Any other flag is passed on to every
+on CARS196, CUB and SOP) is trained at --image_size 256 too, a row of its own; SOP is evaluated at
+Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the ranks their results are quoted at.
+Every run is started with --resume, so running this again after an interruption continues the
+unfinished configuration from its checkpoint, and one whose statistics CSV already reaches the final
+epoch is not trained again. Any other flag is passed on to every
 train.py run (say --amp, --num_workers 4 or --margin 0.2).
 
 The table reports each run's final epoch, never its best one: picking the best epoch by its test
@@ -86,7 +87,8 @@ def rows(data_name, backbones, losses):
     """[(backbone, loss, image_size)] of a data set's table and grid: each backbone and loss at
     train.py's default size, then each backbone published at another size (Benchmark.sized)."""
     sized = BENCHMARKS[data_name].sized if data_name in BENCHMARKS else {}
-    return ([(backbone, loss, IMAGE_SIZE) for backbone, loss in itertools.product(backbones, losses)]
+    return ([(backbone, loss, IMAGE_SIZE)
+             for backbone, loss in itertools.product(backbones, losses)]
             + [(backbone, loss, size) for (backbone, size) in sized for loss in losses
                if backbone in backbones])
 
@@ -336,8 +338,8 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
     for data_name in DATA_NAMES:
         benchmark = BENCHMARKS[data_name]
         ranks = benchmark.ranks
-        source = benchmark.source + ''.join(f'; the {size} px rows: {SIZED_SOURCE}'
-                                            for size in sorted({size for _, size in benchmark.sized}))
+        sizes = sorted({size for _, size in benchmark.sized})
+        source = benchmark.source + ''.join(f'; the {size} px rows: {SIZED_SOURCE}' for size in sizes)
         lines += [f'## {benchmark.title}', '', f'Published: {source}.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
                   '|---|---|' + '---|' * (len(ranks) + 2)]
@@ -456,7 +458,8 @@ def figure(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path
                         fontsize=5.5,
                     )
             tilted = len(configurations) > 3  # more names than fit side by side
-            axis.set_xticks(x, [label(b, loss, losses, size) for b, loss, size in configurations], fontsize=7,
+            names = [label(b, loss, losses, size) for b, loss, size in configurations]
+            axis.set_xticks(x, names, fontsize=7,
                             rotation=35 if tilted else 0, ha='right' if tilted else 'center')
             axis.tick_params(axis='x', which='both', top=False, bottom=False)
             axis.set_xlim(-0.6, len(configurations) - 0.4)

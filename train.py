@@ -194,7 +194,8 @@ def prefix_of(args, named_flags=None):
 def check_args(args, parser):
     """Flags out of range become one UserError; returns the parsed Recall@K ranks and the loss's
     LossEntry, resolved here once (a pml/<name> loss from its --loss_args)."""
-    for flag, low in (('image_size', MIN_IMAGE_SIZE), ('feature_dim', 1), ('batch_size', 1), ('num_epochs', 1), ('warm_up', 0), ('num_workers', 0),
+    for flag, low in (('image_size', MIN_IMAGE_SIZE), ('feature_dim', 1), ('batch_size', 1),
+                      ('num_epochs', 1), ('warm_up', 0), ('num_workers', 0),
                       ('lr_step', 1)):
         if getattr(args, flag) < low:
             raise UserError(f'--{flag} must be at least {low}, not {getattr(args, flag)}')
@@ -410,8 +411,8 @@ def load_splits(args, rank):
     way evaluate queries against a gallery."""
     gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
     def read(split, **kwargs):
-        return ImageReader(args.data_path, args.data_name, split, args.backbone_type, args.crop_type,
-                           image_size=args.image_size, **kwargs)
+        return ImageReader(args.data_path, args.data_name, split, args.backbone_type,
+                           args.crop_type, image_size=args.image_size, **kwargs)
 
     splits = {'train': read('train', seed=args.seed), 'test': read('query' if gallery else 'test')}
     if gallery:
