@@ -54,7 +54,7 @@ def get_args_parser():
 
 class Embedder(nn.Module):
     """What is exported: Model.embed, uint8 RGB images (B, 3, S, S) -> unit embeddings (B, D), where
-    S is the test-time crop (224).
+    S is the run's test-time crop (train.py --image_size, 224 by default).
 
     It is in eval mode from the start: torch.onnx.export puts the module it is given back in that
     module's mode, and a new module's training mode would switch the model's BatchNorm layers to
@@ -88,7 +88,7 @@ def main():
     print(f'exporting {data_base_path} ({backbone_type}, {data_base.feature_dim}-d, epoch {epoch}) '
           f'as {format_name}')
 
-    images, source = check_inputs(data_base.test.images)
+    images, source = check_inputs(data_base.test.images, data_base.image_size)
     made_results = not os.path.isdir(results)
     remove_temporaries(results, f'{name}.')  # left by an export of this name that was killed
     try:
@@ -97,7 +97,7 @@ def main():
         with atomic_path(description_path) as description_tmp, atomic_path(
             export_path
         ) as export_tmp:
-            export(Embedder(model), args.format, export_tmp, backbone_type)
+            export(Embedder(model), args.format, export_tmp, backbone_type, data_base.image_size)
             reference = embed_batches(model, [images]).numpy()  # (CHECK_BATCH, D)
             gap = 1 - smallest_cosine(reference, run_exported(export_tmp, args.format, images))
             if not gap <= TOLERANCE:  # nan fails too
@@ -192,17 +192,17 @@ def kept_exports(earlier, model_key, kind, description_path):
     }
 
 
-def check_inputs(paths):
+def check_inputs(paths, image_size=None):
     """(CHECK_BATCH uint8 images (B, 3, S, S), what they are): the data base's first test images as
-    test.py reads them, random pixels in place of any that cannot be read here (a data base from
-    another machine), which a line names."""
+    test.py reads them, cropped to image_size (the run's), random pixels in place of any that cannot
+    be read here (a data base from another machine), which a line names."""
     images, unreadable = [], []
     for path in paths[:CHECK_BATCH]:
         try:
-            images.append(inference_image(path))
+            images.append(inference_image(path, image_size))
         except UnreadableImage:
             unreadable.append(path)
-    read, (_, crop) = len(images), inference_sizes()
+    read, (_, crop) = len(images), inference_sizes(image_size)
     if unreadable:
         print(unreadable_line(unreadable, 'test image'))
     generator = torch.Generator().manual_seed(0)
@@ -241,15 +241,15 @@ def quiet_export():
         os.close(saved)
 
 
-def export(embedder, kind, path, backbone_type):
-    """Trace the embedder on a random uint8 batch and write it to path as ONNX or TorchScript, batch
-    size dynamic.
+def export(embedder, kind, path, backbone_type, image_size=None):
+    """Trace the embedder on a random uint8 batch of image_size crops (the run's) and write it to
+    path as ONNX or TorchScript, batch size dynamic.
 
     ONNX goes through the TorchScript-based exporter (dynamo=False): it needs no onnxscript, exports
     each backbone in seconds rather than the dynamo exporter's quarter of a minute, and names the
     operator it cannot translate.
     """
-    _, crop = inference_sizes()
+    _, crop = inference_sizes(image_size)
     example = torch.randint(0, 256, (TRACE_BATCH, 3, crop, crop), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(1))
     if kind == 'onnx':
@@ -325,7 +325,7 @@ def smallest_cosine(reference, exported):
 def describe(model, data_base, data_base_path, model_key, files):
     """The JSON beside an export: what a caller must do to images, what comes out, and where it came from."""
     norm = model.input_norm
-    resize, crop = inference_sizes()
+    resize, crop = inference_sizes(data_base.image_size)
     return {
         'files': files,
         'input': f'uint8 RGB (B, 3, {crop}, {crop})',

@@ -187,10 +187,10 @@ class Store:
             file.flush()
             os.fsync(file.fileno())
 
-    def update(self, folder, paths, model):
-        """Embed what is new or changed below folder, note what was removed, and compact when it is
-        time; prints what it did in a line, and a line each for unreadable images and images that
-        changed while embedded."""
+    def update(self, folder, paths, model, image_size=None):
+        """Embed what is new or changed below folder, cropped to image_size (the run's; default
+        utils.IMAGE_SIZE), note what was removed, and compact when it is time; prints what it did
+        in a line, and a line each for unreadable images and images that changed while embedded."""
         keys = []
         for path in paths:
             with contextlib.suppress(FileNotFoundError):  # removed since the folder was listed
@@ -203,7 +203,8 @@ class Store:
                       dynamic_ncols=True) as bar:
                 for start in range(0, len(todo), CHUNK):
                     chunk = todo[start:start + CHUNK]
-                    features, unreadable = embed_files(model, [path for path, _, _ in chunk])
+                    features, unreadable = embed_files(model, [path for path, _, _ in chunk],
+                                                         image_size)
                     unreadable = set(unreadable)
                     # a file whose size or time now differ from its key's was written while read
                     same = {key: unchanged(key) for key in chunk}

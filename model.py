@@ -58,18 +58,18 @@ def bn_inception(pretrained):
     return net
 
 
-def timm_backbone(name, pretrained):
+def timm_backbone(name, pretrained, image_size=224):
     """A timm model's pooled features (num_classes=0): a ViT's class token after its final norm, a
     CNN's pool.
 
-    A model built for one input size (DINOv2's is 518) is built for the recipe's 224-pixel crops
-    instead; timm resizes the pretrained position embeddings to it.
+    A model built for one input size (DINOv2's is 518, a ViT/16's 224) is built for the run's
+    image_size crops instead; timm resizes the pretrained position embeddings to it.
     """
     import timm
     config = timm.models.get_pretrained_cfg(name)
     size = (
-        {'img_size': 224}
-        if config.fixed_input_size and tuple(config.input_size[1:]) != (224, 224)
+        {'img_size': image_size}
+        if config.fixed_input_size and tuple(config.input_size[1:]) != (image_size, image_size)
         else {}
     )
     if not pretrained:
@@ -211,13 +211,13 @@ def timm_io(net):
     )
 
 
-def build_backbone(backbone_type, pretrained):
-    """(backbone, feature width, input order, input mean, std); missing weights that cannot be
-    downloaded become one clear UserError."""
+def build_backbone(backbone_type, pretrained, image_size=224):
+    """(backbone, feature width, input order, input mean, std), a fixed-size timm model built for
+    image_size crops; missing weights that cannot be downloaded become one clear UserError."""
     name = timm_name(check_backbone(backbone_type))
     try:
         if name is not None:
-            net = timm_backbone(name, pretrained)
+            net = timm_backbone(name, pretrained, image_size)
             return (net, *timm_io(net))
         constructor, *io = BACKBONES[backbone_type]
         return (constructor(pretrained), *io)
@@ -293,12 +293,13 @@ class Model(nn.Module):
     backbone_type: 'resnet50', 'inception' (BN-Inception), 'googlenet', 'vit_small_dino',
     'dinov2_small', 'dinov2_base' or 'timm/<timm model name>'. feature_dim (512): embedding size.
     num_classes: the number of training classes, one proxy each (0 for a loss on embeddings, which
-    needs none). pretrained (True): the backbone's published weights.
+    needs none). pretrained (True): the backbone's published weights. image_size (224): the side of
+    the square images it is fed (train.py --image_size), which a ViT is built for.
     """
 
-    def __init__(self, backbone_type, feature_dim, num_classes, pretrained=True):
+    def __init__(self, backbone_type, feature_dim, num_classes, pretrained=True, image_size=224):
         super().__init__()
-        backbone, width, order, mean, std = build_backbone(backbone_type, pretrained)
+        backbone, width, order, mean, std = build_backbone(backbone_type, pretrained, image_size)
         self.input_norm = InputNorm(order, mean, std)
         self.backbone = backbone
         self.norm = nn.LayerNorm(width, elementwise_affine=False)

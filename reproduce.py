@@ -9,11 +9,13 @@ The grid: each data set found under --data_path (car, cub, sop, inshop) x each b
 --backbones (by default the tables' resnet50, inception, googlenet; any train.py --backbone_type,
 such as vit_small_dino) x each loss of --losses (by default proxy_anchor; any train.py --loss_name)
 x each seed of --seeds (by default 1), with train.py's defaults, which are the seed's
-hyper-parameters; SOP is evaluated at Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the
-ranks their results are quoted at. A run with a checkpoint is started with --resume, so running
-this again after an interruption continues the unfinished configuration from its checkpoint, and
-one whose statistics CSV already reaches the final epoch is not trained again. Any other flag is
-passed on to every train.py run (say --amp, --num_workers 4 or --margin 0.2).
+hyper-parameters; a backbone the Proxy-Anchor paper also published at 256 x 256 crops (BN-Inception
+on CARS196, CUB and SOP) is trained at --image_size 256 too, a row of its own; SOP is evaluated at
+Recall@1/10/100/1000 and In-shop at Recall@1/10/20/30/40, the ranks their results are quoted at.
+A run with a checkpoint is started with --resume, so running this again after an interruption continues the
+unfinished configuration from its checkpoint, and one whose statistics CSV already reaches the final
+epoch is not trained again. Any other flag is passed on to every
+train.py run (say --amp, --num_workers 4 or --margin 0.2).
 
 The table reports each run's final epoch, never its best one: picking the best epoch by its test
 score is feedback from the test set. Runs of the same configuration on other prepared data sets
@@ -32,7 +34,7 @@ import pandas as pd
 
 from model import check_backbone
 from runtime import ArgumentParser, UserError, atomic_path, pyplot, run_main, save_figure
-from utils import DATA_NAMES, check_loss_name, index_path, one_of
+from utils import DATA_NAMES, IMAGE_SIZE, check_loss_name, index_path, one_of
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED_BACKBONES = ('resnet50', 'inception', 'googlenet')  # the tables', in the README's order
@@ -43,24 +45,31 @@ LOSS, FEATURE_DIM = 'proxy_anchor', 512  # the published figures are Proxy-Ancho
 
 class Benchmark(NamedTuple):
     """A benchmark's table: its title, the K of its Recall@K, where its published figures come from,
-    and those figures per backbone (Recall@K in %, None where the source gives none)."""
+    and those figures per backbone (Recall@K in %, None where the source gives none) at train.py's
+    default --image_size; sized: {(backbone, image_size): figures} published at another size (from
+    SIZED_SOURCE), rows of their own."""
     title: str
     ranks: tuple
     source: str
     published: dict
+    sized: dict = {}
+
+
+SIZED_SOURCE = 'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d, R@1 only'
 
 
 BENCHMARKS = {
     'car': Benchmark('CARS196', (1, 2, 4, 8), 'the original PP README', {
         'resnet50': (87.0, 92.5, 95.6, 97.4), 'inception': (84.0, 90.5, 94.3, 96.6),
-        'googlenet': (78.8, 86.2, 91.5, 95.1)}),
+        'googlenet': (78.8, 86.2, 91.5, 95.1)}, {('inception', 256): (88.3, None, None, None)}),
     'cub': Benchmark('CUB200', (1, 2, 4, 8), 'the original PP README', {
         'resnet50': (70.0, 79.6, 86.9, 92.2), 'inception': (66.7, 77.3, 85.7, 91.0),
-        'googlenet': (62.5, 73.6, 82.8, 89.8)}),
+        'googlenet': (62.5, 73.6, 82.8, 89.8)}, {('inception', 256): (71.1, None, None, None)}),
     # its R@10/100/1000 are not given at 512-d
     'sop': Benchmark('Stanford Online Products', (1, 10, 100, 1000),
                      'the Proxy-Anchor paper (CVPR 2020), BN-Inception 512-d; R@1 only',
-                     {'inception': (79.1, None, None, None)}),
+                     {'inception': (79.1, None, None, None)},
+                     {('inception', 256): (80.3, None, None, None)}),
     'inshop': Benchmark('In-shop Clothes', (1, 10, 20, 30, 40),
                         'the official Proxy-Anchor repository, BN-Inception 512-d',
                         {'inception': (91.9, 98.1, 98.7, 99.0, 99.1)}),
@@ -72,6 +81,22 @@ def run_name(data_path, data_name, backbone, seed, extra, loss=LOSS):
     """The name train.py gives this run's outputs, with every flag passed on (car_resnet50_proxy_anchor_512_seed2)."""
     from train import prefix_of
     return prefix_of(train_args(train_flags(data_path, data_name, backbone, seed, extra, loss)))
+
+
+def rows(data_name, backbones, losses):
+    """[(backbone, loss, image_size)] of a data set's table and grid: each backbone and loss at
+    train.py's default size, then each backbone published at another size (Benchmark.sized)."""
+    sized = BENCHMARKS[data_name].sized if data_name in BENCHMARKS else {}
+    return ([(backbone, loss, IMAGE_SIZE)
+             for backbone, loss in itertools.product(backbones, losses)]
+            + [(backbone, loss, size) for (backbone, size) in sized for loss in losses
+               if backbone in backbones])
+
+
+def sized(extra, image_size):
+    """The flags passed on to train.py for a row at image_size: its --image_size first, so that one
+    in extra shows (commands refuses it)."""
+    return (['--image_size', str(image_size)] if image_size != IMAGE_SIZE else []) + list(extra)
 
 
 def statistics_path(results, name):
@@ -149,23 +174,27 @@ def commands(data_path, extra, results='results', backbones=PUBLISHED_BACKBONES,
                     ],
                 )
             )
-        for backbone, loss, seed in itertools.product(backbones, losses, seeds):
-            flags = train_flags(data_path, data_name, backbone, seed, extra, loss)
+        for (backbone, loss, size), seed in itertools.product(rows(data_name, backbones, losses),
+                                                              seeds):
+            flags = train_flags(data_path, data_name, backbone, seed, sized(extra, size), loss)
             args, fixed = train_args(flags), {
                 'data_name': data_name,
                 'backbone_type': backbone,
                 'loss_name': loss,
                 'feature_dim': FEATURE_DIM,
                 'seed': seed,
+                'image_size': size,
             }
             if BENCHMARKS[data_name].ranks != DEFAULT_RANKS:
                 fixed['recalls'] = ','.join(map(str, BENCHMARKS[data_name].ranks))
             for flag, value in fixed.items():
                 if getattr(args, flag) != value:
-                    instead = {'seed': ' from --seeds', 'loss_name': ' from --losses'}.get(flag, '')
+                    instead = {'seed': ' from --seeds', 'loss_name': ' from --losses',
+                               'image_size': f' ({IMAGE_SIZE}, and the sizes published otherwise)'
+                               }.get(flag, '')
                     raise UserError(f'reproduce.py sets --{flag} itself for each configuration of '
                                     f'the tables{instead}; leave it out')
-            name = run_name(data_path, data_name, backbone, seed, extra, loss)
+            name = run_name(data_path, data_name, backbone, seed, sized(extra, size), loss)
             epochs, done = args.num_epochs, finished_epochs(statistics_path(results, name))
             if done >= epochs:
                 print(f'# {name} already reached epoch {done}: not trained again')
@@ -272,10 +301,20 @@ def seeds_cell(summary, requested):
     return text
 
 
-def label(backbone, loss, losses):
-    """A row's name: the backbone's, followed by the loss's when the table compares losses."""
+def label(backbone, loss, losses, image_size=IMAGE_SIZE):
+    """A row's name: the backbone's, then its crop when not the default ('Inception, 256 px'), then
+    the loss's when the table compares losses."""
     name = BACKBONE_NAMES.get(backbone, backbone)
+    name += f', {image_size} px' if image_size != IMAGE_SIZE else ''
     return name if tuple(losses) == (LOSS,) else f'{name}, {loss}'
+
+
+def published_figures(data_name, backbone, loss, image_size):
+    """A row's published Recall@K (%), None for each where there is none."""
+    benchmark = BENCHMARKS[data_name]
+    figures = (benchmark.published.get(backbone) if image_size == IMAGE_SIZE
+               else benchmark.sized.get((backbone, image_size)))
+    return figures if figures is not None and loss == LOSS else (None,) * len(benchmark.ranks)
 
 
 def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path='data', extra=(),
@@ -301,22 +340,21 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
     for data_name in DATA_NAMES:
         benchmark = BENCHMARKS[data_name]
         ranks = benchmark.ranks
-        lines += [f'## {benchmark.title}', '', f'Published: {benchmark.source}.', '',
+        sizes = sorted({size for _, size in benchmark.sized})
+        source = benchmark.source + ''.join(f'; the {size} px rows: {SIZED_SOURCE}' for size in sizes)
+        lines += [f'## {benchmark.title}', '', f'Published: {source}.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
                   '|---|---|' + '---|' * (len(ranks) + 2)]
-        for backbone, loss in configurations:
-            ours = reproduced(results, data_name, backbone, seeds, epochs, data_path, extra, loss)
-            published = (
-                benchmark.published.get(backbone, (None,) * len(ranks))
-                if loss == LOSS
-                else (None,) * len(ranks)
-            )
+        for backbone, loss, size in rows(data_name, backbones, losses):
+            ours = reproduced(results, data_name, backbone, seeds, epochs, data_path,
+                              sized(extra, size), loss)
+            published = published_figures(data_name, backbone, loss, size)
             mine = [ours.get(f'recall@{k}') for k in ranks]
             difference = [
                 None if a is None or b is None else a[0] - b for a, b in zip(mine, published)
             ]
             lines.append(
-                f'| {label(backbone, loss, losses)} | reproduced | '
+                f'| {label(backbone, loss, losses, size)} | reproduced | '
                 + ' | '.join(map(cell, mine))
                 + f' | {cell(ours.get("map@r"))} | {seeds_cell(ours, len(seeds))} |'
             )
@@ -355,7 +393,9 @@ def figure(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path
            losses=(LOSS,)):
     """results/benchmarks.png: reproduced (mean over the finished seeds, their spread as error bars)
     against published Recall@1, one panel per data set, one pair of bars per backbone and loss."""
-    configurations = list(itertools.product(backbones, losses))
+    # every data set's rows, each drawn in the panels of the data sets that have it
+    configurations = list(dict.fromkeys(row for data_name in DATA_NAMES
+                                        for row in rows(data_name, backbones, losses)))
     import numpy as np
     from matplotlib.patches import Patch
     plt = pyplot()
@@ -366,12 +406,11 @@ def figure(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path
         )
         x, width = np.arange(len(configurations)), 0.38
         for axis, data_name in zip(axes, DATA_NAMES):
-            runs = [reproduced(results, data_name, b, seeds, epochs, data_path, extra, loss)
-                    for b, loss in configurations]
-            published = [
-                BENCHMARKS[data_name].published.get(b, (None,))[0] if loss == LOSS else None
-                for b, loss in configurations
-            ]
+            own = rows(data_name, backbones, losses)
+            runs = [reproduced(results, data_name, b, seeds, epochs, data_path, sized(extra, size),
+                               loss) for b, loss, size in configurations]
+            published = [published_figures(data_name, b, loss, size)[0]
+                         for b, loss, size in configurations]
             bars = [
                 (
                     -width / 2,
@@ -387,7 +426,9 @@ def figure(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path
                 ),
             ]
             for offset, values, colour, missing in bars:
-                for position, (value, spread) in zip(x + offset, values):
+                for position, (value, spread), row in zip(x + offset, values, configurations):
+                    if row not in own:  # a row of another data set: an empty place
+                        continue
                     if value is None:
                         axis.text(
                             position,
@@ -419,7 +460,8 @@ def figure(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path
                         fontsize=5.5,
                     )
             tilted = len(configurations) > 3  # more names than fit side by side
-            axis.set_xticks(x, [label(b, loss, losses) for b, loss in configurations], fontsize=7,
+            names = [label(b, loss, losses, size) for b, loss, size in configurations]
+            axis.set_xticks(x, names, fontsize=7,
                             rotation=35 if tilted else 0, ha='right' if tilted else 'center')
             axis.tick_params(axis='x', which='both', top=False, bottom=False)
             axis.set_xlim(-0.6, len(configurations) - 0.4)

@@ -45,7 +45,7 @@ from runtime import UserError, atomic_path, atomic_save, pyplot, rng_state, safe
 DATA_BASE_FILE = 'results/<data>_<backbone>_<loss>_<dim>_<epoch>_data_base.pth'
 SPLITS = ('train', 'test', 'gallery')
 # the settings a run had before train.py had these flags; a data base of such a run lacks them
-EARLIER_RUN = {'crop_type': 'uncropped', 'recalls': '1,2,4,8'}
+EARLIER_RUN = {'crop_type': 'uncropped', 'recalls': '1,2,4,8', 'image_size': 224}
 # the flags that named runs before every recipe flag did: such a run's files may carry that name
 OLD_NAMED_FLAGS = ('scale', 'margin', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step',
                    'lr_gamma', 'seed', 'val_fraction')
@@ -99,6 +99,12 @@ class DataBase(NamedTuple):
         return self.run['crop_type']
 
     @property
+    def image_size(self):
+        """The side of the square crop the run's model sees (train.py --image_size): every image
+        embedded for this data base is cropped so."""
+        return self.run['image_size']
+
+    @property
     def recalls(self):
         """The K of Recall@K the run evaluated, as --recalls spells them: '1,2,4,8'."""
         return self.run['recalls']
@@ -124,7 +130,7 @@ class DataBase(NamedTuple):
     @classmethod
     def load(cls, path):
         """A data base train.py wrote, also one written before data_root, weights_sha256,
-        --crop_type or --recalls were recorded; anything else is a UserError."""
+        --crop_type, --recalls or --image_size were recorded; anything else is a UserError."""
         saved = safe_load(path, 'data base', f'a {DATA_BASE_FILE} file train.py wrote')
         missing = {'test_images', 'test_labels', 'test_features', 'proxies', 'args'} - set(
             saved if isinstance(saved, dict) else ())
@@ -278,7 +284,8 @@ def load_model(data_base, data_base_path, device='cpu'):
     proxies = (weights['proxies.weight'].size(0)
                if isinstance(weights, dict) and 'proxies.weight' in weights
                else data_base.proxies.size(0))
-    model = Model(data_base.backbone_type, data_base.feature_dim, proxies, pretrained=False)
+    model = Model(data_base.backbone_type, data_base.feature_dim, proxies, pretrained=False,
+                  image_size=data_base.image_size)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError):  # other shapes or names, or no state dict

@@ -92,12 +92,12 @@ def query_files(names):
 
 
 def embed_query(query, data_base, model):
-    """The embedding (D,) of an image that is not in the data base by the model saved beside it, or
-    None where PIL cannot read the file."""
+    """The embedding (D,) of an image that is not in the data base by the model saved beside it, at
+    the run's image size, or None where PIL cannot read the file."""
     if not os.path.isfile(query):
         raise UserError(f'query image {query} does not exist; a valid name is '
                         f'{data_base.test.images[0]}')
-    features, unreadable = embed_files(model, [query])
+    features, unreadable = embed_files(model, [query], data_base.image_size)
     return None if unreadable else features[0]  # (D,)
 
 
@@ -135,7 +135,7 @@ def search_gallery(args, queries, data_base, data_base_path):
     if os.path.isfile(f'{path}.pth'):
         print(f'{path}.pth is a gallery cache of an older version, no longer read; delete it')
     with gallery.open_store(path, model_path, model.embedding.out_features) as store:
-        store.update(args.gallery, images, model)
+        store.update(args.gallery, images, model, data_base.image_size)
         kind = args.index or gallery.default_index(len(store.current))
         index = kind if kind == 'exact' else gallery.open_index(store, kind)
         for query, inside, known in found:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import runs
+import utils  # its IMAGE_SIZE is read when the parser is built: the tests' smaller crops set it
 from model import BACKBONES, TIMM_PREFIX, Model, check_backbone
 from runtime import (ArgumentParser, UserError, exclusive_run, gather, gather_shards,
                      remove_temporaries, run_main, set_kernels, set_rng_state, set_seed,
@@ -41,6 +42,7 @@ CPU_BACKBONE = 'timm/resnet18'
 # the demo data set that train.py writes itself when there is no folder of that name
 DEMO = 'digits'
 BASE, NAMED = 'in every run name', 'names the run off its default'  # the two kinds of recipe flags
+MIN_IMAGE_SIZE = 32  # the smallest crop every named backbone takes (GoogLeNet ends on a 1 x 1 map)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,6 +77,11 @@ def get_args_parser():
            BASE)
     recipe(data.add_argument('--crop_type', default='uncropped', type=str, choices=CROP_TYPES,
                              help='images as downloaded, or cropped to their bounding boxes (data_utils.py --crop)'))
+    recipe(data.add_argument('--image_size', default=utils.IMAGE_SIZE, type=int,
+                             help=f'the side of the square crop a model sees, in training and at '
+                                  f'test time, where the shorter side is first resized to '
+                                  f'{utils.RESIZE_SIZE}/{utils.IMAGE_SIZE} of it (the Proxy-Anchor '
+                                  f'paper also reports 256)'))
     data.add_argument('--cache_images', action='store_true',
                       help='decode every image once into memory (3 x H x W bytes each, per '
                            'process), so that epochs after the first only crop, resize and flip: '
@@ -188,7 +195,8 @@ def prefix_of(args, named_flags=None):
 def check_args(args, parser):
     """Flags out of range become one UserError; returns the parsed Recall@K ranks and the loss's
     LossEntry, resolved here once (a pml/<name> loss from its --loss_args)."""
-    for flag, low in (('feature_dim', 1), ('batch_size', 1), ('num_epochs', 1), ('warm_up', 0), ('num_workers', 0),
+    for flag, low in (('image_size', MIN_IMAGE_SIZE), ('feature_dim', 1), ('batch_size', 1),
+                      ('num_epochs', 1), ('warm_up', 0), ('num_workers', 0),
                       ('lr_step', 1)):
         if getattr(args, flag) < low:
             raise UserError(f'--{flag} must be at least {low}, not {getattr(args, flag)}')
@@ -383,7 +391,7 @@ def set_up(args, prefix, ranks, entry, device, rank, world):
     num_classes = splits['train'].num_classes
     # a loss on embeddings needs no proxies in the model: it holds class proxies of its own, or none
     model = Model(args.backbone_type, args.feature_dim, num_classes if entry.cosines else 0,
-                  not args.no_pretrained).to(device)
+                  not args.no_pretrained, args.image_size).to(device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
     loss_criterion = make_loss(entry, args, num_classes).to(device)
@@ -425,7 +433,8 @@ def load_splits(args, rank):
     way evaluate queries against a gallery."""
     gallery = 'query' in load_index(args.data_path, args.data_name, args.crop_type)
     def read(split, **kwargs):
-        return ImageReader(args.data_path, args.data_name, split, args.backbone_type, args.crop_type, **kwargs)
+        return ImageReader(args.data_path, args.data_name, split, args.backbone_type,
+                           args.crop_type, image_size=args.image_size, **kwargs)
 
     splits = {'train': read('train', seed=args.seed), 'test': read('query' if gallery else 'test')}
     if gallery:
@@ -809,7 +818,7 @@ def hold_out(train_data, args):
                         f'each side needs at least 2 classes; choose a fraction between '
                         f'{2 / classes:.3g} and {1 - 2 / classes:.3g}')
     val_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type,
-                           args.crop_type, augment=False)
+                           args.crop_type, augment=False, image_size=args.image_size)
     val_data.keep_classes(classes - held, classes)
     train_data.keep_classes(0, classes - held)
     return val_data

@@ -22,7 +22,9 @@ from runtime import UserError, cpu_generator_seeded, safe_load
 # the benchmarks; any other prepared folder name works too
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')
 CROP_TYPES = ('uncropped', 'cropped')
-# the recipe's crop, and the shorter side an image is resized to before it at test time
+# the recipe's crop (train.py --image_size's default), and the shorter side an image is resized to
+# before it at test time; another crop keeps this ratio (rounded down: the official Proxy-Anchor
+# code's list pairs its 256-pixel crop with 292)
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
 TEST_BATCH = 32  # images per forward pass where image files are embedded (test.py, the gallery)
 # what PIL raises on a file it cannot read as an image (missing, truncated, not an image, a
@@ -84,20 +86,24 @@ def folder_name(text):
     return text.rstrip('/') or text
 
 
-def train_transform():
-    """Training augmentation on uint8 image tensors, as the seed: RandomResizedCrop(224) and a horizontal flip."""
-    return v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
+def train_transform(image_size=None):
+    """Training augmentation on uint8 image tensors, as the seed: RandomResizedCrop(image_size,
+    default IMAGE_SIZE) and a horizontal flip."""
+    return v2.Compose([v2.RandomResizedCrop(image_size or IMAGE_SIZE, antialias=True),
+                       v2.RandomHorizontalFlip()])
 
 
 def inference_sizes(image_size=None):
     """(resize, crop) of the test-time transform: the crop image_size (default IMAGE_SIZE), and the
-    shorter side resized in the recipe's ratio before it (the seed's 256 for 224)."""
+    shorter side resized in the recipe's ratio before it, rounded down (the seed's 256 for 224, the
+    official Proxy-Anchor code's 292 for 256)."""
     crop = image_size or IMAGE_SIZE
-    return round(crop * RESIZE_SIZE / IMAGE_SIZE), crop
+    return crop * RESIZE_SIZE // IMAGE_SIZE, crop
 
 
 def test_transform(image_size=None):
-    """Test-time transform on uint8 image tensors, as the seed: Resize(256) then CenterCrop(224)."""
+    """Test-time transform on uint8 image tensors, as the seed: Resize(256) then CenterCrop(224),
+    or inference_sizes(image_size)."""
     resize, crop = inference_sizes(image_size)
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])
 
@@ -218,8 +224,8 @@ class ImageCache:
 
 
 class ImageReader(Dataset):
-    """A prepared data set's train, test, query or gallery split as (uint8 image tensor (3, 224,
-    224), label) pairs.
+    """A prepared data set's train, test, query or gallery split as (uint8 image tensor (3, S, S),
+    label) pairs, S the crop image_size (default IMAGE_SIZE).
 
     Labels are 0..C-1 in class-id order. Given (index, epoch) (train.py's GlobalBatches), the
     augmentation is seeded from (seed, epoch, index). `backbone_type` is accepted for the seed's
@@ -237,6 +243,7 @@ class ImageReader(Dataset):
         crop_type='uncropped',
         seed=0,
         augment=None,
+        image_size=None,
     ):
         index = load_index(data_path, data_name, crop_type)
         root = os.path.join(data_path, data_name)
@@ -253,9 +260,9 @@ class ImageReader(Dataset):
         # training images are augmented unless augment=False (embedding the training set for the
         # data base)
         self.transform = (
-            train_transform()
+            train_transform(image_size)
             if (data_type == 'train' if augment is None else augment)
-            else test_transform()
+            else test_transform(image_size)
         )
         self.seed, self.cache = seed, None
 

@@ -1,8 +1,10 @@
-"""Training-step and evaluation images per second of each backbone, float32 against --amp, on
-synthetic images.
+"""Training-step and evaluation images per second of each backbone at each --image_size (the
+recipe's 224 and the quick start's 64), float32 against --amp, on synthetic images.
 
     python benchmarks/train_speed.py --device cuda               # batch 64; a few minutes on one GPU
     python benchmarks/train_speed.py --device cpu --batch_size 8 --steps 2
+    python benchmarks/train_speed.py --device cpu --backbones inception,timm/resnet18 \
+        --batch_size 32
 
 Training runs train.py's own loop (train.train_one_epoch: copy from pinned memory, autocast,
 train.batch_loss, backward, AdamP step, one host sync per step for the running loss) on uint8 images
@@ -13,6 +15,7 @@ loop (utils.embed_batches). --amp: bf16 autocast and channels_last.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -23,17 +26,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from model import BACKBONES, Model  # noqa: E402
-from utils import LOSSES, embed_batches  # noqa: E402
+from utils import IMAGE_SIZE, LOSSES, embed_batches  # noqa: E402
 
 # CUB's 100 training classes, the seed's embedding size
-NUM_CLASSES, FEATURE_DIM, IMAGE_SIZE = 100, 512, 224
+NUM_CLASSES, FEATURE_DIM = 100, 512
+DEMO_SIZE = 64  # the README quick start's --image_size
 
 
-def synthetic_batches(count, batch_size, device):
-    """`count` distinct (uint8 images (B, 3, 224, 224), labels (B,)) batches, pinned when they go to a GPU."""
+def synthetic_batches(count, batch_size, device, image_size):
+    """`count` distinct (uint8 images (B, 3, S, S), labels (B,)) batches of S = image_size, pinned
+    when they go to a GPU."""
     batches = []
     for _ in range(count):
-        images = torch.randint(0, 256, (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+        images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
         labels = torch.randint(0, NUM_CLASSES, (batch_size,))
         if device.type == 'cuda':
             images, labels = images.pin_memory(), labels.pin_memory()
@@ -113,6 +118,9 @@ def main():
     parser.add_argument(
         '--batch_size', default=64, type=int, help='training batch size (evaluation uses twice it)'
     )
+    parser.add_argument('--image_sizes', default=f'{IMAGE_SIZE},{DEMO_SIZE}',
+                        help='comma-separated crop sizes (train.py --image_size): the recipe\'s '
+                             'and the quick start\'s')
     parser.add_argument('--steps', default=20, type=int, help='timed batches per measurement')
     parser.add_argument(
         '--warmup', default=5, type=int, help='untimed batches before each measurement'
@@ -121,37 +129,33 @@ def main():
     if args.device == 'cuda' and not torch.cuda.is_available():
         sys.exit('error: --device cuda needs a GPU that PyTorch can see; use --device cpu')
     device = torch.device(args.device)
-    train_batches = synthetic_batches(4, args.batch_size, device)
-    eval_batches = synthetic_batches(2, 2 * args.batch_size, device)
+    sizes = [int(size) for size in args.image_sizes.split(',')]
+    train_batches = {size: synthetic_batches(4, args.batch_size, device, size) for size in sizes}
+    eval_batches = {size: synthetic_batches(2, 2 * args.batch_size, device, size) for size in sizes}
 
     print(f'{machine(device)}, torch {torch.__version__}, batch {args.batch_size} (evaluation '
           f'{2 * args.batch_size}), {args.steps} timed steps after {args.warmup}')
     backbones = args.backbones.split(',')
     name_width = max(map(len, ['backbone'] + backbones))
-    print(f'{"backbone":{name_width}s} {"precision":10s} {"train img/s":>12s} {"eval img/s":>11s}'
-          + (f' {"peak GiB":>9s}' if device.type == 'cuda' else ''))
-    for backbone_type in backbones:
-        for amp in (False, True):
-            torch.manual_seed(0)
-            model = Model(backbone_type, FEATURE_DIM, NUM_CLASSES, pretrained=False).to(device)
-            if amp:
-                model = model.to(memory_format=torch.channels_last)
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            train_rate = train_speed(model, train_batches, device, amp, args.warmup, args.steps)
-            peak = (
-                torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
-            )
-            eval_rate = eval_speed(model, eval_batches, amp, args.warmup, args.steps)
-            print(
-                f'{backbone_type:{name_width}s} {"bf16 amp" if amp else "float32":10s}'
-                f' {train_rate:12.1f} {eval_rate:11.1f}'
-                + (f' {peak:9.2f}' if peak is not None else ''),
-                flush=True,
-            )
-            del model
-            if device.type == 'cuda':
-                torch.cuda.empty_cache()
+    print(f'{"backbone":{name_width}s} {"size":>4s} {"precision":10s} {"train img/s":>12s} '
+          f'{"eval img/s":>11s}' + (f' {"peak GiB":>9s}' if device.type == 'cuda' else ''))
+    for backbone_type, size, amp in itertools.product(backbones, sizes, (False, True)):
+        torch.manual_seed(0)
+        model = Model(backbone_type, FEATURE_DIM, NUM_CLASSES, pretrained=False, image_size=size)
+        model = model.to(device)
+        if amp:
+            model = model.to(memory_format=torch.channels_last)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        train_rate = train_speed(model, train_batches[size], device, amp, args.warmup, args.steps)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
+        eval_rate = eval_speed(model, eval_batches[size], amp, args.warmup, args.steps)
+        print(f'{backbone_type:{name_width}s} {size:4d} {"bf16 amp" if amp else "float32":10s}'
+              f' {train_rate:12.1f} {eval_rate:11.1f}'
+              + (f' {peak:9.2f}' if peak is not None else ''), flush=True)
+        del model
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@ name exist, every command they show is accepted by its script's parser, and thei
 Every code block says what it holds. `python` blocks are examples, and each runs in a test: the
 ONNX Runtime example of docs/export.md in tests/test_run_export.py, which has an exported model for it,
 the others here. `bash` blocks are commands: the README's quick start runs here on the digits demo
-it writes, with one epoch instead of three and small crops; the others need a downloaded data set,
+it writes, with one epoch instead of three; the others need a downloaded data set,
 a GPU, a network or many minutes, so their commands (and those quoted in the text) are parsed by
 their scripts' own parsers instead. `text` blocks are output and layouts, never run.
 """
@@ -214,7 +214,7 @@ def test_every_command_is_accepted_by_its_scripts_parser():
     assert set(checked) == set(flags.SCRIPTS) and len(checked) > 40
 
 
-def test_the_quick_start_runs(script, tmp_path, small_crops):
+def test_the_quick_start_runs(script, tmp_path):
     lines = code_block('README.md', QUICK_START, 'bash').strip().split('\n')
     assert lines[0] == 'pip install -r requirements.txt'
     train, test = (line.replace('--num_epochs 3', '--num_epochs 1') for line in lines[1:])

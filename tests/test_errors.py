@@ -562,6 +562,8 @@ def test_export_refuses_a_command_line(script, tmp_path, flags, expected):
                                         '(unrecognized arguments: --learning_rate 1); see python train.py --help'),
     (['car'], ['--loss_name', 'normalized_softmax'], 'reproduce.py sets --loss_name itself for each configuration of '
                                                      'the tables from --losses; leave it out'),
+    (['car'], ['--image_size', '256'], 'reproduce.py sets --image_size itself for each configuration of the '
+                                       'tables (224, and the sizes published otherwise); leave it out'),
     (['cub'], ['--seeds', '1,x'], "argument --seeds: --seeds must be integers separated by commas, like 1,2,3, not "
                                   "'1,x'; see python reproduce.py --help"),
     (['cub'], ['--seeds', '1,1'], 'argument --seeds: --seeds lists a seed twice: 1,1; see python reproduce.py --help'),

@@ -230,7 +230,7 @@ def test_an_export_that_disagrees_is_not_written(script, googlenet_run, monkeypa
     before = names(folder)
     export = load_script('export')
 
-    def exported_badly(embedder, kind, path, backbone_type):  # an exporter that wrote something wrong
+    def exported_badly(embedder, kind, path, backbone_type, image_size):  # wrote something wrong
         with open(path, 'wb') as file:
             file.write(b'a model')
 

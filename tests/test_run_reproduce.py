@@ -12,6 +12,7 @@ from script_runner import error_sentence, load_script
 from utils import index_path
 
 BACKBONES = ['resnet50', 'inception', 'googlenet']
+LARGER = ('--image_size', '256')  # the Proxy-Anchor paper's BN-Inception rows on CARS196, CUB and SOP
 
 
 def data_folders(root, names, prepared=()):
@@ -65,6 +66,8 @@ def test_dry_run_lists_the_full_grid(script, tmp_path):
         if data_name != 'cub':  # cub is prepared already: no data_utils.py for it
             expected.append(('data_utils.py', {'--data_path': 'data', '--data_name': data_name}))
         expected += [train_run(data_name, backbone) for backbone in BACKBONES]
+        if data_name != 'inshop':
+            expected.append(train_run(data_name, 'inception', *LARGER))
     assert commands == expected
     assert not (tmp_path / 'results').exists()  # nothing ran
 
@@ -72,7 +75,8 @@ def test_dry_run_lists_the_full_grid(script, tmp_path):
 def test_dry_run_covers_only_the_data_present_and_passes_other_flags_on(script, tmp_path):
     data_folders(tmp_path, ['sop'], prepared=['sop'])
     commands, _ = dry_run(script, tmp_path, '--num_workers', '2')
-    assert commands == [train_run('sop', backbone, '--num_workers', '2') for backbone in BACKBONES]
+    assert commands == [train_run('sop', backbone, '--num_workers', '2') for backbone in BACKBONES] + [
+        train_run('sop', 'inception', *LARGER, '--num_workers', '2')]
 
 
 def test_finished_configurations_are_not_run_again(script, tmp_path):
@@ -81,7 +85,8 @@ def test_finished_configurations_are_not_run_again(script, tmp_path):
     fabricate(tmp_path, 'car', 'googlenet', epochs=7)  # interrupted: resumes from its checkpoint
     (tmp_path / 'results' / 'car_googlenet_proxy_anchor_512_checkpoint.pth').write_bytes(b'')
     commands, comments = dry_run(script, tmp_path)
-    assert commands == [train_run('car', 'inception'), train_run('car', 'googlenet', resume=True)]
+    assert commands == [train_run('car', 'inception'), train_run('car', 'googlenet', resume=True),
+                        train_run('car', 'inception', *LARGER)]
     assert comments == ['# car_resnet50_proxy_anchor_512 already reached epoch 20: not trained again']
     commands, _ = dry_run(script, tmp_path, '--num_epochs', '25')  # a longer schedule trains it further
     assert commands[0] == train_run('car', 'resnet50', '--num_epochs', '25')
@@ -203,16 +208,19 @@ def test_a_full_run_trains_the_grid_then_writes_the_table(script, tmp_path, monk
         args = load_script('train').get_args_parser().parse_args(argv[2:])
         ran.append(parse_command(argv))
         fabricate(tmp_path, args.data_name, args.backbone_type, epochs=args.num_epochs,
-                  final=[0.6, 0.7, 0.8, 0.9, 0.35])
+                  final=[0.6, 0.7, 0.8, 0.9, 0.35],
+                  suffix='' if args.image_size == 224 else f'_image_size{args.image_size}')
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(load_script('reproduce').subprocess, 'run', fake_train)
     status, out, err = script('reproduce', '--data_path', 'data', cwd=tmp_path)
     assert status == 0, err
-    assert ran == expected and len(ran) == 3
-    assert '[3/3] train cub_googlenet_proxy_anchor_512' in out
+    assert ran == expected and len(ran) == 4
+    assert '[4/4] train cub_inception_proxy_anchor_512_image_size256' in out
     cub = read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']
-    assert [cub[b, 'reproduced'][0] for b in ('ResNet50', 'Inception', 'GoogLeNet')] == ['60.0%'] * 3
+    rows = ('ResNet50', 'Inception', 'GoogLeNet', 'Inception, 256 px')
+    assert [cub[row, 'reproduced'][0] for row in rows] == ['60.0%'] * 4
+    assert cub['Inception, 256 px', 'published'][:4] == ['71.1%', '-', '-', '-']  # the paper's R@1
     assert dry_run(script, tmp_path)[0] == []  # all finished: a second run has nothing left to do
 
 
@@ -233,7 +241,8 @@ def test_seeds_train_every_configuration_once_per_seed_with_the_other_flags(scri
     data_folders(tmp_path, ['cub'], prepared=['cub'])
     fabricate(tmp_path, 'cub', 'resnet50', suffix='_margin0.2_seed2')
     commands, comments = dry_run(script, tmp_path, '--seeds', '1,2,3', '--margin', '0.2')
-    expected = [train_run('cub', backbone, *seed, '--margin', '0.2') for backbone in BACKBONES
+    expected = [train_run('cub', backbone, *larger, *seed, '--margin', '0.2')
+                for backbone, larger in [(backbone, ()) for backbone in BACKBONES] + [('inception', LARGER)]
                 for seed in ([], ['--seed', '2'], ['--seed', '3'])]
     expected.remove(train_run('cub', 'resnet50', '--seed', '2', '--margin', '0.2'))
     assert commands == expected

@@ -49,7 +49,8 @@ def test_warm_up_boundary_and_batchnorm_statistics(prepared, tmp_path, script, r
     stand in for ImageNet's here) and move every epoch under --no_pretrained. cuDNN is left deterministic."""
     if pretrained:
         build = model_module.build_backbone
-        monkeypatch.setattr(model_module, 'build_backbone', lambda backbone_type, _: build(backbone_type, False))
+        monkeypatch.setattr(model_module, 'build_backbone',
+                            lambda backbone_type, _, size: build(backbone_type, False, size))
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
     extra = () if pretrained else ('--no_pretrained',)
     status, _, err = script('train', *flags(prepared, *extra, batch_size=8), cwd=tmp_path,
