@@ -544,7 +544,8 @@ def test_gallery_without_images_is_one_sentence(script, run, tmp_path, content):
 @pytest.mark.parametrize('flags, expected', [
     ([], 'the following arguments are required: --data_base; see python export.py --help'),
     (['--data_base', 'nowhere_data_base.pth'], 'data base nowhere_data_base.pth was found neither as given nor '
-                                               'under results/; train.py writes results/...'),
+                                               'under results/ as a file, run name or prefix of...: train.py '
+                                               'writes results/..., so train a model first'),
     (['--format', 'tflite'], "argument --format: invalid choice: 'tflite' (choose from 'onnx', 'torchscript'); see "
                              "python export.py --help"),
 ])
