@@ -311,8 +311,8 @@ def read_folder(root, data_name):
     skipped = defaultdict(list)
     for parent in [root] + [os.path.join(root, name) for name in sorted(folders & set(SPLITS))]:
         if os.path.isdir(os.path.join(parent, OUTPUTS)):
-            print(f'{data_name}: {os.path.join(parent, OUTPUTS)}/ holds what PP scripts write, so it '
-                  f'is no class')
+            print(f'{data_name}: {os.path.join(parent, OUTPUTS)}/ holds what PP scripts write, '
+                  f'so it is no class')
     if folders and folders <= set(SPLITS):
         layout = next((splits for splits in FOLDER_SPLITS if folders == set(splits)), None)
         if layout is None:

@@ -380,8 +380,8 @@ def embedding_map(found, path):
     if len(classes) <= 20:
         for label in classes:
             axis.scatter(
-                [], [], color=plt.get_cmap('tab20')(colour_index(label)), label=found['names'][label],
-                s=16
+                [], [], color=plt.get_cmap('tab20')(colour_index(label)),
+                label=found['names'][label], s=16
             )
         axis.legend(fontsize=7, loc='best', title='class', title_fontsize=7)
     axis.set(xticks=[], yticks=[])

@@ -103,8 +103,9 @@ def missing_query(query):
     folder = os.path.dirname(query) or os.curdir
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     close = difflib.get_close_matches(os.path.basename(query), names, n=3, cutoff=0.6)
-    hint = (f'did you mean {one_of([os.path.join(os.path.dirname(query), name) for name in close])}?'
-            if close else f'{folder} holds no file of a similar name' if os.path.isdir(folder)
+    close = [os.path.join(os.path.dirname(query), name) for name in close]
+    hint = (f'did you mean {one_of(close)}?' if close
+            else f'{folder} holds no file of a similar name' if os.path.isdir(folder)
             else f'there is no folder {folder}')
     return UserError(f'query image {query} does not exist ({hint}); pass an image file, a folder '
                      f'of them or a test image of the data base')

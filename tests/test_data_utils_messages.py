@@ -1,6 +1,6 @@
-"""What data_utils.py and train.py say about a folder of your own photos: a path given as --data_name,
-a cropped variant that only the benchmarks with boxes have, PP's own results/ folder, which classes
-train and which test, and re-preparing without made-up speeds."""
+"""What data_utils.py and train.py say about a folder of your own photos: a path given as
+--data_name, a cropped variant that only the benchmarks with boxes have, PP's own results/ folder,
+which classes train and which test, and re-preparing without made-up speeds."""
 import os
 
 import pytest
@@ -48,7 +48,7 @@ def test_a_cropped_benchmark_not_yet_prepared_names_the_crop_flag(tmp_path):
     data_utils.prepare(str(tmp_path), 'cub', workers=1)
     with pytest.raises(utils.UserError) as error:
         utils.load_index(str(tmp_path), 'cub', 'cropped')
-    assert f'--data_name cub --crop` first' in str(error.value)
+    assert '--data_name cub --crop` first' in str(error.value)
 
 
 def test_pp_results_folder_is_never_a_class_and_new_classes_are_listed(capsys, tmp_path):

@@ -20,7 +20,8 @@ from neighbours import same_class_cosines
 from script_runner import error_sentence
 
 CLASSES = ['apollo', 'gemini', 'hubble', 'mercury']  # apollo and gemini train, the others test
-DATA_BASE = f'album_{TINY.replace("/", "-")}_proxy_anchor_16_no_pretrained_batch_size4_1_data_base.pth'
+DATA_BASE = (f'album_{TINY.replace("/", "-")}_proxy_anchor_16_no_pretrained_batch_size4_1_'
+             f'data_base.pth')
 
 
 def write_album(folder):
