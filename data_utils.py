@@ -21,8 +21,9 @@ from runtime import (
     remove_temporaries,
     run_main,
 )
-from utils import (CROP_TYPES, DATA_NAMES, UNREADABLE, folder_name, image_extensions, image_files,
-                   index_path, one_of, rgb)
+from utils import (BOXED, CROP_TYPES, DATA_NAMES, UNREADABLE, check_data_name, folder_name,
+                   image_extensions, image_files, index_path, load_index, one_of, prepared_name,
+                   rgb)
 
 # what each data set's download looks like once extracted, and where to get it
 LAYOUTS = {
@@ -55,6 +56,9 @@ LAYOUTS = {
 SPLITS = ('train', 'test', 'query', 'gallery')  # in the order the index lists them
 # the split folders a labelled folder may hold
 FOLDER_SPLITS = (('train', 'test'), ('train', 'query', 'gallery'))
+# what PP writes into the folder it runs in: never a class, even when a script ran in the photo
+# folder itself
+OUTPUTS = 'results'
 FOLDER_LAYOUT = (
     '<class>/<images> (or train/<class>/... beside test/<class>/..., or query/ and gallery/)'
 )
@@ -243,12 +247,13 @@ def folder_error(root, what):
 
 
 def own_entries(folder):
-    """The names in folder, without hidden ones and what data_utils.py writes: prepared copies and their indices."""
+    """The names in folder, without hidden ones and what PP writes: prepared copies, their indices
+    and the results/ folder of a script run there."""
     return [
         name
         for name in sorted(os.listdir(folder))
         if not name.startswith('.')
-        and name not in CROP_TYPES
+        and name not in (*CROP_TYPES, OUTPUTS)
         and not name.endswith('_data_dicts.pth')
     ]
 
@@ -304,6 +309,10 @@ def read_folder(root, data_name):
     entries = own_entries(root)
     folders = {name for name in entries if os.path.isdir(os.path.join(root, name))}
     skipped = defaultdict(list)
+    for parent in [root] + [os.path.join(root, name) for name in sorted(folders & set(SPLITS))]:
+        if os.path.isdir(os.path.join(parent, OUTPUTS)):
+            print(f'{data_name}: {os.path.join(parent, OUTPUTS)}/ holds what PP scripts write, '
+                  f'so it is no class')
     if folders and folders <= set(SPLITS):
         layout = next((splits for splits in FOLDER_SPLITS if folders == set(splits)), None)
         if layout is None:
@@ -331,11 +340,10 @@ def read_folder(root, data_name):
               for why, paths in skipped.items() if paths]
     if counts:
         print(f'{data_name}: skipped {" and ".join(counts)}')
-    jpeg = ('.jpg', '.jpeg')
     return [
         (
             source,
-            os.path.relpath(source, root) + ('' if source.lower().endswith(jpeg) else '.jpg'),
+            prepared_name(os.path.relpath(source, root)),
             class_name,
             None,
             split,
@@ -366,20 +374,25 @@ def read_data_set(root, data_name):
     ]
 
 
+def is_current(task):
+    """Whether a task's copy is up to date. A copy takes its source's modification time, so a copy
+    whose time differs is stale: the photo was edited (or replaced) after it was prepared. Copies
+    are written atomically, so an existing one is complete."""
+    source, target, _ = task
+    try:
+        return os.stat(target).st_mtime_ns == os.stat(source).st_mtime_ns
+    except OSError:  # no copy yet (or the source is gone: convert says so)
+        return False
+
+
 def convert(task):
     """Write one image as RGB (utils.rgb: the pixels every script reads), cropped to its box if
-    given, unless its copy is up to date; returns (what happened: 'kept', 'written', 'updated' or
-    'failed', an error text or None).
-
-    A copy takes its source's modification time, so a copy whose time differs is stale: the photo
-    was edited (or replaced) after it was prepared. Copies are written atomically, so an existing
-    one is complete."""
+    given, with its source's modification time; returns (what happened: 'written', 'updated' or
+    'failed', an error text or None)."""
     source, target, box = task
     try:
         source_time = os.stat(source).st_mtime_ns
         existed = os.path.exists(target)
-        if existed and os.stat(target).st_mtime_ns == source_time:
-            return 'kept', None
         with Image.open(source) as image:
             image = rgb(image)
             if box is not None:
@@ -411,7 +424,8 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
     root = os.path.join(data_path, data_name)
     entries = read_data_set(root, data_name)
     if 'cropped' in crop_types and all(box is None for _, _, _, box, _ in entries):
-        print(f'{data_name} has no bounding boxes, so only its uncropped variant is written')
+        print(f'cropped images exist only for {" and ".join(BOXED)} (their bounding boxes), so '
+              f'only the uncropped images of {data_name} are written')
         crop_types = ('uncropped',)
     for crop_type in crop_types:
         folder = os.path.join(root, crop_type)
@@ -423,9 +437,17 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
         remove_temporaries(root, f'{crop_type}_data_dicts.pth.')
         tasks = [(source, os.path.join(folder, name), box if crop_type == 'cropped' else None)
                  for source, name, _, box, _ in entries]
-        with multiprocessing.Pool(workers or os.cpu_count()) as pool:
-            outcomes = list(tqdm(pool.imap(convert, tasks, chunksize=16), total=len(tasks),
-                                 desc=f'{data_name} {crop_type}', unit='img', dynamic_ncols=True))
+        # only the copies to write go through the bar: its images/s are those of real work
+        stale = [task for task in tasks if not is_current(task)]
+        if len(stale) < len(tasks):
+            print(f'{data_name} {crop_type}: {len(tasks) - len(stale)} of {len(tasks)} copies are '
+                  f'up to date')
+        outcomes = []
+        if stale:
+            with multiprocessing.Pool(workers or os.cpu_count()) as pool:
+                outcomes = list(tqdm(pool.imap(convert, stale, chunksize=16), total=len(stale),
+                                     desc=f'{data_name} {crop_type}', unit='img',
+                                     dynamic_ncols=True))
         errors = [error for _, error in outcomes if error is not None]
         if errors:
             listing = '\n'.join(f'  {error}' for error in errors)
@@ -446,10 +468,32 @@ def prepare(data_path, data_name, crop_types=('uncropped',), workers=None):
         for _, name, class_id, _, split in entries:
             index[split][class_id].append(f'{crop_type}/{name}')
         index = {split: dict(classes) for split, classes in index.items()}
-        atomic_save(index, index_path(data_path, data_name, crop_type))
+        path = index_path(data_path, data_name, crop_type)
+        earlier = load_index(data_path, data_name, crop_type) if os.path.isfile(path) else None
+        atomic_save(index, path)
         print(f'{data_name} {crop_type}: ' + ', '.join(
             f'{len(classes)} classes / {sum(map(len, classes.values()))} images {split}'
             for split, classes in index.items()))
+        if crop_type == crop_types[0]:
+            print_classes(index, earlier)
+
+
+def print_classes(index, earlier=None):
+    """Say which classes each split holds (up to 12 by name, else the count and the first and last
+    names) and, re-preparing, which classes are new or gone since the earlier index."""
+    for split, classes in index.items():
+        names = [str(name) for name in sorted(classes)]
+        shown = ', '.join(names) if len(names) <= 12 else \
+            f'{", ".join(names[:3])}, ..., {", ".join(names[-3:])}'
+        print(f'  {split} classes ({len(names)}): {shown}')
+    if earlier is None:
+        return
+    for split, classes in index.items():
+        before = set(earlier.get(split, {}))
+        for change, names in (('new', set(classes) - before), ('gone', before - set(classes))):
+            if names and before:
+                print(f'  {split} classes {change} since the last preparation: '
+                      f'{", ".join(map(str, sorted(names)))}')
 
 
 def make_demo(data_path, per_class=40):
@@ -501,10 +545,8 @@ def main():
     args = get_args_parser().parse_args()
     if args.workers < 1:
         raise UserError(f'--workers must be at least 1, not {args.workers}')
-    if args.data_name is not None and (os.path.basename(args.data_name) != args.data_name
-                                       or args.data_name in ('', '.', '..')):
-        raise UserError(f'--data_name must name a folder directly under --data_path, not the path '
-                        f'{args.data_name!r}; pass the folder above it as --data_path')
+    if args.data_name is not None:
+        check_data_name(args.data_name)
     if args.make_demo:
         make_demo(args.data_path)
         args.data_name = 'digits'

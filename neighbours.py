@@ -194,16 +194,34 @@ def class_lists(features, labels, ranks, gallery_features=None, gallery_labels=N
     progress(blocks done, blocks in all) while the other classes are swept.
     """
     data = sorted_by_class(features, labels, gallery_features, gallery_labels)
-    # On the CPU the blocks are spread over torch's threads, each running its ops single-threaded:
-    # ops that each split across threads stall at every barrier on a busy machine. chunk_bytes
-    # holds one block per thread.
+    with block_pool(data, chunk_bytes) as (side, pool):
+        positives = same_class_similarities(data, side, pool)  # (n, m)
+        top, ahead = other_class_top(data, positives, ranks, side, pool, progress)  # (n, m), (n,)
+    return ClassLists(positives, top, ahead, data.r, data.where)
+
+
+def same_class_cosines(features, labels, chunk_bytes=CHUNK_BYTES):
+    """(P,) the cosine of every pair of features (N, D) of the same label, each pair twice (once
+    from each side), swept as class_lists sweeps them: only each class's own block is computed."""
+    data = sorted_by_class(features, labels, None, None)
+    with block_pool(data, chunk_bytes) as (side, pool):
+        positives = same_class_similarities(data, side, pool)  # (N, m)
+    return positives[positives > -math.inf]
+
+
+@contextlib.contextmanager
+def block_pool(data, chunk_bytes):
+    """(side, pool): the side of the square float32 blocks and the threads that sweep them.
+
+    On the CPU the blocks are spread over torch's threads, each running its ops single-threaded:
+    ops that each split across threads stall at every barrier on a busy machine. chunk_bytes holds
+    one block per thread.
+    """
     workers = torch.get_num_threads() if data.queries.device.type == 'cpu' else 1
     side = max(1, math.isqrt(max(1, chunk_bytes // (4 * workers))))  # float32 blocks side x side
     with single_threaded_ops(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
                                                    initargs=(1,)) as pool:
-        positives = same_class_similarities(data, side, pool)  # (n, m)
-        top, ahead = other_class_top(data, positives, ranks, side, pool, progress)  # (n, m), (n,)
-    return ClassLists(positives, top, ahead, data.r, data.where)
+        yield side, pool
 
 
 def sorted_by_class(features, labels, gallery_features, gallery_labels):

@@ -22,6 +22,8 @@ from utils import load_index, parse_ranks, retrieval_metrics
 # t-SNE up to this many embeddings; beyond, PCA: t-SNE's time grows past minutes on a CPU
 TSNE_LIMIT = 3000
 PAIRS = 20  # confused class pairs on the page
+PICTURES = 'images of the worst queries'  # what the page's Missing line says of absent pictures
+PERPLEXITY = 30  # t-SNE's usual perplexity, lowered only for fewer embeddings than it needs
 
 
 def write_report(args, data_base, data_base_path, framed, draw_row):
@@ -40,8 +42,17 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
     for flag in ('report_queries', 'retrieval_num'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag} must be at least 1, not {getattr(args, flag)}')
-    found = analyse(data_base, args.retrieval_num, args.report_queries)
     name = f'{os.path.basename(data_base_path)[:-len(".pth")]}_report'
+    moved = data_base.images_moved(data_base_path, args.data_path)
+    if moved is not None:
+        if has_pictures(os.path.join('results', name)):
+            raise UserError(f'{moved}; results/{name}/ holds an earlier report with its pictures, '
+                            f'which is not replaced by one without them unless you move it away')
+        print(f'warning: {moved} (the report is written without their pictures)')
+    found = analyse(data_base, args.retrieval_num, args.report_queries)
+    if found['k'] < args.retrieval_num:
+        print(f'--retrieval_num {args.retrieval_num} is more than the {found["k"]} images there '
+              f'are to search (besides the query), so each query shows all {found["k"]}')
     # results/<run name>, whose statistics lie beside
     run = re.sub(r'_\d+_data_base\.pth$', '', data_base_path)
     results = output_folder(data_base_path)  # the run's results/, where the data base lies
@@ -80,6 +91,16 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
         ' opens'
         ' offline)'
     )
+
+
+def has_pictures(folder):
+    """Whether folder holds a report written with every picture of its worst queries."""
+    try:
+        with open(os.path.join(folder, 'summary.json')) as file:
+            missing = json.load(file)['missing']
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not any(PICTURES in part for part in missing)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +324,7 @@ def draw_queries(found, folder, framed, draw_row):
     found['drawn'] = drawn
     if not missing:
         return []
-    return [f'{len(set(missing))} of the {len(needed)} images of the worst queries (such as '
+    return [f'{len(set(missing))} of the {len(needed)} {PICTURES} (such as '
             f'{missing[0]}), so {drawn.count(False)} of the {len(drawn)} queries are listed '
             f'without pictures']
 
@@ -330,9 +351,12 @@ def embedding_map(found, path):
             if points.shape[1] > 50
             else points
         )
-        perplexity = min(30.0, max(1.0, (len(points) - 1) / 3))
+        # scikit-learn needs a perplexity below the number of points
+        perplexity = PERPLEXITY if len(points) > PERPLEXITY else max(1.0, (len(points) - 1) / 3)
         xy = TSNE(2, perplexity=perplexity, init='pca', random_state=0).fit_transform(reduced)
-        method = f't-SNE (perplexity {perplexity:g}' + (
+        lowered = (f', lowered from {PERPLEXITY} for {len(points)} embeddings'
+                   if perplexity != PERPLEXITY else '')
+        method = f't-SNE (perplexity {perplexity:.3g}{lowered}' + (
             f', on the first {reduced.shape[1]} principal components)'
             if reduced is not points
             else ')'
@@ -345,7 +369,7 @@ def embedding_map(found, path):
         )
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(4.6, 4.6))
-    colours = plt.get_cmap('tab20')(labels % 20)
+    colours = plt.get_cmap('tab20')(colour_index(labels))
     size = 16 if len(points) <= 1000 else 3 if len(points) <= 10000 else 0.5
     queries = len(found['labels'])
     axis.scatter(
@@ -359,7 +383,8 @@ def embedding_map(found, path):
     if len(classes) <= 20:
         for label in classes:
             axis.scatter(
-                [], [], color=plt.get_cmap('tab20')(label % 20), label=found['names'][label], s=16
+                [], [], color=plt.get_cmap('tab20')(colour_index(label)),
+                label=found['names'][label], s=16
             )
         axis.legend(fontsize=7, loc='best', title='class', title_fontsize=7)
     axis.set(xticks=[], yticks=[])
@@ -367,6 +392,13 @@ def embedding_map(found, path):
     figure.tight_layout()
     save_figure(figure, path, dpi=110)
     return method
+
+
+def colour_index(labels):
+    """tab20's colour of each label: its ten strong hues for labels 0-9, then their pale twins, so
+    that neighbouring labels never get a colour and its pale twin."""
+    labels = labels % 20
+    return 2 * (labels % 10) + labels // 10
 
 
 # --------------------------------------------------------------------------------------------------

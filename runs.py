@@ -202,13 +202,19 @@ class DataBase(NamedTuple):
     def check_images_exist(self, path, data_path=None):
         """A UserError unless the images a query searches are where the data base (at path) says: it
         names where they were looked for and how to point test.py at their new place."""
+        moved = self.images_moved(path, data_path)
+        if moved is not None:
+            raise UserError(moved)
+
+    def images_moved(self, path, data_path=None):
+        """The sentence check_images_exist raises, or None when the images are there."""
         missing = next((image for image in self.searched.images if not os.path.isfile(image)), None)
-        if missing is not None:
-            trained = f'under {self.root}, where it was trained'
-            where = f'under --data_path {data_path}' if data_path is not None else trained
-            raise UserError(f'the images of data base {path} are not {where} (there is no '
-                            f'{missing}); if they moved, pass the folder that now holds '
-                            f'{self.data_name}/ as --data_path')
+        if missing is None:
+            return None
+        trained = f'under {self.root}, where it was trained'
+        where = f'under --data_path {data_path}' if data_path is not None else trained
+        return (f'the images of data base {path} are not {where} (there is no {missing}); if they '
+                f'moved, pass the folder that now holds {self.data_name}/ as --data_path')
 
 
 def results_folders():
@@ -464,7 +470,9 @@ def plot_statistics(frame, path):
             left.text(0.5, 0.04, 'train accuracy: does not apply\n(the loss has no class proxies)',
                       transform=left.transAxes, ha='center', va='bottom', fontsize=7,
                       color='tab:red')
-        left.legend(handles=lines, loc='best', fontsize=7)
+        # below the axes: inside, 'best' avoids the loss curve only, not the twin's accuracy curve
+        left.legend(handles=lines, loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=2,
+                    fontsize=7, frameon=False)
         for axis, (split, title) in zip(axes[1:], panels):
             for column in frame.columns:
                 if column.startswith(f'{split}_'):

@@ -1,23 +1,28 @@
 """Retrieve the images nearest to a query from a trained model's data base, or from a folder of photos; draw them."""
 import argparse
+import difflib
 import hashlib
+import math
 import os
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import to_pil_image
 
 import gallery
-from neighbours import top_k
+from neighbours import same_class_cosines, top_k
 from report import write_report
 from runs import RESULTS_VARIABLE, DataBase, load_model, output_folder
 from runtime import ArgumentParser, UserError, atomic_dir, pyplot, remove_temporaries, run_main
-from utils import embed_files, image_files, read_image, unreadable_line
+from utils import (CROP_TYPES, embed_files, image_files, one_of, prepared_name, read_image,
+                   unreadable_line)
 
 # correct, wrong, query label unknown
 BORDER = {True: (0, 160, 0), False: (220, 0, 0), None: (128, 128, 128)}
 RESULT_COLUMNS = ['rank', 'path', 'similarity', 'same_class']  # results.csv, one row per result
+PER_ROW = 10  # results per row of retrieval.png: many results wrap into rows
 
 
 def get_args_parser():
@@ -59,8 +64,13 @@ def get_args_parser():
     return parser
 
 
-def find_query(query, images):
-    """Position of the query among images (by path, then by a file name no other image has), or None."""
+def find_query(query, images, data_base=None):
+    """Position of the query among images (by path, then by a file name no other image has; with
+    the data base, also as the user's original photo a data base image was prepared from), or
+    None."""
+    copy = None if data_base is None else prepared_copy(query, data_base)
+    if copy is not None and copy in images:
+        return images.index(copy)
     if query in images:
         return images.index(query)
     resolved = [os.path.realpath(image) for image in images]
@@ -68,6 +78,46 @@ def find_query(query, images):
         return resolved.index(os.path.realpath(query))
     same_name = [i for i, image in enumerate(images) if os.path.basename(image) == os.path.basename(query)]
     return same_name[0] if len(same_name) == 1 and not os.path.isfile(query) else None
+
+
+def prepared_copy(path, data_base):
+    """The data base's prepared copy of a photo of its labelled folder
+    (<data_name>/<class>/IMG.png -> <data_name>/<crop type>/<class>/IMG.png.jpg), or None for a
+    file outside that folder."""
+    folder = os.path.join(data_base.root, data_base.data_name)
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    if real == top or os.path.commonpath([real, top]) != top:
+        return None
+    relative = os.path.relpath(real, top)
+    if relative.split(os.sep)[0] in CROP_TYPES:
+        return None
+    return os.path.join(folder, data_base.crop_type, prepared_name(relative))
+
+
+def original_photo(image, data_base):
+    """The user's own photo a data base image was prepared from, where it is still there, else the
+    image itself (the benchmarks' copies are named otherwise than their sources)."""
+    folder = os.path.join(data_base.root, data_base.data_name)
+    relative = os.path.relpath(image, os.path.join(folder, data_base.crop_type))
+    if relative.startswith(os.pardir):
+        return image
+    for source in ([relative[:-len('.jpg')]] if relative.endswith('.jpg') else []) + [relative]:
+        if prepared_name(source) == relative and os.path.isfile(os.path.join(folder, source)):
+            return os.path.join(folder, source)
+    return image
+
+
+def missing_query(query):
+    """The UserError for a query file that does not exist, with the close names in its folder."""
+    folder = os.path.dirname(query) or os.curdir
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    close = difflib.get_close_matches(os.path.basename(query), names, n=3, cutoff=0.6)
+    close = [os.path.join(os.path.dirname(query), name) for name in close]
+    hint = (f'did you mean {one_of(close)}?' if close
+            else f'{folder} holds no file of a similar name' if os.path.isdir(folder)
+            else f'there is no folder {folder}')
+    return UserError(f'query image {query} does not exist ({hint}); pass an image file, a folder '
+                     f'of them or a test image of the data base')
 
 
 def embedding_device():
@@ -95,8 +145,7 @@ def embed_query(query, data_base, model):
     """The embedding (D,) of an image that is not in the data base by the model saved beside it, at
     the run's image size, or None where PIL cannot read the file."""
     if not os.path.isfile(query):
-        raise UserError(f'query image {query} does not exist; a valid name is '
-                        f'{data_base.test.images[0]}')
+        raise missing_query(query)
     features, unreadable = embed_files(model, [query], data_base.image_size)
     return None if unreadable else features[0]  # (D,)
 
@@ -126,11 +175,11 @@ def search_gallery(args, queries, data_base, data_base_path):
     images = gallery_images(args.gallery)
     model, model_path = load_model(data_base, data_base_path, embedding_device())
     # a mistyped query is reported now, not after the whole gallery has been embedded
-    found = [(query, find_query(query, images), find_query(query, data_base.test.images))
-             for query in queries]
+    found = [(query, find_query(query, images),
+              find_query(query, data_base.test.images, data_base)) for query in queries]
     for query, inside, known in found:
         if inside is None and known is None and not os.path.isfile(query):
-            raise UserError(f'query image {query} does not exist; pass an image file')
+            raise missing_query(query)
     path = gallery_store_path(args.gallery, model_path, output_folder(data_base_path))
     if os.path.isfile(f'{path}.pth'):
         print(f'{path}.pth is a gallery cache of an older version, no longer read; delete it')
@@ -189,15 +238,18 @@ def framed(path, correct=None, border=True):
 
 
 def draw_row(query_image, results, path):
-    """The query and its results in one row: the figure the README shows."""
+    """The query, then its results in rows of up to PER_ROW: the figure the README shows (one row
+    for up to PER_ROW results)."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, len(results) + 1, figsize=(1.6 * (len(results) + 1), 2.0))
-    axes[0].imshow(query_image)
-    axes[0].set_title('query', fontsize=9)
-    for axis, (image, rank, similarity, _) in zip(axes[1:], results):
+    columns, rows = min(len(results), PER_ROW) + 1, math.ceil(len(results) / PER_ROW)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 2.0 * rows), squeeze=False)
+    axes[0, 0].imshow(query_image)
+    axes[0, 0].set_title('query', fontsize=9)
+    cells = [axis for row in axes for axis in row[1:]]  # the first column holds only the query
+    for axis, (image, rank, similarity, _) in zip(cells, results):
         axis.imshow(image)
         axis.set_title(f'#{rank}  {similarity:.3f}', fontsize=9)
-    for axis in axes:
+    for axis in axes.flat:
         axis.axis('off')
     figure.tight_layout()
     figure.savefig(path, format='png', dpi=120)
@@ -212,11 +264,11 @@ def search_data_base(args, queries, data_base, data_base_path):
     test = data_base.test
     model = None
     for query in queries:
-        index = find_query(query, images)
+        index = find_query(query, images, data_base)
         # searching a gallery, the query may still be a test image, such as an In-shop query: its
         # embedding is stored
         known = (None if index is not None or data_base.gallery is None
-                 else find_query(query, test.images))
+                 else find_query(query, test.images, data_base))
         if index is not None:
             query_feature, query_path, query_label = features[index], images[index], labels[index].item()
         elif known is not None:
@@ -264,20 +316,29 @@ def main():
     else:
         data_base.check_images_exist(data_base_path, args.data_path)
         searches = search_data_base(args, queries, data_base, data_base_path)
-    skipped, folder = [], args.output_dir
+    skipped, folder, written = [], args.output_dir, 0
     for query_path, query_label, ranked in searches:
         if ranked is None:
             skipped.append(query_path)
             continue
         if folder is None:  # made for the first result: a call that writes nothing makes none
             folder = new_call_folder(data_base_path)
+        if not written:  # said once, before the first results
+            typical_similarity(data_base)
+            if len(ranked) < args.retrieval_num:
+                print(f'--retrieval_num {args.retrieval_num} is more than the {len(ranked)} images '
+                      f'there are to search (besides the query), so all {len(ranked)} are shown')
         name = output_name(query_path, data_base, others)
         refuse_earlier_result(os.path.join(folder, name))
         write_results(query_path, ranked, os.path.join(folder, name))
-        print_results(query_path, ranked)
+        # printed as the user's own photos where the data base's images are copies of them
+        print_results(original_photo(query_path, data_base),
+                      [(rank, original_photo(path, data_base), *rest)
+                       for rank, path, *rest in ranked])
         hits = sum(correct is True for *_, correct in ranked)
         summary = f', {hits} of the same class' if query_label is not None else ''
         searched = f' in {args.gallery}' if args.gallery is not None else ''
+        written += 1
         print(f'wrote the query and its {len(ranked)} nearest images{searched}{summary} to '
               f'{os.path.join(folder, name)}/', flush=True)
     if skipped and len(skipped) == len(queries):
@@ -309,6 +370,18 @@ def new_call_folder(data_base_path):
             return os.path.join(parent, str(number))
         except FileExistsError:  # another call took it first
             number += 1
+
+
+def typical_similarity(data_base):
+    """Print the similarity the test set's own same-class pairs reach (median and quartiles), so
+    that a result can be told from a nearest stranger of another class."""
+    test = data_base.test
+    cosines = same_class_cosines(test.features, test.labels).numpy()  # (P,)
+    if len(cosines):
+        low, median, high = np.quantile(cosines, [0.25, 0.5, 0.75])
+        print(f'same-class pairs of the data base\'s test set reach a similarity of {median:.3f} '
+              f'(median; half lie between {low:.3f} and {high:.3f}): a result well below that is '
+              f'likely of another class than the query')
 
 
 def write_results(query_path, ranked, path):

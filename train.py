@@ -32,8 +32,8 @@ from runtime import (ArgumentParser, UserError, exclusive_run, gather, gather_sh
                      remove_temporaries, run_main, set_kernels, set_rng_state, set_seed,
                      setup_device, unwrap)
 from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, ImageReader,
-                   canonical_loss_args, check_loss_name, class_cosines, embed_batches,
-                   folder_name, index_path, load_index, loss_entry, mean_pairwise_cosine, one_of,
+                   canonical_loss_args, check_data_name, check_loss_name, class_cosines,
+                   embed_batches, folder_name, index_path, load_index, loss_entry, mean_pairwise_cosine, one_of,
                    parse_ranks, retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
@@ -195,6 +195,7 @@ def prefix_of(args, named_flags=None):
 def check_args(args, parser):
     """Flags out of range become one UserError; returns the parsed Recall@K ranks and the loss's
     LossEntry, resolved here once (a pml/<name> loss from its --loss_args)."""
+    check_data_name(args.data_name, args.crop_type)
     for flag, low in (('image_size', MIN_IMAGE_SIZE), ('feature_dim', 1), ('batch_size', 1),
                       ('num_epochs', 1), ('warm_up', 0), ('num_workers', 0),
                       ('lr_step', 1)):

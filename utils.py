@@ -22,6 +22,7 @@ from runtime import UserError, cpu_generator_seeded, safe_load
 # the benchmarks; any other prepared folder name works too
 DATA_NAMES = ('car', 'cub', 'sop', 'inshop')
 CROP_TYPES = ('uncropped', 'cropped')
+BOXED = ('car', 'cub')  # the data sets with bounding boxes: only they have a cropped variant
 # the recipe's crop (train.py --image_size's default), and the shorter side an image is resized to
 # before it at test time; another crop keeps this ratio (rounded down: the official Proxy-Anchor
 # code's list pairs its 256-pixel crop with 292)
@@ -76,14 +77,34 @@ def not_prepared(data_path, data_name, path):
         return UserError(f'there is no data set {data_name} under {data_path} ({known}); pass the '
                          f'name of a folder there, or put your data set there as '
                          f'{os.path.join(data_path, data_name)}')
+    crop = ' --crop' if path.endswith(f'{CROP_TYPES[1]}_data_dicts.pth') else ''
     return UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
-                     f'`python data_utils.py --data_path {data_path} --data_name {data_name}` '
-                     f'first')
+                     f'`python data_utils.py --data_path {data_path} --data_name {data_name}'
+                     f'{crop}` first')
 
 
 def folder_name(text):
     """A folder name as typed, without the trailing slash that shell completion adds (--data_name digits/)."""
     return text.rstrip('/') or text
+
+
+def prepared_name(relative):
+    """The name a labelled folder's image (its path relative to the folder) has among the prepared
+    copies, which are JPEGs: the same, with .jpg appended to a format other than JPEG."""
+    return relative + ('' if relative.lower().endswith(('.jpg', '.jpeg')) else '.jpg')
+
+
+def check_data_name(data_name, crop_type='uncropped'):
+    """A UserError for a --data_name that is a path rather than a folder name under --data_path, or
+    that has no cropped variant."""
+    if os.path.basename(data_name) != data_name or data_name in ('', '.', '..'):
+        parent, name = os.path.split(os.path.abspath(data_name))
+        raise UserError(f'--data_name must name a folder directly under --data_path, not the path '
+                        f'{data_name!r}; pass its parent as --data_path {parent} and its folder '
+                        f'name as --data_name {name}')
+    if crop_type == CROP_TYPES[1] and data_name not in BOXED:
+        raise UserError(f'cropped images exist only for {" and ".join(BOXED)} (their bounding '
+                        f'boxes), not for {data_name}; leave out --crop_type cropped')
 
 
 def train_transform(image_size=None):
