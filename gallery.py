@@ -9,6 +9,8 @@ folder:
   keys-<generation>.jsonl      one line per image: [path, size, mtime_ns], or [path, size, mtime_ns, "unreadable"]
   embeddings-<generation>.f16  row r: the embedding of the r-th line that is not unreadable, (D,) float16
   index-<kind>.faiss / .json   an index over the rows and what it was built from (hnsw, ivfpq)
+--index milvus keeps a Milvus collection in step with the store instead (the store stays the source
+of the vectors; see MilvusIndex).
 New and changed images are appended a chunk at a time, the rows first and then their keys, so a run
 killed while embedding loses at most the chunk it was on: rows without keys are cut off when the
 store is next opened. The row of a removed or changed image stays until a compaction writes the live
@@ -16,6 +18,7 @@ rows into a new generation.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -37,12 +40,16 @@ CHUNK = 256  # images embedded, then appended and synced together: what an inter
 READ_ROWS = 1 << 16  # rows read from the memory map at a time: 64 MiB of float16 at 512-d
 # compact when dead rows (removed or changed images) are this share of the store
 COMPACT_FRACTION = 0.25
-INDEXES = ('exact', 'hnsw', 'ivfpq')
+INDEXES = ('exact', 'hnsw', 'ivfpq', 'milvus')
 EXACT_BELOW = 1_000_000  # the default --index: exact below this many images, ivfpq from it (README)
 # HNSW: 16 links per node and faiss's default construction depth, half the build time of 32 links at
-# the same recall after re-ranking (measured at 50,000 vectors); the search depth grows to the
-# candidates asked for
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 40, 128
+# the same recall after re-ranking (measured at 50,000 vectors). A fixed search depth that is enough
+# at 200,000 images (recall@10 0.957 with 200) finds only 0.734 at 1,000,000, so the depth is
+# calibrated when the index is built: doubled from the candidates fetched until the exact 10 nearest
+# of HNSW_SAMPLE stored images are found with recall HNSW_RECALL (above the 0.95 sought, for queries
+# from outside the gallery), at most HNSW_EF_MAX
+HNSW_M, HNSW_EF_CONSTRUCTION = 16, 40
+HNSW_SAMPLE, HNSW_RECALL, HNSW_EF_MAX, HNSW_K = 200, 0.97, 8192, 10
 # IVF-PQ: faiss's fast-scan codes, 4 bits per 8 dimensions (32 bytes a 512-d row); with 8-bit codes
 # training the product quantizer took minutes at 20,000 rows on this machine, with 4-bit codes
 # seconds
@@ -53,6 +60,13 @@ IVFPQ_MIN = 39 * 2 ** IVFPQ_BITS
 # lists) 32 found 0.90 of the exact top 10, 64 found 0.95 and 128 found 0.98 in 3.1 ms
 # (benchmarks/index_speed.py)
 IVFPQ_NPROBE, IVFPQ_PROBED_SHARE = 32, 8
+# Milvus (--index milvus): rows inserted or ids deleted per request, what an interruption loses;
+# ids listed per request; seconds to wait for a server; its limits on results and search depth
+MILVUS_CHUNK, MILVUS_LIST, MILVUS_TIMEOUT, MILVUS_TOP_K, MILVUS_EF_MAX = 1024, 16384, 10, 16384, 32768
+MILVUS_EF_CONSTRUCTION = 200  # built by the server, on all its cores
+MILVUS_FIELDS = {'id': 'INT64', 'embedding': 'FLOAT_VECTOR', 'path': 'VARCHAR', 'size': 'INT64',
+                 'mtime': 'INT64'}
+MILVUS_PROPERTY = 'pp.gallery'  # the collection property naming the model its embeddings come from
 RERANK = 20  # approximate candidates per result, re-ranked by their exact cosines from the store
 
 
@@ -353,17 +367,69 @@ def sampled_rows(vectors, sample):
 def index_search(index, queries, k):
     """(Q, k) ids of the approximate nearest rows of float32 queries (Q, D); -1 where fewer were found."""
     import faiss
+    if isinstance(index, MilvusIndex):
+        return index.search(queries, k)
     if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+        # the calibrated depth (open_index), deeper where more candidates are asked for
+        index.hnsw.efSearch = max(index.hnsw.efSearch, k)
     else:
         index.nprobe = min(max(IVFPQ_NPROBE, index.nlist // IVFPQ_PROBED_SHARE), index.nlist)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
 
 
-def open_index(store, kind):
+def calibration_sample(store):
+    """(queries (S, D) float32, their exact HNSW_K nearest other live rows (S, K')): HNSW_SAMPLE live
+    rows spread evenly over the store, each leaving itself out."""
+    live = np.flatnonzero(store.live)
+    rows = live[np.linspace(0, len(live) - 1, min(HNSW_SAMPLE, len(live))).astype(np.int64)]
+    queries = sampled_rows(lambda a, b: store.block(a, b).numpy(), rows)  # (S, D)
+    _, truth = top_k(torch.from_numpy(queries), store.read(0, len(store.keys)), HNSW_K,  # (S, K')
+                     leave_out=torch.from_numpy(rows), live=store.live, block_rows=READ_ROWS)
+    return queries, truth.numpy()
+
+
+def calibrated_depth(search, queries, truth, target=HNSW_RECALL, start=None, most=HNSW_EF_MAX):
+    """(depth, recall@K reached): the smallest search depth, doubled from `start` (candidates(K)),
+    at which search(queries, depth) -> (Q, candidates(K)) ids holds `target` of truth (Q, K) exact
+    nearest ids, the re-rank keeping those it holds; `most` when none up to it does."""
+    depth = start or candidates(truth.shape[1])
+    while True:
+        found = search(queries, depth)
+        recall = np.mean([len(set(want) & set(got)) / len(want) for want, got in zip(truth, found)])
+        if recall >= target or depth >= most:
+            return depth, float(recall)
+        depth = min(2 * depth, most)
+
+
+def hnsw_search(index):
+    """search(queries, depth) of a faiss HNSW index at that depth, for calibrated_depth."""
+    def search(queries, depth):
+        index.hnsw.efSearch = depth
+        return index.search(queries, candidates(HNSW_K))[1]
+    return search
+
+
+def calibrate(store, search, name):
+    """The search depth of an HNSW index (faiss's or Milvus's) calibrated on the store (calibrated_depth),
+    printed in a line; None when the store is too small to sample."""
+    if store.live.sum() <= HNSW_K:
+        return None
+    queries, truth = calibration_sample(store)
+    depth, recall = calibrated_depth(search, queries, truth)
+    short = '' if recall >= HNSW_RECALL else f', below the {HNSW_RECALL} sought: prefer --index ivfpq'
+    print(f'index {name}: search depth {depth} finds {recall:.3f} of the exact {HNSW_K} nearest of '
+          f'{len(queries)} sampled images{short}')
+    return depth
+
+
+def open_index(store, kind, milvus_uri=None):
     """The store's index of this kind: read from disk if built from the same model, store generation
-    and rows; extended if the store has grown since; built anew otherwise. Prints what it did."""
+    and rows; extended if the store has grown since; built anew otherwise (hnsw: its search depth
+    calibrated whenever it changes). milvus: the collection at milvus_uri brought in step with the
+    store (MilvusIndex). Prints what it did."""
     import faiss
+    if kind == 'milvus':
+        return MilvusIndex.open(store, milvus_uri or f'{store.path}.milvus.db')
     if kind == 'ivfpq' and store.live.sum() < IVFPQ_MIN:
         raise UserError(f'--index ivfpq learns its codes from the gallery and needs at least '
                         f'{IVFPQ_MIN} images for that, but this one holds {store.live.sum()}; use '
@@ -390,20 +456,182 @@ def open_index(store, kind):
             print(f'{path} was trained on {meta["trained_on"]} images and the store has grown to '
                   f'{len(store.keys)}, so it is trained anew')
             index = None
-    if index is not None and index.ntotal == len(store.keys):
-        return index
-    begin, before = time.perf_counter(), 0 if index is None else index.ntotal
-    trained_on = len(store.keys) if index is None else meta['trained_on']
-    index = build_index(
-        kind, lambda a, b: store.block(a, b).numpy(), len(store.keys), store.dim, before, index
-    )
+    before = 0 if index is None else index.ntotal
+    if index is not None and before == len(store.keys):
+        if kind == 'hnsw' and 'depth' in meta:
+            index.hnsw.efSearch = meta['depth']
+        if kind != 'hnsw' or 'depth' in meta:  # an older version's hnsw is calibrated below
+            return index
+    else:
+        begin = time.perf_counter()
+        index = build_index(
+            kind, lambda a, b: store.block(a, b).numpy(), len(store.keys), store.dim, before, index
+        )
+        done = (
+            f'extended by {index.ntotal - before} images'
+            if before
+            else f'built over {index.ntotal} images'
+        )
+        print(f'index {kind}: {done} in {time.perf_counter() - begin:.1f} s, saved as {path}')
+    calibrated = {}
+    if kind == 'hnsw':
+        calibrated['depth'] = calibrate(store, hnsw_search(index), kind) or candidates(HNSW_K)
+        index.hnsw.efSearch = calibrated['depth']
     with atomic_path(path) as tmp:
         faiss.write_index(index, tmp)
-    store.write_json(f'index-{kind}.json', {**made, 'rows': index.ntotal, 'trained_on': trained_on})
-    done = (
-        f'extended by {index.ntotal - before} images'
-        if before
-        else f'built over {index.ntotal} images'
-    )
-    print(f'index {kind}: {done} in {time.perf_counter() - begin:.1f} s, saved as {path}')
+    trained_on = meta['trained_on'] if before else len(store.keys)
+    store.write_json(f'index-{kind}.json',
+                     {**made, 'rows': index.ntotal, 'trained_on': trained_on, **calibrated})
     return index
+
+
+# --------------------------------------------------------------------------------------------------
+# Milvus: a collection kept in step with the store, for galleries that outgrow one machine
+
+class MilvusIndex:
+    """A Milvus collection (an embedded Milvus Lite file, or a server) holding the store's live rows:
+    each image's embedding, path, size and modification time, its id a hash of those three, and the
+    model's digest in the collection's properties. The store stays the source of the vectors: each
+    open lists the collection's ids and inserts the live rows it lacks and deletes the ids the store
+    no longer holds, MILVUS_CHUNK at a time, so an interrupted update loses at most one request and
+    the next open finishes it. Searches give row numbers for the store's exact re-rank."""
+
+    def __init__(self, client, name, store, uri):
+        self.client, self.name, self.store, self.uri = client, name, store, uri
+        self.ids, self.rows, self.depth = np.zeros(0, np.int64), np.zeros(0, np.int64), None
+
+    @classmethod
+    def open(cls, store, uri):
+        """The collection for this store at uri, created or rebuilt as needed and brought in step."""
+        from pymilvus import MilvusClient, MilvusException
+        local = '://' not in uri
+        if local:  # Milvus Lite wants the file's folder to exist
+            os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        try:
+            client = MilvusClient(uri, timeout=MILVUS_TIMEOUT)
+        except MilvusException:
+            raise UserError(f'cannot reach Milvus at --milvus_uri {uri}; start the server, or give '
+                            f'a file path (such as results/gallery.db) for an embedded Milvus Lite')
+        name = 'pp_' + ''.join(c if c.isalnum() else '_' for c in os.path.basename(store.path))
+        self = cls(client, name[:255], store, uri)
+        self.prepare()
+        self.sync()
+        return self
+
+    def marker(self):
+        """The collection property naming the model and dimension its embeddings come from."""
+        digest = hashlib.sha1(json.dumps(self.store.model).encode()).hexdigest()[:16]
+        return json.dumps({'version': VERSION, 'model': digest, 'dim': self.store.dim})
+
+    def prepare(self):
+        """Create the collection, rebuild it for another model, or refuse one that is not PP's."""
+        client, name = self.client, self.name
+        if client.has_collection(name):
+            described = client.describe_collection(name)
+            fields = {field['name']: field for field in described['fields']}
+            made = json.loads(described.get('properties', {}).get(MILVUS_PROPERTY, 'null') or 'null')
+            if set(fields) != set(MILVUS_FIELDS) or not isinstance(made, dict):
+                raise UserError(f'Milvus collection {name} at {self.uri} was not made by test.py '
+                                f'--gallery (its fields are {", ".join(fields)}); drop it, or give '
+                                f'another --milvus_uri')
+            mine = json.loads(self.marker())
+            if made.get('model') != mine['model'] or made.get('version') != VERSION:
+                print(f'Milvus collection {name} at {self.uri} holds another model\'s embeddings, '
+                      f'so it is rebuilt')
+                client.drop_collection(name)
+            elif int(fields['embedding']['params']['dim']) != self.store.dim:
+                raise UserError(f'Milvus collection {name} at {self.uri} holds '
+                                f'{fields["embedding"]["params"]["dim"]}-d embeddings but the model '
+                                f'embeds in {self.store.dim}; drop the collection, or give another '
+                                f'--milvus_uri')
+        if not client.has_collection(name):
+            from pymilvus import DataType
+            schema = client.create_schema(auto_id=False)
+            for field, kind in MILVUS_FIELDS.items():
+                extra = {'is_primary': True} if field == 'id' else {
+                    'embedding': {'dim': self.store.dim}, 'path': {'max_length': 65535}}.get(field, {})
+                schema.add_field(field, getattr(DataType, kind), **extra)
+            params = client.prepare_index_params()
+            params.add_index(field_name='embedding', index_type='HNSW', metric_type='COSINE',
+                             params={'M': HNSW_M, 'efConstruction': MILVUS_EF_CONSTRUCTION})
+            client.create_collection(name, schema=schema, index_params=params)
+            client.alter_collection_properties(name, properties={MILVUS_PROPERTY: self.marker()})
+        client.load_collection(name)
+
+    def held(self):
+        """The ids the collection holds, (H,) int64."""
+        iterator = self.client.query_iterator(self.name, batch_size=MILVUS_LIST,
+                                              output_fields=['id'])
+        ids = []
+        while batch := iterator.next():
+            ids += [row['id'] for row in batch]
+        iterator.close()
+        return np.array(ids, dtype=np.int64)
+
+    def sync(self):
+        """Insert the live rows the collection lacks, delete the ids the store no longer holds,
+        MILVUS_CHUNK at a time; calibrate the search depth when anything changed. Prints a line."""
+        store = self.store
+        live = np.flatnonzero(store.live)
+        ids = np.array([key_id(store.keys[row]) for row in live], dtype=np.int64)  # (L,)
+        order = np.argsort(ids)
+        self.ids, self.rows = ids[order], live[order]
+        held = self.held()
+        gone = held[~np.isin(held, ids)]
+        new = live[~np.isin(ids, held)]
+        for start in range(0, len(gone), MILVUS_CHUNK):
+            self.client.delete(self.name, ids=gone[start:start + MILVUS_CHUNK].tolist())
+        with tqdm(total=len(new), desc=f'Milvus {self.name}', unit='img', dynamic_ncols=True,
+                  disable=not len(new)) as bar:
+            for start in range(0, len(new), MILVUS_CHUNK):
+                self.insert(new[start:start + MILVUS_CHUNK])
+                bar.update(len(new[start:start + MILVUS_CHUNK]))
+        if len(gone) or len(new):
+            self.client.flush(self.name)
+        print(f'Milvus collection {self.name} at {self.uri}: {len(live)} images, {len(new)} added, '
+              f'{len(gone)} removed')
+        marker = os.path.join(store.path, 'index-milvus.json')
+        made = {'uri': self.uri, 'name': self.name, 'generation': store.generation,
+                'live': int(len(live)), 'ids': hashlib.sha1(self.ids.tobytes()).hexdigest()}
+        calibrated = store.read_json(os.path.basename(marker)) or {}
+        if {key: calibrated.get(key) for key in made} == made and 'depth' in calibrated:
+            self.depth = calibrated['depth']
+        else:
+            self.depth = calibrate(store, self.depth_search, 'milvus') or candidates(HNSW_K)
+            store.write_json(os.path.basename(marker), {**made, 'depth': self.depth})
+
+    def insert(self, rows):
+        """Insert the store's rows (R,) (sorted) with their keys."""
+        vectors = sampled_rows(lambda a, b: self.store.block(a, b).numpy(), rows)  # (R, D)
+        keys = [self.store.keys[row] for row in rows]
+        self.client.insert(self.name, [
+            {'id': key_id(key), 'embedding': vector, 'path': key[0], 'size': key[1],
+             'mtime': key[2]} for key, vector in zip(keys, vectors)])
+
+    def depth_search(self, queries, depth):
+        """(Q, candidates(HNSW_K)) store rows found at this search depth, for calibrated_depth."""
+        return self.found(queries, candidates(HNSW_K), depth)
+
+    def search(self, queries, k):
+        """(Q, k) store rows of the approximate nearest neighbours of queries (Q, D); -1 for none."""
+        return self.found(queries, k, max(self.depth or k, k))
+
+    def found(self, queries, k, depth):
+        """(Q, k) store rows of Milvus's k nearest at search depth `depth`, -1 where fewer."""
+        k = min(k, MILVUS_TOP_K)
+        hits = self.client.search(self.name, data=[np.asarray(query, np.float32) for query in queries],
+                                  limit=k, search_params={'params': {'ef': min(depth, MILVUS_EF_MAX)}},
+                                  output_fields=['id'])
+        rows = np.full((len(queries), k), -1, dtype=np.int64)
+        for q, found in enumerate(hits):
+            ids = np.array([hit['id'] for hit in found], dtype=np.int64)
+            at = np.searchsorted(self.ids, ids).clip(max=max(len(self.ids) - 1, 0))
+            known = self.ids[at] == ids if len(self.ids) else np.zeros(len(ids), bool)
+            rows[q, :len(ids)] = np.where(known, self.rows[at] if len(self.rows) else -1, -1)
+        return rows
+
+
+def key_id(key):
+    """A Milvus id of an image's key (path, size, mtime_ns): 63 bits of its BLAKE2 hash."""
+    digest = hashlib.blake2b(json.dumps(list(key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') >> 1
