@@ -20,6 +20,7 @@ rows into a new generation.
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -504,6 +505,8 @@ class MilvusIndex:
     def open(cls, store, uri):
         """The collection for this store at uri, created or rebuilt as needed and brought in step."""
         from pymilvus import MilvusClient, MilvusException
+        # its id listing warns on every call that Milvus Lite keeps no server-side timestamp
+        logging.getLogger('pymilvus').setLevel(logging.ERROR)
         local = '://' not in uri
         if local:  # Milvus Lite wants the file's folder to exist
             os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
