@@ -1,20 +1,27 @@
 """Plumbing for test.py --gallery: a folder's embeddings kept on disk, appended as the folder
-changes and searched memory-mapped, exactly or through a faiss index saved beside them. Imports
-nothing from the research files but utils.py's embed_files (images read, transformed and embedded as
-test.py and train.py do) and neighbours.py's exact search.
+changes and searched memory-mapped, exactly, through a faiss index saved beside them, or through a
+Milvus collection kept in step with them. Imports nothing from the research files but utils.py's
+embed_files (images read, transformed and embedded as test.py and train.py do) and neighbours.py's
+exact search.
 
 A store is one folder, results/<model>_gallery_<folder hash>/, for one model file and one photo
 folder:
-  meta.json                    {version, model, dim, dtype, generation}: written whole; names the two files below
-  keys-<generation>.jsonl      one line per image: [path, size, mtime_ns], or [path, size, mtime_ns, "unreadable"]
-  embeddings-<generation>.f16  row r: the embedding of the r-th line that is not unreadable, (D,) float16
+  meta.json                    {version, model, dim, dtype, generation}: written whole; names the files below
+  embeddings-<generation>.f2   row r: the embedding of image r, (D,) float16
+  keys-<generation>.bin        record r: image r's key, KEY (where its path ends in the paths file,
+                               size, mtime_ns, key_id), 32 bytes
+  paths-<generation>.txt       the images' paths, one a line, in row order
+  unreadable-<generation>.jsonl  one line per file PIL could not read: [path, size, mtime_ns]
   index-<kind>.faiss / .json   an index over the rows and what it was built from (hnsw, ivfpq)
+The keys are memory-mapped as the rows are: at 10,000,000 images the process holds 17 bytes an image
+for them (a sorted copy of the key ids to find an image by its key, and its order) and reads the
+rest, about 80 bytes, through the page cache. New and changed images are appended a chunk at a
+time, the rows first, then their paths, then their key records, each synced, so a run killed while
+embedding loses at most the chunk it was on: rows and paths without a key record are cut off when
+the store is next opened. The row of a removed or changed image stays until a compaction writes the
+live rows into a new generation. A store of version 1 (keys as JSON lines) is converted on open.
 --index milvus keeps a Milvus collection in step with the store instead (the store stays the source
 of the vectors; see MilvusIndex).
-New and changed images are appended a chunk at a time, the rows first and then their keys, so a run
-killed while embedding loses at most the chunk it was on: rows without keys are cut off when the
-store is next opened. The row of a removed or changed image stays until a compaction writes the live
-rows into a new generation.
 """
 
 import contextlib
@@ -34,7 +41,10 @@ from neighbours import top_k
 from runtime import RunLock, UserError, atomic_path, remove_temporaries
 from utils import embed_files, unreadable_line
 
-VERSION = 1  # of the store's layout; a store or index of another version is written anew
+VERSION = 2  # of the store's layout; a store of another version is written anew (1: converted)
+INDEX_VERSION = 1  # of the faiss indexes' files: a converted store keeps them
+# a key record: where the image's path ends in the paths file, its size, mtime_ns and key_id
+KEY = np.dtype([('end', '<i8'), ('size', '<i8'), ('mtime', '<i8'), ('id', '<i8')])
 # half of float32's disk and page cache; exact recall@10 0.9997 at 200,000 rows (index_speed.py)
 DTYPE = np.float16
 CHUNK = 256  # images embedded, then appended and synced together: what an interruption can lose
@@ -109,6 +119,12 @@ class Store:
             'dim': dim,
             'dtype': np.dtype(DTYPE).name,
         }
+        same = {key: value for key, value in expected.items() if key != 'version'}
+        if (meta is not None and meta.get('version') == 1 and
+                {key: meta.get(key) for key in same} == same):
+            self.generation = meta['generation']
+            self.convert()
+            meta = {**meta, 'version': VERSION}
         if meta is None or {key: meta.get(key) for key in expected} != expected:
             if meta is not None:
                 print(
@@ -122,8 +138,9 @@ class Store:
         self.load()
 
     def file(self, kind, generation=None):
-        """The path of this generation's keys or embeddings file."""
-        extension = {'keys': 'jsonl', 'embeddings': np.dtype(DTYPE).str[1:]}[kind]  # f2: float16
+        """The path of this generation's embeddings, keys, paths or unreadable file."""
+        extension = {'keys': 'bin', 'embeddings': np.dtype(DTYPE).str[1:],  # f2: float16
+                     'paths': 'txt', 'unreadable': 'jsonl'}[kind]
         return os.path.join(self.path, f'{kind}-{generation or self.generation}.{extension}')
 
     def read_json(self, name):
@@ -142,43 +159,89 @@ class Store:
     def remove_others(self):
         """Delete other generations' files and what a killed run left half-written."""
         remove_temporaries(self.path)
-        mine = {os.path.basename(self.file('keys')), os.path.basename(self.file('embeddings'))}
+        kinds = ('keys', 'embeddings', 'paths', 'unreadable')
+        mine = {os.path.basename(self.file(kind)) for kind in kinds}
         for name in os.listdir(self.path):
-            if name.startswith(('keys-', 'embeddings-')) and name not in mine:
+            if name.startswith(tuple(f'{kind}-' for kind in kinds)) and name not in mine:
                 os.remove(os.path.join(self.path, name))
 
+    def convert(self):
+        """Rewrite a version 1 store's keys (JSON lines, keys-<generation>.jsonl) as this version's
+        files, keeping its rows; meta.json, written last, marks it done."""
+        with open(os.path.join(self.path, f'keys-{self.generation}.jsonl'), 'rb') as file:
+            text = file.read()
+        keys, unreadable = [], []
+        for line in text[:text.rfind(b'\n') + 1].splitlines():  # a line cut short is dropped
+            path, size, mtime, *bad = json.loads(line)
+            (unreadable if bad else keys).append((path, size, mtime))
+        with atomic_path(self.file('unreadable')) as tmp, open(tmp, 'w') as file:
+            file.writelines(f'{json.dumps(list(key))}\n' for key in unreadable)
+        self.write_keys(keys, self.generation)
+        self.write_json('meta.json', {'version': VERSION, 'model': self.model, 'dim': self.dim,
+                                      'dtype': np.dtype(DTYPE).name, 'generation': self.generation})
+        print(f'gallery store {self.path}: keys of {len(keys)} images converted to the version '
+              f'{VERSION} layout')
+
+    def write_keys(self, keys, generation):
+        """Write the paths and key records of keys [(path, size, mtime_ns)], in row order, whole."""
+        with (atomic_path(self.file('paths', generation)) as paths_tmp,
+              atomic_path(self.file('keys', generation)) as keys_tmp):
+            with open(paths_tmp, 'wb') as paths, open(keys_tmp, 'wb') as records:
+                written = 0
+                for start in range(0, len(keys), READ_ROWS):
+                    block = keys[start:start + READ_ROWS]
+                    encoded = [os.fsencode(path) + b'\n' for path, _, _ in block]
+                    paths.write(b''.join(encoded))
+                    records.write(key_records(block, encoded, written).tobytes())
+                    written += sum(map(len, encoded))
+
     def load(self):
-        """Read the keys, cut off what an interrupted append left without keys, and map the embeddings."""
-        keys_path, rows_path = self.file('keys'), self.file('embeddings')
-        for path in (keys_path, rows_path):
+        """Map the keys and embeddings, cut off what an interrupted append left without key records,
+        and sort the key ids for finding an image by its key."""
+        row_bytes = self.dim * np.dtype(DTYPE).itemsize
+        files = {kind: self.file(kind) for kind in ('keys', 'paths', 'embeddings', 'unreadable')}
+        for path in files.values():
             open(path, 'ab').close()
-        with open(keys_path, 'rb') as file:
+        count = os.path.getsize(files['keys']) // KEY.itemsize  # a record cut short is dropped
+        records = (np.memmap(files['keys'], dtype=KEY, mode='r', shape=(count,)) if count
+                   else np.zeros(0, KEY))
+        ends = {'keys': count * KEY.itemsize, 'paths': int(records['end'][-1]) if count else 0,
+                'embeddings': count * row_bytes}
+        # never written so: the paths and rows come before their key records
+        if any(os.path.getsize(files[kind]) < size for kind, size in ends.items()):
+            raise UserError(f'gallery store {self.path} has fewer embeddings or paths than keys; '
+                            f'delete the folder and run again to embed the gallery anew')
+        for kind, size in ends.items():
+            if os.path.getsize(files[kind]) > size:
+                os.truncate(files[kind], size)
+        with open(files['unreadable'], 'rb') as file:
             text = file.read()
         whole = text[:text.rfind(b'\n') + 1]  # a line cut short by a kill is dropped
-        self.keys, self.row_of, self.unreadable = [], {}, set()
-        for line in whole.splitlines():
-            path, size, mtime, *unreadable = json.loads(line)
-            if unreadable:
-                self.unreadable.add((path, size, mtime))
-            else:
-                self.row_of[path, size, mtime] = len(self.keys)  # a later row of the same key wins
-                self.keys.append((path, size, mtime))
-        row_bytes = self.dim * np.dtype(DTYPE).itemsize
-        # never written so: the keys follow their rows
-        if os.path.getsize(rows_path) < len(self.keys) * row_bytes:
-            raise UserError(f'gallery store {self.path} has fewer embeddings than keys; delete the '
-                            f'folder and run again to embed the gallery anew')
-        for path, size in ((keys_path, len(whole)), (rows_path, len(self.keys) * row_bytes)):
-            if os.path.getsize(path) > size:
-                os.truncate(path, size)
+        if len(text) > len(whole):
+            os.truncate(files['unreadable'], len(whole))
+        self.unreadable = {tuple(json.loads(line)) for line in whole.splitlines()}
+        paths = (np.memmap(files['paths'], dtype=np.uint8, mode='r') if ends['paths']
+                 else np.zeros(0, np.uint8))
+        self.keys = Keys(records, paths)
         # copy-on-write ('c') maps the file like 'r' but gives torch the writable array it wants;
         # nothing writes it
-        self.rows = (np.memmap(rows_path, dtype=DTYPE, mode='c', shape=(len(self.keys), self.dim))
-                     if self.keys else np.zeros((0, self.dim), DTYPE))
+        self.rows = (np.memmap(files['embeddings'], dtype=DTYPE, mode='c', shape=(count, self.dim))
+                     if count else np.zeros((0, self.dim), DTYPE))
+        ids = np.asarray(records['id'])
+        self.order = np.argsort(ids, kind='stable')  # (N,): equal ids keep row order
+        self.sorted_ids = ids[self.order]  # (N,)
         # every image's latest row is live until an update lists the folder and finds some removed
-        self.live = np.zeros(len(self.keys), dtype=bool)
-        self.live[list(self.row_of.values())] = True
-        self.current = {key[0]: row for key, row in self.row_of.items()}
+        self.live = np.zeros(count, dtype=bool)
+        self.live[self.order[np.r_[self.sorted_ids[1:] != self.sorted_ids[:-1], True]]
+                  if count else []] = True
+
+    def find(self, ids):
+        """The latest row of each key id (K,) int64, or -1 for one the store does not hold: (K,) int64."""
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.searchsorted(self.sorted_ids, ids, side='right') - 1  # the last of equal ids
+        held = (at >= 0) & (self.sorted_ids[at.clip(min=0)] == ids) if len(self.sorted_ids) else (
+            np.zeros(len(ids), bool))
+        return np.where(held, self.order[at.clip(min=0)] if len(self.order) else -1, -1)
 
     def read(self, start, stop):
         """Rows start:stop of the memory-mapped embeddings, as stored: a (stop - start, D) tensor on the map."""
@@ -189,18 +252,19 @@ class Store:
         return self.read(start, stop).float()
 
     def append(self, keys, features, unreadable):
-        """Add a chunk: its embeddings (N, D), synced, then their keys and the unreadable files' keys, synced."""
-        with open(self.file('embeddings'), 'ab') as file:
-            file.write(np.ascontiguousarray(features, dtype=DTYPE).tobytes())
-            file.flush()
-            os.fsync(file.fileno())
-        lines = [json.dumps(list(key)) for key in keys] + [
-            json.dumps([*key, 'unreadable']) for key in unreadable
-        ]
-        with open(self.file('keys'), 'a') as file:
-            file.write(''.join(f'{line}\n' for line in lines))
-            file.flush()
-            os.fsync(file.fileno())
+        """Add a chunk: its embeddings (N, D), then their paths, then their key records, then the
+        unreadable files' keys, each synced."""
+        encoded = [os.fsencode(path) + b'\n' for path, _, _ in keys]
+        written = os.path.getsize(self.file('paths'))
+        parts = [('embeddings', np.ascontiguousarray(features, dtype=DTYPE).tobytes()),
+                 ('paths', b''.join(encoded)),
+                 ('keys', key_records(keys, encoded, written).tobytes()),
+                 ('unreadable', ''.join(f'{json.dumps(list(key))}\n' for key in unreadable).encode())]
+        for kind, data in parts:
+            with open(self.file(kind), 'ab') as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
 
     def update(self, folder, paths, model):
         """Embed what is new or changed below folder, note what was removed, and compact when it is
@@ -211,7 +275,8 @@ class Store:
             with contextlib.suppress(FileNotFoundError):  # removed since the folder was listed
                 status = os.stat(path)
                 keys.append((path, status.st_size, status.st_mtime_ns))
-        todo = [key for key in keys if key not in self.row_of and key not in self.unreadable]
+        rows = self.find([key_id(key) for key in keys])  # (K,)
+        todo = [key for key, row in zip(keys, rows) if row < 0 and key not in self.unreadable]
         changed = []
         if todo:
             with tqdm(total=len(todo), desc=f'embedding {folder}', unit='img',
@@ -229,12 +294,12 @@ class Store:
                                 [key for key in chunk if key[0] in unreadable and same[key]])
                     bar.update(len(chunk))
             self.load()
-        current = [key for key in keys if key in self.row_of]
+            rows = self.find([key_id(key) for key in keys])
+        current = rows[rows >= 0]
         self.live[:] = False
-        self.live[[self.row_of[key] for key in current]] = True
-        self.current = {key[0]: self.row_of[key] for key in current}
+        self.live[current] = True
         unreadable = [key[0] for key in keys if key in self.unreadable]
-        embedded = sum(key in self.row_of for key in todo)
+        embedded = int((self.find([key_id(key) for key in todo]) >= 0).sum())
         print(f'gallery {folder}: {len(current)} images, {embedded} embedded now, '
               f'{len(current) - embedded} from {self.path}/')
         if unreadable:
@@ -248,17 +313,16 @@ class Store:
             self.compact(current, [key for key in keys if key in self.unreadable])
 
     def compact(self, current, unreadable):
-        """Write the live rows (the keys `current`, in order) and the unreadable keys into a new
-        generation, streamed a block at a time; the new meta.json is the moment it takes over, and
-        the old files go after."""
+        """Write the live rows (`current`, in order) and the unreadable keys into a new generation,
+        streamed a block at a time; the new meta.json is the moment it takes over, and the old
+        files go after."""
         generation = uuid.uuid4().hex[:12]
-        rows = np.array([self.row_of[key] for key in current], dtype=np.int64)
         with atomic_path(self.file('embeddings', generation)) as tmp, open(tmp, 'wb') as file:
-            for start in range(0, len(rows), READ_ROWS):
-                file.write(np.ascontiguousarray(self.rows[rows[start:start + READ_ROWS]]).tobytes())
-        with atomic_path(self.file('keys', generation)) as tmp, open(tmp, 'w') as file:
-            file.writelines(f'{json.dumps(list(key))}\n' for key in current)
-            file.writelines(f'{json.dumps([*key, "unreadable"])}\n' for key in unreadable)
+            for start in range(0, len(current), READ_ROWS):
+                file.write(np.ascontiguousarray(self.rows[current[start:start + READ_ROWS]]).tobytes())
+        self.write_keys([self.keys[row] for row in current], generation)
+        with atomic_path(self.file('unreadable', generation)) as tmp, open(tmp, 'w') as file:
+            file.writelines(f'{json.dumps(list(key))}\n' for key in unreadable)
         meta = {
             'version': VERSION,
             'model': self.model,
@@ -267,14 +331,19 @@ class Store:
             'generation': generation,
         }
         self.write_json('meta.json', meta)
-        del self.rows  # unmapped before its file is removed
+        del self.rows, self.keys  # unmapped before their files are removed
         self.generation = generation
         self.remove_others()
         self.load()
 
     def row(self, path):
-        """The live row of an image path listed by the last update, or None."""
-        return self.current.get(path)
+        """The live row of the image at path as it is now on disk, or None."""
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        row = int(self.find([key_id((path, status.st_size, status.st_mtime_ns))])[0])
+        return row if row >= 0 and self.live[row] else None
 
     def search(self, query, k, exclude=None, index='exact'):
         """[(path, cosine)] of the k live rows nearest to query (D,), best first, leaving out row
@@ -296,6 +365,41 @@ class Store:
                                    among=among, block_rows=READ_ROWS, rerank=candidates(k))
         return [(self.keys[row][0], value)
                 for row, value in zip(rows[0].tolist(), similarities[0].tolist())]
+
+
+class Keys:
+    """The store's keys as a read-only sequence over its memory-mapped files: keys[row] is image
+    row's (path, size, mtime_ns)."""
+
+    def __init__(self, records, paths):
+        self.records, self.paths = records, paths  # (N,) KEY, the paths file's bytes
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, row):
+        if not 0 <= row < len(self.records):
+            raise IndexError(row)
+        end, size, mtime, _ = self.records[row].tolist()
+        start = int(self.records['end'][row - 1]) if row else 0
+        return os.fsdecode(self.paths[start:end - 1].tobytes()), size, mtime  # without its newline
+
+
+def key_records(keys, encoded, written):
+    """The KEY records (N,) of keys [(path, size, mtime_ns)] whose encoded paths (with their
+    newlines) follow `written` bytes of the paths file."""
+    records = np.zeros(len(keys), KEY)
+    records['end'] = written + np.cumsum([len(path) for path in encoded], dtype=np.int64)
+    records['size'] = [size for _, size, _ in keys]
+    records['mtime'] = [mtime for _, _, mtime in keys]
+    records['id'] = [key_id(key) for key in keys]
+    return records
+
+
+def key_id(key):
+    """A Milvus id of an image's key (path, size, mtime_ns): 63 bits of its BLAKE2 hash."""
+    digest = hashlib.blake2b(json.dumps(list(key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') >> 1
 
 
 def unchanged(key):
@@ -437,7 +541,7 @@ def open_index(store, kind, milvus_uri=None):
                         f'--index exact (or hnsw)')
     path = os.path.join(store.path, f'index-{kind}.faiss')
     made = {
-        'version': VERSION,
+        'version': INDEX_VERSION,
         'model': store.model,
         'generation': store.generation,
         'dim': store.dim,
@@ -576,7 +680,7 @@ class MilvusIndex:
         MILVUS_CHUNK at a time; calibrate the search depth when anything changed. Prints a line."""
         store = self.store
         live = np.flatnonzero(store.live)
-        ids = np.array([key_id(store.keys[row]) for row in live], dtype=np.int64)  # (L,)
+        ids = np.asarray(store.keys.records['id'][live])  # (L,)
         order = np.argsort(ids)
         self.ids, self.rows = ids[order], live[order]
         held = self.held()
@@ -632,9 +736,3 @@ class MilvusIndex:
             known = self.ids[at] == ids if len(self.ids) else np.zeros(len(ids), bool)
             rows[q, :len(ids)] = np.where(known, self.rows[at] if len(self.rows) else -1, -1)
         return rows
-
-
-def key_id(key):
-    """A Milvus id of an image's key (path, size, mtime_ns): 63 bits of its BLAKE2 hash."""
-    digest = hashlib.blake2b(json.dumps(list(key)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') >> 1

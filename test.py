@@ -132,7 +132,7 @@ def search_gallery(args, queries, data_base, data_base_path):
         print(f'{path}.pth is a gallery cache of an older version, no longer read; delete it')
     with gallery.open_store(path, model_path, model.embedding.out_features) as store:
         store.update(args.gallery, images, model)
-        kind = args.index or gallery.default_index(len(store.current))
+        kind = args.index or gallery.default_index(int(store.live.sum()))
         index = kind if kind == 'exact' else gallery.open_index(store, kind, args.milvus_uri)
         for query, inside, known in found:
             row = None if inside is None else store.row(images[inside])
@@ -151,7 +151,7 @@ def search_gallery(args, queries, data_base, data_base_path):
                 raise UserError(f'the model embeds in {store.dim} dimensions but data base '
                                 f'{data_base_path} holds {query_feature.size(0)}-d features; use '
                                 f'the pair train.py wrote together')
-            if len(store.current) <= (row is not None):
+            if store.live.sum() <= (row is not None):
                 raise UserError(f'--gallery {args.gallery} holds no readable image other than the '
                                 f'query; add images to search')
             results = store.search(query_feature, args.retrieval_num, exclude=row, index=index)

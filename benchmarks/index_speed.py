@@ -3,6 +3,13 @@ million-image store.
 
     python benchmarks/index_speed.py [--num_images 1000000] [--dim 512] [--queries 1000] [--threads
     2] [--indexes exact,hnsw,ivfpq,milvus]
+    python benchmarks/index_speed.py --keys_only --num_images 10000000
+
+--keys_only measures the store's keys alone: --num_images keys (paths of about 45 characters) are
+written as Store.append writes them, beside a sparse embeddings file that stands in for the rows;
+then the store is opened (timed), the memory the process grew by is read from /proc (anonymous,
+what it holds, and file-backed, the mapped keys the kernel may drop), and 10,000 random keys are
+looked up and checked.
 
 The data: --num_images unit vectors of --dim dimensions in clusters of about 100 (each its cluster
 centre, a standard normal vector, plus --spread times as much standard normal noise, normalised),
@@ -75,10 +82,53 @@ def write_store(folder, vectors, dtype):
     return store
 
 
-def resident_bytes():
-    """This process's resident memory now, in bytes (Linux)."""
+def resident_bytes(kind='VmRSS'):
+    """This process's resident memory now, in bytes (Linux): VmRSS all, RssAnon held, RssFile mapped."""
     with open('/proc/self/status') as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith('VmRSS'))
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(kind))
+
+
+def synthetic_key(row):
+    """The key (path, size, mtime_ns) of synthetic image `row`: a path of about 45 characters."""
+    return (f'/home/user/Pictures/{2000 + row % 25}/{row % 12 + 1:02d}/IMG_{row:09d}.jpg',
+            100_000 + row % 900_000, 1_700_000_000_000_000_000 + row)
+
+
+def measure_keys(count, dim):
+    """Write count keys into a store (rows sparse), open it, and print its time and memory."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get('TMPDIR')) as folder:
+        model = os.path.join(folder, 'model.pth')
+        open(model, 'wb').close()
+        path = os.path.join(folder, 'store')
+        os.makedirs(path)
+        store = gallery.Store(path, model, dim)
+        begin = time.perf_counter()
+        with open(store.file('paths'), 'ab') as paths, open(store.file('keys'), 'ab') as records:
+            written = 0
+            for start in range(0, count, gallery.READ_ROWS):
+                keys = [synthetic_key(row) for row in range(start, min(start + gallery.READ_ROWS,
+                                                                        count))]
+                encoded = [os.fsencode(key[0]) + b'\n' for key in keys]
+                paths.write(b''.join(encoded))
+                records.write(gallery.key_records(keys, encoded, written).tobytes())
+                written += sum(map(len, encoded))
+        os.truncate(store.file('embeddings'), count * dim * np.dtype(gallery.DTYPE).itemsize)
+        wrote = time.perf_counter() - begin
+        del store
+        held, mapped, begin = resident_bytes('RssAnon'), resident_bytes('RssFile'), time.perf_counter()
+        store = gallery.Store(path, model, dim)
+        opened = time.perf_counter() - begin
+        held, mapped = resident_bytes('RssAnon') - held, resident_bytes('RssFile') - mapped
+        asked = np.random.default_rng(0).integers(0, count, 10_000)
+        begin = time.perf_counter()
+        rows = store.find([gallery.key_id(synthetic_key(row)) for row in asked.tolist()])
+        looked = (time.perf_counter() - begin) / len(asked)
+        assert (rows == asked).all() and store.keys[int(asked[0])] == synthetic_key(int(asked[0]))
+        on_disk = os.path.getsize(store.file('keys')) + os.path.getsize(store.file('paths'))
+        print(f'{count:,} keys: written in {wrote:.1f} s, opened in {opened:.2f} s; the process grew '
+              f'by {held / 2 ** 20:,.0f} MiB held ({held / count:.0f} bytes an image) and '
+              f'{mapped / 2 ** 20:,.0f} MiB of mapped keys ({mapped / count:.0f} bytes an image; '
+              f'{on_disk / count:.0f} on disk); a key found in {looked * 1e6:.1f} us')
 
 
 def recall(found, truth):
@@ -131,7 +181,11 @@ def main():
         help='the indexes to build, comma-separated (exact is always measured; hnsw takes longest '
              'to build)',
     )
+    parser.add_argument('--keys_only', action='store_true',
+                        help='measure only the keys: writing, opening and memory (see above)')
     args = parser.parse_args()
+    if args.keys_only:
+        return measure_keys(args.num_images, args.dim)
     indexes = [kind for kind in args.indexes.split(',') if kind and kind != 'exact']
     if not set(indexes) <= set(gallery.INDEXES):
         raise UserError(f'--indexes takes {", ".join(gallery.INDEXES)}, not {args.indexes}')
