@@ -54,9 +54,14 @@ def get_args_parser():
                              'image below it, embedded by the model saved beside the data base and '
                              'kept under results/')
     parser.add_argument('--index', default=None, choices=gallery.INDEXES,
-                        help=f'how --gallery is searched: exact, or a faiss index built once and '
-                             f'saved beside the embeddings (default: exact below '
-                             f'{gallery.EXACT_BELOW:,} images, else ivfpq)')
+                        help=f'how --gallery is searched: exact, a faiss index built once and '
+                             f'saved beside the embeddings, or a Milvus collection kept in step with '
+                             f'them (default: exact below {gallery.EXACT_BELOW:,} images, else '
+                             f'ivfpq)')
+    parser.add_argument('--milvus_uri', default=None, type=str,
+                        help='where --index milvus keeps the collection: a file for an embedded '
+                             'Milvus Lite, or a server such as http://host:19530 (default: '
+                             'results/<model>_gallery_<folder hash>.milvus.db)')
     parser.add_argument('--report', action='store_true',
                         help='instead of one query, write an HTML report on the whole test set: '
                              'results/<data base name>_report/index.html')
@@ -185,8 +190,8 @@ def search_gallery(args, queries, data_base, data_base_path):
         print(f'{path}.pth is a gallery cache of an older version, no longer read; delete it')
     with gallery.open_store(path, model_path, model.embedding.out_features) as store:
         store.update(args.gallery, images, model, data_base.image_size)
-        kind = args.index or gallery.default_index(len(store.current))
-        index = kind if kind == 'exact' else gallery.open_index(store, kind)
+        kind = args.index or gallery.default_index(int(store.live.sum()))
+        index = kind if kind == 'exact' else gallery.open_index(store, kind, args.milvus_uri)
         for query, inside, known in found:
             row = None if inside is None else store.row(images[inside])
             # a photo of the folder: its stored embedding, and not its own result
@@ -204,7 +209,7 @@ def search_gallery(args, queries, data_base, data_base_path):
                 raise UserError(f'the model embeds in {store.dim} dimensions but data base '
                                 f'{data_base_path} holds {query_feature.size(0)}-d features; use '
                                 f'the pair train.py wrote together')
-            if len(store.current) <= (row is not None):
+            if store.live.sum() <= (row is not None):
                 raise UserError(f'--gallery {args.gallery} holds no readable image other than the '
                                 f'query; add images to search')
             results = store.search(query_feature, args.retrieval_num, exclude=row, index=index)

@@ -2,8 +2,14 @@
 million-image store.
 
     python benchmarks/index_speed.py [--num_images 1000000] [--dim 512] [--queries 1000] [--threads
-    2]
-                                     [--indexes hnsw,ivfpq]
+    2] [--indexes exact,hnsw,ivfpq,milvus]
+    python benchmarks/index_speed.py --keys_only --num_images 10000000
+
+--keys_only measures the store's keys alone: --num_images keys (paths of about 45 characters) are
+written as Store.append writes them, beside a sparse embeddings file that stands in for the rows;
+then the store is opened (timed), the memory the process grew by is read from /proc (anonymous,
+what it holds, and file-backed, the mapped keys the kernel may drop), and 10,000 random keys are
+looked up and checked.
 
 The data: --num_images unit vectors of --dim dimensions in clusters of about 100 (each its cluster
 centre, a standard normal vector, plus --spread times as much standard normal noise, normalised),
@@ -16,7 +22,11 @@ own code:
   exact f32      Store.search streaming a float32 store (gallery.DTYPE set to float32) a block at a time
   exact f16      Store.search streaming the float16 store, test.py's default below gallery.EXACT_BELOW images
   hnsw, ivfpq    gallery.open_index (built, written to disk) and Store.search through it: the
-                 index's candidates re-ranked by their exact cosines from the float16 store
+                 index's candidates re-ranked by their exact cosines from the float16 store (hnsw:
+                 its search depth calibrated on 200 stored vectors as it is built)
+  milvus         the same through an embedded Milvus Lite collection (gallery.MilvusIndex) filled
+                 from the store; its RAM is what the process grew by while filling and searching it
+                 (Milvus Lite runs inside the process)
 Query time is per query, one query at a time as test.py searches: the mean over every query for the
 indexes and over the first --timed_queries for the exact searches, which read the whole store per
 query. Recall@10 is over every query; for the exact stores it is computed as one batch over the same
@@ -72,6 +82,55 @@ def write_store(folder, vectors, dtype):
     return store
 
 
+def resident_bytes(kind='VmRSS'):
+    """This process's resident memory now, in bytes (Linux): VmRSS all, RssAnon held, RssFile mapped."""
+    with open('/proc/self/status') as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(kind))
+
+
+def synthetic_key(row):
+    """The key (path, size, mtime_ns) of synthetic image `row`: a path of about 45 characters."""
+    return (f'/home/user/Pictures/{2000 + row % 25}/{row % 12 + 1:02d}/IMG_{row:09d}.jpg',
+            100_000 + row % 900_000, 1_700_000_000_000_000_000 + row)
+
+
+def measure_keys(count, dim):
+    """Write count keys into a store (rows sparse), open it, and print its time and memory."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get('TMPDIR')) as folder:
+        model = os.path.join(folder, 'model.pth')
+        open(model, 'wb').close()
+        path = os.path.join(folder, 'store')
+        os.makedirs(path)
+        store = gallery.Store(path, model, dim)
+        begin = time.perf_counter()
+        with open(store.file('paths'), 'ab') as paths, open(store.file('keys'), 'ab') as records:
+            written = 0
+            for start in range(0, count, gallery.READ_ROWS):
+                keys = [synthetic_key(row) for row in range(start, min(start + gallery.READ_ROWS,
+                                                                        count))]
+                encoded = [os.fsencode(key[0]) + b'\n' for key in keys]
+                paths.write(b''.join(encoded))
+                records.write(gallery.key_records(keys, encoded, written).tobytes())
+                written += sum(map(len, encoded))
+        os.truncate(store.file('embeddings'), count * dim * np.dtype(gallery.DTYPE).itemsize)
+        wrote = time.perf_counter() - begin
+        del store
+        held, mapped, begin = resident_bytes('RssAnon'), resident_bytes('RssFile'), time.perf_counter()
+        store = gallery.Store(path, model, dim)
+        opened = time.perf_counter() - begin
+        held, mapped = resident_bytes('RssAnon') - held, resident_bytes('RssFile') - mapped
+        asked = np.random.default_rng(0).integers(0, count, 10_000)
+        begin = time.perf_counter()
+        rows = store.find([gallery.key_id(synthetic_key(row)) for row in asked.tolist()])
+        looked = (time.perf_counter() - begin) / len(asked)
+        assert (rows == asked).all() and store.keys[int(asked[0])] == synthetic_key(int(asked[0]))
+        on_disk = os.path.getsize(store.file('keys')) + os.path.getsize(store.file('paths'))
+        print(f'{count:,} keys: written in {wrote:.1f} s, opened in {opened:.2f} s; the process grew '
+              f'by {held / 2 ** 20:,.0f} MiB held ({held / count:.0f} bytes an image) and '
+              f'{mapped / 2 ** 20:,.0f} MiB of mapped keys ({mapped / count:.0f} bytes an image; '
+              f'{on_disk / count:.0f} on disk); a key found in {looked * 1e6:.1f} us')
+
+
 def recall(found, truth):
     """Mean share of each query's true K nearest among the K found: (Q, K) row numbers each."""
     return np.mean([len(set(a) & set(b)) / K for a, b in zip(found, truth)])
@@ -118,13 +177,18 @@ def main():
     parser.add_argument('--seed', default=0, type=int, help='random seed of the data')
     parser.add_argument(
         '--indexes',
-        default=','.join(gallery.INDEXES[1:]),
-        help='the faiss indexes to build, comma-separated (hnsw takes longest to build)',
+        default=','.join(gallery.INDEXES),
+        help='the indexes to build, comma-separated (exact is always measured; hnsw takes longest '
+             'to build)',
     )
+    parser.add_argument('--keys_only', action='store_true',
+                        help='measure only the keys: writing, opening and memory (see above)')
     args = parser.parse_args()
-    indexes = [kind for kind in args.indexes.split(',') if kind]
-    if not set(indexes) <= set(gallery.INDEXES[1:]):
-        raise UserError(f'--indexes takes {", ".join(gallery.INDEXES[1:])}, not {args.indexes}')
+    if args.keys_only:
+        return measure_keys(args.num_images, args.dim)
+    indexes = [kind for kind in args.indexes.split(',') if kind and kind != 'exact']
+    if not set(indexes) <= set(gallery.INDEXES):
+        raise UserError(f'--indexes takes {", ".join(gallery.INDEXES)}, not {args.indexes}')
     import faiss
     import torch
     faiss.omp_set_num_threads(args.threads)
@@ -176,20 +240,13 @@ def main():
             print(rows[-1], flush=True)
         del base
         for kind in indexes:
-            begin = time.perf_counter()
-            index = gallery.open_index(store, kind)
+            begin, resident = time.perf_counter(), resident_bytes()
+            index = gallery.open_index(store, kind, os.path.join(folder, 'gallery.milvus.db'))
             built = time.perf_counter() - begin
             per_query, found = time_store(store, queries, kind, index)
-            rows.append(
-                (
-                    kind,
-                    recall(found, truth),
-                    built,
-                    per_query,
-                    os.path.getsize(os.path.join(store.path, f'index-{kind}.faiss')),
-                    store.rows.nbytes,
-                )
-            )
+            held = (resident_bytes() - resident if kind == 'milvus' else
+                    os.path.getsize(os.path.join(store.path, f'index-{kind}.faiss')))
+            rows.append((kind, recall(found, truth), built, per_query, held, store.rows.nbytes))
             print(rows[-1], flush=True)
             del index
 

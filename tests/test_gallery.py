@@ -125,7 +125,7 @@ def test_append_change_remove_and_compaction(tmp_path, net, capsys):
         check_search(store, net, query, live, 6)
     assert 'gallery photos: 6 images, 0 embedded now, 6 from' in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / 'store')) == sorted(
-        ['meta.json', os.path.basename(store.file('keys')), os.path.basename(store.file('embeddings'))])
+        ['meta.json'] + [os.path.basename(store.file(kind)) for kind in ('keys', 'embeddings', 'paths', 'unreadable')])
 
 
 def test_an_interruption_loses_at_most_one_chunk(tmp_path, net, monkeypatch):
@@ -145,14 +145,18 @@ def test_an_interruption_loses_at_most_one_chunk(tmp_path, net, monkeypatch):
             store.update('photos', paths, net)
     with store_of(tmp_path, net) as store:
         assert len(store.keys) == 4  # the two chunks before the interruption
-        keys, rows = store.file('keys'), store.file('embeddings')
-    # a kill between a chunk's rows and its keys, and one in the middle of a key line
+        keys, rows, names = store.file('keys'), store.file('embeddings'), store.file('paths')
+        named = os.path.getsize(names)
+    # a kill between a chunk's rows, its paths and its keys, and one in the middle of a key record
     with open(rows, 'ab') as file:
         file.write(np.ones((2, DIM), np.float16).tobytes())
-    with open(keys, 'a') as file:
-        file.write(json.dumps([paths[4], 1, 2])[:10])
+    with open(names, 'ab') as file:
+        file.write(f'{paths[4]}\n'.encode())
+    with open(keys, 'ab') as file:
+        file.write(bytes(10))
     with store_of(tmp_path, net) as store:
         assert len(store.keys) == 4 and os.path.getsize(rows) == 4 * DIM * 2
+        assert os.path.getsize(names) == named and os.path.getsize(keys) == 4 * gallery.KEY.itemsize
         net.count = 0
         store.update('photos', paths, net)
         assert net.count == 3 and len(store.keys) == 7
@@ -238,7 +242,12 @@ def test_each_index_finds_the_exact_nearest(tmp_path, net, large_album, kind, ca
             expected = (F.normalize(store.block(0, len(paths)), dim=1) @ vectors[row]).topk(3)  # brute force
             assert [path for path, _ in found] == [paths[i] for i in expected.indices.tolist()]
             np.testing.assert_allclose([v for _, v in found], expected.values, atol=6e-4)
-    if kind != 'exact':
+    if kind == 'milvus':  # filled from the store once, then only checked
+        assert f'{len(paths)} images, {len(paths)} added, 0 removed' in capsys.readouterr().out
+        with store_of(tmp_path, net) as store:
+            gallery.open_index(store, kind)
+        assert capsys.readouterr().out.endswith(f'{len(paths)} images, 0 added, 0 removed\n')
+    elif kind != 'exact':
         assert f'index {kind}: built over {len(paths)} images' in capsys.readouterr().out
         with store_of(tmp_path, net) as store:  # read back from disk, not built again
             gallery.open_index(store, kind)
@@ -298,3 +307,48 @@ def test_a_store_of_another_model_file_is_written_anew(tmp_path, net, capsys):
         store.update('photos', paths, net)
     assert net.count == 3
     assert 'was written by another model file or version, so it is written anew' in capsys.readouterr().out
+
+
+def test_a_version_1_store_is_converted_on_open_and_keeps_its_rows(tmp_path, capsys):
+    model_path = tmp_path / 'm_model.pth'
+    model_path.write_bytes(b'weights')
+    status = os.stat(model_path)
+    store_path = tmp_path / 'store'
+    store_path.mkdir()
+    meta = {'version': 1, 'model': [str(model_path), status.st_size, status.st_mtime_ns], 'dim': DIM,
+            'dtype': 'float16', 'generation': 'g1'}
+    (store_path / 'meta.json').write_text(json.dumps(meta))
+    rows = F.normalize(torch.randn(4, DIM, generator=torch.Generator().manual_seed(5)), dim=1).numpy()
+    # row 2 holds row 0's key again (a later row wins); the last row and line were cut short by a kill
+    keys = [['/a/x.jpg', 10, 1], ['/a/é y.jpg', 11, 2], ['/a/x.jpg', 10, 1]]
+    lines = [json.dumps(key) for key in keys] + [json.dumps(['/a/bad.jpg', 5, 6, 'unreadable'])]
+    (store_path / 'keys-g1.jsonl').write_text('\n'.join(lines) + '\n' + '["/a/z.jp')
+    (store_path / 'embeddings-g1.f2').write_bytes(rows.astype(np.float16).tobytes())
+    store = gallery.Store(str(store_path), str(model_path), DIM)
+    assert capsys.readouterr().out == f'gallery store {store_path}: keys of 3 images converted to the version 2 layout\n'
+    assert [store.keys[row] for row in range(len(store.keys))] == [tuple(key) for key in keys]
+    assert store.unreadable == {('/a/bad.jpg', 5, 6)}
+    assert store.live.tolist() == [False, True, True]
+    np.testing.assert_array_equal(store.rows, rows[:3].astype(np.float16))
+    assert json.loads((store_path / 'meta.json').read_text())['version'] == 2
+    assert not (store_path / 'keys-g1.jsonl').exists()
+    again = gallery.Store(str(store_path), str(model_path), DIM)
+    assert capsys.readouterr().out == '' and len(again.keys) == 3
+
+
+def test_keys_are_found_by_their_ids_as_a_dictionary_would(tmp_path):
+    model_path = tmp_path / 'm_model.pth'
+    model_path.write_bytes(b'weights')
+    (tmp_path / 'store').mkdir()
+    store = gallery.Store(str(tmp_path / 'store'), str(model_path), DIM)
+    rng = np.random.default_rng(0)
+    keys = [(f'/p/{rng.integers(50)}.jpg', int(rng.integers(3)), 7) for _ in range(200)]
+    for start in range(0, 200, 64):
+        store.append(keys[start:start + 64], np.zeros((len(keys[start:start + 64]), DIM)), [])
+    store.load()
+    latest = {key: row for row, key in enumerate(keys)}  # a later row of the same key wins
+    asked = list(latest) + [('/p/none.jpg', 0, 7), ('/p/1.jpg', 9, 7)]
+    found = store.find([gallery.key_id(key) for key in asked])
+    assert found.tolist() == [latest.get(key, -1) for key in asked]
+    assert [store.keys[row] for row in range(200)] == keys
+    assert np.flatnonzero(store.live).tolist() == sorted(latest.values())

@@ -288,6 +288,11 @@ def test_index_flag_gives_the_exact_results_and_refuses_ivfpq_on_few_images(scri
     assert status == 0, err
     assert 'index hnsw: built over 3 images' in out
     assert (query_folder(trained / 'results', 'query') / 'results.csv').read_text() == exact
+    status, out, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
+                              '--index', 'milvus', cwd=trained)
+    assert status == 0, err
+    assert '.milvus.db: 3 images, 3 added, 0 removed' in out
+    assert (query_folder(trained / 'results', 'query') / 'results.csv').read_text() == exact
     status, _, err = script('test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
                             '--index', 'ivfpq', cwd=trained)
     assert error_sentence(status, err) == ('error: --index ivfpq learns its codes from the gallery and needs at least '
