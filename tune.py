@@ -183,6 +183,9 @@ def main():
         train.check_batches(splits['train'], args)
     name = study_name(args, entry)
     study, lease = open_study(args, name, space)
+    print(f'searching {args.trials} trials of {args.folds} folds: '
+          + ', '.join(f'{flag} {value.low:g}..{value.high:g}{" (log)" * value.log}'
+                      for flag, value in space.items()))
     objective = Objective(args, space, entry, fold_data, device, lease)
     search(study, objective, args.trials, lease)
     if args.reproductions:  # the best is final once no other worker runs a trial

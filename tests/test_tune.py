@@ -336,6 +336,16 @@ def test_reproductions_table_has_mean_ci_and_both_ensembles(script, data, tmp_pa
     low, high = scipy.stats.t.interval(0.95, 1, loc=values.mean(), scale=scipy.stats.sem(values))
     line, = [line for line in out.splitlines() if line.startswith('| fold models concatenated')]
     assert f'{values.mean():.2f} ± {(high - low) / 2:.2f} |' in line
+    # side by side with the losses not tuned yet left out
+    recipe = [flag for flag in QUICK[2:QUICK.index('--folds')] if flag != '--backbone_type'
+              and flag != TINY]
+    status, out, err = script('reproduce', '--data_path', data, '--backbones', TINY, '--losses',
+                              'proxy_anchor,triplet', '--tuned', *recipe, *QUICK[-2:], cwd=tmp_path)
+    assert status == 0, err
+    row, = [line for line in out.splitlines() if line.startswith('| proxy_anchor |')]
+    # loss, seeds, then concatenated R@1, R-Precision, MAP@R and separated ones
+    assert row.split(' | ')[4] == f'{values.mean():.2f} ± {(high - low) / 2:.2f}'
+    assert '| triplet |' not in out
 
 
 def brute_map_at_r(features, labels):
