@@ -478,6 +478,36 @@ def figure(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path
     return path
 
 
+def tuned_table(results, data_path, backbones, losses, extra):
+    """tune.py's reproductions of each loss side by side, per data set and backbone, as the Reality
+    Check's tables: the fold models concatenated and apart, R@1, R-Precision and MAP@R, each mean ±
+    95% confidence interval (%) over the seeds; from results/tune_<run name>_reproductions.csv."""
+    import tune
+    from utils import loss_entry
+    header = ' | '.join(f'{how} {metric}' for how in ('concatenated', 'separated')
+                        for metric in tune.METRICS.values())
+    lines = []
+    for data_name in present_data(data_path):
+        for backbone in backbones:
+            rows = []
+            for loss in losses:
+                args = train_args(train_flags(data_path, data_name, backbone, 1, extra, loss))
+                name = tune.study_name(args, loss_entry(loss, args.loss_args))
+                path = os.path.join(results, f'{name}_reproductions.csv')
+                if os.path.isfile(path):
+                    frame = pd.read_csv(path)
+                    cells = [tune.mean_ci(frame[f'{how}_{metric}'])
+                             for how in ('concatenated', 'separated') for metric in tune.METRICS]
+                    rows.append(f'| {loss} | {len(frame)} | ' + ' | '.join(cells) + ' |')
+            if rows:
+                lines += ['', f'{data_name}, {backbone} (tune.py, test set, mean ± 95% CI, %)',
+                          f'| loss | seeds | {header} |', '|---' * 8 + '|', *rows]
+    if not lines:
+        raise UserError(f'no tune.py reproductions of {", ".join(losses)} under {results}/; run '
+                        f'python tune.py --loss_name <loss> with the same flags first')
+    return '\n'.join(lines[1:])
+
+
 def backbone_list(text):
     """--backbones: comma-separated backbone types, each checked as train.py checks --backbone_type."""
     return tuple(check_backbone(name) for name in text.split(','))
@@ -543,6 +573,10 @@ def get_args_parser():
     parser.add_argument(
         '--dry_run', action='store_true', help='print the commands instead of running them'
     )
+    parser.add_argument('--tuned', action='store_true',
+                        help='only print tune.py\'s reproductions of each loss of --losses side by '
+                             'side (results/tune_<run name>_reproductions.csv), as the Metric '
+                             'Learning Reality Check\'s tables')
     parser.add_argument('--table', action='store_true',
                         help='only write results/benchmarks.md and results/benchmarks.png from the '
                              'statistics CSVs that exist')
@@ -552,6 +586,9 @@ def get_args_parser():
 def main():
     """Run (or print) the grid, then write the table and the figure."""
     args, extra = get_args_parser().parse_known_args()
+    if args.tuned:
+        print(tuned_table('results', args.data_path, args.backbones, args.losses, extra))
+        return
     epochs = train_args(['--data_path', args.data_path] + extra).num_epochs
     if not args.table:
         grid = commands(

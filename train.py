@@ -31,12 +31,15 @@ from model import BACKBONES, TIMM_PREFIX, Model, check_backbone
 from runtime import (ArgumentParser, UserError, exclusive_run, gather, gather_shards,
                      remove_temporaries, run_main, set_kernels, set_rng_state, set_seed,
                      setup_device, unwrap)
-from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, ImageReader,
+from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, ImageReader, Space,
                    canonical_loss_args, check_data_name, check_loss_name, class_cosines,
-                   embed_batches, folder_name, index_path, load_index, loss_entry, mean_pairwise_cosine, one_of,
-                   parse_ranks, retrieval_metrics)
+                   embed_batches, folder_name, index_path, load_index, loss_entry,
+                   mean_pairwise_cosine, one_of, parse_ranks, retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
+# where tune.py searches the learning rates (the losses' hyper-parameters declare theirs in LOSSES);
+# --proxy_lr only for a loss with class proxies
+OPTIMISER_SPACE = {'lr': Space(1e-6, 1e-3, log=True), 'proxy_lr': Space(1e-4, 1.0, log=True)}
 # what the collapse warning suggests: it trains from random weights on a CPU
 CPU_BACKBONE = 'timm/resnet18'
 # the demo data set that train.py writes itself when there is no folder of that name
@@ -319,13 +322,14 @@ class Run(NamedTuple):
     start_epoch: int
 
 
-def train(args, prefix, ranks, entry, device, rank, world, watch):
+def train(args, prefix, ranks, entry, device, rank, world, watch, splits=None):
     """The training run behind main(): set up, then per epoch one pass over the training set, the
-    evaluation and the epoch's files."""
-    run = set_up(args, prefix, ranks, entry, device, rank, world)
+    evaluation and the epoch's files; returns the statistics. splits (load_splits' dict) given, it
+    trains on those instead (tune.py's folds); prefix None writes no file (a search's fold)."""
+    run = set_up(args, prefix, ranks, entry, device, rank, world, splits)
     watch.started(run)
     writer = None
-    if args.tensorboard and rank == 0:
+    if args.tensorboard and rank == 0 and prefix is not None:
         writer = runs.tensorboard_writer(prefix, run.start_epoch)
     eval_batch = 2 * max(1, args.batch_size // world)  # no activations kept: a larger batch fits
     model, trainable = run.model, None  # model: what trains, wrapped in DDP under torchrun
@@ -353,21 +357,25 @@ def train(args, prefix, ranks, entry, device, rank, world, watch):
             metrics = evaluate(run.splits, features, ranks)
             record(run.statistics, stats, metrics)
             print_epoch(metrics, stats, epoch, args.num_epochs, device)
+            if prefix is None:  # a search's fold: its validation classes are its only figures
+                continue
             warn_if_collapsed(features['test'], epoch, args)
             if writer is not None:
                 runs.log_epoch(writer, epoch, run.statistics, stats['images_per_second'], rates)
             save_epoch(args, prefix, epoch, run, entry, features)
     if writer is not None:
         writer.close()
-    if rank == 0:
+    if rank == 0 and prefix is not None:
         last = f'results/{prefix}_{args.num_epochs}'
         print(f'wrote {last}_data_base.pth, {last}_model.pth (epoch {args.num_epochs}) and '
               f'results/{prefix}_statistics.csv; see a retrieval: python test.py --data_base '
               f'{prefix} --query_img_name {shlex.quote(run.splits["test"].images[0])}')
+    return run.statistics
 
 
-def set_up(args, prefix, ranks, entry, device, rank, world):
-    """The run's data, model and recipe, and where it starts (resume): a Run."""
+def set_up(args, prefix, ranks, entry, device, rank, world, splits=None):
+    """The run's data (load_splits', unless splits are given), model and recipe, and where it
+    starts (resume): a Run."""
     set_seed(args.seed)
     set_kernels(args.amp)
     if args.batch_size % world:
@@ -378,7 +386,8 @@ def set_up(args, prefix, ranks, entry, device, rank, world):
             write_demo(args.data_path)
         if world > 1:  # the other ranks read the demo once rank 0 has written it
             dist.barrier()
-    splits = load_splits(args, rank)
+    splits = load_splits(args, rank) if splits is None else splits
+    check_batches(splits['train'], args)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
         print(f'training on {device} ({name}){f" with {world} processes" if world > 1 else ""}')
@@ -450,22 +459,29 @@ def load_splits(args, rank):
             print(f'decoded {sum(map(len, caches))} images into memory '
                   f'({sum(c.nbytes for c in caches) / 2 ** 30:.1f} GiB) in '
                   f'{time.perf_counter() - start:.0f} s')
-    if args.batch_size > len(splits['train']):
-        raise UserError(f'--batch_size {args.batch_size} is larger than the {len(splits["train"])} '
+    return splits
+
+
+def check_batches(train_data, args):
+    """A UserError where --batch_size and --images_per_class ask for more images or classes than the
+    training set has."""
+    if args.batch_size > len(train_data):
+        raise UserError(f'--batch_size {args.batch_size} is larger than the {len(train_data)} '
                         f'training images of {args.data_name}; use a smaller --batch_size')
-    classes, per_batch = splits['train'].num_classes, args.batch_size // max(1, args.images_per_class)
+    classes, per_batch = train_data.num_classes, args.batch_size // max(1, args.images_per_class)
     if args.images_per_class and per_batch > classes:
         raise UserError(f'--batch_size {args.batch_size} with --images_per_class '
                         f'{args.images_per_class} asks for {per_batch} classes per batch, but the '
                         f'training set of {args.data_name} has only {classes}; use a --batch_size '
                         f'of at most {classes * args.images_per_class} or a larger '
                         f'--images_per_class')
-    return splits
 
 
 def resume(args, prefix, model, loss_criterion, optimizer, scheduler, columns, rank):
     """(first epoch, statistics so far): those of this configuration's checkpoint with --resume,
     else (1, empty)."""
+    if prefix is None:  # a search's fold: nothing to resume
+        return 1, {column: [] for column in columns}
     path = runs.checkpoint_path(prefix)
     if rank == 0:  # what a run of this configuration killed mid-write left behind
         remove_temporaries('results', f'{prefix}_')

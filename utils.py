@@ -6,7 +6,7 @@ import inspect
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -289,13 +289,18 @@ class ImageReader(Dataset):
 
     def keep_classes(self, start, stop):
         """Keep only the images of labels start..stop-1, relabelled from 0 (a validation split of the classes)."""
-        kept = [
-            (image, label - start)
-            for image, label in zip(self.images, self.labels)
-            if start <= label < stop
-        ]
-        self.images, self.labels = [image for image, _ in kept], [label for _, label in kept]
-        self.num_classes = stop - start
+        self.select_classes(range(start, stop))
+
+    def select_classes(self, labels):
+        """Keep only the images of these labels, relabelled 0.. in the order given (tune.py's
+        class-disjoint folds); a cache of decoded images is kept as a view of the same pixels."""
+        new = {label: position for position, label in enumerate(labels)}
+        kept = [index for index, label in enumerate(self.labels) if label in new]
+        self.images = [self.images[index] for index in kept]
+        self.labels = [new[self.labels[index]] for index in kept]
+        self.num_classes = len(new)
+        if self.cache is not None:
+            self.cache = torch.utils.data.Subset(self.cache, kept)
 
     def cache_images(self, cache=None):
         """Decode every image once into memory, or share `cache`, another reader's ImageCache of the same images."""
@@ -570,15 +575,24 @@ def pml_losses():
     return losses
 
 
+class Space(NamedTuple):
+    """Where tune.py searches a hyper-parameter: low..high, on a log scale where it spans decades
+    (an int hyper-parameter is searched among integers)."""
+    low: float
+    high: float
+    log: bool = False
+
+
 class HyperParameter(NamedTuple):
     """A loss's hyper-parameter as train.py's flag of the same name: its default, the values it may
-    take (above `low`, or from `low` on when `low_included`), its help, and whether a value off the
-    default names the run."""
+    take (above `low`, or from `low` on when `low_included`), its help, whether a value off the
+    default names the run, and its search space for tune.py."""
     default: float
     low: float
     low_included: bool
     help: str
     names_run: bool = True
+    space: Optional[Space] = None
 
 
 class LossEntry(NamedTuple):
@@ -595,24 +609,28 @@ class LossEntry(NamedTuple):
     source: str = ''
 
 
-def positive(default, help):
-    """A hyper-parameter that must be above 0."""
-    return HyperParameter(default, 0.0, False, help)
+def positive(default, help, space):
+    """A hyper-parameter that must be above 0, searched in space."""
+    return HyperParameter(default, 0.0, False, help, space=space)
 
 
-def at_least_zero(default, help):
-    """A hyper-parameter that may be 0 or more."""
-    return HyperParameter(default, 0.0, True, help)
+def at_least_zero(default, help, space):
+    """A hyper-parameter that may be 0 or more, searched in space."""
+    return HyperParameter(default, 0.0, True, help, space=space)
 
 
-SCALE = HyperParameter(32.0, 0.0, False, 'the scale s that multiplies the cosines')
+# The search spaces: margins on [0, 1] as the Reality Check's (powerful-benchmarker's
+# ~BAYESIAN~ [0, 1]); scales and temperatures log-uniform over the decades around their published
+# defaults.
+MARGIN = Space(0.0, 1.0)
+SCALE = positive(32.0, 'the scale s that multiplies the cosines', Space(4.0, 128.0, True))
 OFFICIAL = 'the official Proxy-Anchor code (code/losses.py) through PML'
 LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
     'proxy_anchor': LossEntry(
         ProxyAnchorLoss,
         {
             'scale': SCALE,
-            'margin': HyperParameter(0.1, 0.0, True, 'the margin m around each proxy'),
+            'margin': at_least_zero(0.1, 'the margin m around each proxy', Space(0.0, 0.5)),
         },
         source='PP, Kim et al., CVPR 2020',
     ),
@@ -622,17 +640,19 @@ LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
     # with class proxies of their own
     'proxy_nca': LossEntry(
         proxy_nca,
-        {'proxy_nca_scale': positive(32.0, 'the softmax scale of Proxy-NCA')},
+        {'proxy_nca_scale': positive(32.0, 'the softmax scale of Proxy-NCA', Space(1.0, 128.0, True))},
         False,
         OFFICIAL,
     ),
     'soft_triple': LossEntry(
         soft_triple,
         {
-            'soft_triple_centers': HyperParameter(10, 1, True, 'SoftTriple\'s centres per class K'),
-            'soft_triple_la': positive(20.0, 'SoftTriple\'s scale lambda'),
-            'soft_triple_gamma': positive(0.1, 'SoftTriple\'s entropy temperature gamma'),
-            'soft_triple_margin': at_least_zero(0.01, 'SoftTriple\'s margin delta'),
+            'soft_triple_centers': HyperParameter(10, 1, True, 'SoftTriple\'s centres per class K',
+                                                  space=Space(1, 20)),
+            'soft_triple_la': positive(20.0, 'SoftTriple\'s scale lambda', Space(1.0, 100.0, True)),
+            'soft_triple_gamma': positive(0.1, 'SoftTriple\'s entropy temperature gamma',
+                                          Space(0.01, 1.0, True)),
+            'soft_triple_margin': at_least_zero(0.01, 'SoftTriple\'s margin delta', Space(0.0, 0.5)),
         },
         False,
         'PML, its defaults',
@@ -640,8 +660,9 @@ LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
     'arcface': LossEntry(
         arcface,
         {
-            'arcface_margin': at_least_zero(28.6, 'ArcFace\'s angular margin in degrees'),
-            'arcface_scale': positive(64.0, 'ArcFace\'s scale s'),
+            'arcface_margin': at_least_zero(28.6, 'ArcFace\'s angular margin in degrees',
+                                            Space(0.0, 60.0)),
+            'arcface_scale': positive(64.0, 'ArcFace\'s scale s', Space(4.0, 128.0, True)),
         },
         False,
         'PML, its defaults',
@@ -649,8 +670,8 @@ LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
     'cosface': LossEntry(
         cosface,
         {
-            'cosface_margin': at_least_zero(0.35, 'CosFace\'s cosine margin m'),
-            'cosface_scale': positive(64.0, 'CosFace\'s scale s'),
+            'cosface_margin': at_least_zero(0.35, 'CosFace\'s cosine margin m', Space(0.0, 0.6)),
+            'cosface_scale': positive(64.0, 'CosFace\'s scale s', Space(4.0, 128.0, True)),
         },
         False,
         'PML, its defaults',
@@ -659,12 +680,14 @@ LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
     'multi_similarity': LossEntry(
         multi_similarity,
         {
-            'ms_alpha': positive(2.0, 'Multi-Similarity\'s positive scale alpha'),
-            'ms_beta': positive(50.0, 'Multi-Similarity\'s negative scale beta'),
+            'ms_alpha': positive(2.0, 'Multi-Similarity\'s positive scale alpha',
+                                 Space(0.01, 100.0, True)),
+            'ms_beta': positive(50.0, 'Multi-Similarity\'s negative scale beta',
+                                Space(0.01, 100.0, True)),
             'ms_base': HyperParameter(
-                0.5, -1.0, True, 'Multi-Similarity\'s similarity offset lambda'
+                0.5, -1.0, True, 'Multi-Similarity\'s similarity offset lambda', space=MARGIN
             ),
-            'ms_epsilon': at_least_zero(0.1, 'the Multi-Similarity miner\'s margin epsilon'),
+            'ms_epsilon': at_least_zero(0.1, 'the Multi-Similarity miner\'s margin epsilon', MARGIN),
         },
         False,
         OFFICIAL,
@@ -673,7 +696,7 @@ LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
         triplet,
         {
             'triplet_margin': at_least_zero(
-                0.1, 'the triplet loss\'s margin, also its semi-hard miner\'s'
+                0.1, 'the triplet loss\'s margin, also its semi-hard miner\'s', MARGIN
             )
         },
         False,
@@ -683,10 +706,10 @@ LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
         contrastive,
         {
             'contrastive_pos_margin': HyperParameter(
-                0.0, -1.0, True, 'the contrastive loss\'s positive margin'
+                0.0, -1.0, True, 'the contrastive loss\'s positive margin', space=MARGIN
             ),
             'contrastive_neg_margin': HyperParameter(
-                0.5, -1.0, True, 'the contrastive loss\'s negative margin'
+                0.5, -1.0, True, 'the contrastive loss\'s negative margin', space=MARGIN
             ),
         },
         False,
@@ -696,15 +719,15 @@ LOSSES = {  # --loss_name -> the loss; a flag two losses share has one default
     'circle': LossEntry(
         circle,
         {
-            'circle_m': at_least_zero(0.4, 'the circle loss\'s relaxation margin m'),
-            'circle_gamma': positive(80.0, 'the circle loss\'s scale gamma'),
+            'circle_m': at_least_zero(0.4, 'the circle loss\'s relaxation margin m', Space(0.0, 0.5)),
+            'circle_gamma': positive(80.0, 'the circle loss\'s scale gamma', Space(4.0, 512.0, True)),
         },
         False,
         'PML, its defaults',
     ),
     'supcon': LossEntry(
         supcon,
-        {'supcon_temperature': positive(0.1, 'SupCon\'s temperature')},
+        {'supcon_temperature': positive(0.1, 'SupCon\'s temperature', Space(0.01, 1.0, True))},
         False,
         'PML, its defaults',
     ),

@@ -16,10 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from runtime import atomic_path  # noqa: E402
 
-SCRIPTS = ('data_utils', 'train', 'test', 'export', 'reproduce')
+SCRIPTS = ('data_utils', 'train', 'test', 'export', 'reproduce', 'tune')
 # defaults computed on the machine the script runs on, in words instead of this machine's number
 MACHINE_DEFAULTS = {('data_utils', '--workers'): 'all cores',
-                    ('train', '--num_workers'): 'min(8, cores / processes)'}
+                    ('train', '--num_workers'): 'min(8, cores / processes)',
+                    ('tune', '--num_workers'): 'min(8, cores / processes)'}
 TABLE = re.compile(r'(<!-- flags of (\w+)\.py -->\n)(.*?)(<!-- end of flags -->)', re.S)
 
 
