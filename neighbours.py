@@ -11,7 +11,6 @@ Both multiply float32 blocks through cosine_block, which uses oneDNN on the CPU 
 """
 import bisect
 import contextlib
-import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -184,7 +183,7 @@ class ClassLists(NamedTuple):
 
 
 def class_lists(features, labels, ranks, gallery_features=None, gallery_labels=None,
-                chunk_bytes=CHUNK_BYTES, progress=None, depth=0, count_all=False, screen=None):
+                chunk_bytes=CHUNK_BYTES, progress=None, depth=0, count_all=False, screen=False):
     """The ClassLists of retrieval_metrics' queries (features (N, D), labels (N,)) against all the
     others, or against a gallery (gallery_features (G, D), gallery_labels (G,)).
 
@@ -195,8 +194,7 @@ def class_lists(features, labels, ranks, gallery_features=None, gallery_labels=N
     chunk_bytes bounds the similarity blocks held at once; progress, when given, is called as
     progress(blocks done, blocks in all) while the other classes are swept. screen: screen each
     block with bfloat16 products and re-score its candidates exactly (True), or compute every
-    product in float32 (False); None: where the CPU multiplies bfloat16 natively (screens()) and
-    the blocks have at least SCREEN_SIDE rows.
+    product in float32 (False, the default: the screen is exact but not yet faster).
     """
     data = sorted_by_class(features, labels, gallery_features, gallery_labels)
     # On the CPU the blocks are spread over torch's threads, each running its ops single-threaded:
@@ -204,8 +202,6 @@ def class_lists(features, labels, ranks, gallery_features=None, gallery_labels=N
     # holds one block per thread.
     workers = torch.get_num_threads() if data.queries.device.type == 'cpu' else 1
     side = max(1, math.isqrt(max(1, chunk_bytes // (4 * workers))))  # float32 blocks side x side
-    if screen is None:  # blocks too small to gain from bfloat16 lose to the screen's overhead
-        screen = side >= SCREEN_SIDE and screens(data.queries.device)
     with single_threaded_ops(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
                                                    initargs=(1,)) as pool:
         if screen:
@@ -455,7 +451,6 @@ def packed(touched, owner, values, nearest, ahead):
 
 BFLOAT16_ROUNDING = 2.0 ** -8  # relative error of a float32 rounded to bfloat16 (8 bits, to nearest)
 PAIRS_AT_ONCE = 4096  # exact_pairs' products held at once
-SCREEN_SIDE = 256  # the least block side screened by default
 
 
 class Screen:
@@ -559,24 +554,6 @@ def bfloat16_block(queries, items):
         except (AttributeError, RuntimeError):
             pass
     return queries @ items.T
-
-
-@functools.cache
-def native_bfloat16():
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), where the screen pays."""
-    try:
-        with open('/proc/cpuinfo') as file:
-            flags = set(file.read().split())
-    except OSError:
-        return False
-    return bool(flags & {'avx512_bf16', 'amx_bf16'})
-
-
-def screens(device):
-    """class_lists' default screen: on the CPU with oneDNN and native bfloat16 products."""
-    mkldnn = torch.backends.mkldnn
-    return (device.type == 'cpu' and mkldnn.is_available() and mkldnn.enabled
-            and native_bfloat16())
 
 
 # --------------------------------------------------------------------------------------------------

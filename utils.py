@@ -808,7 +808,7 @@ def loss_entry(loss_name, loss_args=''):
 
 def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None,
                       chunk_bytes=CHUNK_BYTES, per_query=False, progress=None, extra=(),
-                      screen=None):
+                      screen=False):
     """Recall@K for K in ranks, MAP@R and R-Precision (Musgrave et al., ECCV 2020), all as
     fractions, and the extra metrics named.
 
@@ -840,8 +840,8 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
     per_query, (that dict, each query's figures in the order of features: 'recall@K' (N,) bool
     hits, 'ap@r', 'r_precision' and each extra name (N,) float64, NaN where R = 0). chunk_bytes
     bounds the similarity blocks held at once; progress, when given, is called as progress(blocks
-    done, blocks in all) while they are swept; screen: neighbours.class_lists' (None: where the
-    CPU multiplies bfloat16 natively, False: every product in float32).
+    done, blocks in all) while they are swept; screen: neighbours.class_lists' (True: bfloat16
+    products, candidates re-scored exactly; False: every product in float32).
     """
     ranks = [int(k) for k in ranks]
     extra = parse_extra(extra)
