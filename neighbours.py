@@ -183,20 +183,29 @@ class ClassLists(NamedTuple):
 
 
 def class_lists(features, labels, ranks, gallery_features=None, gallery_labels=None,
-                chunk_bytes=CHUNK_BYTES, progress=None):
+                chunk_bytes=CHUNK_BYTES, progress=None, depth=0, count_all=False, screen=False):
     """The ClassLists of retrieval_metrics' queries (features (N, D), labels (N,)) against all the
     others, or against a gallery (gallery_features (G, D), gallery_labels (G,)).
 
     Queries whose class has no gallery item are left out. top is exact in the values the metrics
-    read: a list's first R, and its first max(ranks) when Recall@K comes from it;
-    ahead_of_nearest is None unless a K of ranks exceeds m, and then gives Recall@K. chunk_bytes
-    bounds the similarity blocks held at once; progress, when given, is called as
-    progress(blocks done, blocks in all) while the other classes are swept.
+    read: a list's first R, its first max(ranks) when Recall@K comes from it, and its first depth
+    (the precision@k and mAP@k metrics' largest k); ahead_of_nearest is None unless a K of ranks
+    exceeds the lists or count_all (the reciprocal rank needs it), and then counts over all items.
+    chunk_bytes bounds the similarity blocks held at once; progress, when given, is called as
+    progress(blocks done, blocks in all) while the other classes are swept. screen: screen each
+    block with bfloat16 products and re-score its candidates exactly (True), or compute every
+    product in float32 (False, the default: the screen is exact but not yet faster).
     """
     data = sorted_by_class(features, labels, gallery_features, gallery_labels)
     with block_pool(data, chunk_bytes) as (side, pool):
-        positives = same_class_similarities(data, side, pool)  # (n, m)
-        top, ahead = other_class_top(data, positives, ranks, side, pool, progress)  # (n, m), (n,)
+        if screen:
+            positives = same_class_exact(data)  # (n, m)
+            sweep = Screen(data)
+        else:
+            positives = same_class_similarities(data, side, pool)  # (n, m)
+            sweep = None
+        top, ahead = other_class_top(data, positives, ranks, side, pool, progress, depth,
+                                     count_all, sweep)  # (n, width), (n,)
     return ClassLists(positives, top, ahead, data.r, data.where)
 
 
@@ -307,53 +316,65 @@ def same_class_similarities(data, side, pool):
     return out
 
 
-def other_class_top(data, positives, ranks, side, pool, progress):
-    """(n, m) each query's largest other-class similarities, descending, and (n,) how many
-    other-class items are at least as similar as its nearest same-class one, or None when no K
-    exceeds m (the lists then give Recall@K).
+def other_class_top(data, positives, ranks, side, pool, progress, depth=0, count_all=False,
+                    screen=None):
+    """(n, width) each query's largest other-class similarities, descending, width = max(m, depth),
+    and (n,) how many other-class items are at least as similar as its nearest same-class one, or
+    None when no K exceeds the width and count_all is False (the lists then give Recall@K).
 
     Both sides are cut into chunks of side rows and compared block by block, a block being one
-    chunk of queries against one chunk of items; memory beyond the blocks in flight is O(n x m).
-    Only the values the metrics read need be exact: a list's first R, and its first max(ranks)
-    when Recall@K comes from it.
+    chunk of queries against one chunk of items; memory beyond the blocks in flight is O(n x
+    width). Only the values the metrics read need be exact: a list's first R, its first max(ranks)
+    when Recall@K comes from it, and its first depth. screen, a Screen, has each block computed
+    in bfloat16 and only its candidates re-scored exactly (Screen.candidates).
     """
     n, m = positives.shape
-    counted = max(ranks) > m  # a K beyond every list: Recall@K needs a count over all items
+    width = max(m, depth)
+    # a K beyond every list: Recall@K needs a count over all items
+    counted = count_all or max(ranks) > width
     ahead_of_nearest = positives.new_zeros(n, dtype=torch.int32) if counted else None
-    top = positives.new_full((n, m), -math.inf)
+    top = positives.new_full((n, width), -math.inf)
     if m == 0:  # no query has an item of its class
         return top, ahead_of_nearest
-    floor, nearest, needed = list_bounds(positives, data.r, ranks, counted)
+    floor, nearest, needed = list_bounds(positives, data.r, ranks, counted, depth)
     chunks, item_chunks = chunk_bounds(n, side), chunk_bounds(len(data.item_keys), side)
     keys, item_keys = data.keys.tolist(), data.item_keys.tolist()
     locks = [threading.Lock() for _ in chunks]  # two threads may fold blocks into one chunk's lists
 
-    def fold(i, sims, columns):
-        """Fold a block into the lists of chunk i's queries, which are its rows or its columns."""
+    def fold(i, sims, columns, other):
+        """Fold a block into the lists of chunk i's queries, which are its rows or its columns;
+        other: the first row of the other side (an item, or without a gallery a query)."""
         lo, hi = chunks[i]
         # top may be older than another thread's latest merge: a lower value at needed, so still
         # a safe bound
         bound = torch.maximum(floor[lo:hi], top[lo:hi].gather(1, needed[lo:hi, None])[:, 0])
-        found = block_candidates(sims, bound, nearest[lo:hi] if counted else None, m, columns)
+        near = nearest[lo:hi] if counted else None
+        if screen is None:
+            found = block_candidates(sims, bound, near, width, columns)
+        else:
+            found = screen.candidates(sims, bound, near, width, columns, lo, other)
         if found is None:
             return
         with locks[i]:
             if found.ahead is not None:
                 ahead_of_nearest[lo:hi] += found.ahead
             touched = lo + found.touched
-            top[touched] = torch.cat([top[touched], found.values], dim=1).topk(m, dim=1).values
+            top[touched] = torch.cat([top[touched], found.values], dim=1).topk(width, dim=1).values
 
     def block(pair):
         """Cosines of query chunk i with item chunk j, same-class pairs hidden, folded into chunk
         i's queries and, without a gallery, into chunk j's too: the matrix is symmetric, so the
         blocks from the diagonal on cover every pair once."""
         (a, b), (c, d) = chunks[pair[0]], item_chunks[pair[1]]
-        sims = cosine_block(data.queries[a:b], data.items[c:d])  # (b - a, d - c)
+        if screen is None:
+            sims = cosine_block(data.queries[a:b], data.items[c:d])  # (b - a, d - c)
+        else:
+            sims = bfloat16_block(screen.queries[a:b], screen.items[c:d])  # (b - a, d - c)
         if keys[a] <= item_keys[d - 1] and item_keys[c] <= keys[b - 1]:  # the chunks share a class
             sims.masked_fill_(data.keys[a:b, None] == data.item_keys[None, c:d], -math.inf)
-        fold(pair[0], sims, columns=False)
+        fold(pair[0], sims, columns=False, other=c)
         if data.symmetric and pair[1] != pair[0]:
-            fold(pair[1], sims, columns=True)
+            fold(pair[1], sims, columns=True, other=a)
 
     pairs = [(i, j) for i in range(len(chunks))
              for j in range(i if data.symmetric else 0, len(item_chunks))]
@@ -363,7 +384,7 @@ def other_class_top(data, positives, ranks, side, pool, progress):
     return top, ahead_of_nearest
 
 
-def list_bounds(positives, r, ranks, counted):
+def list_bounds(positives, r, ranks, counted, depth=0):
     """Per query (n,): floor, at or below which an other-class value never counts; nearest, its
     nearest same-class similarity (inf where R = 0); needed, the index of the last list value the
     metrics read."""
@@ -373,7 +394,7 @@ def list_bounds(positives, r, ranks, counted):
     # is just below
     floor = torch.where(has_r, torch.nextafter(least, -inf), inf)
     nearest = torch.where(has_r, positives[:, 0], inf)
-    needed = (r if counted else r.clamp(min=max(ranks))).clamp(min=1) - 1
+    needed = (r if counted else r.clamp(min=max(ranks))).clamp(min=max(1, depth)) - 1
     return floor, nearest, needed
 
 
@@ -426,13 +447,131 @@ def block_candidates(sims, bound, nearest, m, columns):
     if columns:
         owner, order = owner.sort(stable=True)
         values = values[order]
+    return packed(touched, owner, values, nearest, ahead)
+
+
+def packed(touched, owner, values, nearest, ahead):
+    """Candidates of the values (E,) of touched queries (t,), grouped by owner (E,), the index of
+    each one's query in touched; ahead (q,), when given, gains the values >= nearest (q,)."""
     if ahead is not None:
         ahead.index_add_(0, touched[owner], (values >= nearest[touched[owner]]).int())
-    counts = torch.bincount(owner, minlength=len(touched))  # (t,) one at least each
-    slot = torch.arange(len(owner), device=sims.device) - (counts.cumsum(0) - counts)[owner]
-    candidates = sims.new_full((len(touched), int(counts.max())), -math.inf)
+    if len(owner) == 0:
+        return None if ahead is None else Candidates(touched[:0], values.new_zeros((0, 0)), ahead)
+    counts = torch.bincount(owner, minlength=len(touched))  # (t,)
+    slot = torch.arange(len(owner), device=values.device) - (counts.cumsum(0) - counts)[owner]
+    candidates = values.new_full((len(touched), int(counts.max())), -math.inf)
     candidates[owner, slot] = values
     return Candidates(touched, candidates, ahead)
+
+
+# --------------------------------------------------------------------------------------------------
+# the bfloat16 screen: each block's products in bfloat16, its candidates re-scored exactly
+
+BFLOAT16_ROUNDING = 2.0 ** -8  # relative error of a float32 rounded to bfloat16 (8 bits, to nearest)
+PAIRS_AT_ONCE = 4096  # exact_pairs' products held at once
+
+
+class Screen:
+    """The bfloat16 copies of the sweep's unit rows and the bound on what rounding them costs.
+
+    A block's products are computed from the bfloat16 rows (twice the float32 speed on CPUs with
+    AVX512-BF16 or AMX) and accumulated in float32, then rounded to bfloat16. For unit rows q, x
+    and their roundings q' = q - e, x' = x - f: q.x - q'.x' = q.f + e.x - e.f, so |q.x - q'.x'| <=
+    |e| + |f| + |e| |f| (Cauchy-Schwarz); the float32 sum of D exact products adds at most
+    gamma_D = D u / (1 - D u), u = 2^-24, times |q'| |x'|; the bfloat16 result at most 2^-8 of
+    its size; the exact value's own float32 rounding 2^-24. Every product that may exceed a
+    query's threshold t in exact arithmetic thus screens at or above lowered(t), and only those
+    are re-scored (exact_pairs): the lists are exactly those of exact scores, ties included.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self.queries = data.queries.bfloat16()  # (n, D)
+        self.query_error = rounding_error(data.queries, self.queries)  # (n,) |e|
+        if data.symmetric:
+            self.items, self.item_error = self.queries, self.query_error
+        else:
+            self.items = data.items.bfloat16()  # (M, D)
+            self.item_error = rounding_error(data.items, self.items)  # (M,)
+        dim_u = data.queries.size(1) * 2.0 ** -24
+        self.gamma = dim_u / (1 - dim_u)
+
+    def candidates(self, sims, bound, nearest, width, columns, lo, other):
+        """block_candidates for a bfloat16 block sims (b, c) whose queries start at row lo of the
+        queries (the rows of sims, or its columns) and whose other side at row other of the
+        items (or, for columns, of the queries): the values are exact."""
+        threshold = bound  # (q,)
+        if nearest is not None:
+            threshold = torch.minimum(threshold, torch.nextafter(nearest, nearest.new_tensor(
+                -math.inf)))
+        own = self.query_error[lo:lo + len(threshold)]  # (q,)
+        rows, others, error = ((self.data.queries, self.data.queries, self.query_error) if columns
+                               else (self.data.queries, self.data.items, self.item_error))
+        worst = float(error.max())
+        slack = (own + worst + own * worst + self.gamma * (1 + own) * (1 + worst)) * (1 + 1e-5)
+        lowered = threshold - (slack + 2.0 ** -22)  # (q,) exact values above t are above this
+        lowered = lowered - BFLOAT16_ROUNDING * lowered.abs().clamp(max=2)  # and after rounding
+        dim = 0 if columns else 1
+        touched = (sims.amax(dim).float() >= lowered).nonzero()[:, 0]  # (t,)
+        if len(touched) == 0:
+            return None
+        if len(touched) < len(threshold):
+            sims = sims.index_select(1 - dim, touched)  # (b, t) or (t, c)
+        shape = (1, -1) if columns else (-1, 1)
+        flat = (sims >= lowered[touched].view(shape)).view(-1).nonzero()[:, 0]  # (E,)
+        owner, place = ((flat % sims.size(1), flat // sims.size(1)) if columns
+                        else (flat // sims.size(1), flat % sims.size(1)))
+        values = exact_pairs(rows, lo + touched[owner], others, other + place)  # (E,)
+        keep = values > threshold[touched[owner]]
+        owner, values = owner[keep], values[keep]
+        if columns:
+            owner, order = owner.sort(stable=True)
+            values = values[order]
+        ahead = None if nearest is None else torch.zeros_like(threshold, dtype=torch.int32)
+        return packed(touched, owner, values, nearest, ahead)
+
+
+def rounding_error(rows, rounded):
+    """(N,) the length of each row's rounding error, rows (N, D) float32, rounded (N, D)."""
+    return (rows - rounded.float()).norm(dim=1)
+
+
+def exact_pairs(rows, row_index, others, other_index):
+    """(E,) float32 products of rows[row_index] and others[other_index] (E,), each summed in
+    float64 and rounded once: the one exact score of the screened path, the same for the same
+    pair of rows wherever it is computed."""
+    out = rows.new_empty(len(row_index))
+    for start in range(0, len(row_index), PAIRS_AT_ONCE):
+        part = slice(start, start + PAIRS_AT_ONCE)
+        out[part] = (rows[row_index[part]].double() * others[other_index[part]].double()).sum(1)
+    return out
+
+
+def same_class_exact(data):
+    """same_class_similarities with every value from exact_pairs, as the screened sweep scores:
+    (n, m = max R) each query's cosines with the items of its class, descending, then -inf."""
+    n, m = len(data.keys), int(data.r.max()) if len(data.keys) else 0
+    span = data.r + int(data.symmetric)  # (n,) the items of its class, itself included
+    owner = torch.repeat_interleave(torch.arange(n, device=span.device), span)  # (P,)
+    offset = torch.arange(len(owner), device=span.device) - (span.cumsum(0) - span)[owner]
+    item = data.first[owner] + offset  # (P,)
+    values = exact_pairs(data.queries, owner, data.items, item)
+    if data.symmetric:
+        values.masked_fill_(item == owner, -math.inf)  # the query itself, by its position
+    out = data.queries.new_full((n, int(span.max()) if n else 0), -math.inf)
+    out[owner, offset] = values
+    return out.sort(dim=1, descending=True).values[:, :m].contiguous()
+
+
+def bfloat16_block(queries, items):
+    """(b, D) and (c, D) bfloat16 rows -> (b, c) bfloat16 products, accumulated in float32 (oneDNN
+    where it can, as cosine_block)."""
+    if queries.device.type == 'cpu':
+        try:
+            return torch.ops.mkldnn._linear_pointwise(queries, items, None, 'none', [], '')
+        except (AttributeError, RuntimeError):
+            pass
+    return queries @ items.T
 
 
 # --------------------------------------------------------------------------------------------------

@@ -858,9 +858,10 @@ def loss_entry(loss_name, loss_args=''):
 # retrieval metrics, defined on each query's lists of similarities (neighbours.py finds them)
 
 def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None,
-                      chunk_bytes=CHUNK_BYTES, per_query=False, progress=None):
+                      chunk_bytes=CHUNK_BYTES, per_query=False, progress=None, extra=(),
+                      screen=False):
     """Recall@K for K in ranks, MAP@R and R-Precision (Musgrave et al., ECCV 2020), all as
-    fractions.
+    fractions, and the extra metrics named.
 
     Each query (a row of features (N, D), its class in labels (N,)) ranks items by cosine
     similarity. Without a gallery the items are all the other rows: the query itself is excluded by
@@ -875,69 +876,112 @@ def retrieval_metrics(features, labels, ranks, gallery_features=None, gallery_la
       queries.
     - MAP@R: the mean over queries of AP@R = (1/R) sum over i <= R of P(i) where the i-th nearest is
       of the query's class, P(i) being the fraction of same-class items among its i nearest.
+    extra, any of (EXTRA_METRICS), k a positive integer, capped at the items a query ranks:
+    - 'precision@k' (open-metric-learning's calc_precision): the same-class items among the k
+      nearest, divided by min(k, R);
+    - 'map@k' (open-metric-learning's calc_map): (1 / min(k, R)) sum over i <= k of P(i) where the
+      i-th nearest is of the query's class;
+    - 'mrr' (pytorch-metric-learning's mean_reciprocal_rank): 1 / the rank of the nearest
+      same-class item.
     A query with R = 0 (no other item, or no gallery item, of its class) counts as a miss for
-    Recall@K and is left out of MAP@R and R-Precision, as pytorch-metric-learning's
+    Recall@K and is left out of the other averages, as pytorch-metric-learning's
     AccuracyCalculator does.
 
-    Returns {'recall@K': ..., 'map@r': ..., 'r_precision': ...}; with per_query, (that dict, each
-    query's figures in the order of features: 'recall@K' (N,) bool hits, 'ap@r' and 'r_precision'
-    (N,) float64, NaN where R = 0). chunk_bytes bounds the similarity blocks held at once; progress,
-    when given, is called as progress(blocks done, blocks in all) while they are swept.
+    Returns {'recall@K': ..., 'map@r': ..., 'r_precision': ..., and each extra name: ...}; with
+    per_query, (that dict, each query's figures in the order of features: 'recall@K' (N,) bool
+    hits, 'ap@r', 'r_precision' and each extra name (N,) float64, NaN where R = 0). chunk_bytes
+    bounds the similarity blocks held at once; progress, when given, is called as progress(blocks
+    done, blocks in all) while they are swept; screen: neighbours.class_lists' (True: bfloat16
+    products, candidates re-scored exactly; False: every product in float32).
     """
     ranks = [int(k) for k in ranks]
+    extra = parse_extra(extra)
+    ranked = len(labels) - 1 if gallery_features is None else len(gallery_labels)
+    depth = max([min(k, ranked) for name, k in extra if k], default=0)
     lists = class_lists(features, labels, ranks, gallery_features, gallery_labels, chunk_bytes,
-                        progress)
-    metrics, hits, ap, rp = metrics_from_lists(lists, ranks, total=len(labels))
+                        progress, depth=depth, count_all=any(k is None for _, k in extra),
+                        screen=screen)
+    metrics, hits, figures = metrics_from_lists(lists, ranks, len(labels), extra, ranked)
     if not per_query:
         return metrics
-    return metrics, in_query_order(hits, ap, rp, lists.where, len(labels), ranks)
+    return metrics, in_query_order(hits, figures, lists.where, len(labels), ranks)
 
 
-def metrics_from_lists(lists, ranks, total):
+EXTRA_METRICS = ('precision@k', 'map@k', 'mrr')
+
+
+def parse_extra(names):
+    """[(name, k or None)] of retrieval_metrics' extra names ('precision@5', 'map@10', 'mrr')."""
+    parsed = []
+    for name in names:
+        kind, _, k = name.partition('@')
+        if name == 'mrr':
+            parsed.append((name, None))
+        elif kind in ('precision', 'map') and k.isdigit() and int(k) > 0:
+            parsed.append((name, int(k)))
+        else:
+            raise UserError(f'unknown metric {name!r}: use precision@k, map@k (k a positive '
+                            f'integer) or mrr')
+    return parsed
+
+
+def metrics_from_lists(lists, ranks, total, extra=(), ranked=None):
     """Every metric, averaged and per query, from each query's lists (the definitions are
     retrieval_metrics').
 
     lists (neighbours.ClassLists), per query: positives (n, m) its R same-class similarities,
-    descending, then -inf; top (n, m) its largest other-class similarities, descending, exact in
-    the values read here; ahead_of_nearest (n,) how many other-class items are at least as similar
-    as its nearest same-class one, None when no K exceeds m; r (n,) its R. No ranking is built: the
-    j-th same-class item stands at j + (other-class items at least as similar). total: all the
-    queries, the n here and those left out for want of an item of their class.
+    descending, then -inf; top (n, w >= m) its largest other-class similarities, descending, exact
+    in the values read here; ahead_of_nearest (n,) how many other-class items are at least as
+    similar as its nearest same-class one, None when no K exceeds w; r (n,) its R. No ranking is
+    built: the j-th same-class item stands at j + (other-class items at least as similar). total:
+    all the queries, the n here and those left out for want of an item of their class. extra:
+    parse_extra's pairs; ranked: the items each query ranks, which caps their k. Returns (the
+    averages, hits (n, K), per-query figures {'ap@r', 'r_precision', extra names: (n,)}).
     """
-    positives, top, r = lists.positives, lists.top, lists.r  # (n, m), (n, m), (n,)
+    positives, top, r = lists.positives, lists.top, lists.r  # (n, m), (n, w), (n,)
     ahead_of_nearest = lists.ahead_of_nearest  # (n,) or None
-    n, m = positives.shape
+    m = positives.size(1)
     j = torch.arange(1, m + 1, device=positives.device)  # (m,)
     # other-class items at least as similar as the j-th same-class item, so ranked before it
-    ahead = m - torch.searchsorted(top.flip(1).contiguous(), positives, side='left')  # (n, m)
+    ahead = top.size(1) - torch.searchsorted(top.flip(1).contiguous(), positives, side='left')
     position = j + ahead  # (n, m) rank of the j-th same-class item
+    is_item = j <= r[:, None]  # (n, m) the query's R same-class items
     # (n, m) the same-class items among the R nearest
-    within_r = (j <= r[:, None]) & (position <= r[:, None])
+    within_r = is_item & (position <= r[:, None])
     # (n,) ranked above the first hit
     first_miss = ahead[:, 0] if ahead_of_nearest is None else ahead_of_nearest
     has_r = r > 0
     hits = (first_miss[:, None] < torch.tensor(ranks, device=r.device)) & has_r[:, None]  # (n, K)
-    # (n,) AP@R; NaN (0 / 0) where R = 0
-    ap = (within_r * j / position.double()).sum(1) / r.double()
-    rp = within_r.sum(1) / r.double()  # (n,) R-Precision
+    figures = {'ap@r': (within_r * j / position.double()).sum(1) / r.double(),  # NaN where R = 0
+               'r_precision': within_r.sum(1) / r.double()}
+    for name, k in extra:
+        if k is None:  # the reciprocal rank of the nearest same-class item
+            figures[name] = torch.where(has_r, 1 / (1 + first_miss.double()), math.nan)
+            continue
+        k = min(k, ranked)
+        within_k = is_item & (position <= k)  # (n, m) the same-class items among the k nearest
+        if name.startswith('precision@'):
+            found = within_k.sum(1).double()
+        else:
+            found = (within_k * j / position.double()).sum(1)
+        figures[name] = found / r.clamp(max=k).double()  # NaN (0 / 0) where R = 0
     metrics = {f'recall@{k}': hits[:, i].sum().item() / total for i, k in enumerate(ranks)}
-    metrics['map@r'] = ap[has_r].mean().item()
-    metrics['r_precision'] = rp[has_r].mean().item()
-    return metrics, hits, ap, rp
+    metrics['map@r'] = figures['ap@r'][has_r].mean().item()
+    metrics.update({name: figures[name][has_r].mean().item() for name in figures
+                    if name != 'ap@r'})
+    return metrics, hits, figures
 
 
-def in_query_order(hits, ap, rp, where, total, ranks):
+def in_query_order(hits, figures, where, total, ranks):
     """The per-query figures of the sorted queries put back at their rows where (n,) among all total
-    queries; the queries left out (no gallery item of their class) are misses with NaN AP@R and
-    R-Precision."""
+    queries; the queries left out (no gallery item of their class) are misses with NaN figures."""
     all_hits = hits.new_zeros((total, len(ranks)))
-    all_ap, all_rp = ap.new_full((total,), math.nan), rp.new_full((total,), math.nan)
-    all_hits[where], all_ap[where], all_rp[where] = hits, ap, rp
-    return {
-        **{f'recall@{k}': all_hits[:, i] for i, k in enumerate(ranks)},
-        'ap@r': all_ap,
-        'r_precision': all_rp,
-    }
+    all_hits[where] = hits
+    out = {f'recall@{k}': all_hits[:, i] for i, k in enumerate(ranks)}
+    for name, values in figures.items():
+        out[name] = values.new_full((total,), math.nan)
+        out[name][where] = values
+    return out
 
 
 COLLAPSED = 0.999  # a mean cosine above this: the images' embeddings are all nearly one direction

@@ -2,8 +2,7 @@
 In-shop's sizes.
 
     python benchmarks/eval_speed.py [--cases sop,inshop,large] [--num_images 60502] [--spread 2.15]
-    [--repeats 1]
-                                    [--baseline REVISION]
+                                    [--scale 1] [--repeats 1] [--baseline REVISION]
 
 The data, float32 unit rows, each its class centre plus Gaussian noise:
   sop     all-vs-all, Stanford Online Products' size: N = 60,502 rows of 512 dimensions in SOP-like classes (2 to 12
@@ -17,8 +16,12 @@ The data, float32 unit rows, each its class centre plus Gaussian noise:
   large   a large gallery: 10,000 queries of 4,000 classes against 500,000 gallery rows of 128 dimensions in 125,000
           classes, the queries' among them (4 gallery images per class on average); spread 1.2,
           Recall@1 near 0.84. Ranks 1,10,20,30,40.
+--scale S multiplies every case's rows and classes by S (0.1: a tenth of each side, about a
+hundredth of the work), for a quick run on a busy machine.
 The methods:
-  ours       utils.retrieval_metrics, as train.py calls it.
+  ours       utils.retrieval_metrics, as train.py calls it (every product in float32).
+  screened   the same with screen=True: bfloat16 products, candidates re-scored exactly.
+  extra      ours with extra=EXTRA (precision@k, mAP@k, MRR) too: their cost.
   per_query  the same with per_query=True and a progress callback, as a report of the worst queries calls it.
   before     with --baseline REVISION: retrieval_metrics of utils.py at that git revision (say main, or a commit),
              with the project files it imports (neighbours.py, runtime.py) of that revision too,
@@ -61,6 +64,7 @@ sys.path.insert(0, ROOT)
 from runtime import UserError, run_main  # noqa: E402
 
 RANK_SETS = ('1,10,100,1000', '1,2,4,8')
+EXTRA = ('precision@1', 'precision@10', 'map@10', 'mrr')  # the extra method's metrics
 # name: (queries, gallery items, query classes, gallery classes, dimension, spread, ranks); see the
 # docstring
 GALLERY_CASES = {'inshop': (14218, 12612, 3985, 3985, 512, 2.0, '1,10,20,30,40'),
@@ -204,6 +208,11 @@ def measure(method, path, ranks, threads, tree=None):
     start, cpu_start = time.perf_counter(), time.process_time()
     if method in ('ours', 'before'):
         metrics = retrieval_metrics(*inputs)
+    elif method == 'screened':
+        metrics = retrieval_metrics(*inputs, screen=True)
+    elif method == 'extra':
+        metrics = retrieval_metrics(*inputs, extra=EXTRA)
+        metrics = {key: value for key, value in metrics.items() if key not in EXTRA}
     elif method == 'per_query':
         blocks = []
         _, per_query = retrieval_metrics(
@@ -244,6 +253,16 @@ def gemm_speeds(threads, size=2048, dim=512, repeats=5):
     return speeds
 
 
+def cpu_model():
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        with open('/proc/cpuinfo') as file:
+            names = [line.split(':', 1)[1].strip() for line in file if line.startswith('model name')]
+    except OSError:
+        names = []
+    return names[0] if names else 'an unknown CPU'
+
+
 def run_worker(method, path, ranks, threads, tree):
     """measure() in a child process of this script."""
     command = [
@@ -265,7 +284,9 @@ def run_worker(method, path, ranks, threads, tree):
 
 
 # (method, baseline) pairs printed
-RATIOS = (('ours', 'faiss'), ('per_query', 'ours'), ('ours', 'before'))
+RATIOS = (('ours', 'faiss'), ('screened', 'ours'), ('extra', 'ours'), ('per_query', 'ours'),
+          ('ours', 'before'))
+METHODS = ('ours', 'screened', 'extra', 'per_query', 'before', 'faiss')
 
 
 def compare(label, path, ranks, threads, repeats, tree):
@@ -274,7 +295,7 @@ def compare(label, path, ranks, threads, repeats, tree):
     time)}."""
     runs = {
         method: []
-        for method in ('ours', 'per_query', 'before', 'faiss')
+        for method in METHODS
         if method != 'before' or tree
     }
     for _ in range(repeats):
@@ -347,7 +368,9 @@ def main():
         default=None,
         help='a git revision whose utils.retrieval_metrics is timed too, as "before"',
     )
-    parser.add_argument('--worker', default=None, choices=('ours', 'per_query', 'before', 'faiss'),
+    parser.add_argument('--scale', default=1.0, type=float,
+                        help="every case's rows and classes times this (0.1 for a quick run)")
+    parser.add_argument('--worker', default=None, choices=METHODS,
                         help=argparse.SUPPRESS)
     parser.add_argument('--data', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--ranks', default=None, help=argparse.SUPPRESS)
@@ -367,14 +390,16 @@ def main():
         )
         return
     cases = args.cases.split(',')
-    if args.num_images < 2 or args.repeats < 1:
-        raise UserError('--num_images must be at least 2 and --repeats at least 1')
+    if args.num_images < 2 or args.repeats < 1 or not 0 < args.scale <= 1:
+        raise UserError('--num_images must be at least 2, --repeats at least 1 and --scale '
+                        'above 0 and at most 1')
     if not cases or not set(cases) <= {'sop', *GALLERY_CASES}:
         raise UserError(f'--cases must be some of sop,{",".join(GALLERY_CASES)} separated by '
                         f'commas, not {args.cases!r}')
     import torch
     threads = args.threads or torch.get_num_threads()
-    print(f'{threads} threads on {os.cpu_count()} cores')
+    print(f'{threads} threads on {os.cpu_count()} cores of {cpu_model()}; load average '
+          f'{os.getloadavg()[0]:.1f}')
     print(
         'float32 GEMM 2048 x 512 x 2048: '
         + ', '.join(f'{name} {speed:.0f} GFLOP/s' for name, speed in gemm_speeds(threads).items())
@@ -387,7 +412,8 @@ def main():
             print(f'before: utils.py of {args.baseline} ({commit}), with the files it imports of '
                   f'that revision')
         if 'sop' in cases:
-            features, labels = make_features(args.num_images, args.dim, args.spread, args.seed)
+            num_images = max(2, round(args.num_images * args.scale))
+            features, labels = make_features(num_images, args.dim, args.spread, args.seed)
             print(f'\nsop: N = {len(labels)}, D = {args.dim}, {labels.max() + 1} classes of '
                   f'{np.bincount(labels).min()} to {np.bincount(labels).max()} images, spread '
                   f'{args.spread}; features {features.nbytes / 2 ** 20:.0f} MiB')
@@ -398,6 +424,7 @@ def main():
             ]
         for case in [case for case in GALLERY_CASES if case in cases]:
             *sizes, spread, ranks = GALLERY_CASES[case]
+            sizes[:4] = [max(1, round(size * args.scale)) for size in sizes[:4]]
             queries, query_labels, gallery, gallery_labels = make_gallery(*sizes, spread, args.seed)
             r = np.bincount(gallery_labels)[query_labels]
             print(f'\n{case}: {len(queries)} queries x {len(gallery)} gallery items, D = '
@@ -410,6 +437,8 @@ def main():
     print()
     meanings = (
         'ours is no slower than faiss',
+        'the screen is faster',
+        'the extra metrics cost no time',
         'the per-query figures cost no time',
         'no slowdown since the baseline',
     )

@@ -163,15 +163,17 @@ def test_per_query_figures_match_the_whole_matrix(case):
 
 
 def record_blocks(monkeypatch):
-    """Record the (rows, columns) of every similarity block neighbours.cosine_block computes from
-    now on; returns the list."""
-    shapes, original = [], neighbours.cosine_block
+    """Record the (rows, columns) of every similarity block neighbours.cosine_block (or the
+    screen's neighbours.bfloat16_block) computes from now on; returns the list."""
+    shapes = []
+    for name in ('cosine_block', 'bfloat16_block'):
+        original = getattr(neighbours, name)
 
-    def recording(queries, items):
-        shapes.append((len(queries), len(items)))
-        return original(queries, items)
+        def recording(queries, items, original=original):
+            shapes.append((len(queries), len(items)))
+            return original(queries, items)
 
-    monkeypatch.setattr(neighbours, 'cosine_block', recording)
+        monkeypatch.setattr(neighbours, name, recording)
     return shapes
 
 
