@@ -889,6 +889,28 @@ def in_query_order(hits, ap, rp, where, total, ranks):
     }
 
 
+KMEANS_SEED = 1234  # faiss.Kmeans' own default, so that the clusters are PML's AccuracyCalculator's
+
+
+def clustering_metrics(features, labels, seed=KMEANS_SEED):
+    """NMI and AMI (sklearn) of the classes labels (N,) against a k-means clustering of the unit
+    rows of features (N, D), k the number of classes: faiss.Kmeans with 20 iterations, as
+    pytorch-metric-learning's AccuracyCalculator clusters.
+
+    faiss trains on at most 256 rows a centroid and assigns the rows in blocks, so memory stays
+    O(N D + k D); sklearn's contingency table is sparse. Returns {'nmi': ..., 'ami': ...}.
+    """
+    import faiss
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+    units = F.normalize(torch.as_tensor(features).float(), dim=1).numpy()  # (N, D)
+    labels = torch.as_tensor(labels).numpy()
+    kmeans = faiss.Kmeans(units.shape[1], len(np.unique(labels)), niter=20, seed=seed)
+    kmeans.train(units)
+    clusters = kmeans.index.search(units, 1)[1][:, 0]  # (N,)
+    return {'nmi': float(normalized_mutual_info_score(labels, clusters)),
+            'ami': float(adjusted_mutual_info_score(labels, clusters))}
+
+
 COLLAPSED = 0.999  # a mean cosine above this: the images' embeddings are all nearly one direction
 
 
