@@ -20,9 +20,40 @@ import math
 import torch
 
 from neighbours import chunk_bounds, top_k, unit_rows
+from runtime import UserError
 
 METHODS = ('aqe', 'dba', 'kreciprocal')
 PAIR_BUDGET = 2 ** 23  # (query, item) pairs of the Jaccard step held at once
+
+
+def add_arguments(group, help):
+    """--rerank (its help, which says where the lists go) and the methods' parameters, for every
+    script that re-ranks."""
+    group.add_argument('--rerank', default=None, choices=METHODS, help=help)
+    group.add_argument('--rerank_k', default=10, type=int,
+                       help='aqe and dba: the rows summed, the query or item itself included')
+    group.add_argument('--rerank_alpha', default=3.0, type=float,
+                       help="aqe and dba: the power of each neighbour's cosine, its weight")
+    group.add_argument('--rerank_k1', default=20, type=int,
+                       help='kreciprocal: the neighbours whose reciprocity is checked')
+    group.add_argument('--rerank_k2', default=6, type=int,
+                       help='kreciprocal: the neighbours averaged in its local query expansion')
+    group.add_argument('--rerank_lambda', default=0.3, type=float,
+                       help='kreciprocal: the weight of the original distance against the '
+                            'Jaccard one')
+
+
+def params(args):
+    """reranked_lists' parameters from add_arguments' flags; out-of-range ones are a UserError."""
+    for flag, low in (('rerank_k', 1), ('rerank_k1', 1), ('rerank_k2', 1)):
+        if getattr(args, flag) < low:
+            raise UserError(f'--{flag} must be at least {low}, not {getattr(args, flag)}')
+    if not args.rerank_alpha >= 0:
+        raise UserError(f'--rerank_alpha must be 0 or more, not {args.rerank_alpha}')
+    if not 0 <= args.rerank_lambda <= 1:
+        raise UserError(f'--rerank_lambda must lie in [0, 1], not {args.rerank_lambda}')
+    return {'aqe_k': args.rerank_k, 'aqe_alpha': args.rerank_alpha, 'k1': args.rerank_k1,
+            'k2': args.rerank_k2, 'lambda_value': args.rerank_lambda}
 
 
 def reranked_lists(method, queries, items, length, leave_out=None, aqe_k=10, aqe_alpha=3.0,
