@@ -1,11 +1,16 @@
 """rerank.py against straightforward full-matrix implementations of each paper's method."""
+import os
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rerank
-from utils import retrieval_metrics
+from conftest import prepared_cub
+from runs import DataBase
+from utils import clustering_metrics, retrieval_metrics
 
 
 def clustered(n, classes, dim, seed):
@@ -163,3 +168,46 @@ def test_rerank_metrics_read_the_reranked_lists(data):
     expanded, _ = fast_reid_aqe(features, features[:0])
     got = rerank.rerank_metrics(features, labels, [1, 4], 'dba')
     assert got == pytest.approx(retrieval_metrics(expanded, labels, [1, 4]), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's extra evaluation and test.py's search
+
+def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_factory):
+    """One epoch with --metrics recall,nmi,ami --rerank dba: the CSV keeps the plain columns and adds
+    test_nmi, test_ami and test_rerank_... ones, equal to the functions on the data base's test
+    features; the epoch prints the named metrics and a re-ranked line. test.py --rerank then lists
+    a test image's results in the re-ranked order."""
+    data = prepared_cub(tmp_path_factory, num_classes=6, per_class=4)
+    run = tmp_path_factory.mktemp('run')
+    status, out, err = script(
+        'train', '--data_path', data, '--data_name', 'cub', '--backbone_type', 'googlenet',
+        '--no_pretrained', '--feature_dim', 16, '--batch_size', 4, '--num_workers', 0,
+        '--num_epochs', 1, '--metrics', 'recall,nmi,ami', '--rerank', 'dba', '--rerank_k', 3,
+        cwd=run)
+    assert status == 0, err
+    prefix = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4'
+    table = pd.read_csv(run / 'results' / f'{prefix}_statistics.csv', index_col='epoch')
+    base = DataBase.open(str(run / 'results' / f'{prefix}_1_data_base.pth'))[0]
+    features, labels = base.test.features, base.test.labels
+    plain = retrieval_metrics(features, labels, [1, 2, 4, 8])
+    reranked = rerank.rerank_metrics(features, labels, [1, 2, 4, 8], 'dba', aqe_k=3)
+    clusters = clustering_metrics(features, labels)
+    expected = {**{f'test_{k}': v for k, v in {**plain, **clusters}.items()},
+                **{f'test_rerank_{k}': v for k, v in reranked.items()}}
+    assert set(expected) <= set(table.columns)
+    assert table.iloc[0][list(expected)].to_dict() == pytest.approx(expected, abs=1e-6)
+    line = next(line for line in out.splitlines() if line.startswith('Test Epoch'))
+    assert 'NMI:' in line and 'AMI:' in line and 'MAP@R' not in line
+    assert any(line.startswith('Test (dba) Epoch 1/1 R@1:') for line in out.splitlines())
+
+    query = base.test.images[0]
+    status, out, err = script('test', '--data_base', f'{prefix}_1_data_base.pth',
+                              '--query_img_name', query, '--retrieval_num', 5, '--rerank', 'dba',
+                              '--rerank_k', 3, cwd=run)
+    assert status == 0, err
+    lists = rerank.reranked_lists('dba', features[:1], features, 5, 0, aqe_k=3)
+    name = next(folder for folder in os.listdir(run / 'results') if (run / 'results' / folder /
+                                                                      'results.csv').exists())
+    shown = pd.read_csv(run / 'results' / name / 'results.csv')
+    assert shown['path'].tolist() == [base.test.images[i] for i in lists[0].tolist()]
