@@ -178,6 +178,17 @@ def commands(data_path, extra, results='results', backbones=PUBLISHED_BACKBONES,
 # --------------------------------------------------------------------------------------------------
 # the table and the figure
 
+# figures train.py records only with --metrics nmi,ami or --rerank: a table shows their columns
+# where a run computed them, the re-ranked ones apart from the plain
+EXTRA = {'nmi': 'NMI', 'ami': 'AMI', 'rerank_recall@1': 'R@1 re-ranked',
+         'rerank_map@r': 'MAP@R re-ranked'}
+
+
+def extra_columns(runs):
+    """The EXTRA keys that any of the runs (reproduced's summaries) has figures for."""
+    return [key for key in EXTRA if any(key in run for run in runs)]
+
+
 def final_epoch(path, data_name):
     """{'epoch': n, 'recall@K': %, ..., 'map@r': %} of a statistics CSV's final epoch, or None if there is none."""
     if not os.path.isfile(path):
@@ -196,7 +207,7 @@ def final_epoch(path, data_name):
             if column.startswith('test_recall@')
         ]
     )
-    for key in [f'recall@{k}' for k in ranks] + ['map@r']:
+    for key in [f'recall@{k}' for k in ranks] + ['map@r'] + list(EXTRA):
         if f'test_{key}' in frame.columns and pd.notna(last[f'test_{key}']):
             row[key] = 100 * float(last[f'test_{key}'])
     return row
@@ -299,11 +310,14 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
     for data_name in DATA_NAMES:
         benchmark = BENCHMARKS[data_name]
         ranks = benchmark.ranks
+        summaries = [reproduced(results, data_name, backbone, seeds, epochs, data_path, extra,
+                                loss) for backbone, loss in configurations]
+        extras = extra_columns(summaries)
         lines += [f'## {benchmark.title}', '', f'Published: {benchmark.source}.', '',
-                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
-                  '|---|---|' + '---|' * (len(ranks) + 2)]
-        for backbone, loss in configurations:
-            ours = reproduced(results, data_name, backbone, seeds, epochs, data_path, extra, loss)
+                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | '
+                  + ''.join(f'{EXTRA[key]} | ' for key in extras) + 'Seeds |',
+                  '|---|---|' + '---|' * (len(ranks) + 2 + len(extras))]
+        for (backbone, loss), ours in zip(configurations, summaries):
             published = (
                 benchmark.published.get(backbone, (None,) * len(ranks))
                 if loss == LOSS
@@ -316,13 +330,16 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
             lines.append(
                 f'| {label(backbone, loss, losses)} | reproduced | '
                 + ' | '.join(map(cell, mine))
-                + f' | {cell(ours.get("map@r"))} | {seeds_cell(ours, len(seeds))} |'
+                + f' | {cell(ours.get("map@r"))} | '
+                + ''.join(f'{cell(ours.get(key))} | ' for key in extras)
+                + f'{seeds_cell(ours, len(seeds))} |'
             )
-            lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | |')
+            lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | '
+                         + '- | ' * len(extras) + '|')
             lines.append(
                 '| | difference | '
                 + ' | '.join(cell(d, signed=True) for d in difference)
-                + ' | | |'
+                + ' | | ' + '| ' * len(extras) + '|'
             )
         lines.append('')
     # your own images: none published
@@ -334,14 +351,18 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
             for backbone, loss in configurations
         }
         ranks = sorted(set().union(*(run['ranks'] for run in runs.values())))
+        extras = extra_columns(runs.values())
         lines += [f'## {data_name}', '', 'Not a benchmark: nothing published to compare with.', '',
-                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
-                  '|---|---|' + '---|' * (len(ranks) + 2)]
+                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | '
+                  + ''.join(f'{EXTRA[key]} | ' for key in extras) + 'Seeds |',
+                  '|---|---|' + '---|' * (len(ranks) + 2 + len(extras))]
         for (backbone, loss), run in runs.items():
             if run['seeds'] or run['training']:
                 lines.append(f'| {label(backbone, loss, losses)} | reproduced | ' +
                              ' | '.join(cell(run.get(f'recall@{k}')) for k in ranks) +
-                             f' | {cell(run.get("map@r"))} | {seeds_cell(run, len(seeds))} |')
+                             f' | {cell(run.get("map@r"))} | ' +
+                             ''.join(f'{cell(run.get(key))} | ' for key in extras) +
+                             f'{seeds_cell(run, len(seeds))} |')
         lines.append('')
     path = os.path.join(results, 'benchmarks.md')
     with atomic_path(path) as tmp, open(tmp, 'w') as file:

@@ -63,7 +63,8 @@ OFF_DEFAULT = {'crop_type': [['cropped']], 'no_pretrained': [[]], 'scale': [['16
                'weight_decay': [['1e-4'], ['0.05']], 'lr_step': [['10'], ['20']], 'lr_gamma': [['0.25'], ['1']],
                'batch_size': [['32'], ['128']], 'warm_up': [['0'], ['5']], 'seed': [['2'], ['3'], ['12']],
                'amp': [[]], 'val_fraction': [['0.2'], ['0.25']],
-               'images_per_class': [['4'], ['2']], 'loss_args': [['margin=0.2'], ['margin=0.2,swap=True']]}
+               'images_per_class': [['4'], ['2']], 'loss_args': [['margin=0.2'], ['margin=0.2,swap=True']],
+               'xbm_size': [['1024']], 'xbm_start': [['1000']]}
 # the baseline losses' hyper-parameters (issue 17): one value off its default each
 OFF_DEFAULT.update({flag: [[str(2 * hyper.default + 1)]]
                     for flag, (hyper, _) in load_script('train').loss_flags().items() if flag not in OFF_DEFAULT})
