@@ -209,6 +209,17 @@ def commands(data_path, extra, results='results', backbones=PUBLISHED_BACKBONES,
 # --------------------------------------------------------------------------------------------------
 # the table and the figure
 
+# figures train.py records only with --metrics nmi,ami or --rerank: a table shows their columns
+# where a run computed them, the re-ranked ones apart from the plain
+EXTRA = {'nmi': 'NMI', 'ami': 'AMI', 'rerank_recall@1': 'R@1 re-ranked',
+         'rerank_map@r': 'MAP@R re-ranked'}
+
+
+def extra_columns(runs):
+    """The EXTRA keys that any of the runs (reproduced's summaries) has figures for."""
+    return [key for key in EXTRA if any(key in run for run in runs)]
+
+
 def final_epoch(path, data_name):
     """{'epoch': n, 'recall@K': %, ..., 'map@r': %} of a statistics CSV's final epoch, or None if there is none."""
     if not os.path.isfile(path):
@@ -227,7 +238,7 @@ def final_epoch(path, data_name):
             if column.startswith('test_recall@')
         ]
     )
-    for key in [f'recall@{k}' for k in ranks] + ['map@r']:
+    for key in [f'recall@{k}' for k in ranks] + ['map@r'] + list(EXTRA):
         if f'test_{key}' in frame.columns and pd.notna(last[f'test_{key}']):
             row[key] = 100 * float(last[f'test_{key}'])
     return row
@@ -342,12 +353,15 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
         ranks = benchmark.ranks
         sizes = sorted({size for _, size in benchmark.sized})
         source = benchmark.source + ''.join(f'; the {size} px rows: {SIZED_SOURCE}' for size in sizes)
+        table_rows = rows(data_name, backbones, losses)
+        summaries = [reproduced(results, data_name, backbone, seeds, epochs, data_path,
+                                sized(extra, size), loss) for backbone, loss, size in table_rows]
+        extras = extra_columns(summaries)
         lines += [f'## {benchmark.title}', '', f'Published: {source}.', '',
-                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
-                  '|---|---|' + '---|' * (len(ranks) + 2)]
-        for backbone, loss, size in rows(data_name, backbones, losses):
-            ours = reproduced(results, data_name, backbone, seeds, epochs, data_path,
-                              sized(extra, size), loss)
+                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | '
+                  + ''.join(f'{EXTRA[key]} | ' for key in extras) + 'Seeds |',
+                  '|---|---|' + '---|' * (len(ranks) + 2 + len(extras))]
+        for (backbone, loss, size), ours in zip(table_rows, summaries):
             published = published_figures(data_name, backbone, loss, size)
             mine = [ours.get(f'recall@{k}') for k in ranks]
             difference = [
@@ -356,13 +370,16 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
             lines.append(
                 f'| {label(backbone, loss, losses, size)} | reproduced | '
                 + ' | '.join(map(cell, mine))
-                + f' | {cell(ours.get("map@r"))} | {seeds_cell(ours, len(seeds))} |'
+                + f' | {cell(ours.get("map@r"))} | '
+                + ''.join(f'{cell(ours.get(key))} | ' for key in extras)
+                + f'{seeds_cell(ours, len(seeds))} |'
             )
-            lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | |')
+            lines.append('| | published | ' + ' | '.join(map(cell, published)) + ' | - | '
+                         + '- | ' * len(extras) + '|')
             lines.append(
                 '| | difference | '
                 + ' | '.join(cell(d, signed=True) for d in difference)
-                + ' | | |'
+                + ' | | ' + '| ' * len(extras) + '|'
             )
         lines.append('')
     # your own images: none published
@@ -374,14 +391,18 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
             for backbone, loss in configurations
         }
         ranks = sorted(set().union(*(run['ranks'] for run in runs.values())))
+        extras = extra_columns(runs.values())
         lines += [f'## {data_name}', '', 'Not a benchmark: nothing published to compare with.', '',
-                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | Seeds |',
-                  '|---|---|' + '---|' * (len(ranks) + 2)]
+                  '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | '
+                  + ''.join(f'{EXTRA[key]} | ' for key in extras) + 'Seeds |',
+                  '|---|---|' + '---|' * (len(ranks) + 2 + len(extras))]
         for (backbone, loss), run in runs.items():
             if run['seeds'] or run['training']:
                 lines.append(f'| {label(backbone, loss, losses)} | reproduced | ' +
                              ' | '.join(cell(run.get(f'recall@{k}')) for k in ranks) +
-                             f' | {cell(run.get("map@r"))} | {seeds_cell(run, len(seeds))} |')
+                             f' | {cell(run.get("map@r"))} | ' +
+                             ''.join(f'{cell(run.get(key))} | ' for key in extras) +
+                             f'{seeds_cell(run, len(seeds))} |')
         lines.append('')
     path = os.path.join(results, 'benchmarks.md')
     with atomic_path(path) as tmp, open(tmp, 'w') as file:

@@ -8,10 +8,12 @@ import os
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import to_pil_image
 
 import gallery
+import rerank
 from neighbours import same_class_cosines, top_k
 from report import write_report
 from runs import RESULTS_VARIABLE, DataBase, load_model, output_folder
@@ -66,6 +68,9 @@ def get_args_parser():
                         help='instead of one query, write an HTML report on the whole test set: '
                              'results/<data base name>_report/index.html')
     parser.add_argument('--report_queries', default=20, type=int, help='worst queries the report shows')
+    rerank.add_arguments(parser, 'order the test set\'s (or its gallery\'s) nearest images by this '
+                                 're-ranking; each still shows its plain cosine to the query (not '
+                                 'with --gallery or --report yet)')
     return parser
 
 
@@ -292,8 +297,16 @@ def search_data_base(args, queries, data_base, data_base_path):
                             f'{data_base_path} holds {features.size(1)}-d features; use the pair '
                             f'train.py wrote together')
         # a query of the searched split is not its own result
-        similarities, positions = top_k(query_feature[None], features.float(), args.retrieval_num,
-                                        leave_out=-1 if index is None else index)  # (1, k), (1, k)
+        leave_out = -1 if index is None else index
+        if args.rerank:  # re-ranked, each result shown with its plain cosine to the query
+            positions = rerank.reranked_lists(args.rerank, query_feature[None], features.float(),
+                                              args.retrieval_num, leave_out,
+                                              **rerank.params(args))  # (1, k)
+            similarities = F.cosine_similarity(query_feature[None].float(),
+                                               features[positions[0]].float())[None]  # (1, k)
+        else:
+            similarities, positions = top_k(query_feature[None], features.float(),
+                                            args.retrieval_num, leave_out)  # (1, k), (1, k)
         found = zip(similarities[0].tolist(), positions[0].tolist())
         yield query_path, query_label, [
             (rank, images[position], similarity,
@@ -306,6 +319,11 @@ def main():
     args = get_args_parser().parse_args()
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
+    rerank.params(args)  # its flags' ranges, checked before anything loads
+    if args.rerank and (args.gallery is not None or args.report):
+        raise UserError(f'--rerank re-ranks a search of the data base\'s test set, not '
+                        f'{"--gallery" if args.gallery is not None else "--report"} yet; '
+                        f'leave it out there')
     data_base, data_base_path = DataBase.open(args.data_base, args.data_path)
     if args.report:  # the whole test set instead of one query
         return write_report(args, data_base, data_base_path, framed, draw_row)

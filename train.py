@@ -6,6 +6,7 @@ The file reads top down: the flags, main() and train() with the helpers it calls
 then one epoch, the samplers and the recipe. What a run writes under results/ is runs.py's.
 """
 import argparse
+import difflib
 import inspect
 import math
 import os
@@ -25,6 +26,7 @@ from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+import rerank
 import runs
 import utils  # its IMAGE_SIZE is read when the parser is built: the tests' smaller crops set it
 from model import BACKBONES, TIMM_PREFIX, Model, check_backbone
@@ -33,8 +35,9 @@ from runtime import (ArgumentParser, UserError, exclusive_run, gather, gather_sh
                      setup_device, unwrap)
 from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, ImageReader, Space,
                    canonical_loss_args, check_data_name, check_loss_name, class_cosines,
-                   embed_batches, folder_name, index_path, load_index, loss_entry,
-                   mean_pairwise_cosine, one_of, parse_ranks, retrieval_metrics)
+                   clustering_metrics, cross_batch_loss, embed_batches, folder_name, index_path,
+                   load_index, loss_entry, mean_pairwise_cosine, one_of, parse_ranks,
+                   retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
 # where tune.py searches the learning rates (the losses' hyper-parameters declare theirs in LOSSES);
@@ -46,6 +49,10 @@ CPU_BACKBONE = 'timm/resnet18'
 DEMO = 'digits'
 BASE, NAMED = 'in every run name', 'names the run off its default'  # the two kinds of recipe flags
 MIN_IMAGE_SIZE = 32  # the smallest crop every named backbone takes (GoogLeNet ends on a 1 x 1 map)
+# --metrics: what an epoch can print; recall stands for Recall@K at every K of --recalls
+METRICS = ('recall', 'map@r', 'r_precision', 'nmi', 'ami')
+PRINTED = ('recall', 'map@r', 'r_precision')  # the original PP code's line
+CLUSTERING = ('nmi', 'ami')  # computed only when --metrics names them
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,6 +117,13 @@ def get_args_parser():
                                    help=f'{hyper.help} ({", ".join(losses)})')
         if hyper.names_run:
             recipe(action)
+    recipe(loss.add_argument('--xbm_size', default=0, type=int,
+                             help='a pair or tuple loss also pairs each batch with a cross-batch '
+                                  'memory of this many past embeddings (XBM; at least the batch '
+                                  'size); 0: none'))
+    recipe(loss.add_argument('--xbm_start', default=0, type=int,
+                             help='training steps before the memory fills and is used (the '
+                                  'official XBM code: 1000)'))
     optimisation = parser.add_argument_group('optimisation')
     recipe(optimisation.add_argument('--optimizer', default='adamp', type=str, choices=list(OPTIMIZERS),
                                      help='AdamP, AdamW, or SGD with momentum 0.9'))
@@ -148,6 +162,13 @@ def get_args_parser():
                             help='selected recall: the K of Recall@K, comma-separated (SOP is '
                                  'quoted at 1,10,100,1000, In-shop at 1,10,20,30,40); a K above '
                                  'the number of other test images retrieves them all')
+    evaluation.add_argument('--metrics', default=','.join(PRINTED), type=metric_names,
+                            help=f'the metrics each epoch prints, comma-separated, of '
+                                 f'{", ".join(METRICS)} (recall: Recall@K at --recalls); '
+                                 f'Recall@K, MAP@R and R-Precision are always in the statistics '
+                                 f'CSV, NMI and AMI (a k-means of the test set) only when named')
+    rerank.add_arguments(evaluation, 'also evaluate the test set with its lists re-ranked by this '
+                                     'method, into columns of their own (test_rerank_...)')
     recipe(evaluation.add_argument('--val_fraction', default=0.0, type=float,
                                    help='hold out this fraction of the training classes (the last '
                                         'ones by class id) as a validation set, evaluated every '
@@ -157,6 +178,20 @@ def get_args_parser():
                      help='appended to the output names (letters, digits, ".", "-", "_"), to tell '
                           'apart runs the flags do not')
     return parser
+
+
+def metric_names(text):
+    """--metrics checked (its argparse type): each name one of METRICS, else one UserError."""
+    names = [name.strip() for name in text.split(',') if name.strip()]
+    for name in names:
+        if name not in METRICS:
+            close = difflib.get_close_matches(name, METRICS, n=1)
+            hint = f' (did you mean {close[0]}?)' if close else ''
+            raise UserError(f'--metrics names {name!r}{hint}; choose among '
+                            f'{", ".join(METRICS)}, separated by commas')
+    if not names:
+        raise UserError(f'--metrics names no metric; choose among {", ".join(METRICS)}')
+    return ','.join(names)
 
 
 def loss_flags():
@@ -223,6 +258,15 @@ def check_args(args, parser):
             raise UserError(f'--batch_size {args.batch_size} is not a multiple of '
                             f'--images_per_class {args.images_per_class}; use --batch_size '
                             f'{max(low, args.images_per_class)} or {low + args.images_per_class}')
+    if args.xbm_size < 0 or args.xbm_start < 0:
+        raise UserError(f'--xbm_size and --xbm_start must be 0 or more, not {args.xbm_size} and '
+                        f'{args.xbm_start}')
+    if args.xbm_size and args.xbm_size < args.batch_size:
+        raise UserError(f'--xbm_size {args.xbm_size} holds less than one batch of '
+                        f'{args.batch_size}; use at least --xbm_size {args.batch_size}')
+    if args.xbm_start and not args.xbm_size:
+        raise UserError('--xbm_start delays a cross-batch memory, which only --xbm_size makes; '
+                        'add --xbm_size or leave --xbm_start out')
     if args.loss_args and not args.loss_name.startswith(PML_PREFIX):
         raise UserError(f'--loss_args sets the parameters of a {PML_PREFIX}<class name> loss, not '
                         f'of {args.loss_name}, whose parameters are flags of their own (see '
@@ -248,6 +292,7 @@ def check_args(args, parser):
             raise UserError(f'--run_name {args.run_name} starts like the part a flag adds to a run '
                             f'name (such as _seed2), so two different runs could share files; '
                             f'choose a name that starts otherwise')
+    rerank.params(args)  # its flags' ranges, checked before any training
     return parse_ranks(args.recalls), entry
 
 
@@ -354,9 +399,9 @@ def train(args, prefix, ranks, entry, device, rank, world, watch, splits=None):
         rates = dict(zip(LR_GROUPS, (group['lr'] for group in run.optimizer.param_groups)))
         run.scheduler.step()
         if rank == 0:
-            metrics = evaluate(run.splits, features, ranks)
+            metrics = evaluate(run.splits, features, ranks, args)
             record(run.statistics, stats, metrics)
-            print_epoch(metrics, stats, epoch, args.num_epochs, device)
+            print_epoch(metrics, stats, epoch, args.num_epochs, device, args)
             if prefix is None:  # a search's fold: its validation classes are its only figures
                 continue
             warn_if_collapsed(features['test'], epoch, args)
@@ -413,8 +458,8 @@ def set_up(args, prefix, ranks, entry, device, rank, world, splits=None):
         pair_hint(args, entry, loss_criterion)
     optimizer, scheduler = make_optimizer(model, args, loss_criterion)
     evaluated = [split for split in ('test', 'val') if split in splits]
-    columns = ['train_loss', 'train_accuracy'] + [f'{split}_{metric}' for split in evaluated for metric in
-                                                  [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']]
+    columns = ['train_loss', 'train_accuracy'] + [f'{split}_{metric}' for split in evaluated
+                                                  for metric in metric_columns(args, ranks)]
     start_epoch, statistics = resume(args, prefix, model, loss_criterion, optimizer, scheduler,
                                      columns, rank)
     return Run(splits, sampler, loader, model, loss_criterion, optimizer, scheduler, statistics,
@@ -494,7 +539,12 @@ def resume(args, prefix, model, loss_criterion, optimizer, scheduler, columns, r
         set_rng_state(checkpoint['rng'])
         if rank == 0:
             print(f'resuming {path} after epoch {checkpoint["epoch"]}')
-        return checkpoint['epoch'] + 1, {column: checkpoint['statistics'][column] for column in columns}
+        # a column --metrics or --rerank adds now is empty (NaN) for the epochs before; one it
+        # no longer adds keeps its figures
+        earlier = checkpoint['statistics']
+        statistics = {column: earlier.get(column, [math.nan] * checkpoint['epoch'])
+                      for column in columns}
+        return checkpoint['epoch'] + 1, {**statistics, **earlier, **statistics}
     if args.resume:
         runs.refuse_renamed_run(prefix_of(args, runs.OLD_NAMED_FLAGS), prefix, recipe_of(args))
         runs.refuse_resume_without_checkpoint(path, recipe_of(args))
@@ -505,37 +555,75 @@ def resume(args, prefix, model, loss_criterion, optimizer, scheduler, columns, r
     return 1, {column: [] for column in columns}
 
 
-def evaluate(splits, features, ranks):
-    """{split: metrics} for the test set (its queries against the gallery, if any) and the
-    validation split."""
+def metric_columns(args, ranks):
+    """The metrics an evaluated split records, in the statistics CSV's order: the retrieval ones,
+    NMI and AMI when --metrics names either, and with --rerank the retrieval ones re-ranked."""
+    retrieval = [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']
+    clustering = list(CLUSTERING) if set(args.metrics.split(',')) & set(CLUSTERING) else []
+    reranked = [f'{RERANKED}{metric}' for metric in retrieval] if args.rerank else []
+    return retrieval + clustering + reranked
+
+
+RERANKED = 'rerank_'  # the prefix of the re-ranked figures' columns: never mixed with the plain
+
+
+def evaluate(splits, features, ranks, args):
+    """{split: {metric column: value}} for the test set (its queries against the gallery, if any)
+    and the validation split, the columns of metric_columns."""
     gallery = {'gallery_features': features['gallery'], 'gallery_labels': torch.tensor(splits['gallery'].labels)} \
         if 'gallery' in splits else {}
-    return {split: retrieval_metrics(features[split], torch.tensor(splits[split].labels), ranks,
-                                     **(gallery if split == 'test' else {}))
-            # validation first: the test line ends the report
-            for split in ('val', 'test') if split in splits}
+    columns, metrics = metric_columns(args, ranks), {}
+    for split in ('val', 'test'):  # validation first: the test line ends the report
+        if split not in splits:
+            continue
+        labels, searched = torch.tensor(splits[split].labels), gallery if split == 'test' else {}
+        metrics[split] = retrieval_metrics(features[split], labels, ranks, **searched)
+        if CLUSTERING[0] in columns:
+            metrics[split].update(clustering_metrics(features[split], labels))
+        if args.rerank:
+            reranked = rerank.rerank_metrics(features[split], labels, ranks, args.rerank,
+                                             **searched, **rerank.params(args))
+            metrics[split].update({RERANKED + key: value for key, value in reranked.items()})
+    return metrics
 
 
 def record(statistics, stats, metrics):
     """Append an epoch's training figures (train_one_epoch's stats) and its metrics {split: {metric:
-    value}} to the statistics."""
+    value}} to the statistics; a column the epoch does not compute (kept from a resumed run) gets
+    NaN."""
     statistics['train_loss'].append(stats['loss'])
     statistics['train_accuracy'].append(stats['accuracy'])
     for split, values in metrics.items():
         for metric, value in values.items():
             statistics[f'{split}_{metric}'].append(value)
+    for values in statistics.values():
+        values.extend([math.nan] * (len(statistics['train_loss']) - len(values)))
 
 
-def print_epoch(metrics, stats, epoch, num_epochs, device):
-    """An epoch's metrics, one line per split; the test line ends with the training speed."""
+SHORT = {'map@r': 'MAP@R', 'r_precision': 'RP', 'nmi': 'NMI', 'ami': 'AMI'}  # print_epoch's names
+
+
+def print_epoch(metrics, stats, epoch, num_epochs, device, args):
+    """An epoch's metrics that --metrics names, one line per split, and with --rerank one more of
+    the re-ranked ones; the test line ends with the training speed."""
     memory = (f', peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
               if device.type == 'cuda' else '')
+    named = args.metrics.split(',')
     for split, values in metrics.items():
-        ranks = [metric[len('recall@'):] for metric in values if metric.startswith('recall@')]
-        print(f'{split.capitalize()} Epoch {epoch}/{num_epochs} '
-              + ' '.join(f'R@{k}:{100 * values[f"recall@{k}"]:.2f}%' for k in ranks)
-              + f' MAP@R:{100 * values["map@r"]:.2f}% RP:{100 * values["r_precision"]:.2f}%'
-              + (f' | train {stats["images_per_second"]:.1f} images/s{memory}' if split == 'test' else ''))
+        lines = [('', '')] + ([(f' ({args.rerank})', RERANKED)] if args.rerank else [])
+        for label, prefix in lines:
+            figures = []
+            for name in named:
+                if name == 'recall':
+                    figures += [f'R@{column[len(prefix) + len("recall@"):]}:'
+                                f'{100 * value:.2f}%' for column, value in values.items()
+                                if column.startswith(f'{prefix}recall@')]
+                elif prefix + name in values:
+                    figures.append(f'{SHORT[name]}:{100 * values[prefix + name]:.2f}%')
+            speed = (f' | train {stats["images_per_second"]:.1f} images/s{memory}'
+                     if split == 'test' and not prefix else '')
+            print(f'{split.capitalize()}{label} Epoch {epoch}/{num_epochs} '
+                  + ' '.join(figures) + speed)
 
 
 def warn_if_collapsed(test_features, epoch, args):
@@ -847,8 +935,11 @@ def make_loss(entry, args, num_classes=None):
     its own."""
     sizes = {'num_classes': num_classes, 'embedding_size': args.feature_dim}
     wanted = inspect.signature(entry.build).parameters
-    return entry.build(**{flag: getattr(args, flag) for flag in entry.hyper},
+    loss = entry.build(**{flag: getattr(args, flag) for flag in entry.hyper},
                        **{key: value for key, value in sizes.items() if key in wanted})
+    if not getattr(args, 'xbm_size', 0):
+        return loss
+    return cross_batch_loss(loss, args.loss_name, args.xbm_size, args.xbm_start, args.feature_dim)
 
 
 def pair_hint(args, entry, loss_criterion):

@@ -471,6 +471,56 @@ class PMLLoss(EmbeddingLoss):
         return None
 
 
+class CrossBatchLoss(EmbeddingLoss):
+    """A pair or tuple PMLLoss against a cross-batch memory (XBM, Wang et al., CVPR 2020) of the
+    last `size` embeddings, through pytorch-metric-learning's CrossBatchMemory: each call enqueues
+    its batch, then pairs the batch (mined by the loss's miner, if any) with the whole memory,
+    itself left out. For the first `start` calls the loss sees its batch alone and nothing is
+    enqueued, as the official code's START_ITERATION. The memory, its position and the calls so
+    far are in state_dict, so a resumed run continues it exactly; under torchrun every process is
+    called with the same gathered batch, so all hold the same memory.
+    """
+
+    def __init__(self, loss, size, start, embedding_size):
+        super().__init__()
+        self.plain, self.start, self.calls = loss, start, 0
+        self.memory = pml_losses().CrossBatchMemory(loss.loss, embedding_size, memory_size=size,
+                                                    miner=loss.miner)
+
+    def forward(self, embeddings, labels):
+        """Loss of a batch's (B, D) embeddings against its (B,) labels and the memory."""
+        self.calls += 1
+        if self.calls <= self.start:
+            return self.plain(embeddings, labels)
+        return self.memory(at_least_float32(embeddings), labels)
+
+    def get_extra_state(self):
+        """What state_dict needs besides the memory's buffers."""
+        return {'calls': self.calls, 'queue_idx': self.memory.queue_idx,
+                'has_been_filled': self.memory.has_been_filled}
+
+    def set_extra_state(self, state):
+        """Restore get_extra_state's state."""
+        self.calls = state['calls']
+        self.memory.queue_idx, self.memory.has_been_filled = state['queue_idx'], state['has_been_filled']
+
+
+def cross_batch_loss(loss, loss_name, size, start, embedding_size):
+    """loss (a --loss_name's module) with a cross-batch memory of size embeddings used after start
+    calls (CrossBatchLoss); a loss PML's CrossBatchMemory cannot wrap is one UserError."""
+    supported = pml_losses().CrossBatchMemory.supported_losses()
+    inner = getattr(loss, 'loss', None)
+    if not isinstance(loss, PMLLoss) or loss.class_proxies() is not None:
+        raise UserError(f'--xbm_size keeps past embeddings to pair with, for the pair and tuple '
+                        f'losses; {loss_name} compares embeddings with class proxies, which '
+                        f'stand for every class already, so leave --xbm_size out')
+    if type(inner).__name__ not in supported:
+        raise UserError(f'--xbm_size needs a loss that pytorch-metric-learning\'s '
+                        f'CrossBatchMemory supports ({", ".join(supported)}), not '
+                        f'{type(inner).__name__}; choose another loss or leave --xbm_size out')
+    return CrossBatchLoss(loss, size, start, embedding_size)
+
+
 def class_cosines(embeddings, proxies):
     """(B, C) cosines of (B, D) embeddings to (C, K, D) class proxies, each class's nearest centre."""
     centres = F.normalize(proxies.detach(), dim=-1).flatten(0, 1)  # (C * K, D)
@@ -982,6 +1032,28 @@ def in_query_order(hits, figures, where, total, ranks):
         out[name] = values.new_full((total,), math.nan)
         out[name][where] = values
     return out
+
+
+KMEANS_SEED = 1234  # faiss.Kmeans' own default, so that the clusters are PML's AccuracyCalculator's
+
+
+def clustering_metrics(features, labels, seed=KMEANS_SEED):
+    """NMI and AMI (sklearn) of the classes labels (N,) against a k-means clustering of the unit
+    rows of features (N, D), k the number of classes: faiss.Kmeans with 20 iterations, as
+    pytorch-metric-learning's AccuracyCalculator clusters.
+
+    faiss trains on at most 256 rows a centroid and assigns the rows in blocks, so memory stays
+    O(N D + k D); sklearn's contingency table is sparse. Returns {'nmi': ..., 'ami': ...}.
+    """
+    import faiss
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+    units = F.normalize(torch.as_tensor(features).float(), dim=1).numpy()  # (N, D)
+    labels = torch.as_tensor(labels).numpy()
+    kmeans = faiss.Kmeans(units.shape[1], len(np.unique(labels)), niter=20, seed=seed)
+    kmeans.train(units)
+    clusters = kmeans.index.search(units, 1)[1][:, 0]  # (N,)
+    return {'nmi': float(normalized_mutual_info_score(labels, clusters)),
+            'ami': float(adjusted_mutual_info_score(labels, clusters))}
 
 
 COLLAPSED = 0.999  # a mean cosine above this: the images' embeddings are all nearly one direction

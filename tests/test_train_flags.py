@@ -65,7 +65,8 @@ OFF_DEFAULT = {'crop_type': [['cropped']], 'no_pretrained': [[]], 'scale': [['16
                'weight_decay': [['1e-4'], ['0.05']], 'lr_step': [['10'], ['20']], 'lr_gamma': [['0.25'], ['1']],
                'batch_size': [['32'], ['128']], 'warm_up': [['0'], ['5']], 'seed': [['2'], ['3'], ['12']],
                'amp': [[]], 'val_fraction': [['0.2'], ['0.25']],
-               'images_per_class': [['4'], ['2']], 'loss_args': [['margin=0.2'], ['margin=0.2,swap=True']]}
+               'images_per_class': [['4'], ['2']], 'loss_args': [['margin=0.2'], ['margin=0.2,swap=True']],
+               'xbm_size': [['1024']], 'xbm_start': [['1000']], 'image_size': [['256'], ['64']]}
 # the baseline losses' hyper-parameters (docs/losses.md's table): one value off its default each
 OFF_DEFAULT.update({
     'proxy_nca_scale': [['16']], 'soft_triple_centers': [['5']], 'soft_triple_la': [['10']],
@@ -77,12 +78,13 @@ OFF_DEFAULT.update({
 # the flags that name a run in the order of --help (docs/training.md's table), which their parts
 # of a run's name follow
 NAMED_IN_HELP_ORDER = [
-    'crop_type', 'no_pretrained', 'loss_args', 'scale', 'margin', 'proxy_nca_scale', 'soft_triple_centers',
-    'soft_triple_la', 'soft_triple_gamma', 'soft_triple_margin', 'arcface_margin', 'arcface_scale',
-    'cosface_margin', 'cosface_scale', 'ms_alpha', 'ms_beta', 'ms_base', 'ms_epsilon', 'triplet_margin',
-    'contrastive_pos_margin', 'contrastive_neg_margin', 'circle_m', 'circle_gamma', 'supcon_temperature',
-    'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma', 'batch_size', 'images_per_class',
-    'warm_up', 'seed', 'amp', 'val_fraction']
+    'crop_type', 'image_size', 'no_pretrained', 'loss_args', 'scale', 'margin',
+    'proxy_nca_scale', 'soft_triple_centers', 'soft_triple_la', 'soft_triple_gamma',
+    'soft_triple_margin', 'arcface_margin', 'arcface_scale', 'cosface_margin', 'cosface_scale',
+    'ms_alpha', 'ms_beta', 'ms_base', 'ms_epsilon', 'triplet_margin', 'contrastive_pos_margin',
+    'contrastive_neg_margin', 'circle_m', 'circle_gamma', 'supcon_temperature', 'xbm_size',
+    'xbm_start', 'optimizer', 'lr', 'proxy_lr', 'weight_decay', 'lr_step', 'lr_gamma',
+    'batch_size', 'images_per_class', 'warm_up', 'seed', 'amp', 'val_fraction']
 
 
 def test_every_recipe_flag_is_checked_on_resume_and_all_but_the_base_name_the_run():
