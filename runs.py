@@ -88,7 +88,8 @@ class DataBase(NamedTuple):
 
     @property
     def data_name(self):
-        return self.run['data_name']
+        """The prepared folder's name, or None for a data base that does not record it."""
+        return self.run.get('data_name')
 
     @property
     def loss_name(self):

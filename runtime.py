@@ -37,7 +37,11 @@ class ArgumentParser(argparse.ArgumentParser):
         if unknown:
             options = [option for action in self._actions for option in action.option_strings]
             for word in unknown.group(1).split():
-                close = difflib.get_close_matches(word.split('=')[0], options, n=2, cutoff=0.6)
+                flag = word.split('=')[0]
+                # --retrieval-num for --retrieval_num: the flag with its dashes as underscores
+                spelled = '--' + flag.lstrip('-').replace('-', '_')
+                close = ([spelled] if spelled in options
+                         else difflib.get_close_matches(flag, options, n=2, cutoff=0.6))
                 if word.startswith('-') and close:
                     message += f' (did you mean {" or ".join(close)}?)'
         raise UserError(f'{message}; see python {self.prog} --help')

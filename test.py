@@ -94,6 +94,8 @@ def prepared_copy(path, data_base):
     """The data base's prepared copy of a photo of its labelled folder
     (<data_name>/<class>/IMG.png -> <data_name>/<crop type>/<class>/IMG.png.jpg), or None for a
     file outside that folder."""
+    if data_base.data_name is None:
+        return None
     folder = os.path.join(data_base.root, data_base.data_name)
     real, top = os.path.realpath(path), os.path.realpath(folder)
     if real == top or os.path.commonpath([real, top]) != top:
@@ -107,6 +109,8 @@ def prepared_copy(path, data_base):
 def original_photo(image, data_base):
     """The user's own photo a data base image was prepared from, where it is still there, else the
     image itself (the benchmarks' copies are named otherwise than their sources)."""
+    if data_base.data_name is None:
+        return image
     folder = os.path.join(data_base.root, data_base.data_name)
     relative = os.path.relpath(image, os.path.join(folder, data_base.crop_type))
     if relative.startswith(os.pardir):

@@ -442,7 +442,7 @@ def reproduce(settings, entry, ranks, train_data, partitions, device):
             trained[f'fold{fold}'] = fold_splits(seeded, validation)['train']
         features = {}
         for run_name, data in trained.items():
-            run = argparse.Namespace(**{**vars(settings), 'seed': seed, 'resume': True,
+            run = argparse.Namespace(**{**vars(settings), 'seed': seed, 'resume': False,
                                         'run_name': None if run_name == 'all' else run_name})
             features[run_name] = reproduction(run, entry, ranks, {'train': data, **test_splits},
                                               device)
@@ -460,6 +460,8 @@ def reproduction(run, entry, ranks, splits, device):
     prefix = train.prefix_of(run)
     path = f'results/{prefix}_{run.num_epochs}_data_base.pth'
     if not os.path.isfile(path):
+        # an interrupted reproduction continues from its checkpoint
+        run.resume = os.path.isfile(runs.checkpoint_path(prefix))
         with exclusive_run(prefix, 0, 1):
             train.train(run, prefix, ranks, entry, device, 0, 1, train.Watch(), splits)
     data_base = runs.DataBase.load(path)

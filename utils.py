@@ -77,7 +77,7 @@ def not_prepared(data_path, data_name, path):
         return UserError(f'there is no data set {data_name} under {data_path} ({known}); pass the '
                          f'name of a folder there, or put your data set there as '
                          f'{os.path.join(data_path, data_name)}')
-    crop = ' --crop' if path.endswith(f'{CROP_TYPES[1]}_data_dicts.pth') else ''
+    crop = ' --crop' if os.path.basename(path) == f'{CROP_TYPES[1]}_data_dicts.pth' else ''
     return UserError(f'{data_name} is not prepared under {data_path} ({path} is missing); run '
                      f'`python data_utils.py --data_path {data_path} --data_name {data_name}'
                      f'{crop}` first')

@@ -62,7 +62,8 @@ def rewrite_cars_annos(root, change):
                             'see python data_utils.py --help'),
     (['--workers', 'two'], "argument --workers: invalid int value: 'two'; see python data_utils.py --help"),
     (['--data_name', '../elsewhere'], "--data_name must name a folder directly under --data_path, not the path "
-                                      "'../elsewhere'; pass the folder above it as --data_path"),
+                                      "'../elsewhere'; pass its parent as --data_path ... and its folder name as "
+                                      "--data_name elsewhere"),
 ])
 def test_data_utils_refuses_a_command_line(script, tmp_path, flags, expected):
     line = refused(script, 'data_utils', '--data_path', tmp_path, *flags, cwd=tmp_path)

@@ -17,7 +17,7 @@ import data_utils
 import utils
 from conftest import TINY, train_in
 from neighbours import same_class_cosines
-from script_runner import error_sentence
+from script_runner import error_sentence, query_folder
 
 CLASSES = ['apollo', 'gemini', 'hubble', 'mercury']  # apollo and gemini train, the others test
 DATA_BASE = (f'album_{TINY.replace("/", "-")}_proxy_anchor_16_no_pretrained_batch_size4_1_'
@@ -64,14 +64,14 @@ def test_the_original_photo_is_the_data_base_image_prepared_from_it(script, trai
     status, by_copy, err = script('test', '--data_base', DATA_BASE, '--query_img_name', copy,
                                   cwd=run)
     assert status == 0, err
-    by_copy_csv = (run / 'results' / 'hubble_IMG_0000.png' / 'results.csv').read_text()
+    by_copy_csv = (query_folder(run / 'results', 'hubble_IMG_0000.png') / 'results.csv').read_text()
     status, out, err = script('test', '--data_base', DATA_BASE, '--query_img_name', original,
                               cwd=run)
     assert status == 0, err
     # the same search as from the data base's copy: the query's class is known, it is not its
     # own result
-    assert (run / 'results' / 'hubble_IMG_0000.png' / 'results.csv').read_text() == by_copy_csv
-    frame = pd.read_csv(run / 'results' / 'hubble_IMG_0000.png' / 'results.csv')
+    assert (query_folder(run / 'results', 'hubble_IMG_0000.png') / 'results.csv').read_text() == by_copy_csv
+    frame = pd.read_csv(query_folder(run / 'results', 'hubble_IMG_0000.png') / 'results.csv')
     assert str(copy) not in set(frame['path']) and len(frame) == 5
     assert 'of the same class' in out
     # printed as the user's own files, which exist, not as the prepared copies
@@ -118,7 +118,7 @@ def test_more_results_than_images_are_said_and_drawn_in_rows(script, trained, tm
     assert status == 0, err
     assert '--retrieval_num 500 is more than the 23 images there are to search (besides the ' \
            'query), so all 23 are shown' in out
-    with Image.open(run / 'results' / '0' / 'retrieval.png') as drawn:
+    with Image.open(query_folder(run / 'results', '0') / 'retrieval.png') as drawn:
         width, height = drawn.size
     # 11 columns (the query, then 10 results) and 3 rows, as draw_row lays them out at 120 dpi
     assert (width, height) == (round(1.6 * 11 * 120), round(2.0 * 3 * 120))

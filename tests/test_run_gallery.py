@@ -273,8 +273,9 @@ def test_results_are_printed_as_text(script, trained, photos, tmp_path):
 def test_missing_query_is_reported_before_the_gallery_is_embedded(script, trained, photos, embedded, tmp_path):
     status, _, err = script('test', '--query_img_name', tmp_path / 'typo.jpg', '--data_base', DATA_BASE,
                             '--gallery', photos, cwd=trained)
-    assert error_sentence(status, err) == f'error: query image {tmp_path / "typo.jpg"} does not exist; pass an ' \
-                                          f'image file'
+    assert error_sentence(status, err) == (
+        f'error: query image {tmp_path / "typo.jpg"} does not exist ({tmp_path} holds no file of a '
+        f'similar name); pass an image file, a folder of them or a test image of the data base')
     assert embedded[0] == 0
 
 

@@ -15,7 +15,8 @@ from runs import DataBase
 from runtime import UserError
 
 RUN = {'data_path': 'data', 'data_name': 'cub', 'crop_type': 'cropped', 'backbone_type': TINY,
-       'feature_dim': 8, 'loss_name': 'proxy_anchor', 'recalls': '1,10', 'seed': 2}
+       'feature_dim': 8, 'loss_name': 'proxy_anchor', 'recalls': '1,10', 'seed': 2,
+       'image_size': 224}
 # the recipe of RUN as train.py hands it to load_checkpoint: {flag: (value, default)}
 RECIPE = {'data_name': ('cub', 'car'), 'crop_type': ('cropped', 'uncropped'),
           'feature_dim': (8, 512), 'seed': (2, 1), 'amp': (False, False)}

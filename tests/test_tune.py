@@ -5,6 +5,7 @@ import getpass
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -159,7 +160,7 @@ def test_same_command_gives_same_trials_and_test_images_change_nothing(script, d
     status, out, err = script('tune', '--data_path', data, *QUICK, '--trials', '3',
                               cwd=tmp_path / 'one')
     assert status == 0, err
-    assert 'fold' not in out and trials_of(study_of(tmp_path / 'one')) == first
+    assert not re.search(r'trial \d+ fold', out) and trials_of(study_of(tmp_path / 'one')) == first
     status, _, err = script('tune', '--data_path', data, *QUICK, '--trials', '3', '--folds', '4',
                             cwd=tmp_path / 'one')
     assert 'too few for --folds 4' in error_sentence(status, err)
