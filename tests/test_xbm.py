@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 import train
 from conftest import ROOT, make_cub
 from runtime import UserError
-from test_distributed import free_port, make_model
+from test_run_distributed import free_port, make_model
 from utils import LOSSES
 
 DIM, BATCH, SIZE, STEPS = 8, 6, 16, 7  # a memory of 16 wraps around within 7 batches of 6
