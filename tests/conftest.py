@@ -395,3 +395,18 @@ def recorded():
             self.state = after
 
     return Recorder()
+
+
+@pytest.fixture
+def faiss_numpy(monkeypatch):
+    """faiss's own numpy methods for one test. pytorch-metric-learning's AccuracyCalculator, which
+    some test modules import, imports faiss.contrib.torch_utils, and that replaces every index's
+    methods process-wide with ones that refuse the keyword arguments Milvus Lite passes."""
+    import faiss
+    for name in dir(faiss):
+        the_class = getattr(faiss, name)
+        if isinstance(the_class, type) and issubclass(the_class, faiss.Index):
+            for method, value in list(vars(the_class).items()):
+                original = vars(the_class).get(f'{method}_numpy')
+                if getattr(value, '__name__', '').startswith('torch_replacement_') and original:
+                    monkeypatch.setattr(the_class, method, original)

@@ -23,7 +23,7 @@ def fake_embedding(path):
 
 
 @pytest.fixture(autouse=True)
-def embedded(monkeypatch):
+def embedded(monkeypatch, faiss_numpy):
     """Store.update embeds with fake_embedding instead of a network."""
     monkeypatch.setattr(gallery, 'embed_files', lambda model, paths, image_size=None: (
         torch.stack([fake_embedding(path) for path in paths]) if paths else torch.zeros(0, DIM), []))
