@@ -1,5 +1,6 @@
 """Fixtures that write small data sets in the exact raw layouts of the downloads (no download ever
 happens)."""
+
 import os
 import random
 import struct
@@ -20,7 +21,9 @@ def write_image(path, class_id, k, size=(40, 30), gray=False):
     """A small JPEG whose colour depends on its class, with some noise; grayscale ('L') when
     gray."""
     rng = np.random.default_rng(1000 * class_id + k)
-    base = np.array([(37 * class_id) % 256, (91 * class_id) % 256, (151 * class_id) % 256], dtype=np.float64)
+    base = np.array(
+        [(37 * class_id) % 256, (91 * class_id) % 256, (151 * class_id) % 256], dtype=np.float64
+    )
     pixels = np.clip(base + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels)
     if gray:
@@ -40,13 +43,19 @@ def make_cub(data_path, num_classes=4, per_class=3, gray_every=4):
         for k in range(per_class):
             image_id += 1
             relative = f'{folder}/Bird_{class_id}_{k:04d}_{image_id}.jpg'
-            write_image(os.path.join(root, 'images', relative), class_id, k, gray=image_id % gray_every == 0)
+            write_image(
+                os.path.join(root, 'images', relative), class_id, k, gray=image_id % gray_every == 0
+            )
             images.append(f'{image_id} {relative}')
             labels.append(f'{image_id} {class_id}')
             boxes.append(f'{image_id} 2.0 3.0 30.0 20.0')
             split.append(f'{image_id} {k % 2}')
-    for name, rows in (('images.txt', images), ('image_class_labels.txt', labels), ('bounding_boxes.txt', boxes),
-                       ('train_test_split.txt', split)):
+    for name, rows in (
+        ('images.txt', images),
+        ('image_class_labels.txt', labels),
+        ('bounding_boxes.txt', boxes),
+        ('train_test_split.txt', split),
+    ):
         with open(os.path.join(root, name), 'w') as file:
             file.write('\n'.join(rows) + '\n')
     return root
@@ -68,12 +77,23 @@ def make_car(data_path, num_classes=4, per_class=3, gray_every=4):
     annotations = np.zeros((1, len(records)), dtype=[(field, 'O') for field in fields])
     for i, record in enumerate(records):
         # the download's types: a string, uint16 box corners, uint8 class and test flag
-        annotations[0, i] = tuple(np.array([v]) if isinstance(v, str) else
-                                  np.array([[v]], dtype=np.uint8 if f in ('class', 'test') else np.uint16)
-                                  for f, v in zip(fields, record))
-    savemat(os.path.join(root, 'cars_annos.mat'),
-            {'annotations': annotations, 'class_names': np.array([[f'Car {c}' for c in range(1, num_classes + 1)]],
-                                                                 dtype=object)})
+        annotations[0, i] = tuple(
+            (
+                np.array([v])
+                if isinstance(v, str)
+                else np.array([[v]], dtype=np.uint8 if f in ('class', 'test') else np.uint16)
+            )
+            for f, v in zip(fields, record)
+        )
+    savemat(
+        os.path.join(root, 'cars_annos.mat'),
+        {
+            'annotations': annotations,
+            'class_names': np.array(
+                [[f'Car {c}' for c in range(1, num_classes + 1)]], dtype=object
+            ),
+        },
+    )
     return root
 
 
@@ -81,7 +101,10 @@ def make_sop(data_path, num_classes=6, per_class=2):
     """<data_path>/sop in Stanford Online Products' layout: *_final/ folders and Ebay_train.txt /
     Ebay_test.txt."""
     root = os.path.join(data_path, 'sop')
-    rows = {'train': ['image_id class_id super_class_id path'], 'test': ['image_id class_id super_class_id path']}
+    rows = {
+        'train': ['image_id class_id super_class_id path'],
+        'test': ['image_id class_id super_class_id path'],
+    }
     image_id = 0
     for class_id in range(1, num_classes + 1):
         split = 'train' if class_id <= num_classes // 2 else 'test'
@@ -116,17 +139,24 @@ class Pairs(torch.utils.data.Dataset):
 def process_state():
     """The process-wide settings and generators a computation in this process depends on."""
     import utils
-    return {'threads': torch.get_num_threads(), 'onednn': torch.backends.mkldnn.enabled,
-            'cudnn': (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
-            'deterministic': torch.are_deterministic_algorithms_enabled(),
-            'matmul': torch.get_float32_matmul_precision(), 'dtype': torch.get_default_dtype(),
-            'grad': torch.is_grad_enabled(), 'sizes': (utils.IMAGE_SIZE, utils.RESIZE_SIZE),
-            'rng': (torch.get_rng_state(), np.random.get_state(), random.getstate())}
+
+    return {
+        'threads': torch.get_num_threads(),
+        'onednn': torch.backends.mkldnn.enabled,
+        'cudnn': (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+        'deterministic': torch.are_deterministic_algorithms_enabled(),
+        'matmul': torch.get_float32_matmul_precision(),
+        'dtype': torch.get_default_dtype(),
+        'grad': torch.is_grad_enabled(),
+        'sizes': (utils.IMAGE_SIZE, utils.RESIZE_SIZE),
+        'rng': (torch.get_rng_state(), np.random.get_state(), random.getstate()),
+    }
 
 
 def set_process_state(state):
     """Put back what process_state() read."""
     import utils
+
     torch.set_num_threads(state['threads'])
     torch.backends.mkldnn.enabled = state['onednn']
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state['cudnn']
@@ -179,7 +209,9 @@ def make_inshop(data_path, train_items=2, test_items=3, views=3, under_img=True)
             name = f'img/{kind}/{item}/{view + 1:02d}_{INSHOP_VIEWS[view % 4]}.jpg'
             write_image(os.path.join(images, name), number, view)
             last = number == train_items + test_items
-            split = 'train' if number <= train_items else 'query' if view == 0 or last else 'gallery'
+            split = (
+                'train' if number <= train_items else 'query' if view == 0 or last else 'gallery'
+            )
             rows[name] = (item, split)
     os.makedirs(os.path.join(root, 'Eval'), exist_ok=True)
     with open(os.path.join(root, 'Eval', 'list_eval_partition.txt'), 'w') as file:
@@ -195,7 +227,13 @@ def make_folder(data_path, name, classes, per_class=2, split=None, nested=False)
     [paths]}."""
     written = {}
     for number, class_name in enumerate(classes, 1):
-        folder = os.path.join(data_path, name, *([split] if split else []), class_name, *(['nested'] if nested else []))
+        folder = os.path.join(
+            data_path,
+            name,
+            *([split] if split else []),
+            class_name,
+            *(['nested'] if nested else []),
+        )
         written[class_name] = []
         for k in range(per_class):
             path = os.path.join(folder, f'img_{k}.jpg')
@@ -213,10 +251,15 @@ def write_png16(path, pixels):
     def chunk(kind, data):
         crc = zlib.crc32(kind + data)
         return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', crc)
+
     header = struct.pack('>IIBBBBB', width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
     with open(path, 'wb') as file:
-        file.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header)
-                   + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+        file.write(
+            b'\x89PNG\r\n\x1a\n'
+            + chunk(b'IHDR', header)
+            + chunk(b'IDAT', zlib.compress(rows))
+            + chunk(b'IEND', b'')
+        )
 
 
 def write_album(folder, size=(40, 30)):
@@ -224,6 +267,7 @@ def write_album(folder, size=(40, 30)):
     below, the files a camera, a scanner or an image editor leaves in a photo album; returns
     {file name: path}."""
     from sklearn.datasets import load_sample_image
+
     os.makedirs(folder, exist_ok=True)
     photo = Image.fromarray(load_sample_image('china.jpg')).resize(size, Image.BILINEAR)
     rgb = np.asarray(photo)
@@ -273,6 +317,7 @@ def train_in(folder, *flags, watch=None):
     """Run train.py's main() in this process with these flags, in `folder` (its results/ go there),
     watched by `watch` (a train.Watch) if one is given."""
     from script_runner import load_script
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, 'argv', ['train.py', *map(str, flags)])
         patch.chdir(folder)
@@ -282,6 +327,7 @@ def train_in(folder, *flags, watch=None):
 def prepared_cub(tmp_path_factory, num_classes, per_class):
     """The path of a new folder holding a CUB-layout data set, prepared by data_utils.py."""
     import data_utils
+
     path = str(tmp_path_factory.mktemp('data'))
     make_cub(path, num_classes=num_classes, per_class=per_class)
     data_utils.prepare(path, 'cub', workers=1)
@@ -315,9 +361,11 @@ def script(capsys, monkeypatch):
     """script(name, *flags, cwd=...) -> (exit status, stdout, stderr) of `python <name>.py flags`
     run in cwd; watch=... passes train.py's main() a train.Watch (such as the `recorded`
     fixture)."""
+
     def run(name, *flags, cwd, watch=None):
         from script_runner import load_script
         import runtime
+
         module = load_script(name)
         monkeypatch.setattr(sys, 'argv', [f'{name}.py', *map(str, flags)])
         monkeypatch.chdir(cwd)
@@ -329,6 +377,7 @@ def script(capsys, monkeypatch):
             status = exit_.code
         out, err = capsys.readouterr()
         return status, out, err
+
     return run
 
 
@@ -340,8 +389,11 @@ TINY = 'timm/test_resnet'  # timm's test network (370,000 parameters): a run of 
 
 def bn_buffers(net):
     """Copies of the running statistics of the backbone's BatchNorm layers."""
-    return {name: value.clone() for name, value in net.named_buffers() if name.startswith('backbone.')
-            and 'running_' in name}
+    return {
+        name: value.clone()
+        for name, value in net.named_buffers()
+        if name.startswith('backbone.') and 'running_' in name
+    }
 
 
 @pytest.fixture
@@ -349,6 +401,7 @@ def small_crops(monkeypatch):
     """64-pixel crops instead of the recipe's 224 for the runs below: a dozen times less arithmetic,
     same recipe."""
     import utils
+
     monkeypatch.setattr(utils, 'IMAGE_SIZE', 64)
     monkeypatch.setattr(utils, 'RESIZE_SIZE', 73)
 
@@ -361,6 +414,7 @@ def quick_runs(monkeypatch):
     test_train_losses draws one)."""
     import runs
     import utils
+
     monkeypatch.setattr(utils, 'IMAGE_SIZE', 32)
     monkeypatch.setattr(utils, 'RESIZE_SIZE', 37)
     monkeypatch.setattr(runs, 'plot_statistics', lambda frame, path: None)
@@ -376,9 +430,11 @@ def recorded():
     from script_runner import load_script
 
     def state(run):
-        return ({n: p.detach().clone() for n, p in run.model.named_parameters()},
-                bn_buffers(run.model),
-                {n: p.detach().clone() for n, p in run.loss.named_parameters()})
+        return (
+            {n: p.detach().clone() for n, p in run.model.named_parameters()},
+            bn_buffers(run.model),
+            {n: p.detach().clone() for n, p in run.loss.named_parameters()},
+        )
 
     class Recorder(load_script('train').Watch, list):
         def started(self, run):
@@ -386,12 +442,22 @@ def recorded():
 
         def trained(self, run, epoch, stats, features):
             before, after = self.state, state(run)
-            self.append({'before': before[:2], 'after': after[:2], 'loss_before': before[2],
-                         'loss_after': after[2],
-                         'lrs': [group['lr'] for group in run.optimizer.param_groups],
-                         'epoch': epoch, 'stats': stats, 'features': features,
-                         'optimizer': run.optimizer, 'model': run.model, 'loader': run.loader,
-                         'loss': run.loss})
+            self.append(
+                {
+                    'before': before[:2],
+                    'after': after[:2],
+                    'loss_before': before[2],
+                    'loss_after': after[2],
+                    'lrs': [group['lr'] for group in run.optimizer.param_groups],
+                    'epoch': epoch,
+                    'stats': stats,
+                    'features': features,
+                    'optimizer': run.optimizer,
+                    'model': run.model,
+                    'loader': run.loader,
+                    'loss': run.loss,
+                }
+            )
             self.state = after
 
     return Recorder()
@@ -403,6 +469,7 @@ def faiss_numpy(monkeypatch):
     some test modules import, imports faiss.contrib.torch_utils, and that replaces every index's
     methods process-wide with ones that refuse the keyword arguments Milvus Lite passes."""
     import faiss
+
     for name in dir(faiss):
         the_class = getattr(faiss, name)
         if isinstance(the_class, type) and issubclass(the_class, faiss.Index):

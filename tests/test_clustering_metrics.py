@@ -1,4 +1,5 @@
 """utils.clustering_metrics against pytorch-metric-learning's AccuracyCalculator."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """data_utils.py on small data sets in the raw CUB-200-2011, CARS196 and SOP layouts
 (tests/conftest.py): the splits, the index, and reruns that skip finished images and complete an
 interrupted run."""
+
 import os
 import signal
 import subprocess
@@ -24,19 +25,34 @@ def raw_annotations(root, data_name):
     """{basename: (source path, class id, (x1, y1, x2, y2))} read straight from the raw files, independently."""
     result = {}
     if data_name == 'cub':
+
         def table(name):
             with open(os.path.join(root, name)) as file:
-                return {fields[0]: fields[1:] for fields in (line.split() for line in file) if fields}
-        images, labels, boxes = table('images.txt'), table('image_class_labels.txt'), table('bounding_boxes.txt')
+                return {
+                    fields[0]: fields[1:] for fields in (line.split() for line in file) if fields
+                }
+
+        images, labels, boxes = (
+            table('images.txt'),
+            table('image_class_labels.txt'),
+            table('bounding_boxes.txt'),
+        )
         for image_id, (relative,) in images.items():
             x, y, w, h = map(float, boxes[image_id])
-            result[os.path.basename(relative)] = (os.path.join(root, 'images', relative), int(labels[image_id][0]),
-                                                  (x, y, x + w, y + h))
+            result[os.path.basename(relative)] = (
+                os.path.join(root, 'images', relative),
+                int(labels[image_id][0]),
+                (x, y, x + w, y + h),
+            )
     else:
         for entry in loadmat(os.path.join(root, 'cars_annos.mat'))['annotations'][0]:
             relative = str(entry['relative_im_path'][0])
             box = tuple(float(entry[f][0][0]) for f in ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2'))
-            result[os.path.basename(relative)] = (os.path.join(root, relative), int(entry['class'][0][0]), box)
+            result[os.path.basename(relative)] = (
+                os.path.join(root, relative),
+                int(entry['class'][0][0]),
+                box,
+            )
     return result
 
 
@@ -57,7 +73,10 @@ def test_split_counts_and_rgb_output(tmp_path, data_name, make):
         # first half of the class ids trains, the second half tests
         assert sorted(index['train']) == [1, 2, 3] and sorted(index['test']) == [4, 5, 6]
         assert all(isinstance(class_id, int) for split in index.values() for class_id in split)
-        assert sum(map(len, index['train'].values())) == 9 and sum(map(len, index['test'].values())) == 9
+        assert (
+            sum(map(len, index['train'].values())) == 9
+            and sum(map(len, index['test'].values())) == 9
+        )
         listed = [path for split in index.values() for paths in split.values() for path in paths]
         assert len(set(listed)) == 18
         for split in index.values():
@@ -67,7 +86,9 @@ def test_split_counts_and_rgb_output(tmp_path, data_name, make):
                     assert folder == crop_type
                     source, true_class, box = raw[name]
                     assert true_class == class_id
-                    with Image.open(os.path.join(root, relative)) as image, Image.open(source) as original:
+                    with Image.open(os.path.join(root, relative)) as image, Image.open(
+                        source
+                    ) as original:
                         assert image.mode == 'RGB'
                         original = original.convert('RGB')
                         if crop_type == 'cropped':
@@ -75,7 +96,9 @@ def test_split_counts_and_rgb_output(tmp_path, data_name, make):
                             assert image.size == (int(box[2] - box[0]), int(box[3] - box[1]))
                         assert image.size == original.size
                         # the same pixels (up to JPEG re-encoding): a crop in the wrong place differs by ~20 levels
-                        difference = np.abs(np.asarray(image, dtype=float) - np.asarray(original, dtype=float))
+                        difference = np.abs(
+                            np.asarray(image, dtype=float) - np.asarray(original, dtype=float)
+                        )
                         assert difference.mean() < 8
                         if name in grays:  # a grayscale source becomes three equal channels
                             pixels = np.asarray(image, dtype=int)
@@ -89,9 +112,14 @@ def test_real_class_ids_split_in_halves(tmp_path):
     root = make_cub(str(tmp_path), num_classes=4, per_class=2)
     data_utils.prepare(str(tmp_path), 'cub', workers=1)
     index = load_index(str(tmp_path), 'cub')
-    assert {split: sorted(classes) for split, classes in index.items()} == {'train': [1, 2], 'test': [3, 4]}
+    assert {split: sorted(classes) for split, classes in index.items()} == {
+        'train': [1, 2],
+        'test': [3, 4],
+    }
     assert all(len(paths) == 2 for split in index.values() for paths in split.values())
-    assert not os.path.exists(index_path(str(tmp_path), 'cub', 'cropped'))  # the cropped variant is an option
+    assert not os.path.exists(
+        index_path(str(tmp_path), 'cub', 'cropped')
+    )  # the cropped variant is an option
     assert os.path.isdir(os.path.join(root, 'uncropped'))
 
 
@@ -103,10 +131,13 @@ def test_sop_split_comes_from_the_ebay_files(tmp_path):
             for line in file.read().splitlines()[1:]:
                 _, class_id, _, relative = line.split()
                 expected.setdefault(split, {}).setdefault(int(class_id), []).append(
-                    f'uncropped/{os.path.basename(relative)}')
+                    f'uncropped/{os.path.basename(relative)}'
+                )
     data_utils.prepare(str(tmp_path), 'sop', ('uncropped', 'cropped'), workers=1)
     index = load_index(str(tmp_path), 'sop')
-    assert {split: {c: sorted(p) for c, p in classes.items()} for split, classes in index.items()} == expected
+    assert {
+        split: {c: sorted(p) for c, p in classes.items()} for split, classes in index.items()
+    } == expected
     assert not os.path.exists(index_path(str(tmp_path), 'sop', 'cropped'))  # SOP has no boxes
     for paths in index['train'].values():
         for relative in paths:
@@ -142,6 +173,7 @@ def test_missing_image_is_named(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # data_utils.py: reruns skip finished images and complete interrupted runs
 
+
 def outputs(root):
     """{path: mtime_ns} of every converted image."""
     folder = os.path.join(root, 'uncropped')
@@ -168,7 +200,9 @@ def test_rerun_completes_a_run_that_lost_images_and_left_temporaries(tmp_path):
         os.remove(os.path.join(folder, name))
     os.remove(utils.index_path(str(tmp_path), 'cub'))
     # what a SIGKILL during a write leaves: an image's and the index's temporary files
-    strays = os.path.join(folder, f'.{lost[0]}.k3x9_a1.tmp'), os.path.join(root, '.uncropped_data_dicts.pth.z.tmp')
+    strays = os.path.join(folder, f'.{lost[0]}.k3x9_a1.tmp'), os.path.join(
+        root, '.uncropped_data_dicts.pth.z.tmp'
+    )
     for stray in strays:
         with open(stray, 'wb') as file:
             file.write(b'\xff\xd8 half an image')
@@ -188,14 +222,34 @@ def test_sigkill_during_conversion_then_rerun(tmp_path):
         for line in file:
             image_id, relative = line.split()
             # large noisy images, so converting them takes long enough to be interrupted
-            write_image(os.path.join(root, 'images', relative), int(relative[:3]), int(image_id), size=(900, 700))
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'data_utils.py'), '--data_path', str(tmp_path),
-                                '--data_name', 'cub', '--workers', '1'],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            write_image(
+                os.path.join(root, 'images', relative),
+                int(relative[:3]),
+                int(image_id),
+                size=(900, 700),
+            )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'data_utils.py'),
+            '--data_path',
+            str(tmp_path),
+            '--data_name',
+            'cub',
+            '--workers',
+            '1',
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     folder = os.path.join(root, 'uncropped')
     deadline = time.monotonic() + 60
     while process.poll() is None and time.monotonic() < deadline:
-        if os.path.isdir(folder) and len([n for n in os.listdir(folder) if not n.startswith('.')]) >= 5:
+        if (
+            os.path.isdir(folder)
+            and len([n for n in os.listdir(folder) if not n.startswith('.')]) >= 5
+        ):
             break
         time.sleep(0.002)
     os.killpg(process.pid, signal.SIGKILL)

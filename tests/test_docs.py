@@ -8,6 +8,7 @@ it writes, with one epoch instead of three; the others need a downloaded data se
 a GPU, a network or many minutes, so their commands (and those quoted in the text) are parsed by
 their scripts' own parsers instead. `text` blocks are output and layouts, never run.
 """
+
 import argparse
 import glob
 import importlib.util
@@ -30,7 +31,8 @@ LANGUAGES = ('bash', 'python', 'text')
 QUICK_START = 'Quick start (CPU, no download)'
 # python blocks that another test runs, with what it needs: (page, heading) -> that test's file
 RUN_ELSEWHERE = {
-    ('docs/export.md', 'Embedding one image exactly as PP does'): 'tests/test_run_export.py'}
+    ('docs/export.md', 'Embedding one image exactly as PP does'): 'tests/test_run_export.py'
+}
 
 
 class Block(NamedTuple):
@@ -64,8 +66,11 @@ def code_blocks(page):
 
 def code_block(page, heading, language='python'):
     """The one code block of this language under a heading of a page."""
-    found = [block.code for block in code_blocks(page)
-             if block.heading == heading and block.language == language]
+    found = [
+        block.code
+        for block in code_blocks(page)
+        if block.heading == heading and block.language == language
+    ]
     assert len(found) == 1, f'{page} has {len(found)} {language} blocks under "{heading}"'
     return found[0]
 
@@ -84,9 +89,11 @@ def prose(page):
 # --------------------------------------------------------------------------------------------------
 # flag tables
 
+
 def test_flag_tables_are_the_parsers_own():
-    tables = {name: flags.table(name, load_script(name).get_args_parser())
-              for name in flags.SCRIPTS}
+    tables = {
+        name: flags.table(name, load_script(name).get_args_parser()) for name in flags.SCRIPTS
+    }
     where = {}
     for page in PAGES:
         text = read(page)
@@ -112,14 +119,18 @@ def test_a_flag_table_by_hand():
         '\n'
         '| model flags | default | what it sets |\n'
         '|---|---|---|\n'
-        r'| `--kind` | `a` | a \| b; one of `a`, `b` |' '\n'
-        r'| `--fast` | off | skip \_slow\_ steps |' '\n'
+        r'| `--kind` | `a` | a \| b; one of `a`, `b` |'
+        '\n'
+        r'| `--fast` | off | skip \_slow\_ steps |'
+        '\n'
         '| `--name` | none | names; one or more |\n'
-        '| `--run` | required | the run |\n')
+        '| `--run` | required | the run |\n'
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # links, names and words
+
 
 def test_every_docs_page_is_linked_from_the_readme():
     readme = read('README.md')
@@ -137,8 +148,9 @@ def test_links_and_anchors_resolve():
             if not os.path.exists(os.path.join(ROOT, path)):
                 broken.append(f'{page}: {target}')
                 continue
-            if anchor and anchor not in {slug(line.lstrip('#')) for line in prose(path).split('\n')
-                                         if line.startswith('#')}:
+            if anchor and anchor not in {
+                slug(line.lstrip('#')) for line in prose(path).split('\n') if line.startswith('#')
+            }:
                 broken.append(f'{page}: {target}')
     assert broken == []
 
@@ -166,13 +178,18 @@ def test_no_words_that_only_this_projects_history_knows():
 # --------------------------------------------------------------------------------------------------
 # commands
 
+
 def commands():
     """Every `python <script>.py ...` or `torchrun ... <script>.py ...` command of the pages, in
     their bash blocks or quoted in their text, as (page, argv after the script, script name)."""
     found = []
     for page in PAGES:
-        lines = [line for block in code_blocks(page) if block.language == 'bash'
-                 for line in block.code.split('\n')]
+        lines = [
+            line
+            for block in code_blocks(page)
+            if block.language == 'bash'
+            for line in block.code.split('\n')
+        ]
         quoted = re.findall(r'`((?:python|torchrun) [^`]+)`', prose(page))
         lines += [' '.join(command.split()) for command in quoted]
         loop = {}
@@ -180,12 +197,13 @@ def commands():
             words = shlex.split(line, comments=True)
             if words[:1] == ['for'] and 'in' in words:  # for NAME in A B C; do: check with A
                 loop = {f'${words[1]}': words[words.index('in') + 1]}
-            script = next((i for i, word in enumerate(words) if re.fullmatch(r'[\w/]+\.py', word)),
-                          None)
+            script = next(
+                (i for i, word in enumerate(words) if re.fullmatch(r'[\w/]+\.py', word)), None
+            )
             if words[:1] not in (['python'], ['torchrun']) or script is None:
                 continue
             argv = []
-            for word in words[script + 1:]:
+            for word in words[script + 1 :]:
                 if word == '...' and not (argv and argv[-1].startswith('--')):
                     continue  # "and more flags"; after a flag, "..." stands for its value
                 argv.append(loop.get(word, word))
@@ -229,8 +247,12 @@ def test_the_quick_start_runs(script, tmp_path):
     assert 'wrote the query and its 8 nearest images' in out
     assert (query_folder(tmp_path / 'results', 'digit_7_0003') / 'retrieval.png').is_file()
     # the Report section's command names a data base the quick start leaves
-    report = [line for block in code_blocks('README.md') for line in block.code.split('\n')
-              if line.startswith('python test.py') and '--report' in line]
+    report = [
+        line
+        for block in code_blocks('README.md')
+        for line in block.code.split('\n')
+        if line.startswith('python test.py') and '--report' in line
+    ]
     assert len(report) == 1
     status, out, err = script('test', *shlex.split(report[0])[2:], cwd=tmp_path)
     assert status == 0, err
@@ -244,15 +266,21 @@ PYTHON = [block for page in PAGES for block in code_blocks(page) if block.langua
 
 
 def test_every_block_says_what_it_holds():
-    unsaid = [block[:3] for page in PAGES for block in code_blocks(page)
-              if block.language not in LANGUAGES]
+    unsaid = [
+        block[:3]
+        for page in PAGES
+        for block in code_blocks(page)
+        if block.language not in LANGUAGES
+    ]
     assert unsaid == []
     assert set(RUN_ELSEWHERE) <= {(block.page, block.heading) for block in PYTHON}
 
 
-@pytest.mark.parametrize('block', [block for block in PYTHON
-                                   if (block.page, block.heading) not in RUN_ELSEWHERE],
-                         ids=lambda block: f'{block.page}: {block.heading}')
+@pytest.mark.parametrize(
+    'block',
+    [block for block in PYTHON if (block.page, block.heading) not in RUN_ELSEWHERE],
+    ids=lambda block: f'{block.page}: {block.heading}',
+)
 def test_python_example_runs(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     example = {}

@@ -1,5 +1,6 @@
 """gallery.py's store and indexes: appended as a folder changes, memory-mapped, searched in
 blocks."""
+
 import json
 import os
 
@@ -44,7 +45,10 @@ def photo(path, seed):
 
 def album(folder, count, first=0):
     """count photos folder/p<seed>.png; their paths."""
-    return [photo(os.path.join(folder, f'p{seed:04d}.png'), seed) for seed in range(first, first + count)]
+    return [
+        photo(os.path.join(folder, f'p{seed:04d}.png'), seed)
+        for seed in range(first, first + count)
+    ]
 
 
 @torch.inference_mode()
@@ -69,7 +73,9 @@ def store_of(tmp_path, network):
 def brute_force(network, query, paths, k):
     """[(path, cosine)] of the k paths nearest to the query image, from independent embeddings."""
     features = independent(network, paths)
-    similarities = F.normalize(features, dim=1) @ F.normalize(independent(network, [query])[0], dim=0)
+    similarities = F.normalize(features, dim=1) @ F.normalize(
+        independent(network, [query])[0], dim=0
+    )
     top = similarities.topk(k)
     return [(paths[i], value) for i, value in zip(top.indices.tolist(), top.values.tolist())]
 
@@ -87,18 +93,22 @@ def test_append_change_remove_and_compaction(tmp_path, net, capsys):
     query = photo(tmp_path / 'query.png', 100)
     with store_of(tmp_path, net) as store:
         store.update('photos', paths, net)
-        assert net.count == 8 and isinstance(store.rows, np.memmap) and store.rows.dtype == np.float16
+        assert (
+            net.count == 8 and isinstance(store.rows, np.memmap) and store.rows.dtype == np.float16
+        )
         torch.testing.assert_close(store.block(0, 8), independent(net, paths), atol=6e-4, rtol=0)
         check_search(store, net, query, paths, 5)
         rows_file = store.file('embeddings')
     before = open(rows_file, 'rb').read()
 
-    paths += album(tmp_path / 'photos', 1, first=8)  # one added: only it is embedded, appended after the others
+    paths += album(
+        tmp_path / 'photos', 1, first=8
+    )  # one added: only it is embedded, appended after the others
     net.count = 0
     with store_of(tmp_path, net) as store:
         store.update('photos', paths, net)
         assert net.count == 1 and len(store.keys) == 9
-        assert open(rows_file, 'rb').read()[:len(before)] == before
+        assert open(rows_file, 'rb').read()[: len(before)] == before
         check_search(store, net, query, paths, 9)
 
     photo(paths[0], 200)  # one changed in place
@@ -109,8 +119,12 @@ def test_append_change_remove_and_compaction(tmp_path, net, capsys):
     net.count = 0
     with store_of(tmp_path, net) as store:
         store.update('photos', live, net)
-        assert net.count == 1 and len(store.keys) == 10 and store.live.sum() == 8  # the old rows are dead
-        assert store.file('embeddings') == rows_file  # 2 dead of 10 is below a quarter: no compaction yet
+        assert (
+            net.count == 1 and len(store.keys) == 10 and store.live.sum() == 8
+        )  # the old rows are dead
+        assert (
+            store.file('embeddings') == rows_file
+        )  # 2 dead of 10 is below a quarter: no compaction yet
         check_search(store, net, query, live, 8)
 
     for path in live[-2:]:
@@ -125,7 +139,12 @@ def test_append_change_remove_and_compaction(tmp_path, net, capsys):
         check_search(store, net, query, live, 6)
     assert 'gallery photos: 6 images, 0 embedded now, 6 from' in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / 'store')) == sorted(
-        ['meta.json'] + [os.path.basename(store.file(kind)) for kind in ('keys', 'embeddings', 'paths', 'unreadable')])
+        ['meta.json']
+        + [
+            os.path.basename(store.file(kind))
+            for kind in ('keys', 'embeddings', 'paths', 'unreadable')
+        ]
+    )
 
 
 def test_an_interruption_loses_at_most_one_chunk(tmp_path, net, monkeypatch):
@@ -201,14 +220,21 @@ def test_unreadable_and_changing_photos(tmp_path, net, monkeypatch, capsys):
         assert net.count == 4 and store.row(paths[1]) is None
         check_search(store, net, paths[0], [paths[0], paths[2], paths[3]], 3)
     out = capsys.readouterr().out
-    assert f'gallery photos: skipped 1 unreadable image (missing, truncated or not an image): {broken}\n' in out
-    assert (f'gallery photos: 1 image changed while being embedded and was left out (such as {paths[1]}); run again '
-            f'to embed it') in out
+    assert (
+        f'gallery photos: skipped 1 unreadable image (missing, truncated or not an image): {broken}\n'
+        in out
+    )
+    assert (
+        f'gallery photos: 1 image changed while being embedded and was left out (such as {paths[1]}); run again '
+        f'to embed it'
+    ) in out
     monkeypatch.setattr(utils, 'read_image', read)
     net.count = 0
     with store_of(tmp_path, net) as store:
         store.update('photos', paths + [broken], net)
-        assert net.count == 1 and store.row(paths[1]) is not None  # the broken file is not read again
+        assert (
+            net.count == 1 and store.row(paths[1]) is not None
+        )  # the broken file is not read again
         check_search(store, net, paths[0], paths, 4)
     assert 'skipped 1 unreadable image' in capsys.readouterr().out
 
@@ -224,8 +250,11 @@ def append(store, vectors, first=0):
 @pytest.fixture
 def large_album(tmp_path, net):
     """A store of gallery.IVFPQ_MIN + 16 random unit rows (D = 8), as test.py would hold embedded photos; returns
-    (their paths, the rows). Embedding that many photos would take a minute on a loaded 2-core machine."""
-    vectors = F.normalize(torch.randn(gallery.IVFPQ_MIN + 16, DIM, generator=torch.Generator().manual_seed(1)), dim=1)
+    (their paths, the rows). Embedding that many photos would take a minute on a loaded 2-core machine.
+    """
+    vectors = F.normalize(
+        torch.randn(gallery.IVFPQ_MIN + 16, DIM, generator=torch.Generator().manual_seed(1)), dim=1
+    )
     with store_of(tmp_path, net) as store:
         return append(store, vectors.numpy()), vectors
 
@@ -239,7 +268,9 @@ def test_each_index_finds_the_exact_nearest(tmp_path, net, large_album, kind, ca
             found = store.search(vectors[row], 3, index=index)
             assert found[0][0] == paths[row] and found[0][1] == pytest.approx(1, abs=6e-4)
             assert found[1][1] < 0.99  # well separated: the row itself is the only near one
-            expected = (F.normalize(store.block(0, len(paths)), dim=1) @ vectors[row]).topk(3)  # brute force
+            expected = (F.normalize(store.block(0, len(paths)), dim=1) @ vectors[row]).topk(
+                3
+            )  # brute force
             assert [path for path, _ in found] == [paths[i] for i in expected.indices.tolist()]
             np.testing.assert_allclose([v for _, v in found], expected.values, atol=6e-4)
     if kind == 'milvus':  # filled from the store once, then only checked
@@ -255,7 +286,9 @@ def test_each_index_finds_the_exact_nearest(tmp_path, net, large_album, kind, ca
 
 
 @pytest.mark.parametrize('kind', ['hnsw', 'ivfpq'])
-def test_an_index_is_extended_or_rebuilt_as_the_store_changes(tmp_path, net, large_album, kind, capsys):
+def test_an_index_is_extended_or_rebuilt_as_the_store_changes(
+    tmp_path, net, large_album, kind, capsys
+):
     paths, _ = large_album
     with store_of(tmp_path, net) as store:
         gallery.open_index(store, kind)
@@ -264,7 +297,10 @@ def test_an_index_is_extended_or_rebuilt_as_the_store_changes(tmp_path, net, lar
     capsys.readouterr()
     with store_of(tmp_path, net) as store:
         index = gallery.open_index(store, kind)
-        assert index.ntotal == len(paths) and f'index {kind}: extended by 3 images' in capsys.readouterr().out
+        assert (
+            index.ntotal == len(paths)
+            and f'index {kind}: extended by 3 images' in capsys.readouterr().out
+        )
         assert store.search(new[2], 1, index=index)[0][0] == paths[-1]
         meta = store.read_json(f'index-{kind}.json')
     # an index of another model, or of an older generation of the store, is built anew
@@ -273,8 +309,10 @@ def test_an_index_is_extended_or_rebuilt_as_the_store_changes(tmp_path, net, lar
         with store_of(tmp_path, net) as store:
             index = gallery.open_index(store, kind)
         out = capsys.readouterr().out
-        assert out.startswith(f'{store.path}/index-{kind}.faiss was built from another model or an older store, so '
-                              f'it is built anew\nindex {kind}: built over {len(paths)} images')
+        assert out.startswith(
+            f'{store.path}/index-{kind}.faiss was built from another model or an older store, so '
+            f'it is built anew\nindex {kind}: built over {len(paths)} images'
+        )
         assert index.ntotal == len(paths)
 
 
@@ -284,29 +322,38 @@ def test_ivfpq_on_too_few_images_is_one_sentence(tmp_path, net):
         store.update('photos', paths, net)
         with pytest.raises(gallery.UserError) as error:
             gallery.open_index(store, 'ivfpq')
-    assert str(error.value) == (f'--index ivfpq learns its codes from the gallery and needs at least '
-                                f'{gallery.IVFPQ_MIN} images for that, but this one holds 5; use --index exact (or '
-                                f'hnsw)')
+    assert str(error.value) == (
+        f'--index ivfpq learns its codes from the gallery and needs at least '
+        f'{gallery.IVFPQ_MIN} images for that, but this one holds 5; use --index exact (or '
+        f'hnsw)'
+    )
 
 
 def test_a_second_process_on_the_store_is_one_sentence(tmp_path, net):
     with store_of(tmp_path, net):
         with pytest.raises(gallery.UserError) as error, store_of(tmp_path, net):
             pass
-    assert str(error.value).startswith('another process (pid ') and 'is using gallery store' in str(error.value)
+    assert str(error.value).startswith('another process (pid ') and 'is using gallery store' in str(
+        error.value
+    )
 
 
 def test_a_store_of_another_model_file_is_written_anew(tmp_path, net, capsys):
     paths = album(tmp_path / 'photos', 3)
     with store_of(tmp_path, net) as store:
         store.update('photos', paths, net)
-    later = os.stat(tmp_path / 'm_model.pth').st_mtime + 5  # the model trained again under the same name
+    later = (
+        os.stat(tmp_path / 'm_model.pth').st_mtime + 5
+    )  # the model trained again under the same name
     os.utime(tmp_path / 'm_model.pth', (later, later))
     net.count = 0
     with store_of(tmp_path, net) as store:
         store.update('photos', paths, net)
     assert net.count == 3
-    assert 'was written by another model file or version, so it is written anew' in capsys.readouterr().out
+    assert (
+        'was written by another model file or version, so it is written anew'
+        in capsys.readouterr().out
+    )
 
 
 def test_a_version_1_store_is_converted_on_open_and_keeps_its_rows(tmp_path, capsys):
@@ -315,17 +362,27 @@ def test_a_version_1_store_is_converted_on_open_and_keeps_its_rows(tmp_path, cap
     status = os.stat(model_path)
     store_path = tmp_path / 'store'
     store_path.mkdir()
-    meta = {'version': 1, 'model': [str(model_path), status.st_size, status.st_mtime_ns], 'dim': DIM,
-            'dtype': 'float16', 'generation': 'g1'}
+    meta = {
+        'version': 1,
+        'model': [str(model_path), status.st_size, status.st_mtime_ns],
+        'dim': DIM,
+        'dtype': 'float16',
+        'generation': 'g1',
+    }
     (store_path / 'meta.json').write_text(json.dumps(meta))
-    rows = F.normalize(torch.randn(4, DIM, generator=torch.Generator().manual_seed(5)), dim=1).numpy()
+    rows = F.normalize(
+        torch.randn(4, DIM, generator=torch.Generator().manual_seed(5)), dim=1
+    ).numpy()
     # row 2 holds row 0's key again (a later row wins); the last row and line were cut short by a kill
     keys = [['/a/x.jpg', 10, 1], ['/a/é y.jpg', 11, 2], ['/a/x.jpg', 10, 1]]
     lines = [json.dumps(key) for key in keys] + [json.dumps(['/a/bad.jpg', 5, 6, 'unreadable'])]
     (store_path / 'keys-g1.jsonl').write_text('\n'.join(lines) + '\n' + '["/a/z.jp')
     (store_path / 'embeddings-g1.f2').write_bytes(rows.astype(np.float16).tobytes())
     store = gallery.Store(str(store_path), str(model_path), DIM)
-    assert capsys.readouterr().out == f'gallery store {store_path}: keys of 3 images converted to the version 2 layout\n'
+    assert (
+        capsys.readouterr().out
+        == f'gallery store {store_path}: keys of 3 images converted to the version 2 layout\n'
+    )
     assert [store.keys[row] for row in range(len(store.keys))] == [tuple(key) for key in keys]
     assert store.unreadable == {('/a/bad.jpg', 5, 6)}
     assert store.live.tolist() == [False, True, True]
@@ -344,7 +401,7 @@ def test_keys_are_found_by_their_ids_as_a_dictionary_would(tmp_path):
     rng = np.random.default_rng(0)
     keys = [(f'/p/{rng.integers(50)}.jpg', int(rng.integers(3)), 7) for _ in range(200)]
     for start in range(0, 200, 64):
-        store.append(keys[start:start + 64], np.zeros((len(keys[start:start + 64]), DIM)), [])
+        store.append(keys[start : start + 64], np.zeros((len(keys[start : start + 64]), DIM)), [])
     store.load()
     latest = {key: row for row, key in enumerate(keys)}  # a later row of the same key wins
     asked = list(latest) + [('/p/none.jpg', 0, 7), ('/p/1.jpg', 9, 7)]

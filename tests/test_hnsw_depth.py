@@ -1,4 +1,5 @@
 """gallery.py's HNSW search depth, calibrated against exact search on a sample when an index is built."""
+
 import json
 import os
 
@@ -47,7 +48,9 @@ def test_the_calibrated_depth_is_the_first_doubling_that_reaches_the_target_on_n
     # queries the calibration never saw find about as much at that depth
     assert recall(search(fresh, depth), exact(base, fresh)) >= 0.92
     assert gallery.calibrated_depth(search, sample, truth, target=1.01, start=10, most=40) == (
-        40, recall(search(sample, 40), truth))
+        40,
+        recall(search(sample, 40), truth),
+    )
 
 
 def test_an_hnsw_index_is_calibrated_when_built_and_keeps_its_depth(tmp_path, capsys):
@@ -59,8 +62,10 @@ def test_an_hnsw_index_is_calibrated_when_built_and_keeps_its_depth(tmp_path, ca
     store.load()
     index = gallery.open_index(store, 'hnsw')
     out = capsys.readouterr().out
-    assert ('index hnsw: search depth 200 finds 1.000 of the exact 10 nearest of 200 sampled '
-            'images\n') in out
+    assert (
+        'index hnsw: search depth 200 finds 1.000 of the exact 10 nearest of 200 sampled '
+        'images\n'
+    ) in out
     assert json.loads((tmp_path / 'store' / 'index-hnsw.json').read_text())['depth'] == 200
     again = gallery.open_index(store, 'hnsw')
     assert capsys.readouterr().out == '' and again.hnsw.efSearch == 200

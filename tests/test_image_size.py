@@ -1,6 +1,7 @@
 """train.py --image_size: the crop of training and test images, the run name it gives, --resume's
 refusal of another size, and test.py and export.py embedding at the size the data base stores (224
 for a data base written before the flag)."""
+
 import json
 import os
 
@@ -45,7 +46,9 @@ def test_off_its_default_it_names_the_run(script, tmp_path):
     train = load_script('train')
     parser = train.get_args_parser()
     assert parser.get_default('image_size') == 224
-    default, other = (parser.parse_args(['--data_name', 'cub', *size]) for size in ([], ['--image_size', '256']))
+    default, other = (
+        parser.parse_args(['--data_name', 'cub', *size]) for size in ([], ['--image_size', '256'])
+    )
     assert train.prefix_of(default) == 'cub_resnet50_proxy_anchor_512'
     assert train.prefix_of(other) == 'cub_resnet50_proxy_anchor_512_image_size256'
     status, _, err = script('train', '--data_name', 'cub', '--image_size', '16', cwd=tmp_path)
@@ -57,8 +60,15 @@ def test_resume_refuses_another_size(tmp_path):
     parser = train.get_args_parser()
     args = parser.parse_args(['--data_name', 'cub', '--image_size', '256'])
     path = str(tmp_path / 'checkpoint.pth')
-    saved = {'model': {}, 'optimizer': {}, 'scheduler': {}, 'epoch': 1, 'args': dict(vars(args)),
-             'rng': {}, 'statistics': {}}
+    saved = {
+        'model': {},
+        'optimizer': {},
+        'scheduler': {},
+        'epoch': 1,
+        'args': dict(vars(args)),
+        'rng': {},
+        'statistics': {},
+    }
     torch.save(saved, path)
     assert load_checkpoint(path, train.recipe_of(args), 20)['epoch'] == 1
     other = parser.parse_args(['--data_name', 'cub', '--image_size', '288'])
@@ -96,10 +106,27 @@ def test_every_script_embeds_at_the_size_the_run_stores(script, prepared, tmp_pa
         return embed(self, images)
 
     monkeypatch.setattr(model_module.Model, 'embed', spy)
-    status, _, err = script('train', '--data_path', prepared, '--data_name', 'cub',
-                            '--backbone_type', TINY, '--no_pretrained', '--feature_dim', 8,
-                            '--batch_size', 4, '--num_epochs', 1, '--num_workers', 0,
-                            '--image_size', SIZE, cwd=tmp_path)
+    status, _, err = script(
+        'train',
+        '--data_path',
+        prepared,
+        '--data_name',
+        'cub',
+        '--backbone_type',
+        TINY,
+        '--no_pretrained',
+        '--feature_dim',
+        8,
+        '--batch_size',
+        4,
+        '--num_epochs',
+        1,
+        '--num_workers',
+        0,
+        '--image_size',
+        SIZE,
+        cwd=tmp_path,
+    )
     assert status == 0, err
     assert sizes and set(sizes) == {(SIZE, SIZE)}  # the training batches and the evaluation
     data_base = f'{NAME}_1_data_base.pth'
@@ -107,18 +134,29 @@ def test_every_script_embeds_at_the_size_the_run_stores(script, prepared, tmp_pa
 
     sizes.clear()  # a query outside the data base, and a folder of photos
     query = photo(tmp_path / 'q.png', 0)
-    status, _, err = script('test', '--data_base', data_base, '--query_img_name', query, cwd=tmp_path)
+    status, _, err = script(
+        'test', '--data_base', data_base, '--query_img_name', query, cwd=tmp_path
+    )
     assert status == 0, err
     photo(tmp_path / 'album' / 'a.png', 1)
     photo(tmp_path / 'album' / 'b.png', 2)
-    status, _, err = script('test', '--data_base', data_base, '--query_img_name', query,
-                            '--gallery', tmp_path / 'album', cwd=tmp_path)
+    status, _, err = script(
+        'test',
+        '--data_base',
+        data_base,
+        '--query_img_name',
+        query,
+        '--gallery',
+        tmp_path / 'album',
+        cwd=tmp_path,
+    )
     assert status == 0, err
     assert sizes and set(sizes) == {(SIZE, SIZE)}
 
     sizes.clear()  # the traced example, the check images, and the JSON that tells a caller
-    status, _, err = script('export', '--data_base', data_base, '--format', 'torchscript',
-                            cwd=tmp_path)
+    status, _, err = script(
+        'export', '--data_base', data_base, '--format', 'torchscript', cwd=tmp_path
+    )
     assert status == 0, err
     assert sizes and set(sizes) == {(SIZE, SIZE)}
     description = json.loads((tmp_path / 'results' / f'{NAME}_1.json').read_text())
@@ -131,6 +169,8 @@ def test_every_script_embeds_at_the_size_the_run_stores(script, prepared, tmp_pa
     torch.save(saved, tmp_path / 'results' / data_base)
     assert DataBase.load(tmp_path / 'results' / data_base).image_size == 224
     sizes.clear()
-    status, _, err = script('test', '--data_base', data_base, '--query_img_name', query, cwd=tmp_path)
+    status, _, err = script(
+        'test', '--data_base', data_base, '--query_img_name', query, cwd=tmp_path
+    )
     assert status == 0, err
     assert sizes == [(224, 224)]

@@ -1,4 +1,5 @@
 """gallery.py's --index milvus: a Milvus Lite collection kept in step with the store, re-ranked exactly."""
+
 import hashlib
 import json
 import os
@@ -25,8 +26,14 @@ def fake_embedding(path):
 @pytest.fixture(autouse=True)
 def embedded(monkeypatch, faiss_numpy):
     """Store.update embeds with fake_embedding instead of a network."""
-    monkeypatch.setattr(gallery, 'embed_files', lambda model, paths, image_size=None: (
-        torch.stack([fake_embedding(path) for path in paths]) if paths else torch.zeros(0, DIM), []))
+    monkeypatch.setattr(
+        gallery,
+        'embed_files',
+        lambda model, paths, image_size=None: (
+            torch.stack([fake_embedding(path) for path in paths]) if paths else torch.zeros(0, DIM),
+            [],
+        ),
+    )
 
 
 def write(folder, name, text):
@@ -69,10 +76,13 @@ def updated(tmp_path, folder, model=None):
 
 def collection(index):
     """{path: (size, mtime, embedding (D,))} of every entity in the index's collection."""
-    rows = index.client.query(index.name, filter='id >= 0',
-                              output_fields=['path', 'size', 'mtime', 'embedding'])
-    return {row['path']: (row['size'], row['mtime'], np.array(row['embedding'], np.float32))
-            for row in rows}
+    rows = index.client.query(
+        index.name, filter='id >= 0', output_fields=['path', 'size', 'mtime', 'embedding']
+    )
+    return {
+        row['path']: (row['size'], row['mtime'], np.array(row['embedding'], np.float32))
+        for row in rows
+    }
 
 
 def check_in_step(store, index, folder):
@@ -82,7 +92,7 @@ def check_in_step(store, index, folder):
     for path, (size, mtime, vector) in held.items():
         status = os.stat(path)
         assert (size, mtime) == (status.st_size, status.st_mtime_ns)
-        np.testing.assert_allclose(vector, fake_embedding(path).numpy(), atol=2 ** -10)
+        np.testing.assert_allclose(vector, fake_embedding(path).numpy(), atol=2**-10)
 
 
 def test_milvus_finds_the_same_top_10_as_exact_search(tmp_path, folder, capsys):
@@ -111,7 +121,7 @@ def test_added_changed_removed_photos_and_a_new_model_are_kept_in_step(tmp_path,
     assert '40 images, 0 added, 0 removed' in capsys.readouterr().out
     write(folder, 'new.jpg', 'a new photo')
     changed = write(folder, 'p001.jpg', 'photo 1, edited')
-    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10 ** 9))
+    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
     os.remove(os.path.join(folder, 'p002.jpg'))
     store, index = updated(tmp_path, folder)
     check_in_step(store, index, folder)
@@ -119,8 +129,10 @@ def test_added_changed_removed_photos_and_a_new_model_are_kept_in_step(tmp_path,
     store, index = updated(tmp_path, folder, model_file(tmp_path, b'another model'))
     check_in_step(store, index, folder)
     out = capsys.readouterr().out
-    assert f"Milvus collection pp_store at {tmp_path}/store.milvus.db holds another model's " \
-           "embeddings, so it is rebuilt" in out
+    assert (
+        f"Milvus collection pp_store at {tmp_path}/store.milvus.db holds another model's "
+        "embeddings, so it is rebuilt" in out
+    )
     assert '40 images, 40 added, 0 removed' in out
 
 
@@ -152,9 +164,11 @@ def test_an_unreachable_server_is_one_sentence(tmp_path, folder):
     store.update(folder, listed(folder), None)
     with pytest.raises(UserError) as error:
         gallery.open_index(store, 'milvus', 'http://127.0.0.1:1')
-    assert str(error.value) == ('cannot reach Milvus at --milvus_uri http://127.0.0.1:1; start the '
-                                'server, or give a file path (such as results/gallery.db) for an '
-                                'embedded Milvus Lite')
+    assert str(error.value) == (
+        'cannot reach Milvus at --milvus_uri http://127.0.0.1:1; start the '
+        'server, or give a file path (such as results/gallery.db) for an '
+        'embedded Milvus Lite'
+    )
 
 
 def foreign(tmp_path, fields, dim, marker):
@@ -181,13 +195,17 @@ def test_a_wrong_collection_and_a_dimension_mismatch_are_one_sentence_each(tmp_p
     uri = str(tmp_path / 'other.db')
     if case == 'fields':
         foreign(tmp_path, ['pk', 'year'], DIM, None)
-        expected = (f'Milvus collection pp_store at {uri} was not made by test.py --gallery (its '
-                    f'fields are pk, embedding, year); drop it, or give another --milvus_uri')
+        expected = (
+            f'Milvus collection pp_store at {uri} was not made by test.py --gallery (its '
+            f'fields are pk, embedding, year); drop it, or give another --milvus_uri'
+        )
     else:
         marker = gallery.MilvusIndex(None, 'pp_store', store, uri).marker()
         foreign(tmp_path, ['id', 'path', 'size', 'mtime'], 4, marker)
-        expected = (f'Milvus collection pp_store at {uri} holds 4-d embeddings but the model '
-                    f'embeds in {DIM}; drop the collection, or give another --milvus_uri')
+        expected = (
+            f'Milvus collection pp_store at {uri} holds 4-d embeddings but the model '
+            f'embeds in {DIM}; drop the collection, or give another --milvus_uri'
+        )
     with pytest.raises(UserError) as error:
         gallery.open_index(store, 'milvus', uri)
     assert str(error.value) == expected

@@ -1,4 +1,5 @@
 """The network on all three backbones (random weights, never a download): shapes, norms, head and proxies."""
+
 import urllib.error
 
 import pytest
@@ -23,8 +24,9 @@ def run(request):
     net = Model(request.param, FEATURE_DIM, NUM_CLASSES, pretrained=False).eval()
     pools = [m for m in net.backbone.modules() if isinstance(m, nn.AdaptiveMaxPool2d)]
     record = {}
-    handle = pools[-1].register_forward_hook(lambda module, inputs, output: record.update(
-        pool_in=inputs[0], pool_out=output))
+    handle = pools[-1].register_forward_hook(
+        lambda module, inputs, output: record.update(pool_in=inputs[0], pool_out=output)
+    )
     images = torch.randint(0, 256, (BATCH, 3, 224, 224), dtype=torch.uint8)
     with torch.no_grad():
         embeddings, cosines = net(images)
@@ -80,7 +82,9 @@ def test_input_normalisation(run):
     got = net.input_norm(images)
     if backbone_type == 'inception':
         # BN-Inception: BGR channel order, 0-255 pixel values, mean [104, 117, 128], std 1
-        expected = images.float()[:, [2, 1, 0]] - torch.tensor([104.0, 117.0, 128.0]).view(1, 3, 1, 1)
+        expected = images.float()[:, [2, 1, 0]] - torch.tensor([104.0, 117.0, 128.0]).view(
+            1, 3, 1, 1
+        )
     else:
         expected = v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])(images.float() / 255)
     assert torch.allclose(got, expected, atol=1e-4)
@@ -99,17 +103,27 @@ def test_proxy_linear_returns_cosines():
     with torch.no_grad():
         layer.weight.mul_(torch.rand(6, 1) * 3 + 0.5)  # learnt proxies need not stay unit length
     x = F.normalize(torch.randn(7, 10), dim=-1)  # the model feeds it unit embeddings
-    expected = torch.tensor([[torch.dot(x[i], layer.weight[c]).item() / layer.weight[c].norm().item()
-                              for c in range(6)] for i in range(7)])
+    expected = torch.tensor(
+        [
+            [
+                torch.dot(x[i], layer.weight[c]).item() / layer.weight[c].norm().item()
+                for c in range(6)
+            ]
+            for i in range(7)
+        ]
+    )
     got = layer(x)
     assert got.shape == (7, 6)
     assert torch.allclose(got, expected, atol=1e-6)
-    assert torch.allclose(got, F.cosine_similarity(x[:, None], layer.weight[None], dim=-1), atol=1e-6)
+    assert torch.allclose(
+        got, F.cosine_similarity(x[:, None], layer.weight[None], dim=-1), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize('backbone_type', list(WIDTHS))
 def test_missing_weights_is_one_clear_error(backbone_type, monkeypatch, tmp_path):
     """No network and no cached file: a UserError naming the weights file and --no_pretrained, never a download."""
+
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError('no network in this test')
 
@@ -131,10 +145,14 @@ def published_weights(backbone_type):
     if backbone_type == 'googlenet':
         return torchvision.models.googlenet(aux_logits=True, init_weights=False).state_dict()
     import pretrainedmodels
+
     state = pretrainedmodels.bninception(num_classes=1000, pretrained=None).state_dict()
     # the published BN-Inception file predates num_batches_tracked and stores 1-d tensors as (1, C)
-    return {name: value.reshape(1, -1) if value.dim() == 1 else value
-            for name, value in state.items() if not name.endswith('num_batches_tracked')}
+    return {
+        name: value.reshape(1, -1) if value.dim() == 1 else value
+        for name, value in state.items()
+        if not name.endswith('num_batches_tracked')
+    }
 
 
 @pytest.mark.parametrize('backbone_type', list(WIDTHS))
@@ -152,10 +170,14 @@ def test_pretrained_weights_are_loaded(backbone_type, monkeypatch):
     net = Model(backbone_type, 8, 3, pretrained=True)
     assert urls == [model_module.weights_file(backbone_type)[1]]
     loaded = net.backbone.state_dict()
-    compared = [name for name in loaded if name in state and not name.endswith('num_batches_tracked')]
+    compared = [
+        name for name in loaded if name in state and not name.endswith('num_batches_tracked')
+    ]
     assert len(compared) > 100
     for name in compared:
         assert torch.equal(loaded[name], state[name].reshape(loaded[name].shape)), name
     if backbone_type == 'googlenet':
         assert net.backbone.aux1 is None and net.backbone.aux2 is None
-    assert isinstance(net.backbone.fc if backbone_type != 'inception' else net.backbone.last_linear, nn.Identity)
+    assert isinstance(
+        net.backbone.fc if backbone_type != 'inception' else net.backbone.last_linear, nn.Identity
+    )

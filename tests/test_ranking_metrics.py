@@ -2,6 +2,7 @@
 here and pytorch-metric-learning's AccuracyCalculator; the bfloat16 screen of the sweep against
 brute force where it is at its worst: many scores within its error bound of each other, duplicate
 rows and exact ties."""
+
 import math
 
 import numpy as np
@@ -28,8 +29,10 @@ def relevance_lists(features, labels, gallery_features=None, gallery_labels=None
     lists = []
     for q, row in enumerate(sims):
         same = [int(label) == int(labels[q]) for label in item_labels]
-        order = sorted((i for i in range(len(row)) if not (itself and i == q)),
-                       key=lambda i: (-row[i], same[i]))
+        order = sorted(
+            (i for i in range(len(row)) if not (itself and i == q)),
+            key=lambda i: (-row[i], same[i]),
+        )
         lists.append([same[i] for i in order])
     return torch.tensor(lists, dtype=torch.bool)
 
@@ -95,15 +98,21 @@ def near_ties(count, classes, seed, dim=32, bases=3, duplicates=12):
         if i % 4:  # the other quarter stays the base row itself: exact ties
             moved = rng.choice(dim - 4, 6, replace=False)
             row[moved] += rng.integers(-2, 3, size=6)
-        rest = 4 ** 12 - int((row.astype(np.int64) ** 2).sum())
+        rest = 4**12 - int((row.astype(np.int64) ** 2).sum())
         rows.append(np.concatenate([row, four_squares(rest)]))
     rows = np.array(rows, dtype=np.float64)
     labels = rng.integers(0, classes, size=count)
     copies = rng.choice(count, duplicates, replace=False)
     rows = np.concatenate([rows, rows[copies]])
-    labels = np.concatenate([labels, np.where(np.arange(duplicates) % 2, labels[copies],
-                                              rng.integers(0, classes, size=duplicates))])
-    assert ((rows ** 2).sum(1) == 4 ** 12).all()
+    labels = np.concatenate(
+        [
+            labels,
+            np.where(
+                np.arange(duplicates) % 2, labels[copies], rng.integers(0, classes, size=duplicates)
+            ),
+        ]
+    )
+    assert ((rows**2).sum(1) == 4**12).all()
     return torch.tensor(rows, dtype=torch.float32), torch.tensor(labels)
 
 
@@ -128,8 +137,9 @@ def test_extra_metrics_match_the_formulas_written_out(screen, gallery):
     assert 0 < expected['precision@1'] < 1 and 0 < expected['mrr'] < 1
     ranks = [1, 10, 2000]
     for side in (16, 4096):
-        got = retrieval_metrics(*inputs[:2], ranks, *inputs[2:], chunk_bytes=4 * side * side,
-                                extra=EXTRA, screen=screen)
+        got = retrieval_metrics(
+            *inputs[:2], ranks, *inputs[2:], chunk_bytes=4 * side * side, extra=EXTRA, screen=screen
+        )
         assert_close(got, expected)
         assert list(got)[:5] == ['recall@1', 'recall@10', 'recall@2000', 'map@r', 'r_precision']
 
@@ -139,8 +149,9 @@ def test_per_query_extra_figures_are_nan_without_an_item_of_the_class():
     averages."""
     features, labels = clustered([1, 3, 5, 2, 1, 8, 4], 6, 1.2, seed=2)
     relevant = relevance_lists(features, labels)
-    metrics, per_query = retrieval_metrics(features, labels, [1, 2], per_query=True,
-                                           extra=('precision@3', 'map@4', 'mrr'))
+    metrics, per_query = retrieval_metrics(
+        features, labels, [1, 2], per_query=True, extra=('precision@3', 'map@4', 'mrr')
+    )
     lone = relevant.sum(1) == 0
     for name in ('precision@3', 'map@4', 'mrr'):
         assert per_query[name].isnan().tolist() == lone.tolist()
@@ -161,16 +172,22 @@ def test_mrr_matches_pytorch_metric_learning_with_ties():
         sims = (units @ units.T).tolist()
         indices = []
         for q in range(len(units)):
-            order = sorted((i for i in range(len(units)) if not (ref_includes_query and i == q)),
-                           key=lambda i: (-sims[q][i], labels[i] == labels[q]))
+            order = sorted(
+                (i for i in range(len(units)) if not (ref_includes_query and i == q)),
+                key=lambda i: (-sims[q][i], labels[i] == labels[q]),
+            )
             indices.append(order[:k])
         indices = torch.tensor(indices)
         return torch.gather(units @ units.T, 1, indices).float(), indices
 
     # PML 2.9 finds the neighbours only when a metric of its requires_knn() list is asked for,
     # which leaves mean_reciprocal_rank out: precision_at_1 brings them
-    calculator = AccuracyCalculator(include=('mean_reciprocal_rank', 'precision_at_1'),
-                                    knn_func=knn, k=len(labels) - 1, device=torch.device('cpu'))
+    calculator = AccuracyCalculator(
+        include=('mean_reciprocal_rank', 'precision_at_1'),
+        knn_func=knn,
+        k=len(labels) - 1,
+        device=torch.device('cpu'),
+    )
     expected = calculator.get_accuracy(features, labels)['mean_reciprocal_rank']
     assert 0 < expected < 1
     # PML averages in float32
@@ -196,10 +213,15 @@ def test_screened_sweep_equals_the_float32_one_at_its_worst():
     ranks = [1, 4, 100, 1000]
     relevant = relevance_lists(features, labels)
     for side in (7, 64, 4096):
-        plain = retrieval_metrics(features, labels, ranks, chunk_bytes=4 * side * side,
-                                  extra=EXTRA, screen=False)
-        assert retrieval_metrics(features, labels, ranks, chunk_bytes=4 * side * side,
-                                 extra=EXTRA, screen=True) == plain
+        plain = retrieval_metrics(
+            features, labels, ranks, chunk_bytes=4 * side * side, extra=EXTRA, screen=False
+        )
+        assert (
+            retrieval_metrics(
+                features, labels, ranks, chunk_bytes=4 * side * side, extra=EXTRA, screen=True
+            )
+            == plain
+        )
     assert_close(plain, oml_reference(relevant, EXTRA))
     has_r = relevant.any(1)
     assert plain['recall@4'] == pytest.approx(relevant[:, :4].any(1).double().mean().item())
@@ -217,7 +239,7 @@ def test_screen_bound_holds_on_every_product():
         sims = neighbours.bfloat16_block(screen.queries, screen.queries).float().flatten()
         own, worst = screen.query_error[rows.flatten()], float(screen.query_error.max())
         slack = (own + worst + own * worst + screen.gamma * (1 + own) * (1 + worst)) * (1 + 1e-5)
-        allowed = slack + 2.0 ** -22 + neighbours.BFLOAT16_ROUNDING * (exact.abs() + slack)
+        allowed = slack + 2.0**-22 + neighbours.BFLOAT16_ROUNDING * (exact.abs() + slack)
         error = (sims - exact).abs()
         assert (error <= allowed).all()
         assert error.max() > 0  # the rounding is real

@@ -1,4 +1,5 @@
 """rerank.py against straightforward full-matrix implementations of each paper's method."""
+
 import os
 
 import numpy as np
@@ -36,7 +37,7 @@ def fast_reid_aqe(query_feat, gallery_feat, qe_k=10, alpha=3.0):
         weights = np.power(sim[nearest], alpha)[:, None]
         rows.append(np.mean(all_feat.numpy()[nearest] * weights, axis=0))
     expanded = torch.from_numpy(np.stack(rows))
-    return expanded[:len(query_feat)], expanded[len(query_feat):]
+    return expanded[: len(query_feat)], expanded[len(query_feat) :]
 
 
 def ranking(queries, items, leave_self=False):
@@ -51,8 +52,13 @@ def ranking(queries, items, leave_self=False):
 def zhong_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
     """k-reciprocal re-ranking as the original code (Zhong et al., CVPR 2017) calls it, on full
     Euclidean distance matrices; returns the (Q, G) final distances."""
-    union = np.concatenate([np.concatenate([q_q_dist, q_g_dist], axis=1),
-                            np.concatenate([q_g_dist.T, g_g_dist], axis=1)], axis=0)
+    union = np.concatenate(
+        [
+            np.concatenate([q_q_dist, q_g_dist], axis=1),
+            np.concatenate([q_g_dist.T, g_g_dist], axis=1),
+        ],
+        axis=0,
+    )
     query_num = q_g_dist.shape[0]
     return zhong_union(union, query_num, k1, k2, lambda_value)[:, query_num:]
 
@@ -66,13 +72,13 @@ def zhong_union(union_dist, query_num, k1, k2, lambda_value):
     initial_rank = np.argsort(original_dist, kind='stable')
     all_num = original_dist.shape[0]
     for i in range(all_num):
-        forward = initial_rank[i, :k1 + 1]
-        backward = initial_rank[forward, :k1 + 1]
+        forward = initial_rank[i, : k1 + 1]
+        backward = initial_rank[forward, : k1 + 1]
         k_reciprocal_index = forward[np.where(backward == i)[0]]
         expansion = k_reciprocal_index
         for candidate in k_reciprocal_index:
-            c_forward = initial_rank[candidate, :int(np.around(k1 / 2)) + 1]
-            c_backward = initial_rank[c_forward, :int(np.around(k1 / 2)) + 1]
+            c_forward = initial_rank[candidate, : int(np.around(k1 / 2)) + 1]
+            c_backward = initial_rank[c_forward, : int(np.around(k1 / 2)) + 1]
             c_reciprocal = c_forward[np.where(c_backward == candidate)[0]]
             if len(np.intersect1d(c_reciprocal, k_reciprocal_index)) > 2 / 3 * len(c_reciprocal):
                 expansion = np.append(expansion, c_reciprocal)
@@ -113,8 +119,9 @@ def test_aqe_expands_the_queries_only(data):
     sims = F.normalize(queries.double(), dim=1) @ F.normalize(gallery.double(), dim=1).T
     top = sims.topk(9, dim=1)
     unit = F.normalize(gallery.double(), dim=1)
-    expanded = F.normalize(queries.double(), dim=1) + (top.values[..., None] ** 3
-                                                       * unit[top.indices]).sum(1)
+    expanded = F.normalize(queries.double(), dim=1) + (
+        top.values[..., None] ** 3 * unit[top.indices]
+    ).sum(1)
     got = rerank.reranked_lists('aqe', queries, gallery, 25)
     assert torch.equal(got, ranking(expanded, gallery)[:, :25])
     # all-vs-all, the query's own row left out
@@ -140,16 +147,18 @@ def test_k_reciprocal_all_vs_all_equals_the_original(data, k1, k2):
     final = zhong_union(euclidean(features, features), len(features), k1, k2, 0.3)
     np.fill_diagonal(final, np.inf)
     expected = torch.from_numpy(np.argsort(final, axis=1, kind='stable')[:, :40])
-    got = rerank.reranked_lists('kreciprocal', features, features, 40,
-                                torch.arange(len(features)), k1=k1, k2=k2)
+    got = rerank.reranked_lists(
+        'kreciprocal', features, features, 40, torch.arange(len(features)), k1=k1, k2=k2
+    )
     assert torch.equal(got, expected)
 
 
 def test_k_reciprocal_with_a_gallery_equals_the_original(data):
     features, _ = data
     queries, gallery = features[:30], features[30:]
-    final = zhong_re_ranking(euclidean(queries, gallery), euclidean(queries, queries),
-                             euclidean(gallery, gallery))
+    final = zhong_re_ranking(
+        euclidean(queries, gallery), euclidean(queries, queries), euclidean(gallery, gallery)
+    )
     expected = torch.from_numpy(np.argsort(final, axis=1, kind='stable')[:, :35])
     got = rerank.reranked_lists('kreciprocal', queries, gallery, 35)
     assert torch.equal(got, expected)
@@ -161,7 +170,8 @@ def test_metrics_of_plain_lists_equal_retrieval_metrics(data):
     same = labels[lists] == labels[:, None]
     r = torch.bincount(labels)[labels] - 1
     assert rerank.list_metrics(same, r, [1, 2, 4]) == pytest.approx(
-        retrieval_metrics(features, labels, [1, 2, 4]), abs=1e-12)
+        retrieval_metrics(features, labels, [1, 2, 4]), abs=1e-12
+    )
 
 
 def test_rerank_metrics_read_the_reranked_lists(data):
@@ -174,6 +184,7 @@ def test_rerank_metrics_read_the_reranked_lists(data):
 # ---------------------------------------------------------------------------------------------
 # train.py's extra evaluation and test.py's search
 
+
 def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_factory):
     """One epoch with --metrics recall,nmi,ami --rerank dba: the CSV keeps the plain columns and adds
     test_nmi, test_ami and test_rerank_... ones, equal to the functions on the data base's test
@@ -182,10 +193,30 @@ def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_fa
     data = prepared_cub(tmp_path_factory, num_classes=6, per_class=4)
     run = tmp_path_factory.mktemp('run')
     status, out, err = script(
-        'train', '--data_path', data, '--data_name', 'cub', '--backbone_type', 'googlenet',
-        '--no_pretrained', '--feature_dim', 16, '--batch_size', 4, '--num_workers', 0,
-        '--num_epochs', 1, '--metrics', 'recall,nmi,ami', '--rerank', 'dba', '--rerank_k', 3,
-        cwd=run)
+        'train',
+        '--data_path',
+        data,
+        '--data_name',
+        'cub',
+        '--backbone_type',
+        'googlenet',
+        '--no_pretrained',
+        '--feature_dim',
+        16,
+        '--batch_size',
+        4,
+        '--num_workers',
+        0,
+        '--num_epochs',
+        1,
+        '--metrics',
+        'recall,nmi,ami',
+        '--rerank',
+        'dba',
+        '--rerank_k',
+        3,
+        cwd=run,
+    )
     assert status == 0, err
     prefix = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4'
     table = pd.read_csv(run / 'results' / f'{prefix}_statistics.csv', index_col='epoch')
@@ -194,8 +225,10 @@ def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_fa
     plain = retrieval_metrics(features, labels, [1, 2, 4, 8])
     reranked = rerank.rerank_metrics(features, labels, [1, 2, 4, 8], 'dba', aqe_k=3)
     clusters = clustering_metrics(features, labels)
-    expected = {**{f'test_{k}': v for k, v in {**plain, **clusters}.items()},
-                **{f'test_rerank_{k}': v for k, v in reranked.items()}}
+    expected = {
+        **{f'test_{k}': v for k, v in {**plain, **clusters}.items()},
+        **{f'test_rerank_{k}': v for k, v in reranked.items()},
+    }
     assert set(expected) <= set(table.columns)
     assert table.iloc[0][list(expected)].to_dict() == pytest.approx(expected, abs=1e-6)
     line = next(line for line in out.splitlines() if line.startswith('Test Epoch'))
@@ -203,9 +236,20 @@ def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_fa
     assert any(line.startswith('Test (dba) Epoch 1/1 R@1:') for line in out.splitlines())
 
     query = base.test.images[0]
-    status, out, err = script('test', '--data_base', f'{prefix}_1_data_base.pth',
-                              '--query_img_name', query, '--retrieval_num', 5, '--rerank', 'dba',
-                              '--rerank_k', 3, cwd=run)
+    status, out, err = script(
+        'test',
+        '--data_base',
+        f'{prefix}_1_data_base.pth',
+        '--query_img_name',
+        query,
+        '--retrieval_num',
+        5,
+        '--rerank',
+        'dba',
+        '--rerank_k',
+        3,
+        cwd=run,
+    )
     assert status == 0, err
     lists = rerank.reranked_lists('dba', features[:1], features, 5, 0, aqe_k=3)
     name = os.path.splitext(os.path.basename(query))[0]

@@ -1,5 +1,6 @@
 """A run killed with SIGKILL after epoch 1 and resumed ends exactly where an uninterrupted run
 ends."""
+
 import os
 import signal
 import subprocess
@@ -13,8 +14,23 @@ import torch
 from conftest import ROOT, make_cub
 
 PREFIX = 'cub_googlenet_proxy_anchor_16_no_pretrained_batch_size4_warm_up1'
-TRAIN = [sys.executable, os.path.join(ROOT, 'train.py'), '--data_name', 'cub', '--backbone_type', 'googlenet',
-         '--no_pretrained', '--feature_dim', '16', '--batch_size', '4', '--num_epochs', '3', '--warm_up', '1']
+TRAIN = [
+    sys.executable,
+    os.path.join(ROOT, 'train.py'),
+    '--data_name',
+    'cub',
+    '--backbone_type',
+    'googlenet',
+    '--no_pretrained',
+    '--feature_dim',
+    '16',
+    '--batch_size',
+    '4',
+    '--num_epochs',
+    '3',
+    '--warm_up',
+    '1',
+]
 
 
 @pytest.fixture(scope='module')
@@ -22,14 +38,28 @@ def data_path(tmp_path_factory):
     """A prepared CUB-layout data set of 4 classes x 4 images: 8 training and 8 test images."""
     path = str(tmp_path_factory.mktemp('data'))
     make_cub(path, num_classes=4, per_class=4)
-    subprocess.run([sys.executable, os.path.join(ROOT, 'data_utils.py'), '--data_path', path, '--data_name', 'cub',
-                    '--workers', '1'], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'data_utils.py'),
+            '--data_path',
+            path,
+            '--data_name',
+            'cub',
+            '--workers',
+            '1',
+        ],
+        check=True,
+        capture_output=True,
+    )
     return path
 
 
 def train(data_path, cwd, *extra):
     """Run train.py to completion in `cwd` (results/ is relative to it); returns its statistics table."""
-    subprocess.run(TRAIN + ['--data_path', data_path, *extra], cwd=cwd, check=True, capture_output=True)
+    subprocess.run(
+        TRAIN + ['--data_path', data_path, *extra], cwd=cwd, check=True, capture_output=True
+    )
     return pd.read_csv(os.path.join(cwd, 'results', f'{PREFIX}_statistics.csv'), index_col='epoch')
 
 
@@ -52,24 +82,39 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_path, tmp_path):
     killed = tmp_path / 'b'
     killed.mkdir()
     checkpoint = killed / 'results' / f'{PREFIX}_checkpoint.pth'
-    process = subprocess.Popen(TRAIN + ['--data_path', data_path, '--num_workers', '1'], cwd=killed,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        TRAIN + ['--data_path', data_path, '--num_workers', '1'],
+        cwd=killed,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         # the checkpoint is renamed into place whole, after epoch 1's other outputs: once it exists, epoch 2 runs
         deadline = time.monotonic() + 300
         while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the whole group: the data-loading worker dies too, as on pre-emption
+        os.killpg(
+            process.pid, signal.SIGKILL
+        )  # the whole group: the data-loading worker dies too, as on pre-emption
         process.wait()
     assert process.returncode == -signal.SIGKILL, 'train.py ended before it could be killed'
-    assert torch.load(checkpoint, weights_only=True)['epoch'] == 1, 'killed too late: epoch 2 had finished'
+    assert (
+        torch.load(checkpoint, weights_only=True)['epoch'] == 1
+    ), 'killed too late: epoch 2 had finished'
     assert len(pd.read_csv(killed / 'results' / f'{PREFIX}_statistics.csv')) == 1
 
-    stray = killed / 'results' / f'.{PREFIX}_checkpoint.pth.x1y2z3.tmp'  # as a kill while saving leaves behind
+    stray = (
+        killed / 'results' / f'.{PREFIX}_checkpoint.pth.x1y2z3.tmp'
+    )  # as a kill while saving leaves behind
     stray.write_bytes(b'PK half a checkpoint')
-    resumed = subprocess.run(TRAIN + ['--data_path', data_path, '--num_workers', '1', '--resume'], cwd=killed,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        TRAIN + ['--data_path', data_path, '--num_workers', '1', '--resume'],
+        cwd=killed,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert 'resuming' in resumed.stdout and 'after epoch 1' in resumed.stdout
     assert not stray.exists()
@@ -85,13 +130,39 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_path, tmp_path):
 
 def test_resume_refuses_a_different_recipe(data_path, tmp_path):
     """--resume with a flag that changes what the run computes stops with one sentence naming the flag."""
-    args = {'data_name': 'cub', 'crop_type': 'uncropped', 'backbone_type': 'googlenet', 'feature_dim': 16,
-            'no_pretrained': True, 'loss_name': 'proxy_anchor', 'batch_size': 4, 'warm_up': 2, 'seed': 1, 'amp': False}
+    args = {
+        'data_name': 'cub',
+        'crop_type': 'uncropped',
+        'backbone_type': 'googlenet',
+        'feature_dim': 16,
+        'no_pretrained': True,
+        'loss_name': 'proxy_anchor',
+        'batch_size': 4,
+        'warm_up': 2,
+        'seed': 1,
+        'amp': False,
+    }
     os.makedirs(tmp_path / 'results')
-    torch.save({'model': {}, 'optimizer': {}, 'scheduler': {}, 'epoch': 1, 'args': args, 'rng': {},
-                'statistics': {}}, tmp_path / 'results' / f'{PREFIX}_checkpoint.pth')
-    result = subprocess.run(TRAIN + ['--data_path', data_path, '--num_workers', '0', '--resume'],
-                            cwd=tmp_path, capture_output=True, text=True)
+    torch.save(
+        {
+            'model': {},
+            'optimizer': {},
+            'scheduler': {},
+            'epoch': 1,
+            'args': args,
+            'rng': {},
+            'statistics': {},
+        },
+        tmp_path / 'results' / f'{PREFIX}_checkpoint.pth',
+    )
+    result = subprocess.run(
+        TRAIN + ['--data_path', data_path, '--num_workers', '0', '--resume'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
-    assert result.stderr == (f'error: results/{PREFIX}_checkpoint.pth was trained with --warm_up 2, not 1; resume '
-                             f'with the same flags or start afresh without --resume\n')
+    assert result.stderr == (
+        f'error: results/{PREFIX}_checkpoint.pth was trained with --warm_up 2, not 1; resume '
+        f'with the same flags or start afresh without --resume\n'
+    )

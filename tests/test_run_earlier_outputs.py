@@ -6,6 +6,7 @@ export.py and resumed by train.py --resume.
 
 Nothing here calls the code that writes these files: the dicts are spelt out, and the weights'
 digest is computed again from its definition."""
+
 import hashlib
 import json
 import os
@@ -24,27 +25,88 @@ from script_runner import query_folder
 from utils import ImageReader
 
 PREFIX = 'cub_googlenet_proxy_anchor_8_no_pretrained_batch_size4_warm_up1'
-TRAIN = ['--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained', '--feature_dim',
-         8, '--batch_size', 4, '--warm_up', 1, '--num_workers', 0]
+TRAIN = [
+    '--data_name',
+    'cub',
+    '--backbone_type',
+    'googlenet',
+    '--no_pretrained',
+    '--feature_dim',
+    8,
+    '--batch_size',
+    4,
+    '--warm_up',
+    1,
+    '--num_workers',
+    0,
+]
 # vars(args) of train.py's parser for TRAIN, as the data base and the checkpoint stored it, but for
 # data_path, the run's own
-ARGS = {'data_name': 'cub', 'crop_type': 'uncropped', 'cache_images': False,
-        'backbone_type': 'googlenet', 'feature_dim': 8, 'no_pretrained': True,
-        'loss_name': 'proxy_anchor', 'loss_args': '', 'scale': 32.0, 'margin': 0.1,
-        'proxy_nca_scale': 32.0, 'soft_triple_centers': 10, 'soft_triple_la': 20.0,
-        'soft_triple_gamma': 0.1, 'soft_triple_margin': 0.01, 'arcface_margin': 28.6,
-        'arcface_scale': 64.0, 'cosface_margin': 0.35, 'cosface_scale': 64.0, 'ms_alpha': 2.0,
-        'ms_beta': 50.0, 'ms_base': 0.5, 'ms_epsilon': 0.1, 'triplet_margin': 0.1,
-        'contrastive_pos_margin': 0.0, 'contrastive_neg_margin': 0.5, 'circle_m': 0.4,
-        'circle_gamma': 80.0, 'supcon_temperature': 0.1, 'optimizer': 'adamp', 'lr': 0.0001,
-        'proxy_lr': 0.01, 'weight_decay': 0.0, 'lr_step': 5, 'lr_gamma': 0.5, 'batch_size': 4,
-        'images_per_class': 0, 'num_epochs': 1, 'warm_up': 1, 'seed': 1, 'amp': False,
-        'num_workers': 0, 'resume': False, 'tensorboard': False, 'recalls': '1,2,4,8',
-        'val_fraction': 0.0, 'run_name': None}
+ARGS = {
+    'data_name': 'cub',
+    'crop_type': 'uncropped',
+    'cache_images': False,
+    'backbone_type': 'googlenet',
+    'feature_dim': 8,
+    'no_pretrained': True,
+    'loss_name': 'proxy_anchor',
+    'loss_args': '',
+    'scale': 32.0,
+    'margin': 0.1,
+    'proxy_nca_scale': 32.0,
+    'soft_triple_centers': 10,
+    'soft_triple_la': 20.0,
+    'soft_triple_gamma': 0.1,
+    'soft_triple_margin': 0.01,
+    'arcface_margin': 28.6,
+    'arcface_scale': 64.0,
+    'cosface_margin': 0.35,
+    'cosface_scale': 64.0,
+    'ms_alpha': 2.0,
+    'ms_beta': 50.0,
+    'ms_base': 0.5,
+    'ms_epsilon': 0.1,
+    'triplet_margin': 0.1,
+    'contrastive_pos_margin': 0.0,
+    'contrastive_neg_margin': 0.5,
+    'circle_m': 0.4,
+    'circle_gamma': 80.0,
+    'supcon_temperature': 0.1,
+    'optimizer': 'adamp',
+    'lr': 0.0001,
+    'proxy_lr': 0.01,
+    'weight_decay': 0.0,
+    'lr_step': 5,
+    'lr_gamma': 0.5,
+    'batch_size': 4,
+    'images_per_class': 0,
+    'num_epochs': 1,
+    'warm_up': 1,
+    'seed': 1,
+    'amp': False,
+    'num_workers': 0,
+    'resume': False,
+    'tensorboard': False,
+    'recalls': '1,2,4,8',
+    'val_fraction': 0.0,
+    'run_name': None,
+}
 # an older run's settings: from before --crop_type, --recalls and most recipe flags existed
-OLDER_ARGS = {key: ARGS[key] for key in ('data_name', 'backbone_type', 'feature_dim',
-                                         'no_pretrained', 'loss_name', 'lr', 'batch_size',
-                                         'num_epochs', 'warm_up', 'seed')}
+OLDER_ARGS = {
+    key: ARGS[key]
+    for key in (
+        'data_name',
+        'backbone_type',
+        'feature_dim',
+        'no_pretrained',
+        'loss_name',
+        'lr',
+        'batch_size',
+        'num_epochs',
+        'warm_up',
+        'seed',
+    )
+}
 METRICS = ['recall@1', 'recall@2', 'recall@4', 'recall@8', 'map@r', 'r_precision']
 COLUMNS = ['train_loss', 'train_accuracy'] + [f'test_{metric}' for metric in METRICS]
 
@@ -72,15 +134,20 @@ def write_run(folder, data_path, older=False):
     proxies = F.normalize(model.proxies.weight.detach(), dim=-1)
     data_base = {'proxies': proxies, 'args': args, 'epoch': 1}
     if not older:
-        data_base.update(data_root=os.path.abspath(data_path),
-                         weights_sha256=digest(model.state_dict()))
+        data_base.update(
+            data_root=os.path.abspath(data_path), weights_sha256=digest(model.state_dict())
+        )
     for split in ('train', 'test'):
         data = ImageReader(data_path, 'cub', split)
         with torch.no_grad():
             features = model.embed(torch.stack([data[i][0] for i in range(len(data))]))
-        data_base.update({f'{split}_images': [os.path.abspath(path) for path in data.images],
-                          f'{split}_labels': torch.tensor(data.labels),
-                          f'{split}_features': features})
+        data_base.update(
+            {
+                f'{split}_images': [os.path.abspath(path) for path in data.images],
+                f'{split}_labels': torch.tensor(data.labels),
+                f'{split}_features': features,
+            }
+        )
     others = list(model.backbone.parameters()) + list(model.embedding.parameters())
     proxy_weights = list(model.proxies.parameters())
     optimizer = AdamP([{'params': others}, {'params': proxy_weights, 'lr': 1e-2}], lr=1e-4)
@@ -89,12 +156,18 @@ def write_run(folder, data_path, older=False):
     scheduler.step()
     key, state, position, has_gauss, gauss = np.random.get_state()
     numpy = [key, torch.from_numpy(state.astype(np.int64)), position, has_gauss, gauss]
-    rng = {'python': random.getstate(), 'torch': torch.get_rng_state(), 'cuda': [],
-           'numpy': numpy}
+    rng = {'python': random.getstate(), 'torch': torch.get_rng_state(), 'cuda': [], 'numpy': numpy}
     statistics = {column: [0.5] for column in COLUMNS}
-    checkpoint = {'model': model.state_dict(), 'loss': {}, 'optimizer': optimizer.state_dict(),
-                  'scheduler': scheduler.state_dict(), 'epoch': 1, 'args': args, 'rng': rng,
-                  'statistics': statistics}
+    checkpoint = {
+        'model': model.state_dict(),
+        'loss': {},
+        'optimizer': optimizer.state_dict(),
+        'scheduler': scheduler.state_dict(),
+        'epoch': 1,
+        'args': args,
+        'rng': rng,
+        'statistics': statistics,
+    }
     if older:
         del checkpoint['loss']
     results = folder / 'results'
@@ -127,8 +200,9 @@ def test_test_py_searches_an_earlier_data_base(script, earlier, tmp_path, small_
     work, data_base = earlier
     name = f'{PREFIX}_1_data_base.pth'
     known = data_base['test_images'][1]
-    status, out, err = script('test', '--data_base', name, '--query_img_name', known,
-                              '--retrieval_num', 3, cwd=work)
+    status, out, err = script(
+        'test', '--data_base', name, '--query_img_name', known, '--retrieval_num', 3, cwd=work
+    )
     assert status == 0, err
     assert 'nearest images, ' in out and 'of the same class' in out
     query_name = os.path.splitext(os.path.basename(known))[0]
@@ -140,8 +214,9 @@ def test_test_py_searches_an_earlier_data_base(script, earlier, tmp_path, small_
     assert frame['path'].tolist() == expected
 
     # a photo outside the data base is embedded by the model beside it: an earlier digest matches
-    status, out, err = script('test', '--data_base', name, '--query_img_name',
-                              photo(tmp_path / 'mine.png', 0), cwd=work)
+    status, out, err = script(
+        'test', '--data_base', name, '--query_img_name', photo(tmp_path / 'mine.png', 0), cwd=work
+    )
     assert status == 0, err
     assert (query_folder(work / 'results', 'mine') / 'results.csv').is_file()
 
@@ -149,8 +224,9 @@ def test_test_py_searches_an_earlier_data_base(script, earlier, tmp_path, small_
     query = photo(album / 'a.png', 1)
     photo(album / 'b.png', 2)
     photo(album / 'c.png', 3)
-    status, out, err = script('test', '--data_base', name, '--query_img_name', query, '--gallery',
-                              album, cwd=work)
+    status, out, err = script(
+        'test', '--data_base', name, '--query_img_name', query, '--gallery', album, cwd=work
+    )
     assert status == 0, err
     found = pd.read_csv(query_folder(work / 'results', 'a') / 'results.csv')['path']
     assert sorted(found) == [str(album / 'b.png'), str(album / 'c.png')]
@@ -158,8 +234,9 @@ def test_test_py_searches_an_earlier_data_base(script, earlier, tmp_path, small_
 
 def test_test_py_reports_on_an_earlier_data_base(script, earlier):
     work, data_base = earlier
-    status, out, err = script('test', '--data_base', f'{PREFIX}_1_data_base.pth', '--report',
-                              cwd=work)
+    status, out, err = script(
+        'test', '--data_base', f'{PREFIX}_1_data_base.pth', '--report', cwd=work
+    )
     assert status == 0, err
     report = work / 'results' / f'{PREFIX}_1_data_base_report'
     assert (report / 'index.html').is_file()
@@ -183,8 +260,9 @@ def test_export_py_exports_an_earlier_run(script, earlier):
 
 def test_train_py_resumes_an_earlier_checkpoint(script, earlier, prepared, quick_runs):
     work, data_base = earlier
-    status, out, err = script('train', '--data_path', prepared, *TRAIN, '--num_epochs', 2,
-                              '--resume', cwd=work)
+    status, out, err = script(
+        'train', '--data_path', prepared, *TRAIN, '--num_epochs', 2, '--resume', cwd=work
+    )
     assert status == 0, err
     assert f'resuming results/{PREFIX}_checkpoint.pth after epoch 1' in out
     frame = pd.read_csv(work / 'results' / f'{PREFIX}_statistics.csv', index_col='epoch')

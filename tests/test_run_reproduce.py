@@ -1,4 +1,5 @@
 """reproduce.py: the grid it runs, the table and figure it writes from statistics CSVs (fabricated here)."""
+
 import os
 import shlex
 import subprocess
@@ -12,7 +13,10 @@ from script_runner import error_sentence, load_script
 from utils import index_path
 
 BACKBONES = ['resnet50', 'inception', 'googlenet']
-LARGER = ('--image_size', '256')  # the Proxy-Anchor paper's BN-Inception rows on CARS196, CUB and SOP
+LARGER = (
+    '--image_size',
+    '256',
+)  # the Proxy-Anchor paper's BN-Inception rows on CARS196, CUB and SOP
 
 
 def data_folders(root, names, prepared=()):
@@ -49,8 +53,13 @@ def parse_command(argv):
 
 
 def train_run(data_name, backbone, *extra, resume=False):
-    flags = {'--data_path': 'data', '--data_name': data_name, '--backbone_type': backbone,
-             '--loss_name': 'proxy_anchor', **({'--resume': True} if resume else {})}
+    flags = {
+        '--data_path': 'data',
+        '--data_name': data_name,
+        '--backbone_type': backbone,
+        '--loss_name': 'proxy_anchor',
+        **({'--resume': True} if resume else {}),
+    }
     if data_name in ('sop', 'inshop'):
         flags['--recalls'] = {'sop': '1,10,100,1000', 'inshop': '1,10,20,30,40'}[data_name]
     for i in range(0, len(extra), 2):
@@ -75,8 +84,9 @@ def test_dry_run_lists_the_full_grid(script, tmp_path):
 def test_dry_run_covers_only_the_data_present_and_passes_other_flags_on(script, tmp_path):
     data_folders(tmp_path, ['sop'], prepared=['sop'])
     commands, _ = dry_run(script, tmp_path, '--num_workers', '2')
-    assert commands == [train_run('sop', backbone, '--num_workers', '2') for backbone in BACKBONES] + [
-        train_run('sop', 'inception', *LARGER, '--num_workers', '2')]
+    assert commands == [
+        train_run('sop', backbone, '--num_workers', '2') for backbone in BACKBONES
+    ] + [train_run('sop', 'inception', *LARGER, '--num_workers', '2')]
 
 
 def test_finished_configurations_are_not_run_again(script, tmp_path):
@@ -85,20 +95,30 @@ def test_finished_configurations_are_not_run_again(script, tmp_path):
     fabricate(tmp_path, 'car', 'googlenet', epochs=7)  # interrupted: resumes from its checkpoint
     (tmp_path / 'results' / 'car_googlenet_proxy_anchor_512_checkpoint.pth').write_bytes(b'')
     commands, comments = dry_run(script, tmp_path)
-    assert commands == [train_run('car', 'inception'), train_run('car', 'googlenet', resume=True),
-                        train_run('car', 'inception', *LARGER)]
-    assert comments == ['# car_resnet50_proxy_anchor_512 already reached epoch 20: not trained again']
-    commands, _ = dry_run(script, tmp_path, '--num_epochs', '25')  # a longer schedule trains it further
+    assert commands == [
+        train_run('car', 'inception'),
+        train_run('car', 'googlenet', resume=True),
+        train_run('car', 'inception', *LARGER),
+    ]
+    assert comments == [
+        '# car_resnet50_proxy_anchor_512 already reached epoch 20: not trained again'
+    ]
+    commands, _ = dry_run(
+        script, tmp_path, '--num_epochs', '25'
+    )  # a longer schedule trains it further
     assert commands[0] == train_run('car', 'resnet50', '--num_epochs', '25')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the table and the figure
 
+
 def fabricate(root, data_name, backbone, epochs=20, final=None, best=None, ranks=None, suffix=''):
     """A statistics CSV as train.py writes it: recall rising to `final` (fractions) at the last epoch, except at
     epoch `best`, higher than the final one, which the table must not report."""
-    ranks = ranks or {'sop': [1, 10, 100, 1000], 'inshop': [1, 10, 20, 30, 40]}.get(data_name, [1, 2, 4, 8])
+    ranks = ranks or {'sop': [1, 10, 100, 1000], 'inshop': [1, 10, 20, 30, 40]}.get(
+        data_name, [1, 2, 4, 8]
+    )
     final = final or [0.5 + 0.1 * i for i in range(len(ranks))] + [0.3]  # recalls, then MAP@R
     rows = []
     for epoch in range(1, epochs + 1):
@@ -112,7 +132,10 @@ def fabricate(root, data_name, backbone, epochs=20, final=None, best=None, ranks
     folder = root / 'results'
     folder.mkdir(exist_ok=True)
     frame = pd.DataFrame(rows, index=pd.RangeIndex(1, epochs + 1, name='epoch'))
-    frame.to_csv(folder / f'{data_name}_{backbone}_proxy_anchor_512{suffix}_statistics.csv', index_label='epoch')
+    frame.to_csv(
+        folder / f'{data_name}_{backbone}_proxy_anchor_512{suffix}_statistics.csv',
+        index_label='epoch',
+    )
 
 
 def read_table(path):
@@ -135,17 +158,27 @@ def test_table_reports_the_final_epoch_beside_the_published_figures(script, tmp_
     fabricate(tmp_path, 'car', 'resnet50', final=[0.861, 0.922, 0.958, 0.971, 0.412], best=12)
     fabricate(tmp_path, 'cub', 'inception', epochs=5, final=[0.655, 0.77, 0.851, 0.906, 0.3])
     fabricate(tmp_path, 'sop', 'inception', final=[0.775, 0.9, 0.96, 0.99, 0.45])
-    fabricate(tmp_path, 'sop', 'googlenet', ranks=[1, 2, 4, 8], final=[0.7, 0.75, 0.8, 0.85, 0.4])  # wrong ranks
+    fabricate(
+        tmp_path, 'sop', 'googlenet', ranks=[1, 2, 4, 8], final=[0.7, 0.75, 0.8, 0.85, 0.4]
+    )  # wrong ranks
     fabricate(tmp_path, 'inshop', 'inception', final=[0.905, 0.978, 0.985, 0.99, 0.992, 0.6])
     # runs on folders of one's own images get their own tables, whatever the ranks, never a benchmark's
     fabricate(tmp_path, 'digits', 'inception', epochs=3, final=[0.965, 0.985, 0.99, 0.995, 0.534])
     fabricate(tmp_path, 'my_cars_2', 'resnet50', ranks=[1, 5], final=[0.4, 0.6, 0.2])
-    (tmp_path / 'results' / 'digits_inception_proxy_anchor_64_statistics.csv').write_text('not the tables\' dim')
+    (tmp_path / 'results' / 'digits_inception_proxy_anchor_64_statistics.csv').write_text(
+        'not the tables\' dim'
+    )
     status, out, err = script('reproduce', '--table', cwd=tmp_path)
     assert status == 0, err
     tables = read_table(tmp_path / 'results' / 'benchmarks.md')
-    assert list(tables) == ['CARS196', 'CUB200', 'Stanford Online Products', 'In-shop Clothes', 'digits',
-                            'my_cars_2']
+    assert list(tables) == [
+        'CARS196',
+        'CUB200',
+        'Stanford Online Products',
+        'In-shop Clothes',
+        'digits',
+        'my_cars_2',
+    ]
 
     car = tables['CARS196']
     assert car['header'] == ['R@1', 'R@2', 'R@4', 'R@8', 'MAP@R', 'Seeds']
@@ -154,7 +187,10 @@ def test_table_reports_the_final_epoch_beside_the_published_figures(script, tmp_
     assert car['ResNet50', 'published'][:4] == ['87.0%', '92.5%', '95.6%', '97.4%']
     assert car['ResNet50', 'difference'][:4] == ['-0.9', '-0.3', '+0.2', '-0.3']
     for backbone in ('Inception', 'GoogLeNet'):  # not run
-        assert car[backbone, 'reproduced'] == ['-'] * 5 + ['0 of 1'] and car[backbone, 'difference'][:4] == ['-'] * 4
+        assert (
+            car[backbone, 'reproduced'] == ['-'] * 5 + ['0 of 1']
+            and car[backbone, 'difference'][:4] == ['-'] * 4
+        )
     assert car['GoogLeNet', 'published'][:4] == ['78.8%', '86.2%', '91.5%', '95.1%']
 
     cub = tables['CUB200']
@@ -167,19 +203,43 @@ def test_table_reports_the_final_epoch_beside_the_published_figures(script, tmp_
     assert sop['Inception', 'reproduced'] == ['77.5%', '90.0%', '96.0%', '99.0%', '45.0%', '1']
     assert sop['Inception', 'published'][:4] == ['79.1%', '-', '-', '-']  # the paper's R@1 only
     assert sop['Inception', 'difference'][:4] == ['-1.6', '-', '-', '-']
-    assert sop['GoogLeNet', 'reproduced'] == ['70.0%', '-', '-', '-', '40.0%', '1']  # run at 1,2,4,8: R@1 only
+    assert sop['GoogLeNet', 'reproduced'] == [
+        '70.0%',
+        '-',
+        '-',
+        '-',
+        '40.0%',
+        '1',
+    ]  # run at 1,2,4,8: R@1 only
     assert sop['ResNet50', 'published'][:4] == ['-'] * 4
 
     inshop = tables['In-shop Clothes']
     assert inshop['header'] == ['R@1', 'R@10', 'R@20', 'R@30', 'R@40', 'MAP@R', 'Seeds']
-    assert inshop['Inception', 'reproduced'] == ['90.5%', '97.8%', '98.5%', '99.0%', '99.2%', '60.0%', '1']
-    assert inshop['Inception', 'published'][:5] == ['91.9%', '98.1%', '98.7%', '99.0%', '99.1%']  # official repo
+    assert inshop['Inception', 'reproduced'] == [
+        '90.5%',
+        '97.8%',
+        '98.5%',
+        '99.0%',
+        '99.2%',
+        '60.0%',
+        '1',
+    ]
+    assert inshop['Inception', 'published'][:5] == [
+        '91.9%',
+        '98.1%',
+        '98.7%',
+        '99.0%',
+        '99.1%',
+    ]  # official repo
     assert inshop['Inception', 'difference'][:5] == ['-1.4', '-0.3', '-0.2', '+0.0', '+0.1']
 
     digits = tables['digits']  # the quick start's run: 3 of 20 epochs
     assert digits['header'] == ['R@1', 'R@2', 'R@4', 'R@8', 'MAP@R', 'Seeds']
     assert digits['Inception', 'reproduced'] == ['-'] * 5 + ['0 of 1 (training: seed 1 at epoch 3)']
-    assert set(digits) == {'header', ('Inception', 'reproduced')}  # no published rows, no other backbones
+    assert set(digits) == {
+        'header',
+        ('Inception', 'reproduced'),
+    }  # no published rows, no other backbones
     assert tables['my_cars_2']['header'] == ['R@1', 'R@5', 'MAP@R', 'Seeds']
     assert tables['my_cars_2']['ResNet50', 'reproduced'] == ['40.0%', '60.0%', '20.0%', '1']
 
@@ -194,8 +254,10 @@ def test_table_with_no_statistics_at_all(script, tmp_path):
     assert status == 0, err
     tables = read_table(tmp_path / 'results' / 'benchmarks.md')
     for rows in tables.values():
-        assert all(rows[backbone, 'reproduced'] == ['-'] * (len(rows['header']) - 1) + ['0 of 1']
-                   for backbone in ('ResNet50', 'Inception', 'GoogLeNet'))
+        assert all(
+            rows[backbone, 'reproduced'] == ['-'] * (len(rows['header']) - 1) + ['0 of 1']
+            for backbone in ('ResNet50', 'Inception', 'GoogLeNet')
+        )
 
 
 def test_a_full_run_trains_the_grid_then_writes_the_table(script, tmp_path, monkeypatch):
@@ -207,9 +269,14 @@ def test_a_full_run_trains_the_grid_then_writes_the_table(script, tmp_path, monk
     def fake_train(argv, **kwargs):
         args = load_script('train').get_args_parser().parse_args(argv[2:])
         ran.append(parse_command(argv))
-        fabricate(tmp_path, args.data_name, args.backbone_type, epochs=args.num_epochs,
-                  final=[0.6, 0.7, 0.8, 0.9, 0.35],
-                  suffix='' if args.image_size == 224 else f'_image_size{args.image_size}')
+        fabricate(
+            tmp_path,
+            args.data_name,
+            args.backbone_type,
+            epochs=args.num_epochs,
+            final=[0.6, 0.7, 0.8, 0.9, 0.35],
+            suffix='' if args.image_size == 224 else f'_image_size{args.image_size}',
+        )
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(load_script('reproduce').subprocess, 'run', fake_train)
@@ -227,7 +294,9 @@ def test_a_full_run_trains_the_grid_then_writes_the_table(script, tmp_path, monk
 def test_a_failed_run_stops_with_one_sentence(script, tmp_path, monkeypatch):
     data_folders(tmp_path, ['car'], prepared=['car'])
     reproduce = load_script('reproduce')
-    monkeypatch.setattr(reproduce.subprocess, 'run', lambda argv, **kwargs: subprocess.CompletedProcess(argv, 1))
+    monkeypatch.setattr(
+        reproduce.subprocess, 'run', lambda argv, **kwargs: subprocess.CompletedProcess(argv, 1)
+    )
     status, _, err = script('reproduce', '--data_path', 'data', cwd=tmp_path)
     assert 'train car_resnet50_proxy_anchor_512 failed' in error_sentence(status, err)
 
@@ -235,54 +304,112 @@ def test_a_failed_run_stops_with_one_sentence(script, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------------
 # several seeds
 
+
 def test_seeds_train_every_configuration_once_per_seed_with_the_other_flags(script, tmp_path):
     """--seeds 1,2,3 lists each configuration three times, seed 1 with the seed's command; other flags go along,
     and a run already finished under its own name is skipped."""
     data_folders(tmp_path, ['cub'], prepared=['cub'])
     fabricate(tmp_path, 'cub', 'resnet50', suffix='_margin0.2_seed2')
     commands, comments = dry_run(script, tmp_path, '--seeds', '1,2,3', '--margin', '0.2')
-    expected = [train_run('cub', backbone, *larger, *seed, '--margin', '0.2')
-                for backbone, larger in [(backbone, ()) for backbone in BACKBONES] + [('inception', LARGER)]
-                for seed in ([], ['--seed', '2'], ['--seed', '3'])]
+    expected = [
+        train_run('cub', backbone, *larger, *seed, '--margin', '0.2')
+        for backbone, larger in [(backbone, ()) for backbone in BACKBONES] + [('inception', LARGER)]
+        for seed in ([], ['--seed', '2'], ['--seed', '3'])
+    ]
     expected.remove(train_run('cub', 'resnet50', '--seed', '2', '--margin', '0.2'))
     assert commands == expected
-    assert comments == ['# cub_resnet50_proxy_anchor_512_margin0.2_seed2 already reached epoch 20: not trained again']
+    assert comments == [
+        '# cub_resnet50_proxy_anchor_512_margin0.2_seed2 already reached epoch 20: not trained again'
+    ]
 
 
-@pytest.mark.parametrize('flag', ['crop_type', 'no_pretrained', 'scale', 'optimizer', 'lr', 'proxy_lr', 'weight_decay',
-                                  'lr_step', 'lr_gamma', 'batch_size', 'warm_up', 'amp', 'val_fraction'])
+@pytest.mark.parametrize(
+    'flag',
+    [
+        'crop_type',
+        'no_pretrained',
+        'scale',
+        'optimizer',
+        'lr',
+        'proxy_lr',
+        'weight_decay',
+        'lr_step',
+        'lr_gamma',
+        'batch_size',
+        'warm_up',
+        'amp',
+        'val_fraction',
+    ],
+)
 def test_the_table_finds_a_run_of_any_flag_off_its_default(script, tmp_path, flag):
     """reproduce.py --table with a recipe flag passed on reads the run train.py names after that flag, not the
     default run's."""
     from test_train_flags import OFF_DEFAULT
+
     flags = [f'--{flag}', *OFF_DEFAULT[flag][0]]
     train = load_script('train')
     name = train.prefix_of(train.get_args_parser().parse_args(['--data_name', 'cub', *flags]))
-    fabricate(tmp_path, 'cub', 'resnet50', final=[0.71, 0.8, 0.9, 0.95, 0.3],
-              suffix=name[len('cub_resnet50_proxy_anchor_512'):])
-    fabricate(tmp_path, 'cub', 'resnet50', final=[0.5, 0.6, 0.7, 0.8, 0.2])  # the default run: not this table's
+    fabricate(
+        tmp_path,
+        'cub',
+        'resnet50',
+        final=[0.71, 0.8, 0.9, 0.95, 0.3],
+        suffix=name[len('cub_resnet50_proxy_anchor_512') :],
+    )
+    fabricate(
+        tmp_path, 'cub', 'resnet50', final=[0.5, 0.6, 0.7, 0.8, 0.2]
+    )  # the default run: not this table's
     status, out, err = script('reproduce', '--table', *flags, cwd=tmp_path)
     assert status == 0, err
-    assert read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']['ResNet50', 'reproduced'][0] == '71.0%'
+    assert (
+        read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']['ResNet50', 'reproduced'][0]
+        == '71.0%'
+    )
 
 
 def test_table_reports_mean_and_sample_spread_over_the_finished_seeds(script, tmp_path):
     """Three seeds at R@1 70, 72 and 74 read 72.0 ± 2.0 (sample standard deviation); a seed still training is left
     out and said; one finished seed has no spread. The figure draws the spread as error bars."""
     for seed, r1 in ((1, 0.70), (2, 0.72), (3, 0.74)):
-        fabricate(tmp_path, 'cub', 'resnet50', final=[r1, 0.8, 0.9, 0.95, 0.3 + seed / 100],
-                  suffix='_margin0.2' + ('' if seed == 1 else f'_seed{seed}'))
+        fabricate(
+            tmp_path,
+            'cub',
+            'resnet50',
+            final=[r1, 0.8, 0.9, 0.95, 0.3 + seed / 100],
+            suffix='_margin0.2' + ('' if seed == 1 else f'_seed{seed}'),
+        )
     fabricate(tmp_path, 'cub', 'inception', final=[0.6, 0.7, 0.8, 0.9, 0.3], suffix='_margin0.2')
     fabricate(tmp_path, 'cub', 'inception', epochs=4, suffix='_margin0.2_seed2')
-    fabricate(tmp_path, 'cub', 'googlenet', final=[0.9, 0.9, 0.9, 0.9, 0.9])  # another margin: not this table's
-    status, out, err = script('reproduce', '--table', '--seeds', '1,2,3', '--margin', '0.2', cwd=tmp_path)
+    fabricate(
+        tmp_path, 'cub', 'googlenet', final=[0.9, 0.9, 0.9, 0.9, 0.9]
+    )  # another margin: not this table's
+    status, out, err = script(
+        'reproduce', '--table', '--seeds', '1,2,3', '--margin', '0.2', cwd=tmp_path
+    )
     assert status == 0, err
     cub = read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']
-    assert cub['ResNet50', 'reproduced'] == ['72.0 ± 2.0', '80.0 ± 0.0', '90.0 ± 0.0', '95.0 ± 0.0', '32.0 ± 1.0',
-                                             '3']
-    assert cub['ResNet50', 'difference'][:4] == ['+2.0', '+0.4', '+3.1', '+2.8']  # against 70.0 79.6 86.9 92.2
-    assert cub['Inception', 'reproduced'] == ['60.0%', '70.0%', '80.0%', '90.0%', '30.0%',
-                                              '1 of 3 (training: seed 2 at epoch 4)']
+    assert cub['ResNet50', 'reproduced'] == [
+        '72.0 ± 2.0',
+        '80.0 ± 0.0',
+        '90.0 ± 0.0',
+        '95.0 ± 0.0',
+        '32.0 ± 1.0',
+        '3',
+    ]
+    assert cub['ResNet50', 'difference'][:4] == [
+        '+2.0',
+        '+0.4',
+        '+3.1',
+        '+2.8',
+    ]  # against 70.0 79.6 86.9 92.2
+    assert cub['Inception', 'reproduced'] == [
+        '60.0%',
+        '70.0%',
+        '80.0%',
+        '90.0%',
+        '30.0%',
+        '1 of 3 (training: seed 2 at epoch 4)',
+    ]
     assert cub['GoogLeNet', 'reproduced'] == ['-'] * 5 + ['0 of 3']
     assert 'with --margin 0.2' in (tmp_path / 'results' / 'benchmarks.md').read_text()
     with Image.open(tmp_path / 'results' / 'benchmarks.png') as image:
@@ -292,13 +419,26 @@ def test_table_reports_mean_and_sample_spread_over_the_finished_seeds(script, tm
 # ----------------------------------------------------------------------------------------------------------------------
 # several losses
 
+
 def test_losses_train_each_configuration_once_per_loss_and_seed(script, tmp_path):
     """--losses lists every backbone x loss x seed, each with its --loss_name, the other flags passed on; a finished
     run of one loss is skipped under its own name."""
     data_folders(tmp_path, ['cub'], prepared=['cub'])
-    fabricate(tmp_path, 'cub', 'resnet50', suffix='_images_per_class4_seed2')  # proxy_anchor, seed 2: finished
-    commands, comments = dry_run(script, tmp_path, '--backbones', 'resnet50', '--losses',
-                                 'proxy_anchor,multi_similarity', '--seeds', '1,2', '--images_per_class', '4')
+    fabricate(
+        tmp_path, 'cub', 'resnet50', suffix='_images_per_class4_seed2'
+    )  # proxy_anchor, seed 2: finished
+    commands, comments = dry_run(
+        script,
+        tmp_path,
+        '--backbones',
+        'resnet50',
+        '--losses',
+        'proxy_anchor,multi_similarity',
+        '--seeds',
+        '1,2',
+        '--images_per_class',
+        '4',
+    )
     expected = []
     for loss in ('proxy_anchor', 'multi_similarity'):
         for seed in ([], ['--seed', '2']):
@@ -307,26 +447,54 @@ def test_losses_train_each_configuration_once_per_loss_and_seed(script, tmp_path
             expected.append(command)
     del expected[1]
     assert commands == expected
-    assert comments == ['# cub_resnet50_proxy_anchor_512_images_per_class4_seed2 already reached epoch 20: not '
-                        'trained again']
+    assert comments == [
+        '# cub_resnet50_proxy_anchor_512_images_per_class4_seed2 already reached epoch 20: not '
+        'trained again'
+    ]
 
 
 def test_table_has_a_row_per_backbone_and_loss(script, tmp_path):
     """--table --losses reads each loss's runs: Proxy-Anchor's rows carry the published figures, the others none."""
     (tmp_path / 'results').mkdir()
     for loss, r1 in (('proxy_anchor', 0.7), ('multi_similarity', 0.66)):
-        frame = pd.DataFrame({'train_loss': [1.0], 'train_accuracy': [float('nan')], 'test_recall@1': [r1],
-                              'test_recall@2': [0.8], 'test_recall@4': [0.9], 'test_recall@8': [0.95],
-                              'test_map@r': [0.3], 'test_r_precision': [0.35]},
-                             index=pd.RangeIndex(1, 2, name='epoch'))
-        frame.to_csv(tmp_path / 'results' / f'cub_resnet50_{loss}_512_statistics.csv', index_label='epoch',
-                     na_rep='n/a')
-    status, _, err = script('reproduce', '--table', '--backbones', 'resnet50', '--losses',
-                            'proxy_anchor,multi_similarity', '--num_epochs', '1', cwd=tmp_path)
+        frame = pd.DataFrame(
+            {
+                'train_loss': [1.0],
+                'train_accuracy': [float('nan')],
+                'test_recall@1': [r1],
+                'test_recall@2': [0.8],
+                'test_recall@4': [0.9],
+                'test_recall@8': [0.95],
+                'test_map@r': [0.3],
+                'test_r_precision': [0.35],
+            },
+            index=pd.RangeIndex(1, 2, name='epoch'),
+        )
+        frame.to_csv(
+            tmp_path / 'results' / f'cub_resnet50_{loss}_512_statistics.csv',
+            index_label='epoch',
+            na_rep='n/a',
+        )
+    status, _, err = script(
+        'reproduce',
+        '--table',
+        '--backbones',
+        'resnet50',
+        '--losses',
+        'proxy_anchor,multi_similarity',
+        '--num_epochs',
+        '1',
+        cwd=tmp_path,
+    )
     assert status == 0, err
     cub = read_table(tmp_path / 'results' / 'benchmarks.md')['CUB200']
     assert cub['ResNet50, proxy_anchor', 'reproduced'][0] == '70.0%'
-    assert cub['ResNet50, proxy_anchor', 'published'][0] == '70.0%'  # the seed README's ResNet-50 CUB R@1
+    assert (
+        cub['ResNet50, proxy_anchor', 'published'][0] == '70.0%'
+    )  # the seed README's ResNet-50 CUB R@1
     assert cub['ResNet50, multi_similarity', 'reproduced'][0] == '66.0%'
     assert cub['ResNet50, multi_similarity', 'published'][:4] == ['-'] * 4
-    assert 'losses proxy_anchor, multi_similarity' in (tmp_path / 'results' / 'benchmarks.md').read_text()
+    assert (
+        'losses proxy_anchor, multi_similarity'
+        in (tmp_path / 'results' / 'benchmarks.md').read_text()
+    )

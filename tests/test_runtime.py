@@ -1,5 +1,6 @@
 """runtime.py's outputs: a SIGKILL at any moment leaves each file either old and whole or new and
 whole, with the umask's permissions; a failed write keeps the old file and leaves no temporary."""
+
 import os
 import random
 import signal
@@ -16,8 +17,10 @@ from script_runner import temporaries
 
 def write(folder, version):
     """One version of a 4 MB tensor file and of a 20,000-row CSV."""
-    runtime.atomic_save({'version': version, 'values': torch.full((1_000_000,), float(version))},
-                      os.path.join(folder, 'big.pth'))
+    runtime.atomic_save(
+        {'version': version, 'values': torch.full((1_000_000,), float(version))},
+        os.path.join(folder, 'big.pth'),
+    )
     with runtime.atomic_path(os.path.join(folder, 'table.csv')) as tmp:
         pd.DataFrame({'version': [version] * 20_000}).to_csv(tmp)
 
@@ -29,8 +32,10 @@ def test_sigkill_leaves_the_old_or_the_new_file_whole(tmp_path):
         pid = os.fork()
         if pid == 0:  # the child writes until the parent kills it; it never returns into pytest
             try:
-                torch.set_num_threads(1)  # as in a DataLoader worker: no OpenMP pool inherited through fork
-                for version in range(1, 10 ** 6):  # new versions until killed
+                torch.set_num_threads(
+                    1
+                )  # as in a DataLoader worker: no OpenMP pool inherited through fork
+                for version in range(1, 10**6):  # new versions until killed
                     write(str(tmp_path), version)
             finally:
                 os._exit(1)

@@ -1,5 +1,6 @@
 """Mixed precision (--amp): the losses compute in float32 whatever the cosines' dtype, and
 train.py's epoch and optimizer step in bfloat16 on the CPU."""
+
 import types
 
 import pytest
@@ -27,7 +28,7 @@ def cosine_problem(trained, batch=64, classes=100, dim=512, seed=0):
     with torch.no_grad():
         proxies.weight.copy_(F.normalize(torch.randn(classes, dim, generator=generator), dim=-1))
     labels = torch.randint(0, classes, (batch,), generator=generator)
-    noise = torch.randn(batch, dim, generator=generator) / dim ** 0.5
+    noise = torch.randn(batch, dim, generator=generator) / dim**0.5
     embeddings = F.normalize(trained * proxies.weight.detach()[labels] + noise, dim=-1)
     return embeddings, proxies, labels
 
@@ -54,14 +55,14 @@ def test_autocast_cosines_give_the_float32_loss_and_finite_gradients(loss_name, 
     embeddings, proxies, labels = cosine_problem(0.5)
     loss = LOSSES[loss_name].build()
     expected = loss(proxies(embeddings), labels)
-    expected_grad, = torch.autograd.grad(expected, proxies.weight)
+    (expected_grad,) = torch.autograd.grad(expected, proxies.weight)
     with torch.autocast('cpu', dtype=dtype):
         cosines = proxies(embeddings)
         actual = loss(cosines, labels)
     assert cosines.dtype == dtype  # the autocast really ran the linear layer in low precision
     assert actual.dtype == torch.float32 and torch.isfinite(actual)
     assert actual.item() == pytest.approx(expected.item(), rel=1e-2)
-    grad, = torch.autograd.grad(actual, proxies.weight)
+    (grad,) = torch.autograd.grad(actual, proxies.weight)
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
     assert (grad - expected_grad).norm() <= 0.05 * expected_grad.norm()
 
@@ -82,13 +83,25 @@ def test_train_one_epoch_with_amp_on_cpu():
     before = model.embedding.weight.detach().clone()
     optimizer = train.ChannelsLastAdamP(model.parameters(), lr=1e-3)
     args = types.SimpleNamespace(amp=True, no_pretrained=True, num_epochs=1, feature_dim=16)
-    loader = DataLoader(train.Marked(Pairs(images, labels)),
-                        batch_sampler=train.GlobalBatches(8, 4, seed=1))
+    loader = DataLoader(
+        train.Marked(Pairs(images, labels)), batch_sampler=train.GlobalBatches(8, 4, seed=1)
+    )
     # args.amp: bf16 autocast on the CPU, channels_last inputs
-    stats, features = train.train_one_epoch(model, loader, LOSSES['proxy_anchor'].build(), True,
-                                            optimizer, torch.device('cpu'), 1, args, rank=0)
+    stats, features = train.train_one_epoch(
+        model,
+        loader,
+        LOSSES['proxy_anchor'].build(),
+        True,
+        optimizer,
+        torch.device('cpu'),
+        1,
+        args,
+        rank=0,
+    )
     assert stats['loss'] > 0 and stats['images_per_second'] > 0
-    assert features.dtype == torch.float32 and torch.allclose(features.norm(dim=1), torch.ones(8), atol=1e-2)
+    assert features.dtype == torch.float32 and torch.allclose(
+        features.norm(dim=1), torch.ones(8), atol=1e-2
+    )
     assert not torch.equal(model.embedding.weight, before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -99,8 +112,10 @@ def test_channels_last_adamp_steps_like_adamp():
     conv = nn.Conv2d(3, 8, 3)
     steps = [(torch.randn_like(conv.weight), torch.randn_like(conv.bias)) for _ in range(3)]
     results = []
-    for optimizer_class, memory_format in ((AdamP, torch.contiguous_format), (train.ChannelsLastAdamP,
-                                                                               torch.channels_last)):
+    for optimizer_class, memory_format in (
+        (AdamP, torch.contiguous_format),
+        (train.ChannelsLastAdamP, torch.channels_last),
+    ):
         layer = nn.Conv2d(3, 8, 3)
         layer.load_state_dict(conv.state_dict())
         layer = layer.to(memory_format=memory_format)
@@ -112,7 +127,9 @@ def test_channels_last_adamp_steps_like_adamp():
         results.append(layer.weight.detach())
     assert results[1].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
-    with pytest.raises(RuntimeError):  # the reason for the subclass: plain AdamP fails on channels_last weights
+    with pytest.raises(
+        RuntimeError
+    ):  # the reason for the subclass: plain AdamP fails on channels_last weights
         layer = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
         layer.weight.grad = torch.randn_like(layer.weight)
         AdamP(layer.parameters()).step()

@@ -2,6 +2,7 @@
 checkpoint and the data base, and resume exactly; a pair-based loss builds no proxies and says
 train accuracy does not apply; a pair loss on class-balanced batches learns an embedding for
 unseen classes."""
+
 import math
 
 import pandas as pd
@@ -24,18 +25,42 @@ PLOT = runs.plot_statistics  # the real one: quick_runs replaces it
 
 def run_flags(data_path, loss_name, *extra, epochs=2):
     """A tiny GoogLeNet run of loss_name: 8 training images of 2 classes in batches of 4."""
-    return ['--data_path', data_path, '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
-            '--feature_dim', 8, '--batch_size', 4, '--num_epochs', epochs, '--warm_up', 1, '--num_workers', 0,
-            '--loss_name', loss_name, *extra]
+    return [
+        '--data_path',
+        data_path,
+        '--data_name',
+        'cub',
+        '--backbone_type',
+        'googlenet',
+        '--no_pretrained',
+        '--feature_dim',
+        8,
+        '--batch_size',
+        4,
+        '--num_epochs',
+        epochs,
+        '--warm_up',
+        1,
+        '--num_workers',
+        0,
+        '--loss_name',
+        loss_name,
+        *extra,
+    ]
 
 
 def prefix(loss_name, *extra, epochs=2):
     """The run name of run_flags(...) with these extra flags."""
-    return train.prefix_of(train.get_args_parser().parse_args(map(str, run_flags('data', loss_name, *extra,
-                                                                                 epochs=epochs))))
+    return train.prefix_of(
+        train.get_args_parser().parse_args(
+            map(str, run_flags('data', loss_name, *extra, epochs=epochs))
+        )
+    )
 
 
-def test_a_step_trains_the_backbone_after_warm_up_and_the_loss_own_proxies(prepared, tmp_path, recorded):
+def test_a_step_trains_the_backbone_after_warm_up_and_the_loss_own_proxies(
+    prepared, tmp_path, recorded
+):
     """Proxy-NCA's class weights are the loss's: in the optimizer at --proxy_lr, moved in the warm-up epoch as the
     embedding layer is while the backbone is not, and moved again with the backbone after it; the model builds no
     proxies, and the data base stores the loss's, normalised."""
@@ -51,7 +76,9 @@ def test_a_step_trains_the_backbone_after_warm_up_and_the_loss_own_proxies(prepa
         params_before, params_after = epoch['before'][0], epoch['after'][0]
         assert not torch.equal(epoch['loss_before'][weights], epoch['loss_after'][weights])
         assert not torch.equal(params_before['embedding.weight'], params_after['embedding.weight'])
-        moved = not torch.equal(params_before['backbone.conv1.conv.weight'], params_after['backbone.conv1.conv.weight'])
+        moved = not torch.equal(
+            params_before['backbone.conv1.conv.weight'], params_after['backbone.conv1.conv.weight']
+        )
         assert moved == backbone_moves
     name = prefix('proxy_nca', '--proxy_lr', 0.02)
     data_base = DataBase.load(tmp_path / 'results' / f'{name}_2_data_base.pth')
@@ -95,39 +122,84 @@ def test_resume_of_a_loss_with_own_parameters_equals_an_uninterrupted_run(prepar
     read = {run: pd.read_csv(tmp_path / run / 'results' / f'{name}_statistics.csv') for run in 'ab'}
     pd.testing.assert_frame_equal(read['a'], read['b'], check_exact=True)
     assert len(read['a']) == 2
-    checkpoints = {run: torch.load(tmp_path / run / 'results' / f'{name}_checkpoint.pth', weights_only=True)
-                   for run in 'ab'}
+    checkpoints = {
+        run: torch.load(tmp_path / run / 'results' / f'{name}_checkpoint.pth', weights_only=True)
+        for run in 'ab'
+    }
     assert checkpoints['a']['loss']['loss.fc'].shape == (8, 2 * 10)
     for key in ('loss', 'model'):
-        for tensor, expected in zip(checkpoints['b'][key].values(), checkpoints['a'][key].values(), strict=True):
+        for tensor, expected in zip(
+            checkpoints['b'][key].values(), checkpoints['a'][key].values(), strict=True
+        ):
             assert torch.equal(tensor, expected)
 
 
 def test_resume_refuses_another_loss_setting(prepared, tmp_path, script):
     """A checkpoint trained with other class-balanced batches or loss arguments is refused by name."""
     name = prefix('pml/ContrastiveLoss', '--loss_args', 'neg_margin=0.5', '--images_per_class', 2)
-    assert name == ('cub_googlenet_pml-ContrastiveLoss_8_no_pretrained_loss_argsneg_margin=0.5_batch_size4_'
-                    'images_per_class2_warm_up1')
-    saved = vars(train.get_args_parser().parse_args(map(str, run_flags(
-        prepared, 'pml/ContrastiveLoss', '--loss_args', 'neg_margin=0.5', '--images_per_class', 4))))
+    assert name == (
+        'cub_googlenet_pml-ContrastiveLoss_8_no_pretrained_loss_argsneg_margin=0.5_batch_size4_'
+        'images_per_class2_warm_up1'
+    )
+    saved = vars(
+        train.get_args_parser().parse_args(
+            map(
+                str,
+                run_flags(
+                    prepared,
+                    'pml/ContrastiveLoss',
+                    '--loss_args',
+                    'neg_margin=0.5',
+                    '--images_per_class',
+                    4,
+                ),
+            )
+        )
+    )
     (tmp_path / 'results').mkdir()
-    torch.save({'model': {}, 'optimizer': {}, 'scheduler': {}, 'epoch': 1, 'args': saved, 'rng': {},
-                'statistics': {}}, tmp_path / 'results' / f'{name}_checkpoint.pth')
-    status, _, err = script('train', *run_flags(prepared, 'pml/ContrastiveLoss', '--loss_args', 'neg_margin=0.5',
-                                                '--images_per_class', 2, '--resume'), cwd=tmp_path)
-    assert error_sentence(status, err) == (f'error: results/{name}_checkpoint.pth was trained with --images_per_class '
-                                           f'4, not 2; resume with the same flags or start afresh without --resume')
+    torch.save(
+        {
+            'model': {},
+            'optimizer': {},
+            'scheduler': {},
+            'epoch': 1,
+            'args': saved,
+            'rng': {},
+            'statistics': {},
+        },
+        tmp_path / 'results' / f'{name}_checkpoint.pth',
+    )
+    status, _, err = script(
+        'train',
+        *run_flags(
+            prepared,
+            'pml/ContrastiveLoss',
+            '--loss_args',
+            'neg_margin=0.5',
+            '--images_per_class',
+            2,
+            '--resume',
+        ),
+        cwd=tmp_path,
+    )
+    assert error_sentence(status, err) == (
+        f'error: results/{name}_checkpoint.pth was trained with --images_per_class '
+        f'4, not 2; resume with the same flags or start afresh without --resume'
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # learning: a pair loss on class-balanced batches
+
 
 class PairEmbedder(nn.Module):
     """A small MLP embedding, L2-normalised, without proxies (a pair loss needs none)."""
 
     def __init__(self, dim=16):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(SIGNAL + NUISANCE, 64), nn.ReLU(), nn.Linear(64, dim, bias=False))
+        self.net = nn.Sequential(
+            nn.Linear(SIGNAL + NUISANCE, 64), nn.ReLU(), nn.Linear(64, dim, bias=False)
+        )
 
     def forward(self, x):
         return F.normalize(self.net(x), dim=-1)
@@ -141,7 +213,9 @@ def test_a_pair_loss_on_class_balanced_batches_learns_unseen_classes(loss_name):
     (train_x, train_y), (test_x, test_y) = synthetic(num_train=60, num_test=20)
     net = PairEmbedder()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    loss_criterion = LOSSES[loss_name].build(**{flag: hyper.default for flag, hyper in LOSSES[loss_name].hyper.items()})
+    loss_criterion = LOSSES[loss_name].build(
+        **{flag: hyper.default for flag, hyper in LOSSES[loss_name].hyper.items()}
+    )
     sampler = train.ClassBalancedBatches(train_y.tolist(), 64, 4, seed=1)
 
     def held_out_recall():
@@ -160,8 +234,12 @@ def test_a_pair_loss_on_class_balanced_batches_learns_unseen_classes(loss_name):
             losses.append(loss.item())
     after = held_out_recall()
     assert all(math.isfinite(value) for value in losses) and len(losses) >= 300
-    assert before < 0.25, f'the task is too easy at initialisation: R@1 {before:.2f} (chance {chance:.2f})'
-    assert after > 0.8 and after > before + 0.5 and after > 10 * chance, f'R@1 {before:.2f} -> {after:.2f}'
+    assert (
+        before < 0.25
+    ), f'the task is too easy at initialisation: R@1 {before:.2f} (chance {chance:.2f})'
+    assert (
+        after > 0.8 and after > before + 0.5 and after > 10 * chance
+    ), f'R@1 {before:.2f} -> {after:.2f}'
 
 
 def test_every_loss_entry_declares_what_it_is_called_on():
@@ -178,11 +256,17 @@ def test_the_figure_says_accuracy_does_not_apply(monkeypatch):
     """Without class proxies the training panel draws the loss alone and says that train accuracy does not apply."""
     drawn = []
     monkeypatch.setattr(runs, 'save_figure', lambda figure, path: drawn.append(figure))
-    frame = pd.DataFrame({'train_loss': [0.5, 0.4], 'train_accuracy': [math.nan, math.nan],
-                          'test_recall@1': [0.2, 0.3], 'test_map@r': [0.1, 0.2]},
-                         index=pd.RangeIndex(1, 3, name='epoch'))
+    frame = pd.DataFrame(
+        {
+            'train_loss': [0.5, 0.4],
+            'train_accuracy': [math.nan, math.nan],
+            'test_recall@1': [0.2, 0.3],
+            'test_map@r': [0.1, 0.2],
+        },
+        index=pd.RangeIndex(1, 3, name='epoch'),
+    )
     PLOT(frame, 'unused.png')
-    figure, = drawn
+    (figure,) = drawn
     training = figure.axes[0]
     assert len(figure.axes) == 2  # the training panel and the test panel: no accuracy axis
     assert [line.get_label() for line in training.get_lines()] == ['loss']
@@ -190,16 +274,18 @@ def test_the_figure_says_accuracy_does_not_apply(monkeypatch):
 
 
 @pytest.mark.parametrize('loss_args, proxies', [('margin=0.4,Tn=1', 0), ('sub_centers=2', 2)])
-def test_a_pml_loss_by_name_reaches_the_run(prepared, tmp_path, script, recorded, loss_args,
-                                            proxies):
+def test_a_pml_loss_by_name_reaches_the_run(
+    prepared, tmp_path, script, recorded, loss_args, proxies
+):
     """pml/<Name> with --loss_args: the run trains that class with those arguments, its weights (if any) in the
-    proxy group, and the model without proxies; RankedListLoss needs its two arguments, which --loss_args gives."""
+    proxy group, and the model without proxies; RankedListLoss needs its two arguments, which --loss_args gives.
+    """
     name = 'pml/RankedListLoss' if proxies == 0 else 'pml/SubCenterArcFaceLoss'
     flags = run_flags(prepared, name, '--loss_args', loss_args, epochs=1)
     status, _, err = script('train', *flags, cwd=tmp_path, watch=recorded)
     assert status == 0, err
     loss, optimizer = recorded[0]['loss'], recorded[0]['optimizer']
-    assert type(loss.loss).__name__ == name[len('pml/'):]
+    assert type(loss.loss).__name__ == name[len('pml/') :]
     assert recorded[0]['model'].proxies.weight.shape == (0, 8)
     own = list(loss.parameters())
     assert len(own) == (1 if proxies else 0)

@@ -1,6 +1,7 @@
 """train.py's samplers, --images_per_class M: class-balanced global batches, every image in each
 epoch, seeded by (seed, epoch), dealt to torchrun's ranks; the hint for a pair-based loss
 without it."""
+
 from collections import Counter
 
 import pytest
@@ -42,7 +43,7 @@ def test_each_batch_holds_p_classes_with_m_images_each(batch_size, per_class):
         classes = Counter(labels[index] for index in batch)
         assert len(classes) == batch_size // per_class and set(classes.values()) == {per_class}
         for start in range(0, batch_size, per_class):  # one class after another, M images each
-            group = batch[start:start + per_class]
+            group = batch[start : start + per_class]
             assert len({labels[index] for index in group}) == 1
             size = SIZES[labels[group[0]]]
             # no image twice in a group unless its class is smaller than M
@@ -59,7 +60,9 @@ def test_every_image_is_seen_in_every_epoch(batch_size, per_class):
         counts = Counter(index for batch in drawn for index in batch)
         assert set(counts) == set(range(len(labels)))
         groups = sum(-(-size // per_class) for size in SIZES)
-        assert sum(counts.values()) <= (groups + batch_size // per_class - 1) * per_class + batch_size
+        assert (
+            sum(counts.values()) <= (groups + batch_size // per_class - 1) * per_class + batch_size
+        )
 
 
 def test_evenly_divisible_classes_see_each_image_exactly_once():
@@ -86,7 +89,9 @@ def test_torchrun_ranks_share_each_global_batch(world):
     """The ranks' shares of a step are equal in length, hold no padding, and together are the global batch one
     process trains on."""
     labels = labels_of(SIZES)
-    samplers = [train.ClassBalancedBatches(labels, 8, 2, rank, world, seed=1) for rank in range(world)]
+    samplers = [
+        train.ClassBalancedBatches(labels, 8, 2, rank, world, seed=1) for rank in range(world)
+    ]
     for sampler in samplers:
         sampler.set_epoch(2)
     steps = list(zip(*samplers))
@@ -97,19 +102,49 @@ def test_torchrun_ranks_share_each_global_batch(world):
         assert all(epoch == 2 and not padding for share in shares for _, epoch, padding in share)
 
 
-@pytest.mark.parametrize('loss_name, flags, hinted', [('contrastive', [], True),
-                                                      ('contrastive', ['--images_per_class', '2'], False),
-                                                      ('proxy_nca', [], False), ('proxy_anchor', [], False)])
+@pytest.mark.parametrize(
+    'loss_name, flags, hinted',
+    [
+        ('contrastive', [], True),
+        ('contrastive', ['--images_per_class', '2'], False),
+        ('proxy_nca', [], False),
+        ('proxy_anchor', [], False),
+    ],
+)
 def test_a_pair_loss_without_class_balanced_batches_prints_one_hint(
-        prepared, tmp_path, script, recorded, quick_runs, loss_name, flags, hinted):
+    prepared, tmp_path, script, recorded, quick_runs, loss_name, flags, hinted
+):
     """Only a pair-based loss on shuffled batches is told to pass --images_per_class; the flag reaches the loader."""
-    status, out, err = script('train', '--data_path', prepared, '--data_name', 'cub',
-                              '--backbone_type', TINY, '--no_pretrained', '--num_workers', 0,
-                              '--batch_size', 4, '--num_epochs', 1, '--loss_name', loss_name,
-                              *flags, cwd=tmp_path, watch=recorded)
+    status, out, err = script(
+        'train',
+        '--data_path',
+        prepared,
+        '--data_name',
+        'cub',
+        '--backbone_type',
+        TINY,
+        '--no_pretrained',
+        '--num_workers',
+        0,
+        '--batch_size',
+        4,
+        '--num_epochs',
+        1,
+        '--loss_name',
+        loss_name,
+        *flags,
+        cwd=tmp_path,
+        watch=recorded,
+    )
     assert status == 0, err
     hints = [line for line in out.splitlines() if '--images_per_class' in line]
-    assert hints == ([f'{loss_name} learns from pairs of one class within a batch, which shuffled batches of 4 may '
-                      f'hold few of; pass --images_per_class 4 (or 2) for class-balanced batches'] if hinted else [])
+    assert hints == (
+        [
+            f'{loss_name} learns from pairs of one class within a batch, which shuffled batches of 4 may '
+            f'hold few of; pass --images_per_class 4 (or 2) for class-balanced batches'
+        ]
+        if hinted
+        else []
+    )
     sampler = recorded[0]['loader'].batch_sampler
     assert isinstance(sampler, train.ClassBalancedBatches) == bool(flags)

@@ -1,5 +1,6 @@
 """Image files in every pixel format PIL reads give every script the pixels data_utils.py prepares;
 a file PIL cannot read is refused by data_utils.py and skipped, by name, everywhere else."""
+
 import io
 import os
 
@@ -15,8 +16,10 @@ from conftest import write_album
 
 # the same photo stored without loss: each of a group reads as the first (16-bit files by their
 # high byte, as PIL reads 16-bit colour; alpha is dropped, not blended)
-LOSSLESS = [['rgb.png', 'rgb16.png', 'rgba.png', 'rgba16.png', 'alpha.webp', 'rgb.bmp', 'rgb.tga'],
-            ['gray.pgm', 'gray16.png', 'gray16.tif', 'la.png']]
+LOSSLESS = [
+    ['rgb.png', 'rgb16.png', 'rgba.png', 'rgba16.png', 'alpha.webp', 'rgb.bmp', 'rgb.tga'],
+    ['gray.pgm', 'gray16.png', 'gray16.tif', 'la.png'],
+]
 
 
 @pytest.fixture(scope='module')
@@ -37,9 +40,13 @@ def unreadable_files(folder):
     photo, png = io.BytesIO(), io.BytesIO()
     Image.new('RGB', (40, 30), (200, 30, 90)).save(photo, format='JPEG')
     Image.new('RGB', (40, 30), (20, 30, 90)).save(png, format='PNG')
-    contents = {'cut.jpg': photo.getvalue()[:len(photo.getvalue()) // 2], 'empty.jpg': b'',
-                'page.jpg': b'<html>403 Forbidden</html>\n', 'text.png': b'not a PNG',
-                'cut.png': png.getvalue()[:len(png.getvalue()) // 2]}
+    contents = {
+        'cut.jpg': photo.getvalue()[: len(photo.getvalue()) // 2],
+        'empty.jpg': b'',
+        'page.jpg': b'<html>403 Forbidden</html>\n',
+        'text.png': b'not a PNG',
+        'cut.png': png.getvalue()[: len(png.getvalue()) // 2],
+    }
     paths = {}
     for name, content in contents.items():
         paths[name] = os.path.join(folder, name)
@@ -57,11 +64,13 @@ def test_every_pixel_format_reads_as_rgb(album):
     for first, *others in LOSSLESS:
         for name in others:
             same = utils.read_image(album[first])
-            torch.testing.assert_close(utils.read_image(album[name]), same, rtol=0, atol=0,
-                                       msg=name)
+            torch.testing.assert_close(
+                utils.read_image(album[name]), same, rtol=0, atol=0, msg=name
+            )
     for name in ('rgb.png', 'gray.pgm'):
-        torch.testing.assert_close(utils.read_image(album[name]), pil_rgb(album[name]), rtol=0,
-                                   atol=0)
+        torch.testing.assert_close(
+            utils.read_image(album[name]), pil_rgb(album[name]), rtol=0, atol=0
+        )
     gray = utils.read_image(album['gray.pgm'])
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[0], gray[2])
 
@@ -86,8 +95,9 @@ def test_files_data_utils_refuses_are_unreadable_everywhere(album, tmp_path, mon
         assert data_utils.convert((path, str(tmp_path / 'copy.jpg'), None))[0] == 'failed', name
         with pytest.raises(utils.UnreadableImage) as error:
             utils.read_image(path)
-        assert str(error.value) == (f'cannot read image {path}: it is missing, truncated or not an '
-                                    f'image')
+        assert str(error.value) == (
+            f'cannot read image {path}: it is missing, truncated or not an ' f'image'
+        )
     # a decompression bomb (here: any photo over twice the limit) too
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 40 * 30 // 2 - 1)
     assert data_utils.convert((album['rgb.png'], str(tmp_path / 'copy.jpg'), None))[0] == 'failed'
@@ -99,15 +109,23 @@ def test_files_data_utils_refuses_are_unreadable_everywhere(album, tmp_path, mon
 def test_embed_files_embeds_what_it_reads_and_names_the_rest(album, tmp_path, monkeypatch):
     monkeypatch.setattr(utils, 'TEST_BATCH', 2)  # three batches, one without a readable file
     bad = unreadable_files(str(tmp_path / 'bad'))
-    paths = [album['cmyk.jpg'], bad['cut.jpg'], bad['text.png'], bad['empty.jpg'],
-             album['rgb16.png']]
+    paths = [
+        album['cmyk.jpg'],
+        bad['cut.jpg'],
+        bad['text.png'],
+        bad['empty.jpg'],
+        album['rgb16.png'],
+    ]
     torch.manual_seed(0)
     net = model.Model('timm/resnet18', 8, 0, pretrained=False).eval()
     features, unreadable = utils.embed_files(net, paths)
     assert unreadable == [bad['cut.jpg'], bad['text.png'], bad['empty.jpg']]
-    expected = [net.embed(utils.test_transform()(pil_rgb(album[name]))[None])[0]
-                for name in ('cmyk.jpg', 'rgb.png')]  # (D,) each; rgb16.png reads as rgb.png
+    expected = [
+        net.embed(utils.test_transform()(pil_rgb(album[name]))[None])[0]
+        for name in ('cmyk.jpg', 'rgb.png')
+    ]  # (D,) each; rgb16.png reads as rgb.png
     torch.testing.assert_close(features, torch.stack(expected))
     assert utils.unreadable_line(unreadable[:2]) == (
         f'skipped 2 unreadable images (missing, truncated or not an image): {bad["cut.jpg"]}, '
-        f'{bad["text.png"]}')
+        f'{bad["text.png"]}'
+    )

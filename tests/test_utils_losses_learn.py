@@ -1,4 +1,5 @@
 """Both losses really learn: a small embedding trained on synthetic classes retrieves held-out classes well."""
+
 import math
 
 import pytest
@@ -22,7 +23,9 @@ def synthetic(num_train, num_test, noise=3.0, seed=0):
     labels = torch.arange(num_train + num_test).repeat_interleave(PER_CLASS)
     signal = centres[labels] + 0.25 * torch.randn(len(labels), SIGNAL, generator=generator)
     nuisance = noise * torch.randn(len(labels), NUISANCE, generator=generator)
-    rotation, _ = torch.linalg.qr(torch.randn(SIGNAL + NUISANCE, SIGNAL + NUISANCE, generator=generator))
+    rotation, _ = torch.linalg.qr(
+        torch.randn(SIGNAL + NUISANCE, SIGNAL + NUISANCE, generator=generator)
+    )
     x = torch.cat([signal, nuisance], dim=1) @ rotation
     train = labels < num_train
     return (x[train], labels[train]), (x[~train], labels[~train] - num_train)
@@ -33,7 +36,9 @@ class Embedder(nn.Module):
 
     def __init__(self, num_classes, dim=16):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(SIGNAL + NUISANCE, 64), nn.ReLU(), nn.Linear(64, dim, bias=False))
+        self.net = nn.Sequential(
+            nn.Linear(SIGNAL + NUISANCE, 64), nn.ReLU(), nn.Linear(64, dim, bias=False)
+        )
         self.proxies = ProxyLinear(num_classes, dim)
 
     def forward(self, x):
@@ -56,15 +61,19 @@ def test_loss_learns_an_embedding_that_generalises_to_unseen_classes(loss_name, 
     (train_x, train_y), (test_x, test_y) = synthetic(num_train=60, num_test=20)
     net = Embedder(num_classes=60)
     # as the repository's recipe, a larger learning rate for the proxies than for the embedding
-    optimizer = torch.optim.Adam([{'params': net.net.parameters()},
-                                  {'params': net.proxies.parameters(), 'lr': 1e-1}], lr=1e-2)
+    optimizer = torch.optim.Adam(
+        [{'params': net.net.parameters()}, {'params': net.proxies.parameters(), 'lr': 1e-1}],
+        lr=1e-2,
+    )
     loss_criterion = LOSSES[loss_name].build()
 
     def held_out_recall():
         with torch.no_grad():
             return recall(net(test_x)[0], test_y, [1])[0]
 
-    chance = (PER_CLASS - 1) / (len(test_y) - 1)  # a random neighbour's chance of sharing the query's class
+    chance = (PER_CLASS - 1) / (
+        len(test_y) - 1
+    )  # a random neighbour's chance of sharing the query's class
     before = held_out_recall()
     generator = torch.Generator().manual_seed(1)
     losses = []
@@ -79,6 +88,8 @@ def test_loss_learns_an_embedding_that_generalises_to_unseen_classes(loss_name, 
 
     assert all(math.isfinite(value) for value in losses)
     assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
-    assert before < 0.25, f'the task is too easy at initialisation: R@1 {before:.2f} (chance {chance:.2f})'
+    assert (
+        before < 0.25
+    ), f'the task is too easy at initialisation: R@1 {before:.2f} (chance {chance:.2f})'
     assert after > 0.8, f'R@1 on unseen classes only {after:.2f} after training (from {before:.2f})'
     assert after > before + 0.5 and after > 10 * chance

@@ -1,5 +1,6 @@
 """utils.py's fast input pipeline draws the original implementation's crops: same pixel
 statistics, same normalised model input; the image cache gives the images decoding gives."""
+
 import os
 import re
 import subprocess
@@ -22,7 +23,9 @@ NUM_IMAGES, CROPS_PER_IMAGE = 8, 8
 def textured_image(rng, height=240, width=320):
     """(H, W, 3) uint8: smooth colour regions plus texture; crops of it are both shrunk and enlarged to 224."""
     coarse = rng.uniform(0, 255, (4, 5, 3)).astype(np.uint8)
-    pixels = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float64)
+    pixels = np.asarray(
+        Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float64
+    )
     pixels += rng.normal(0, 25, pixels.shape)
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
@@ -43,14 +46,20 @@ def prepared(tmp_path_factory):
 
 
 def seed_crops(reader):
-    """(N * CROPS_PER_IMAGE, 3, 224, 224) crops in [0, 1] of the seed's pipeline: PIL, torchvision.transforms v1.
+    """(N * CROPS_PER_IMAGE, 3, 224, 224) crops in [0, 1] of the seed's pipeline: PIL,
+    torchvision.transforms v1.
 
-    Each crop's random numbers are seeded as utils.ImageReader seeds them, so both pipelines draw the same crop
-    boxes and flips: their statistics then differ by decoding and resampling alone, not by sampling noise, which
-    over a few hundred crops is itself about 2%.
+    Each crop's random numbers are seeded as utils.ImageReader seeds them, so both pipelines draw
+    the same crop boxes and flips: their statistics then differ by decoding and resampling alone,
+    not by sampling noise, which over a few hundred crops is itself about 2%.
     """
-    transform = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor()])
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
     crops = []
     for epoch in range(CROPS_PER_IMAGE):
         for index, path in enumerate(reader.images):
@@ -60,8 +69,14 @@ def seed_crops(reader):
 
 
 def project_crops(reader):
-    """(N * CROPS_PER_IMAGE, 3, 224, 224) uint8 crops of utils.ImageReader, as train.py's workers produce them."""
-    return torch.stack([reader[index, epoch][0] for epoch in range(CROPS_PER_IMAGE) for index in range(len(reader))])
+    """(N * CROPS_PER_IMAGE, 3, 224, 224) uint8 crops of utils.ImageReader, as train.py makes them."""
+    return torch.stack(
+        [
+            reader[index, epoch][0]
+            for epoch in range(CROPS_PER_IMAGE)
+            for index in range(len(reader))
+        ]
+    )
 
 
 @pytest.fixture(scope='module')
@@ -76,9 +91,16 @@ def assert_statistics_match(expected, actual, tolerance=0.02):
     dims = (0, 2, 3)
     expected_mean, actual_mean = expected.mean(dims), actual.mean(dims)
     expected_std, actual_std = expected.std(dims), actual.std(dims)
-    # a normalised mean is near 0, where a relative error means nothing: compare means in units of the spread
-    assert ((actual_mean - expected_mean).abs() <= tolerance * expected_std).all(), (expected_mean, actual_mean)
-    assert ((actual_std - expected_std).abs() <= tolerance * expected_std).all(), (expected_std, actual_std)
+    # a normalised mean is near 0, where a relative error means nothing: compare means in units of
+    # the spread
+    assert ((actual_mean - expected_mean).abs() <= tolerance * expected_std).all(), (
+        expected_mean,
+        actual_mean,
+    )
+    assert ((actual_std - expected_std).abs() <= tolerance * expected_std).all(), (
+        expected_std,
+        actual_std,
+    )
 
 
 def test_crop_statistics_match_the_seed_pipeline(crops):
@@ -94,8 +116,10 @@ def test_crop_statistics_match_the_seed_pipeline(crops):
 
 
 def test_same_random_numbers_give_the_seed_pipelines_crops(prepared, crops):
-    """The v2 crops on uint8 tensors are the seed's v1 crops on PIL images, to within rounding: the augmentation
-    distribution is unchanged. Another seed gives other crops, so the agreement is not a constant output."""
+    """The v2 crops on uint8 tensors are the seed's v1 crops on PIL images, to within rounding: the
+    augmentation distribution is unchanged. Another seed gives other crops, so the agreement is not
+    a constant output.
+    """
     ours, theirs = crops
     assert (ours.float() / 255 - theirs).abs().mean() < 1 / 255  # within one grey level on average
     other = project_crops(ImageReader(prepared, 'cub', 'train', seed=4)).float() / 255
@@ -104,8 +128,9 @@ def test_same_random_numbers_give_the_seed_pipelines_crops(prepared, crops):
 
 @pytest.mark.parametrize('backbone_type', ['resnet50', 'googlenet'])
 def test_input_norm_equals_torchvision_normalize(crops, backbone_type):
-    """model.InputNorm on uint8 crops equals ToTensor + Normalize(ImageNet) on the same crops, and the normalised
-    inputs' statistics match the seed pipeline's (ToTensor, Normalize on the CPU) within 2%."""
+    """model.InputNorm on uint8 crops equals ToTensor + Normalize(ImageNet) on the same crops, and
+    the normalised inputs' statistics match the seed pipeline's (ToTensor, Normalize on the CPU)
+    within 2%."""
     ours, theirs = crops
     _, _, order, mean, std = BACKBONES[backbone_type]
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -120,13 +145,15 @@ def test_bn_inception_input_is_bgr_0_255_minus_mean(crops):
     _, _, order, mean, std = BACKBONES['inception']
     model_input = InputNorm(order, mean, std)(ours)
     bgr_mean = torch.tensor([104.0, 117.0, 128.0]).view(1, 3, 1, 1)
-    torch.testing.assert_close(model_input, ours.float()[:, [2, 1, 0]] - bgr_mean, rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        model_input, ours.float()[:, [2, 1, 0]] - bgr_mean, rtol=0, atol=1e-4
+    )
     assert_statistics_match(255 * theirs[:, [2, 1, 0]] - bgr_mean, model_input)
 
 
 @pytest.mark.parametrize('augment', [True, False])
 def test_cache_gives_the_same_images_as_decoding(prepared, augment):
-    """With the cache, (index, epoch) yields exactly the tensor decoding the file yields: the same run either way."""
+    """With the cache, (index, epoch) yields the tensor decoding the file yields: the same run."""
     plain = ImageReader(prepared, 'cub', 'train', seed=7, augment=augment)
     cached = ImageReader(prepared, 'cub', 'train', seed=7, augment=augment)
     cache = cached.cache_images()
@@ -142,7 +169,7 @@ def test_cache_gives_the_same_images_as_decoding(prepared, augment):
 
 
 def test_cache_is_shared_and_checked(prepared):
-    """A second reader of the same images reuses the first one's cache; one of another size is refused."""
+    """A second reader of the same images reuses the first's cache; one of another size is refused."""
     train = ImageReader(prepared, 'cub', 'train')
     cache = train.cache_images()
     evaluation = ImageReader(prepared, 'cub', 'train', augment=False)
@@ -163,9 +190,24 @@ def test_cache_errors_are_one_sentence(prepared, tmp_path, monkeypatch):
 
 def test_input_speed_benchmark_runs():
     """benchmarks/input_speed.py, at a toy size: it times all three pipelines and prints the ratio."""
-    run = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'input_speed.py'), '--num_images', '6',
-                          '--repeats', '1', '--batch_size', '3'], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'benchmarks', 'input_speed.py'),
+            '--num_images',
+            '6',
+            '--repeats',
+            '1',
+            '--batch_size',
+            '3',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for name in ('seed', 'decode', 'cache'):
         assert re.search(rf'^  {name} +\d+ images/s per core', run.stdout, re.MULTILINE), run.stdout
-    assert re.search(r'^ratio \(train.py --cache_images / seed\): \d+\.\d\dx$', run.stdout, re.MULTILINE)
+    assert re.search(
+        r'^ratio \(train.py --cache_images / seed\): \d+\.\d\dx$', run.stdout, re.MULTILINE
+    )

@@ -1,5 +1,6 @@
 """Cross-batch memory (--xbm_size, --xbm_start): PML's CrossBatchMemory in one process, the same
 memory in every process under DDP, and exact resumption."""
+
 import os
 import subprocess
 import sys
@@ -23,8 +24,9 @@ DIM, BATCH, SIZE, STEPS = 8, 6, 16, 7  # a memory of 16 wraps around within 7 ba
 
 def make_loss(loss_name, *flags):
     """train.py's loss for these flags, with DIM-dimensional embeddings and a batch of BATCH."""
-    args = train.get_args_parser().parse_args(['--loss_name', loss_name, '--feature_dim', str(DIM),
-                                               '--batch_size', str(BATCH), *flags])
+    args = train.get_args_parser().parse_args(
+        ['--loss_name', loss_name, '--feature_dim', str(DIM), '--batch_size', str(BATCH), *flags]
+    )
     train.check_args(args, train.get_args_parser())
     return train.make_loss(LOSSES[loss_name], args, 4)
 
@@ -32,15 +34,28 @@ def make_loss(loss_name, *flags):
 def batches(seed=0):
     """STEPS (embeddings (BATCH, DIM), labels (BATCH,)) of 3 classes."""
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(BATCH, DIM, generator=generator),
-             torch.randint(0, 3, (BATCH,), generator=generator)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(BATCH, DIM, generator=generator),
+            torch.randint(0, 3, (BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
-@pytest.mark.parametrize('loss_name,reference', [
-    ('contrastive', lambda: (losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5), None)),
-    ('multi_similarity', lambda: (losses.MultiSimilarityLoss(2.0, 50.0, 0.5),
-                                  miners.MultiSimilarityMiner(epsilon=0.1))),
-])
+@pytest.mark.parametrize(
+    'loss_name,reference',
+    [
+        ('contrastive', lambda: (losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5), None)),
+        (
+            'multi_similarity',
+            lambda: (
+                losses.MultiSimilarityLoss(2.0, 50.0, 0.5),
+                miners.MultiSimilarityMiner(epsilon=0.1),
+            ),
+        ),
+    ],
+)
 def test_one_process_equals_pml_cross_batch_memory(loss_name, reference):
     ours = make_loss(loss_name, '--xbm_size', str(SIZE))
     loss, miner = reference()
@@ -52,8 +67,9 @@ def test_one_process_equals_pml_cross_batch_memory(loss_name, reference):
         expected.backward()
         assert torch.equal(got, expected)
         assert torch.equal(mine.grad, leaf.grad)
-    assert theirs.has_been_filled and torch.equal(ours.memory.embedding_memory,
-                                                  theirs.embedding_memory)
+    assert theirs.has_been_filled and torch.equal(
+        ours.memory.embedding_memory, theirs.embedding_memory
+    )
 
 
 def test_the_memory_waits_xbm_start_steps():
@@ -77,11 +93,17 @@ def test_state_dict_continues_the_memory_exactly():
         assert torch.equal(second(embeddings, labels), first(embeddings, labels))
 
 
-@pytest.mark.parametrize('flags,words', [
-    (['--loss_name', 'proxy_anchor', '--xbm_size', '64'], 'class proxies'),
-    (['--loss_name', 'triplet', '--xbm_size', '8', '--batch_size', '16'], 'less than one batch'),
-    (['--loss_name', 'triplet', '--xbm_start', '5'], 'only --xbm_size'),
-])
+@pytest.mark.parametrize(
+    'flags,words',
+    [
+        (['--loss_name', 'proxy_anchor', '--xbm_size', '64'], 'class proxies'),
+        (
+            ['--loss_name', 'triplet', '--xbm_size', '8', '--batch_size', '16'],
+            'less than one batch',
+        ),
+        (['--loss_name', 'triplet', '--xbm_start', '5'], 'only --xbm_size'),
+    ],
+)
 def test_misuse_is_one_sentence(flags, words):
     args = train.get_args_parser().parse_args(flags)
     with pytest.raises(UserError, match=words):
@@ -98,17 +120,34 @@ WORLD, LOCAL = 2, 3
 def global_batches():
     """STEPS global batches of 2 * LOCAL images (uint8) and labels of 3 classes."""
     generator = torch.Generator().manual_seed(4)
-    return [(torch.randint(0, 256, (WORLD * LOCAL, 3, 32, 32), dtype=torch.uint8,
-                           generator=generator),
-             torch.randint(0, 3, (WORLD * LOCAL,), generator=generator)) for _ in range(4)]
+    return [
+        (
+            torch.randint(
+                0, 256, (WORLD * LOCAL, 3, 32, 32), dtype=torch.uint8, generator=generator
+            ),
+            torch.randint(0, 3, (WORLD * LOCAL,), generator=generator),
+        )
+        for _ in range(4)
+    ]
 
 
 def steps(model, rank, world):
     """The losses of train.batch_loss over global_batches with a memory of 8 (from step 2), and
     the memory after them."""
-    args = train.get_args_parser().parse_args([
-        '--loss_name', 'multi_similarity', '--feature_dim', '16', '--batch_size', '6',
-        '--xbm_size', '8', '--xbm_start', '1'])
+    args = train.get_args_parser().parse_args(
+        [
+            '--loss_name',
+            'multi_similarity',
+            '--feature_dim',
+            '16',
+            '--batch_size',
+            '6',
+            '--xbm_size',
+            '8',
+            '--xbm_start',
+            '1',
+        ]
+    )
     loss_criterion = train.make_loss(LOSSES['multi_similarity'], args)
     out = []
     for images, labels in global_batches():
@@ -123,8 +162,9 @@ def worker(rank, port, folder):
     """One of the 2 processes: its share of each global batch through DDP."""
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group(
+        'gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD
+    )
     try:
         model = DistributedDataParallel(make_model('multi_similarity'))
         torch.save(steps(model, rank, WORLD), os.path.join(folder, f'rank{rank}.pth'))
@@ -147,21 +187,60 @@ def test_two_processes_hold_one_process_memory(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # a whole run: --resume continues the memory
 
+
 def test_resume_continues_the_memory(tmp_path):
     data_path = str(tmp_path / 'data')
     make_cub(data_path, num_classes=4, per_class=4)
-    subprocess.run([sys.executable, os.path.join(ROOT, 'data_utils.py'), '--data_path', data_path,
-                    '--data_name', 'cub', '--workers', '1'], check=True, capture_output=True)
-    command = [sys.executable, os.path.join(ROOT, 'train.py'), '--data_path', data_path,
-               '--data_name', 'cub', '--backbone_type', 'googlenet', '--no_pretrained',
-               '--feature_dim', '16', '--batch_size', '4', '--warm_up', '0', '--num_workers', '0',
-               '--loss_name', 'contrastive', '--images_per_class', '2', '--xbm_size', '6',
-               '--xbm_start', '1']
-    statistics = ('cub_googlenet_contrastive_16_no_pretrained_xbm_size6_xbm_start1_batch_size4_'
-                  'images_per_class2_warm_up0_statistics.csv')
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'data_utils.py'),
+            '--data_path',
+            data_path,
+            '--data_name',
+            'cub',
+            '--workers',
+            '1',
+        ],
+        check=True,
+        capture_output=True,
+    )
+    command = [
+        sys.executable,
+        os.path.join(ROOT, 'train.py'),
+        '--data_path',
+        data_path,
+        '--data_name',
+        'cub',
+        '--backbone_type',
+        'googlenet',
+        '--no_pretrained',
+        '--feature_dim',
+        '16',
+        '--batch_size',
+        '4',
+        '--warm_up',
+        '0',
+        '--num_workers',
+        '0',
+        '--loss_name',
+        'contrastive',
+        '--images_per_class',
+        '2',
+        '--xbm_size',
+        '6',
+        '--xbm_start',
+        '1',
+    ]
+    statistics = (
+        'cub_googlenet_contrastive_16_no_pretrained_xbm_size6_xbm_start1_batch_size4_'
+        'images_per_class2_warm_up0_statistics.csv'
+    )
     tables = []
-    for folder, runs in (('whole', [['--num_epochs', '2']]),
-                         ('resumed', [['--num_epochs', '1'], ['--num_epochs', '2', '--resume']])):
+    for folder, runs in (
+        ('whole', [['--num_epochs', '2']]),
+        ('resumed', [['--num_epochs', '1'], ['--num_epochs', '2', '--resume']]),
+    ):
         (tmp_path / folder).mkdir()
         for extra in runs:
             subprocess.run(command + extra, cwd=tmp_path / folder, check=True, capture_output=True)
