@@ -215,6 +215,8 @@ def test_resume_continues_the_memory(tmp_path):
         '--backbone_type',
         'googlenet',
         '--no_pretrained',
+        '--image_size',
+        '32',
         '--feature_dim',
         '16',
         '--batch_size',
@@ -233,7 +235,7 @@ def test_resume_continues_the_memory(tmp_path):
         '1',
     ]
     statistics = (
-        'cub_googlenet_contrastive_16_no_pretrained_xbm_size6_xbm_start1_batch_size4_'
+        'cub_googlenet_contrastive_16_image_size32_no_pretrained_xbm_size6_xbm_start1_batch_size4_'
         'images_per_class2_warm_up0_statistics.csv'
     )
     tables = []
