@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import train
-from conftest import ROOT, Pairs, make_cub
+from conftest import ROOT, Pairs
 from model import Model
 from utils import LOSSES
 
@@ -228,24 +228,9 @@ def test_evaluation_gathers_every_embedding_in_order(two_processes):
         assert_close(results['features'], expected)
 
 
-def test_torchrun_two_processes_train_and_only_rank_0_reports(tmp_path):
+def test_torchrun_two_processes_train_and_only_rank_0_reports(tmp_path, prepared):
     """`torchrun --nproc_per_node 2 train.py` on the CPU completes an epoch; one process prints and writes."""
-    data_path = str(tmp_path / 'data')
-    make_cub(data_path, num_classes=4, per_class=4)
-    subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, 'data_utils.py'),
-            '--data_path',
-            data_path,
-            '--data_name',
-            'cub',
-            '--workers',
-            '1',
-        ],
-        check=True,
-        capture_output=True,
-    )
+    data_path = prepared  # CUB layout, 4 classes x 4 images, prepared once per module
     logs = tmp_path / 'logs'
     run = subprocess.run(
         [
@@ -328,27 +313,12 @@ runtime.run_main(train.main)
 '''
 
 
-def test_two_nodes_train_one_epoch_as_one_process(tmp_path):
+def test_two_nodes_train_one_epoch_as_one_process(tmp_path, prepared):
     """Two single-process "nodes" (`torchrun --nnodes 2 --node_rank 0|1 --rdzv_endpoint
     127.0.0.1:PORT`, each in a folder of its own as on two machines) train one epoch of
     Multi-Similarity on class-balanced batches as ONE process trains it: the same loss and test
     figures, and the same weights within float rounding; node 1 writes nothing."""
-    data_path = str(tmp_path / 'data')
-    make_cub(data_path, num_classes=4, per_class=4)
-    subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, 'data_utils.py'),
-            '--data_path',
-            data_path,
-            '--data_name',
-            'cub',
-            '--workers',
-            '1',
-        ],
-        check=True,
-        capture_output=True,
-    )
+    data_path = prepared  # CUB layout, 4 classes x 4 images, prepared once per module
     script = tmp_path / 'tiny_train.py'
     script.write_text(TINY_TRAIN)
     flags = [

@@ -14,7 +14,7 @@ from pytorch_metric_learning import losses, miners
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from conftest import ROOT, make_cub
+from conftest import ROOT
 from runtime import UserError
 from test_run_distributed import free_port, make_model
 from utils import LOSSES
@@ -188,23 +188,8 @@ def test_two_processes_hold_one_process_memory(tmp_path):
 # a whole run: --resume continues the memory
 
 
-def test_resume_continues_the_memory(tmp_path):
-    data_path = str(tmp_path / 'data')
-    make_cub(data_path, num_classes=4, per_class=4)
-    subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, 'data_utils.py'),
-            '--data_path',
-            data_path,
-            '--data_name',
-            'cub',
-            '--workers',
-            '1',
-        ],
-        check=True,
-        capture_output=True,
-    )
+def test_resume_continues_the_memory(tmp_path, prepared):
+    data_path = prepared  # CUB layout, 4 classes x 4 images, prepared once per module
     command = [
         sys.executable,
         os.path.join(ROOT, 'train.py'),
