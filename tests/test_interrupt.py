@@ -1,7 +1,6 @@
 """A run stopped (Ctrl-C, SIGKILL) and continued: --resume only continues, Ctrl-C says what is saved and
 how to go on, and a killed run's lock never blocks the next one."""
 
-import multiprocessing
 import os
 import shlex
 import signal
@@ -183,32 +182,36 @@ def test_ctrl_c_through_a_pipe_shows_each_line_at_once_and_exits_130(prepared, t
 # SIGKILL and the run's lock
 
 
-def hold_and_fork(path, ready):
-    """Take the lock, fork a child that lives on (as a DataLoader worker does), say both pids, sleep."""
-    lock = RunLock(path)
-    assert lock.acquire() is None
-    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,), daemon=False)
-    child.start()
-    ready.put((os.getpid(), child.pid))
+HOLD_AND_FORK = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from runtime import RunLock
+lock = RunLock({path!r})
+assert lock.acquire() is None
+child = os.fork()  # a child that lives on, as a DataLoader worker does
+if child == 0:
     time.sleep(60)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+time.sleep(60)
+"""
 
 
 def test_a_killed_holders_forked_child_does_not_keep_the_lock(tmp_path):
+    """The holder runs in a fresh interpreter: forking pytest itself, whose gRPC and torch threads
+    may hold locks at the fork, can hang the child."""
     path = str(tmp_path / 'results' / '.run.lock')
-    context = multiprocessing.get_context('fork')
-    ready = context.Queue()
-    holder = context.Process(target=hold_and_fork, args=(path, ready))
-    holder.start()
-    holder_pid, child_pid = ready.get(timeout=60)
+    holder = subprocess.Popen(
+        [sys.executable, '-c', HOLD_AND_FORK.format(root=str(ROOT), path=path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    holder_pid, child_pid = map(int, holder.stdout.readline().split())
     try:
-        assert (
-            RunLock(path).acquire().startswith(f'pid {holder_pid} on ')
-        )  # held while the holder lives
-        os.kill(holder_pid, signal.SIGKILL)
-        holder.join()
-        os.kill(
-            child_pid, 0
-        )  # the child lives on, as a worker does for seconds after its parent's death
+        assert RunLock(path).acquire().startswith(f'pid {holder_pid} on ')  # held while it lives
+        holder.kill()
+        holder.wait()
+        os.kill(child_pid, 0)  # the child lives on, as a worker does after its parent's death
         lock = RunLock(path)
         assert lock.acquire() is None
         lock.release()
