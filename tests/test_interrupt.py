@@ -151,6 +151,9 @@ def test_ctrl_c_through_a_pipe_shows_each_line_at_once_and_exits_130(prepared, t
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # a suite started in the background by a shell without job control ignores SIGINT, and
+        # its children inherit that: the run here takes Ctrl-C as a terminal's does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = process.stdout.readline()
