@@ -17,7 +17,8 @@ from tqdm import tqdm
 from neighbours import top_k
 from runs import output_folder
 from runtime import UserError, atomic_dir, pyplot, remove_temporaries, save_figure
-from utils import load_index, parse_ranks, retrieval_metrics
+import rerank
+from utils import load_index, parse_ranks, ranked_metric, retrieval_metrics
 
 # t-SNE up to this many embeddings; beyond, PCA: t-SNE's time grows past minutes on a CPU
 TSNE_LIMIT = 3000
@@ -42,14 +43,17 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
     for flag in ('report_queries', 'retrieval_num'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag} must be at least 1, not {getattr(args, flag)}')
-    name = f'{os.path.basename(data_base_path)[:-len(".pth")]}_report'
+    # a re-ranked report has a folder of its own: its figures never replace the plain ones
+    name = (f'{os.path.basename(data_base_path)[:-len(".pth")]}_report'
+            + (f'_{args.rerank}' if args.rerank else ''))
     moved = data_base.images_moved(data_base_path, args.data_path)
     if moved is not None:
         if has_pictures(os.path.join('results', name)):
             raise UserError(f'{moved}; results/{name}/ holds an earlier report with its pictures, '
                             f'which is not replaced by one without them unless you move it away')
         print(f'warning: {moved} (the report is written without their pictures)')
-    found = analyse(data_base, args.retrieval_num, args.report_queries)
+    found = analyse(data_base, args.retrieval_num, args.report_queries,
+                    (args.rerank, rerank.params(args)) if args.rerank else None)
     if found['k'] < args.retrieval_num:
         print(f'--retrieval_num {args.retrieval_num} is more than the {found["k"]} images there '
               f'are to search (besides the query), so each query shows all {found["k"]}')
@@ -72,7 +76,8 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
         )
         with open(os.path.join(folder, 'summary.json'), 'w') as file:
             json.dump({'data_base': data_base_path, 'epoch': data_base.epoch,
-                       'metrics': found['metrics'], 'map': method, 'missing': missing}, file,
+                       'metrics': found['metrics'], **reranked_summary(found), 'map': method,
+                       'missing': missing}, file,
                       indent=1)
         with open(os.path.join(folder, 'index.html'), 'w', encoding='utf-8') as file:
             file.write(
@@ -93,6 +98,14 @@ def write_report(args, data_base, data_base_path, framed, draw_row):
     )
 
 
+def reranked_summary(found):
+    """The re-ranked figures of summary.json, under their own key, when the report has them."""
+    if found['reranked'] is None:
+        return {}
+    method, params = found['rerank']
+    return {'rerank': {'method': method, **params, 'metrics': found['reranked']}}
+
+
 def has_pictures(folder):
     """Whether folder holds a report written with every picture of its worst queries."""
     try:
@@ -106,12 +119,16 @@ def has_pictures(folder):
 # --------------------------------------------------------------------------------------------------
 # the figures: metrics per query and per class, nearest neighbours, confused pairs
 
-def analyse(data_base, k, num_queries):
-    """Everything the page shows, as numbers: {'metrics', 'per_class', 'worst', 'pairs', ...}.
+def analyse(data_base, k, num_queries, reranking=None):
+    """Everything the page shows, as numbers: {'metrics', 'reranked', 'per_class', 'worst', 'pairs',
+    ...}.
 
     The metrics are retrieval_metrics' on the stored test features, as train.py evaluated them
     (queries against the gallery of a query/gallery data set), so they equal what train.py printed
-    for that epoch.
+    for that epoch, with the ranking metrics its --metrics named (precision@K, map@K, mrr).
+    reranking, (method, parameters) of rerank.reranked_lists, adds 'reranked': the Recall@K, MAP@R
+    and R-Precision of the re-ranked lists (rerank.rerank_metrics), apart from the plain ones; the
+    rest of the page stays plain.
     """
     ranks = parse_ranks(data_base.recalls)
     images, labels, queries = data_base.test
@@ -122,11 +139,16 @@ def analyse(data_base, k, num_queries):
     with progress_bar('metrics per query') as progress:
         # Recall@1 is swept too whatever the run's ranks: the per-class table shows it
         metrics, per_query = retrieval_metrics(
-            queries, labels, sorted(set(ranks) | {1}), *gallery, per_query=True, progress=progress
+            queries, labels, sorted(set(ranks) | {1}), *gallery, per_query=True, progress=progress,
+            extra=named_extra(data_base)
         )
-    metrics = {
-        key: metrics[key] for key in [f'recall@{rank}' for rank in ranks] + ['map@r', 'r_precision']
-    }
+    retrieval = [f'recall@{rank}' for rank in ranks] + ['map@r', 'r_precision']
+    metrics = {key: metrics[key] for key in retrieval + named_extra(data_base)}
+    reranked = None
+    if reranking is not None:
+        method, params = reranking
+        print(f're-ranking the lists by {method}')
+        reranked = rerank.rerank_metrics(queries, labels, ranks, method, *gallery, **params)
     with progress_bar('nearest neighbours') as progress:
         # searching the test set itself, each query is left out of its own list
         own = torch.arange(len(queries)) if split == 'test' else None
@@ -143,6 +165,8 @@ def analyse(data_base, k, num_queries):
     hit, ap = per_query['recall@1'].numpy(), per_query['ap@r'].numpy()
     return {
         'metrics': metrics,
+        'reranked': reranked,
+        'rerank': reranking,
         'labels': labels,
         'item_labels': item_labels,
         'images': images,
@@ -167,6 +191,12 @@ def analyse(data_base, k, num_queries):
         ),
         'pairs': confused_pairs(labels, item_labels[neighbours], shown),
     }
+
+
+def named_extra(data_base):
+    """The ranking metrics (precision@K, map@K, mrr) the run's --metrics named, in its order."""
+    return [name for name in str(data_base.run.get('metrics') or '').split(',')
+            if ranked_metric(name)]
 
 
 @contextlib.contextmanager
@@ -424,8 +454,19 @@ def page(found, data_base, data_base_path, statistics_csv, missing, method, curv
     if missing:
         parts.append(f'<p class="missing">Missing: {esc("; ".join(missing))}.</p>')
     parts.append('<h2>Headline metrics</h2>')
-    parts.append(html_table([heading.get(key, key.replace('recall', 'Recall')) for key in metrics],
-                            [[percent(value) for value in metrics.values()]]))
+    names = [heading.get(key, key.replace('recall', 'Recall').replace('precision', 'P')
+                         .replace('map@', 'mAP@').replace('mrr', 'MRR')) for key in metrics]
+    if found['reranked'] is None:
+        parts.append(html_table(names, [[percent(value) for value in metrics.values()]]))
+    else:  # the re-ranked figures in a row of their own, never in place of the plain ones
+        method, params = found['rerank']
+        reranked = found['reranked']
+        parts.append(html_table(['lists', *names], [
+            ['plain', *[percent(value) for value in metrics.values()]],
+            [f're-ranked by {method}', *[percent(reranked.get(key, float('nan')))
+                                         for key in metrics]]]))
+        parts.append(f'<p>Re-ranked by {esc(method)} ({esc(rerank_settings(method, params))}); '
+                     f'the classes, pairs and queries below are of the plain lists.</p>')
     parts.append(f'<p>{esc(statistics_sentence(metrics, statistics_csv, epoch))}</p>')
     parts.append(
         '<div'
@@ -546,6 +587,14 @@ def statistics_sentence(metrics, statistics_csv, epoch):
     return (f'Computed from the stored test features: '
             f'{"the same as" if same else "NOT the same as"} what train.py printed for epoch '
             f'{epoch} ({statistics_csv}).')
+
+
+def rerank_settings(method, params):
+    """The parameters a re-ranking method used, as test.py's flags name them."""
+    flags = {'aqe_k': 'rerank_k', 'aqe_alpha': 'rerank_alpha', 'k1': 'rerank_k1',
+             'k2': 'rerank_k2', 'lambda_value': 'rerank_lambda'}
+    used = ('k1', 'k2', 'lambda_value') if method == 'kreciprocal' else ('aqe_k', 'aqe_alpha')
+    return ', '.join(f'--{flags[key]} {params[key]:g}' for key in used)
 
 
 def percent(value):

@@ -209,15 +209,30 @@ def commands(data_path, extra, results='results', backbones=PUBLISHED_BACKBONES,
 # --------------------------------------------------------------------------------------------------
 # the table and the figure
 
-# figures train.py records only with --metrics nmi,ami or --rerank: a table shows their columns
-# where a run computed them, the re-ranked ones apart from the plain
-EXTRA = {'nmi': 'NMI', 'ami': 'AMI', 'rerank_recall@1': 'R@1 re-ranked',
-         'rerank_map@r': 'MAP@R re-ranked'}
+# figures train.py records only when --metrics names them or with --rerank: a table shows their
+# columns where a run computed them, the re-ranked ones apart from the plain
+EXTRA = {'precision': 'P@{}', 'map': 'mAP@{}', 'mrr': 'MRR', 'nmi': 'NMI', 'ami': 'AMI',
+         'rerank_recall@1': 'R@1 re-ranked', 'rerank_map@r': 'MAP@R re-ranked'}
+
+
+def extra_label(key):
+    """A table's heading of an EXTRA figure: P@5 for 'precision@5', NMI for 'nmi'."""
+    kind, _, k = key.partition('@')
+    return EXTRA[key] if key in EXTRA else EXTRA[kind].format(k)
+
+
+def is_extra(key):
+    """Whether a statistics column's metric (without test_) is one of EXTRA's figures."""
+    kind, _, k = key.partition('@')
+    return key in EXTRA or (kind in ('precision', 'map') and k.isdigit())
 
 
 def extra_columns(runs):
-    """The EXTRA keys that any of the runs (reproduced's summaries) has figures for."""
-    return [key for key in EXTRA if any(key in run for run in runs)]
+    """The EXTRA figures that any of the runs (reproduced's summaries) has, in EXTRA's order."""
+    found = {key for run in runs for key in run if is_extra(key)}
+    kinds = list(EXTRA)
+    return sorted(found, key=lambda key: (kinds.index(key if key in EXTRA else key.split('@')[0]),
+                                          len(key), key))
 
 
 def final_epoch(path, data_name):
@@ -238,7 +253,9 @@ def final_epoch(path, data_name):
             if column.startswith('test_recall@')
         ]
     )
-    for key in [f'recall@{k}' for k in ranks] + ['map@r'] + list(EXTRA):
+    extras = [column[len('test_'):] for column in frame.columns
+              if column.startswith('test_') and is_extra(column[len('test_'):])]
+    for key in [f'recall@{k}' for k in ranks] + ['map@r'] + extras:
         if f'test_{key}' in frame.columns and pd.notna(last[f'test_{key}']):
             row[key] = 100 * float(last[f'test_{key}'])
     return row
@@ -359,7 +376,7 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
         extras = extra_columns(summaries)
         lines += [f'## {benchmark.title}', '', f'Published: {source}.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | '
-                  + ''.join(f'{EXTRA[key]} | ' for key in extras) + 'Seeds |',
+                  + ''.join(f'{extra_label(key)} | ' for key in extras) + 'Seeds |',
                   '|---|---|' + '---|' * (len(ranks) + 2 + len(extras))]
         for (backbone, loss, size), ours in zip(table_rows, summaries):
             published = published_figures(data_name, backbone, loss, size)
@@ -394,7 +411,7 @@ def table(results, epochs, backbones=PUBLISHED_BACKBONES, seeds=(1,), data_path=
         extras = extra_columns(runs.values())
         lines += [f'## {data_name}', '', 'Not a benchmark: nothing published to compare with.', '',
                   '| Backbone | | ' + ' | '.join(f'R@{k}' for k in ranks) + ' | MAP@R | '
-                  + ''.join(f'{EXTRA[key]} | ' for key in extras) + 'Seeds |',
+                  + ''.join(f'{extra_label(key)} | ' for key in extras) + 'Seeds |',
                   '|---|---|' + '---|' * (len(ranks) + 2 + len(extras))]
         for (backbone, loss), run in runs.items():
             if run['seeds'] or run['training']:

@@ -36,7 +36,7 @@ from runtime import (ArgumentParser, UserError, exclusive_run, gather, gather_sh
 from utils import (COLLAPSED, CROP_TYPES, DATA_NAMES, LOSSES, PML_PREFIX, ImageReader, Space,
                    canonical_loss_args, check_data_name, check_loss_name, class_cosines,
                    clustering_metrics, cross_batch_loss, embed_batches, folder_name, index_path,
-                   load_index, loss_entry, mean_pairwise_cosine, one_of, parse_ranks,
+                   load_index, loss_entry, mean_pairwise_cosine, one_of, parse_ranks, ranked_metric,
                    retrieval_metrics)
 
 OPTIMIZERS = ('adamp', 'adamw', 'sgd')
@@ -50,7 +50,7 @@ DEMO = 'digits'
 BASE, NAMED = 'in every run name', 'names the run off its default'  # the two kinds of recipe flags
 MIN_IMAGE_SIZE = 32  # the smallest crop every named backbone takes (GoogLeNet ends on a 1 x 1 map)
 # --metrics: what an epoch can print; recall stands for Recall@K at every K of --recalls
-METRICS = ('recall', 'map@r', 'r_precision', 'nmi', 'ami')
+METRICS = ('recall', 'map@r', 'r_precision', 'nmi', 'ami', 'precision@K', 'map@K', 'mrr')
 PRINTED = ('recall', 'map@r', 'r_precision')  # the original PP code's line
 CLUSTERING = ('nmi', 'ami')  # computed only when --metrics names them
 
@@ -164,9 +164,10 @@ def get_args_parser():
                                  'the number of other test images retrieves them all')
     evaluation.add_argument('--metrics', default=','.join(PRINTED), type=metric_names,
                             help=f'the metrics each epoch prints, comma-separated, of '
-                                 f'{", ".join(METRICS)} (recall: Recall@K at --recalls); '
-                                 f'Recall@K, MAP@R and R-Precision are always in the statistics '
-                                 f'CSV, NMI and AMI (a k-means of the test set) only when named')
+                                 f'{", ".join(METRICS)} (recall: Recall@K at --recalls; K of '
+                                 f'precision@K and map@K a number, as in precision@5); Recall@K, '
+                                 f'MAP@R and R-Precision are always in the statistics CSV, the '
+                                 f'others only when named')
     rerank.add_arguments(evaluation, 'also evaluate the test set with its lists re-ranked by this '
                                      'method, into columns of their own (test_rerank_...)')
     recipe(evaluation.add_argument('--val_fraction', default=0.0, type=float,
@@ -181,17 +182,25 @@ def get_args_parser():
 
 
 def metric_names(text):
-    """--metrics checked (its argparse type): each name one of METRICS, else one UserError."""
-    names = [name.strip() for name in text.split(',') if name.strip()]
+    """--metrics checked (its argparse type): each name one of METRICS, with a number for K, else
+    one UserError."""
+    names = list(dict.fromkeys(name.strip() for name in text.split(',') if name.strip()))
     for name in names:
-        if name not in METRICS:
-            close = difflib.get_close_matches(name, METRICS, n=1)
+        if name not in METRICS[:5] and not ranked_metric(name):
+            close = difflib.get_close_matches(name, METRICS[:5] + ('precision@5', 'map@10', 'mrr'),
+                                              n=1)
             hint = f' (did you mean {close[0]}?)' if close else ''
             raise UserError(f'--metrics names {name!r}{hint}; choose among '
-                            f'{", ".join(METRICS)}, separated by commas')
+                            f'{", ".join(METRICS)} (K a whole number from 1), separated by '
+                            f'commas')
     if not names:
         raise UserError(f'--metrics names no metric; choose among {", ".join(METRICS)}')
     return ','.join(names)
+
+
+def ranked_metrics(args):
+    """The extra ranking metrics --metrics names, in its order (utils.retrieval_metrics' extra)."""
+    return [name for name in args.metrics.split(',') if ranked_metric(name)]
 
 
 def loss_flags():
@@ -557,11 +566,12 @@ def resume(args, prefix, model, loss_criterion, optimizer, scheduler, columns, r
 
 def metric_columns(args, ranks):
     """The metrics an evaluated split records, in the statistics CSV's order: the retrieval ones,
-    NMI and AMI when --metrics names either, and with --rerank the retrieval ones re-ranked."""
+    the ranking ones --metrics names (precision@K, map@K, mrr), NMI and AMI when it names either,
+    and with --rerank the seed's retrieval ones re-ranked."""
     retrieval = [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']
     clustering = list(CLUSTERING) if set(args.metrics.split(',')) & set(CLUSTERING) else []
     reranked = [f'{RERANKED}{metric}' for metric in retrieval] if args.rerank else []
-    return retrieval + clustering + reranked
+    return retrieval + ranked_metrics(args) + clustering + reranked
 
 
 RERANKED = 'rerank_'  # the prefix of the re-ranked figures' columns: never mixed with the plain
@@ -577,7 +587,8 @@ def evaluate(splits, features, ranks, args):
         if split not in splits:
             continue
         labels, searched = torch.tensor(splits[split].labels), gallery if split == 'test' else {}
-        metrics[split] = retrieval_metrics(features[split], labels, ranks, **searched)
+        metrics[split] = retrieval_metrics(features[split], labels, ranks, **searched,
+                                           extra=ranked_metrics(args))
         if CLUSTERING[0] in columns:
             metrics[split].update(clustering_metrics(features[split], labels))
         if args.rerank:
@@ -600,7 +611,14 @@ def record(statistics, stats, metrics):
         values.extend([math.nan] * (len(statistics['train_loss']) - len(values)))
 
 
-SHORT = {'map@r': 'MAP@R', 'r_precision': 'RP', 'nmi': 'NMI', 'ami': 'AMI'}  # print_epoch's names
+SHORT = {'map@r': 'MAP@R', 'r_precision': 'RP', 'nmi': 'NMI', 'ami': 'AMI', 'mrr': 'MRR',
+         'precision': 'P', 'map': 'mAP'}  # print_epoch's names
+
+
+def short_name(name):
+    """A metric's name in print_epoch's line: MAP@R, RP, P@5, mAP@10, MRR."""
+    kind, at, k = name.partition('@')
+    return SHORT[name] if name in SHORT else f'{SHORT[kind]}{at}{k}'
 
 
 def print_epoch(metrics, stats, epoch, num_epochs, device, args):
@@ -619,7 +637,7 @@ def print_epoch(metrics, stats, epoch, num_epochs, device, args):
                                 f'{100 * value:.2f}%' for column, value in values.items()
                                 if column.startswith(f'{prefix}recall@')]
                 elif prefix + name in values:
-                    figures.append(f'{SHORT[name]}:{100 * values[prefix + name]:.2f}%')
+                    figures.append(f'{short_name(name)}:{100 * values[prefix + name]:.2f}%')
             speed = (f' | train {stats["images_per_second"]:.1f} images/s{memory}'
                      if split == 'test' and not prefix else '')
             print(f'{split.capitalize()}{label} Epoch {epoch}/{num_epochs} '

@@ -975,6 +975,15 @@ def parse_extra(names):
     return parsed
 
 
+def ranked_metric(name):
+    """Whether name is one of retrieval_metrics' extra ones (precision@5, map@10, mrr)."""
+    try:
+        parse_extra([name])
+    except UserError:
+        return False
+    return True
+
+
 def metrics_from_lists(lists, ranks, total, extra=(), ranked=None):
     """Every metric, averaged and per query, from each query's lists (the definitions are
     retrieval_metrics').

@@ -437,6 +437,17 @@ def test_folder_errors(script, tmp_path, layout, expected):
             "--recalls must be positive integers separated by commas, like 1,2,4,8, not '1,0'",
         ),
         (['--num_epochs', '0'], '--num_epochs must be at least 1, not 0'),
+        (
+            ['--metrics', 'recall,precison@5'],
+            "--metrics names 'precison@5' (did you mean precision@5?); choose among recall, map@r, "
+            "r_precision, nmi, ami, precision@K, map@K, mrr (K a whole number from 1), separated "
+            "by commas",
+        ),
+        (
+            ['--metrics', 'map@0'],
+            "--metrics names 'map@0' (did you mean map@10?); choose among ... (K a whole number "
+            "from 1), separated by commas",
+        ),
         (['--warm_up', '-1'], '--warm_up must be at least 0, not -1'),
         (['--num_workers', '-2'], '--num_workers must be at least 0, not -2'),
         # the optimizer and its schedule
