@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from neighbours import top_k
+from rerank import reranked_lists
 from runtime import RunLock, UserError, atomic_path, remove_temporaries
 from utils import embed_files, unreadable_line
 
@@ -346,7 +347,7 @@ class Store:
         row = int(self.find([key_id((path, status.st_size, status.st_mtime_ns))])[0])
         return row if row >= 0 and self.live[row] else None
 
-    def search(self, query, k, exclude=None, index='exact'):
+    def search(self, query, k, exclude=None, index='exact', rerank=None):
         """[(path, cosine)] of the k live rows nearest to query (D,), best first, leaving out row
         `exclude`; equal cosines in row order (neighbours.top_k).
 
@@ -355,17 +356,38 @@ class Store:
         converting the rows to float32 costs more than the product itself), keeping the
         candidates(k) best for a float32 re-rank, so only near-ties among more than that many could
         differ from a float32 scan. A faiss index gives candidates(k) approximate ones instead,
-        re-ranked the same way.
+        re-ranked the same way. rerank, (method, parameters) of rerank.reranked_lists, re-orders
+        the SHORTLIST(k) nearest by that method, the shortlist being its items (dba and
+        kreciprocal see one another's neighbours only among them); each result keeps its cosine.
         """
         query = F.normalize(query.float(), dim=0)[None]  # (1, D)
+        wanted = k if rerank is None else shortlist(k)
         # an index's approximate candidates (1, candidates(k)), or None: the exact scan finds its
         # own
-        among = None if index == 'exact' else index_search(index, query.numpy(), candidates(k))
-        similarities, rows = top_k(query, self.read(0, len(self.keys)), k,  # (1, k), (1, k)
+        among = None if index == 'exact' else index_search(index, query.numpy(), candidates(wanted))
+        similarities, rows = top_k(query, self.read(0, len(self.keys)), wanted,  # (1, w), (1, w)
                                    leave_out=-1 if exclude is None else exclude, live=self.live,
-                                   among=among, block_rows=READ_ROWS, rerank=candidates(k))
+                                   among=among, block_rows=READ_ROWS, rerank=candidates(wanted))
+        similarities, rows = similarities[0], rows[0]  # (w,), (w,)
+        if rerank is not None and len(rows):
+            method, params = rerank
+            items = self.block_of(rows.numpy())  # (w, D) float32
+            order = reranked_lists(method, query, items, min(k, len(rows)), **params)[0]
+            similarities, rows = similarities[order], rows[order]  # plain cosines, re-ordered
         return [(self.keys[row][0], value)
-                for row, value in zip(rows[0].tolist(), similarities[0].tolist())]
+                for row, value in zip(rows[:k].tolist(), similarities[:k].tolist())]
+
+    def block_of(self, rows):
+        """The embeddings of rows (w,) of the memory map, in that order, as float32 (w, D)."""
+        return torch.from_numpy(np.asarray(self.rows[rows])).float()
+
+
+def shortlist(k):
+    """The nearest images a --rerank of a gallery search re-orders, for its k results."""
+    return max(k, SHORTLIST)
+
+
+SHORTLIST = 100
 
 
 class Keys:

@@ -69,8 +69,10 @@ def get_args_parser():
                              'results/<data base name>_report/index.html')
     parser.add_argument('--report_queries', default=20, type=int, help='worst queries the report shows')
     rerank.add_arguments(parser, 'order the test set\'s (or its gallery\'s) nearest images by this '
-                                 're-ranking; each still shows its plain cosine to the query (not '
-                                 'with --gallery or --report yet)')
+                                 're-ranking, each still shown with its plain cosine to the query; '
+                                 f'with --gallery, the {gallery.SHORTLIST} nearest photos are '
+                                 f're-ordered; with --report, the re-ranked metrics are added in a '
+                                 f'row of their own (results/<data base name>_report_<method>/)')
     return parser
 
 
@@ -221,7 +223,8 @@ def search_gallery(args, queries, data_base, data_base_path):
             if store.live.sum() <= (row is not None):
                 raise UserError(f'--gallery {args.gallery} holds no readable image other than the '
                                 f'query; add images to search')
-            results = store.search(query_feature, args.retrieval_num, exclude=row, index=index)
+            results = store.search(query_feature, args.retrieval_num, exclude=row, index=index,
+                                   rerank=(args.rerank, rerank.params(args)) if args.rerank else None)
             yield query_path, None, [(rank, result, similarity, None)
                                      for rank, (result, similarity) in enumerate(results, 1)]
 
@@ -324,10 +327,6 @@ def main():
     if args.retrieval_num < 1:
         raise UserError(f'--retrieval_num must be at least 1, not {args.retrieval_num}')
     rerank.params(args)  # its flags' ranges, checked before anything loads
-    if args.rerank and (args.gallery is not None or args.report):
-        raise UserError(f'--rerank re-ranks a search of the data base\'s test set, not '
-                        f'{"--gallery" if args.gallery is not None else "--report"} yet; '
-                        f'leave it out there')
     data_base, data_base_path = DataBase.open(args.data_base, args.data_path)
     if args.report:  # the whole test set instead of one query
         return write_report(args, data_base, data_base_path, framed, draw_row)

@@ -13,6 +13,7 @@ from PIL import Image
 import gallery
 import model
 import utils
+from test_rerank import euclidean, fast_reid_aqe, zhong_re_ranking
 
 DIM = 8
 EMBED = model.Model.embed
@@ -409,3 +410,36 @@ def test_keys_are_found_by_their_ids_as_a_dictionary_would(tmp_path):
     assert found.tolist() == [latest.get(key, -1) for key in asked]
     assert [store.keys[row] for row in range(200)] == keys
     assert np.flatnonzero(store.live).tolist() == sorted(latest.values())
+
+
+@pytest.mark.parametrize('method', ['aqe', 'kreciprocal'])
+def test_a_reranked_search_reorders_the_nearest_photos_as_the_papers_code(
+    tmp_path, net, monkeypatch, method
+):
+    """test.py --gallery --rerank: the SHORTLIST photos nearest the query (itself left out),
+    re-ordered as fast-reid's aqe or Zhong et al.'s k-reciprocal code orders them with those photos
+    as its gallery; each result keeps its plain cosine."""
+    monkeypatch.setattr(gallery, 'SHORTLIST', 12)
+    paths = album(tmp_path / 'photos', 30)
+    with store_of(tmp_path, net) as store:
+        store.update('photos', paths, net)
+        rows = np.array([store.row(path) for path in paths])
+        stored = store.block(0, len(store.keys))[rows]  # (30, D) as stored, float32
+        query = stored[0]
+        cosines = stored[1:] @ query
+        nearest = cosines.argsort(descending=True, stable=True)[:12] + 1  # the shortlist (12,)
+        shortlist = stored[nearest]
+        if method == 'aqe':
+            expanded, _ = fast_reid_aqe(torch.cat([query[None], shortlist]), shortlist[:0], 10, 3.0)
+            distance = 1 - (F.normalize(expanded[:1], dim=1) @ F.normalize(shortlist.double(), dim=1).T).numpy()
+            params = {'aqe_k': 10, 'aqe_alpha': 3.0}
+        else:
+            distance = zhong_re_ranking(euclidean(query[None], shortlist),
+                                        euclidean(query[None], query[None]),
+                                        euclidean(shortlist, shortlist), k1=5, k2=3)
+            params = {'k1': 5, 'k2': 3, 'lambda_value': 0.3}
+        order = nearest[np.argsort(distance[0], kind='stable')[:4]]
+        found = store.search(query, 4, exclude=int(rows[0]), rerank=(method, params))
+    assert [path for path, _ in found] == [paths[i] for i in order]
+    cosines = (stored[order] @ F.normalize(query, dim=0)).numpy()  # as the plain search gives
+    np.testing.assert_allclose([v for _, v in found], cosines, atol=1e-6)

@@ -1,5 +1,6 @@
 """rerank.py against straightforward full-matrix implementations of each paper's method."""
 
+import json
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reproduce
 import rerank
 from conftest import prepared_cub
 from runs import DataBase
@@ -186,10 +188,12 @@ def test_rerank_metrics_read_the_reranked_lists(data):
 
 
 def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_factory):
-    """One epoch with --metrics recall,nmi,ami --rerank dba: the CSV keeps the plain columns and adds
-    test_nmi, test_ami and test_rerank_... ones, equal to the functions on the data base's test
-    features; the epoch prints the named metrics and a re-ranked line. test.py --rerank then lists
-    a test image's results in the re-ranked order."""
+    """One epoch with --metrics recall,nmi,ami,precision@2,map@4,mrr --rerank dba: the CSV keeps the
+    plain columns and adds the named ones and test_rerank_... ones, equal to the functions on the
+    data base's test features; the epoch prints the named metrics and a re-ranked line, and
+    reproduce.py's table reads every figure. test.py --rerank then lists a test image's results in
+    the re-ranked order, and test.py --report --rerank adds the re-ranked figures in a row of their
+    own, in a folder of their own."""
     data = prepared_cub(tmp_path_factory, num_classes=6, per_class=4)
     run = tmp_path_factory.mktemp('run')
     status, out, err = script(
@@ -210,7 +214,7 @@ def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_fa
         '--num_epochs',
         1,
         '--metrics',
-        'recall,nmi,ami',
+        'recall,nmi,ami,precision@2,map@4,mrr',
         '--rerank',
         'dba',
         '--rerank_k',
@@ -222,7 +226,8 @@ def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_fa
     table = pd.read_csv(run / 'results' / f'{prefix}_statistics.csv', index_col='epoch')
     base = DataBase.open(str(run / 'results' / f'{prefix}_1_data_base.pth'))[0]
     features, labels = base.test.features, base.test.labels
-    plain = retrieval_metrics(features, labels, [1, 2, 4, 8])
+    extra = ('precision@2', 'map@4', 'mrr')
+    plain = retrieval_metrics(features, labels, [1, 2, 4, 8], extra=extra)
     reranked = rerank.rerank_metrics(features, labels, [1, 2, 4, 8], 'dba', aqe_k=3)
     clusters = clustering_metrics(features, labels)
     expected = {
@@ -233,6 +238,13 @@ def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_fa
     assert table.iloc[0][list(expected)].to_dict() == pytest.approx(expected, abs=1e-6)
     line = next(line for line in out.splitlines() if line.startswith('Test Epoch'))
     assert 'NMI:' in line and 'AMI:' in line and 'MAP@R' not in line
+    assert f'P@2:{100 * plain["precision@2"]:.2f}% mAP@4:' in line and ' MRR:' in line
+    final = reproduce.final_epoch(str(run / 'results' / f'{prefix}_statistics.csv'), 'cub')
+    assert final['mrr'] == pytest.approx(100 * plain['mrr'])
+    assert reproduce.extra_columns([final]) == [
+        'precision@2', 'map@4', 'mrr', 'nmi', 'ami', 'rerank_recall@1', 'rerank_map@r'
+    ]
+    assert [reproduce.extra_label(key) for key in extra] == ['P@2', 'mAP@4', 'MRR']
     assert any(line.startswith('Test (dba) Epoch 1/1 R@1:') for line in out.splitlines())
 
     query = base.test.images[0]
@@ -255,3 +267,17 @@ def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_fa
     name = os.path.splitext(os.path.basename(query))[0]
     shown = pd.read_csv(query_folder(run / 'results', name) / 'results.csv')
     assert shown['path'].tolist() == [base.test.images[i] for i in lists[0].tolist()]
+
+    status, out, err = script(
+        'test', '--data_base', f'{prefix}_1_data_base.pth', '--report', '--rerank', 'dba',
+        '--rerank_k', 3, cwd=run,
+    )
+    assert status == 0, err
+    folder = run / 'results' / f'{prefix}_1_data_base_report_dba'
+    summary = json.loads((folder / 'summary.json').read_text())
+    assert summary['metrics'] == pytest.approx(plain, abs=1e-9)  # the run named the extra ones
+    assert summary['rerank']['method'] == 'dba' and summary['rerank']['aqe_k'] == 3
+    assert summary['rerank']['metrics'] == pytest.approx(reranked, abs=1e-9)
+    page = (folder / 'index.html').read_text()
+    assert 're-ranked by dba' in page and '--rerank_k 3' in page
+    assert not (run / 'results' / f'{prefix}_1_data_base_report').exists()

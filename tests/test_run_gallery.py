@@ -1,6 +1,7 @@
 """test.py --gallery DIR: search a folder of one's own photos with a model trained on a labelled
 folder."""
 
+import io
 import os
 import re
 import shutil
@@ -445,6 +446,17 @@ def test_index_flag_gives_the_exact_results_and_refuses_ivfpq_on_few_images(
     assert status == 0, err
     assert '.milvus.db: 3 images, 3 added, 0 removed' in out
     assert (query_folder(trained / 'results', 'query') / 'results.csv').read_text() == exact
+    # re-ranked (tests/test_gallery.py checks the order against the papers' code): the same
+    # photos, each with its plain cosine
+    status, out, err = script(
+        'test', '--query_img_name', query, '--data_base', DATA_BASE, '--gallery', photos,
+        '--index', 'milvus', '--rerank', 'aqe', cwd=trained,
+    )
+    assert status == 0, err
+    reranked = pd.read_csv(query_folder(trained / 'results', 'query') / 'results.csv')
+    plain = pd.read_csv(io.StringIO(exact))
+    assert sorted(zip(reranked['path'], reranked['similarity'])) == sorted(
+        zip(plain['path'], plain['similarity']))
     status, _, err = script(
         'test',
         '--query_img_name',
