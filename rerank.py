@@ -128,7 +128,8 @@ def k_reciprocal(queries, items, symmetric, length, leave_out, k1, k2, lambda_va
         key, where = (rows * len(items) + cols).unique(return_inverse=True)
         jaccard = jaccard.new_ones(len(key)).scatter_reduce_(0, where, jaccard, 'amin')
         rows, cols = key // len(items), key % len(items)
-        original = (2 - 2 * pair_cosines(queries[a:b], items, rows, cols)) / farthest[a:b][rows]
+        cosines = many_pair_cosines(queries[a:b], items, rows, cols)
+        original = (2 - 2 * cosines) / farthest[a:b][rows]
         final = (1 - lambda_value) * jaccard + lambda_value * original
         out.append(first_of_each(rows, cols, final, b - a, length))
     return torch.cat(out)
@@ -263,6 +264,22 @@ def pair_cosines(queries, items, rows, cols):
     for a, b in chunk_bounds(len(out), 2 ** 16):
         out[a:b] = (queries[flat_rows[a:b]] * items[flat_cols[a:b]]).sum(1)
     return out.view(rows.shape)
+
+
+def many_pair_cosines(queries, items, rows, cols, budget=2 ** 26):
+    """pair_cosines for many pairs (P,) per query: each block of items is multiplied with all the
+    queries at once (a GEMM, holding at most `budget` products) and the pairs whose item lies in it
+    read from the product; gathering two rows for every pair would cost far more."""
+    out = queries.new_empty(len(rows))
+    block = max(256, budget // max(1, len(queries)))
+    order = cols.argsort()
+    bounds = torch.searchsorted(cols[order], torch.arange(0, len(items) + block, block)).tolist()
+    for i, start in enumerate(range(0, len(items), block)):
+        pick = order[bounds[i]:bounds[i + 1]]
+        if len(pick):
+            products = queries @ items[start:start + block].T  # (Q, block)
+            out[pick] = products[rows[pick], cols[pick] - start]
+    return out
 
 
 def first_of_each(rows, cols, distance, queries, length):
