@@ -236,6 +236,19 @@ def run_of(path):
     return re.sub(r'(_\d+)?_data_base\.pth$', '', os.path.basename(path))
 
 
+def short_name(run):
+    """The shortest start of a run's name, cut where its parts meet ('digits', 'digits_resnet18',
+    ...), that --data_base takes for this run alone among the data bases that exist now."""
+    runs = {run_of(path) for folder in results_folders()
+            for path in glob.glob(os.path.join(glob.escape(folder), '*_data_base.pth'))}
+    parts = run.split('_')
+    for end in range(1, len(parts) + 1):
+        start = '_'.join(parts[:end])
+        if {other for other in runs if other.startswith(start)} <= {run}:
+            return start
+    return run
+
+
 def epoch_of(path):
     """The epoch in a data base's file name (0 where it has none)."""
     found = re.search(r'_(\d+)_data_base\.pth$', os.path.basename(path))

@@ -423,7 +423,8 @@ def train(args, prefix, ranks, entry, device, rank, world, watch, splits=None):
         last = f'results/{prefix}_{args.num_epochs}'
         print(f'wrote {last}_data_base.pth, {last}_model.pth (epoch {args.num_epochs}) and '
               f'results/{prefix}_statistics.csv; see a retrieval: python test.py --data_base '
-              f'{prefix} --query_img_name {shlex.quote(run.splits["test"].images[0])}')
+              f'{runs.short_name(prefix)} --query_img_name '
+              f'{shlex.quote(run.splits["test"].images[0])}')
     return run.statistics
 
 

@@ -274,6 +274,7 @@ def test_train_says_what_it_wrote(trained):
     assert line.startswith(
         f'wrote results/{DATA_BASE}, results/{PREFIX}_1_model.pth (epoch 1) and '
         f'results/{PREFIX}_statistics.csv; see a retrieval: python test.py --data_base '
+        f'{PREFIX.split("_")[0]} --query_img_name '  # the one run here: its first part is enough
     )
     for name in (DATA_BASE, f'{PREFIX}_1_model.pth', f'{PREFIX}_statistics.csv'):
         assert (work / 'results' / name).is_file()

@@ -158,6 +158,16 @@ def test_a_data_base_is_found_as_given_or_under_results(in_tmp):
     assert found == path and opened.root == str(in_tmp / 'moved')
 
 
+def test_the_short_name_train_prints_finds_that_run_alone(in_tmp):
+    os.makedirs('results')
+    for name in ('zz9_a_b_3_data_base.pth', 'zz9_a_b_2_data_base.pth', 'zz9_c_1_data_base.pth'):
+        open(os.path.join('results', name), 'w').close()
+    assert runs.short_name('zz9_a_b') == 'zz9_a' and runs.short_name('zz9_c') == 'zz9_c'
+    assert DataBase.find('zz9_a') == os.path.join('results', 'zz9_a_b_3_data_base.pth')
+    os.remove(os.path.join('results', 'zz9_c_1_data_base.pth'))
+    assert runs.short_name('zz9_a_b') == 'zz9'
+
+
 def test_missing_images_are_named_with_where_they_were_looked_for(in_tmp):
     data_base = runs.new_data_base(splits('data'), torch.zeros(2, 8), 1, 'data', {}, RUN)
     with pytest.raises(UserError) as error:
