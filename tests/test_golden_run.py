@@ -84,17 +84,20 @@ def settings(dtype):
             torch.set_num_threads(previous[1])
 
 
-def default_run(folder, data_path, dtype=torch.float32):
-    """train.py's main() in this process, in `folder`, on the fixture under settings(dtype); returns
-    the statistics table."""
+def default_run(folder, data_path, dtype=torch.float32, small=False):
+    """train.py's main() in this process, in `folder`, on the fixture under settings(dtype), with
+    --image_size 64 if small (a check that needs no recipe figure: 12 times less arithmetic);
+    returns the statistics table."""
     from script_runner import load_script
 
+    size = ['--image_size', '64'] if small else []
     with settings(dtype) as patch:
-        patch.setattr(sys, 'argv', ['train.py', '--data_path', data_path, *DEFAULT_RUN])
+        patch.setattr(sys, 'argv', ['train.py', '--data_path', data_path, *DEFAULT_RUN, *size])
         patch.chdir(folder)
         load_script('train').main()
+    prefix = PREFIX.replace('_8_', '_8_image_size64_') if small else PREFIX
     return pd.read_csv(
-        os.path.join(folder, 'results', f'{PREFIX}_statistics.csv'), index_col='epoch'
+        os.path.join(folder, 'results', f'{prefix}_statistics.csv'), index_col='epoch'
     )
 
 
@@ -267,17 +270,16 @@ def test_a_run_in_this_process_equals_a_fresh_process(data_path, tmp_path):
     runs = []
     for name in ('first', 'second'):
         (tmp_path / name).mkdir()
-        runs.append(default_run(str(tmp_path / name), data_path))
+        runs.append(default_run(str(tmp_path / name), data_path, small=True))
     (tmp_path / 'fresh').mkdir()
     code = (
         f'import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]\n'
         f'from test_golden_run import default_run\n'
-        f'default_run({str(tmp_path / "fresh")!r}, {data_path!r})\n'
+        f'default_run({str(tmp_path / "fresh")!r}, {data_path!r}, small=True).to_csv(sys.argv[1])\n'
     )
-    subprocess.run([sys.executable, '-c', code], check=True, capture_output=True)
-    fresh = pd.read_csv(
-        tmp_path / 'fresh' / 'results' / f'{PREFIX}_statistics.csv', index_col='epoch'
-    )
+    subprocess.run([sys.executable, '-c', code, str(tmp_path / 'fresh.csv')], check=True,
+                   capture_output=True)
+    fresh = pd.read_csv(tmp_path / 'fresh.csv', index_col='epoch')
     pd.testing.assert_frame_equal(runs[0], fresh, check_exact=True)
     pd.testing.assert_frame_equal(runs[1], fresh, check_exact=True)
 
@@ -297,6 +299,8 @@ def test_the_same_command_twice_at_once_gives_the_same_numbers(data_path, tmp_pa
         '1',
         '--num_workers',
         '0',
+        '--image_size',
+        '64',
     ]
     env = dict(os.environ, OMP_NUM_THREADS='1')  # two processes on two cores: one thread each
     processes = []
@@ -316,10 +320,11 @@ def test_the_same_command_twice_at_once_gives_the_same_numbers(data_path, tmp_pa
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-2000:]
     results = [tmp_path / name / 'results' for name in ('a', 'b')]
-    csv = [(folder / f'{PREFIX}_statistics.csv').read_bytes() for folder in results]
+    prefix = PREFIX.replace('_8_', '_8_image_size64_')
+    csv = [(folder / f'{prefix}_statistics.csv').read_bytes() for folder in results]
     assert csv[0] == csv[1] and len(csv[0].splitlines()) == 3
     bases = [
-        torch.load(folder / f'{PREFIX}_2_data_base.pth', weights_only=True) for folder in results
+        torch.load(folder / f'{prefix}_2_data_base.pth', weights_only=True) for folder in results
     ]
     for key in ('test_features', 'train_features', 'proxies'):
         assert torch.equal(bases[0][key], bases[1][key]), key

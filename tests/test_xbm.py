@@ -2,8 +2,6 @@
 memory in every process under DDP, and exact resumption."""
 
 import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -14,7 +12,7 @@ from pytorch_metric_learning import losses, miners
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from conftest import ROOT
+from conftest import train_in
 from runtime import UserError
 from test_run_distributed import free_port, make_model
 from utils import LOSSES
@@ -191,8 +189,6 @@ def test_two_processes_hold_one_process_memory(tmp_path):
 def test_resume_continues_the_memory(tmp_path, prepared):
     data_path = prepared  # CUB layout, 4 classes x 4 images, prepared once per module
     command = [
-        sys.executable,
-        os.path.join(ROOT, 'train.py'),
         '--data_path',
         data_path,
         '--data_name',
@@ -229,7 +225,7 @@ def test_resume_continues_the_memory(tmp_path, prepared):
         ('resumed', [['--num_epochs', '1'], ['--num_epochs', '2', '--resume']]),
     ):
         (tmp_path / folder).mkdir()
-        for extra in runs:
-            subprocess.run(command + extra, cwd=tmp_path / folder, check=True, capture_output=True)
+        for extra in runs:  # in this process: a fresh one computes alike (tests/test_golden_run.py)
+            train_in(tmp_path / folder, *command, *extra)
         tables.append(pd.read_csv(tmp_path / folder / 'results' / statistics, index_col='epoch'))
     pd.testing.assert_frame_equal(tables[1], tables[0], check_exact=True)
