@@ -1,7 +1,8 @@
-"""Time and peak memory of re-ranking (rerank.rerank_metrics) against the plain evaluation
-(utils.retrieval_metrics) in the same run, at SOP's size.
+"""Time and peak memory of re-ranking (rerank.rerank_metrics) and of the clustering metrics
+(utils.clustering_metrics: NMI, AMI) against the plain evaluation (utils.retrieval_metrics) in the
+same run, at SOP's size.
 
-    python benchmarks/rerank_speed.py [--methods aqe,dba,kreciprocal] [--num_images 60502]
+    python benchmarks/rerank_speed.py [--methods aqe,dba,kreciprocal,nmi_ami] [--num_images 60502]
                                       [--scale 1] [--ranks 1,10,100,1000] [--threads T]
 
 The data are eval_speed.py's sop case: N = 60,502 float32 unit rows of 512 dimensions in SOP-like
@@ -12,7 +13,8 @@ method needs above the features and the libraries (torch allocates outside Pytho
 tracemalloc would miss it). Printed: wall and CPU time of each, its ratio to the plain evaluation of
 the same run, the peak, and the figures (re-ranking moves them; it is not meant to keep them). The
 re-rankers run with their default parameters (aqe and dba: k 10, alpha 3; kreciprocal: k1 20, k2 6,
-lambda 0.3). --scale 0.1 runs a tenth of the rows for a quick look.
+lambda 0.3); nmi_ami is a k-means with k = the number of classes (faiss, 20 iterations), as
+train.py --metrics nmi,ami computes it. --scale 0.1 runs a tenth of the rows for a quick look.
 """
 
 import argparse
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from eval_speed import cpu_model, make_features, memory_status  # noqa: E402
 from runtime import UserError, run_main  # noqa: E402
 
-METHODS = ('aqe', 'dba', 'kreciprocal')
+METHODS = ('aqe', 'dba', 'kreciprocal', 'nmi_ami')
 
 
 def measure(method, path, ranks, threads):
@@ -40,7 +42,7 @@ def measure(method, path, ranks, threads):
     import torch
 
     import rerank
-    from utils import retrieval_metrics
+    from utils import clustering_metrics, retrieval_metrics
     torch.set_num_threads(threads)
     data = np.load(path)
     features, labels = torch.from_numpy(data['features']), torch.from_numpy(data['labels'])
@@ -53,6 +55,8 @@ def measure(method, path, ranks, threads):
     start, cpu_start = time.perf_counter(), time.process_time()
     if method == 'plain':
         metrics = retrieval_metrics(features, labels, ranks)
+    elif method == 'nmi_ami':
+        metrics = clustering_metrics(features, labels)
     else:
         metrics = rerank.rerank_metrics(features, labels, ranks, method)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
