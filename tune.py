@@ -169,9 +169,7 @@ def main():
     space = search_space(args, entry)
     if args.data_name == train.DEMO:
         train.write_demo(args.data_path)
-    # the training classes only: the search never opens a test image
-    train_data = ImageReader(args.data_path, args.data_name, 'train', args.backbone_type,
-                             args.crop_type, seed=args.seed)
+    train_data = training_data(args)
     partitions = folds(train_data.num_classes, args.folds, args.data_name)
     if args.cache_images:
         start = time.perf_counter()
@@ -203,6 +201,13 @@ def main():
         print(f'wrote {path}')
 
 
+def training_data(args):
+    """The training classes as --image_size crops, augmented; the search never opens a test
+    image."""
+    return ImageReader(args.data_path, args.data_name, 'train', args.backbone_type, args.crop_type,
+                       seed=args.seed, image_size=args.image_size)
+
+
 def folds(num_classes, count, data_name):
     """The validation classes of each fold: count contiguous, class-disjoint ranges of labels
     0..num_classes-1 that together cover them all."""
@@ -220,7 +225,7 @@ def fold_splits(train_data, validation):
     trained, validated = copy.copy(train_data), copy.copy(train_data)
     trained.select_classes(others)
     validated.select_classes(validation)
-    validated.transform = test_transform()
+    validated.transform = test_transform(train_data.image_size)  # the run's --image_size
     return {'train': trained, 'val': validated}
 
 

@@ -280,6 +280,7 @@ class ImageReader(Dataset):
         self.num_classes = len(index[data_type])
         # training images are augmented unless augment=False (embedding the training set for the
         # data base)
+        self.image_size = image_size  # None: IMAGE_SIZE
         self.transform = (
             train_transform(image_size)
             if (data_type == 'train' if augment is None else augment)

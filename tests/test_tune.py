@@ -93,12 +93,14 @@ def test_folds_are_class_disjoint_and_cover_the_training_classes(data):
         assert max(map(len, partitions)) - min(map(len, partitions)) <= 1
     with pytest.raises(tune.UserError, match='too few for --folds 4'):
         tune.folds(7, 4, 'cub')
-    from utils import ImageReader
-
-    reader = ImageReader(data, 'cub', 'train', seed=1)
+    args = tune.get_args_parser().parse_args(['--data_path', data, '--data_name', 'cub',
+                                              '--image_size', '48', '--seed', '1'])
+    reader = tune.training_data(args)
     reader.cache_images()
     for validation in tune.folds(reader.num_classes, 2, 'cub'):
         splits = tune.fold_splits(reader, validation)
+        # every fold trains and validates on --image_size crops, as train.py would
+        assert splits['train'][0][0].shape == splits['val'][0][0].shape == (3, 48, 48)
         # the class id is in each file's name: Bird_<class>_...
         classes = {
             name: {os.path.basename(path).split('_')[1] for path in split.images}
