@@ -18,7 +18,8 @@ from neighbours import top_k
 from runs import output_folder
 from runtime import UserError, atomic_dir, pyplot, remove_temporaries, save_figure
 import rerank
-from utils import load_index, parse_ranks, ranked_metric, retrieval_metrics
+from utils import (clustering_metrics, load_index, parse_ranks, ranked_metric,
+                   retrieval_metrics)
 
 # t-SNE up to this many embeddings; beyond, PCA: t-SNE's time grows past minutes on a CPU
 TSNE_LIMIT = 3000
@@ -125,7 +126,8 @@ def analyse(data_base, k, num_queries, reranking=None):
 
     The metrics are retrieval_metrics' on the stored test features, as train.py evaluated them
     (queries against the gallery of a query/gallery data set), so they equal what train.py printed
-    for that epoch, with the ranking metrics its --metrics named (precision@K, map@K, mrr).
+    for that epoch, with the ranking metrics its --metrics named (precision@K, map@K, mrr) and NMI
+    and AMI if it named either.
     reranking, (method, parameters) of rerank.reranked_lists, adds 'reranked': the Recall@K, MAP@R
     and R-Precision of the re-ranked lists (rerank.rerank_metrics), apart from the plain ones; the
     rest of the page stays plain.
@@ -144,6 +146,9 @@ def analyse(data_base, k, num_queries, reranking=None):
         )
     retrieval = [f'recall@{rank}' for rank in ranks] + ['map@r', 'r_precision']
     metrics = {key: metrics[key] for key in retrieval + named_extra(data_base)}
+    if {'nmi', 'ami'} & set(str(data_base.run.get('metrics') or '').split(',')):
+        print('clustering the test embeddings for NMI and AMI')
+        metrics.update(clustering_metrics(queries, labels))  # as train.py: of the queries
     reranked = None
     if reranking is not None:
         method, params = reranking
@@ -439,7 +444,7 @@ def page(found, data_base, data_base_path, statistics_csv, missing, method, curv
     pairs it confuses, the map beside the training curves, then the worst queries (the long part)
     last."""
     metrics, esc, epoch = found['metrics'], html.escape, data_base.epoch
-    heading = {'map@r': 'MAP@R', 'r_precision': 'R-Precision'}
+    heading = {'map@r': 'MAP@R', 'r_precision': 'R-Precision', 'nmi': 'NMI', 'ami': 'AMI'}
     searched = (
         f'{len(found["labels"]):,} queries against a gallery of {len(found["item_labels"]):,}'
         ' images'

@@ -275,7 +275,9 @@ def test_train_records_reranked_and_clustering_columns_apart(script, tmp_path_fa
     assert status == 0, err
     folder = run / 'results' / f'{prefix}_1_data_base_report_dba'
     summary = json.loads((folder / 'summary.json').read_text())
-    assert summary['metrics'] == pytest.approx(plain, abs=1e-9)  # the run named the extra ones
+    # the run named the extra ones, NMI and AMI among them
+    assert summary['metrics'] == pytest.approx({**plain, **clusters}, abs=1e-9)
+    assert 'the same as what train.py printed for epoch 1' in (folder / 'index.html').read_text()
     assert summary['rerank']['method'] == 'dba' and summary['rerank']['aqe_k'] == 3
     assert summary['rerank']['metrics'] == pytest.approx(reranked, abs=1e-9)
     page = (folder / 'index.html').read_text()
