@@ -351,6 +351,11 @@ def main():
             folder = new_call_folder(data_base_path)
         if not written:  # said once, before the first results
             typical_similarity(data_base)
+            if args.rerank:
+                among = (f'the {gallery.SHORTLIST} nearest photos' if args.gallery is not None
+                         else 'the nearest images')
+                print(f'{among} re-ranked by {args.rerank}: each keeps its plain cosine to the '
+                      f'query, so the similarities need not fall down the list')
             if len(ranked) < args.retrieval_num:
                 print(f'--retrieval_num {args.retrieval_num} is more than the {len(ranked)} images '
                       f'there are to search (besides the query), so all {len(ranked)} are shown')

@@ -453,6 +453,7 @@ def test_index_flag_gives_the_exact_results_and_refuses_ivfpq_on_few_images(
         '--index', 'milvus', '--rerank', 'aqe', cwd=trained,
     )
     assert status == 0, err
+    assert 'the 100 nearest photos re-ranked by aqe: each keeps its plain cosine' in out
     reranked = pd.read_csv(query_folder(trained / 'results', 'query') / 'results.csv')
     plain = pd.read_csv(io.StringIO(exact))
     assert sorted(zip(reranked['path'], reranked['similarity'])) == sorted(
