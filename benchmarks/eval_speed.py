@@ -116,6 +116,18 @@ def memory_status():
     return {key: int(fields[key].split()[0]) * 1024 for key in ('VmRSS', 'VmHWM')}
 
 
+def reset_peak_memory():
+    """This process's resident bytes now, its high-water mark (VmHWM) reset to them (Linux 4.0+;
+    elsewhere the mark stays)."""
+    baseline = memory_status()['VmRSS']
+    try:
+        with open('/proc/self/clear_refs', 'w') as file:
+            file.write('5')
+    except OSError:
+        pass
+    return baseline
+
+
 def faiss_metrics(features, labels, ranks, gallery_features=None, gallery_labels=None, chunk=4096):
     """The same metrics from an exact faiss IndexFlatIP search and the seed's arithmetic on neighbour lists."""
     import faiss
@@ -193,12 +205,7 @@ def measure(method, path, ranks, threads, tree=None):
     gallery = (
         (data['gallery_features'], data['gallery_labels']) if 'gallery_features' in data else ()
     )
-    baseline = memory_status()['VmRSS']
-    try:  # reset the high-water mark to the current resident size (Linux 4.0+)
-        with open('/proc/self/clear_refs', 'w') as file:
-            file.write('5')
-    except OSError:
-        pass
+    baseline = reset_peak_memory()
     inputs = (
         torch.from_numpy(features),
         torch.from_numpy(labels),

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eval_speed import cpu_model, make_features, memory_status  # noqa: E402
+from eval_speed import cpu_model, make_features, memory_status, reset_peak_memory  # noqa: E402
 from runtime import UserError, run_main  # noqa: E402
 
 METHODS = ('aqe', 'dba', 'kreciprocal', 'nmi_ami')
@@ -46,12 +46,7 @@ def measure(method, path, ranks, threads):
     torch.set_num_threads(threads)
     data = np.load(path)
     features, labels = torch.from_numpy(data['features']), torch.from_numpy(data['labels'])
-    baseline = memory_status()['VmRSS']
-    try:  # reset the high-water mark to the current resident size (Linux 4.0+)
-        with open('/proc/self/clear_refs', 'w') as file:
-            file.write('5')
-    except OSError:
-        pass
+    baseline = reset_peak_memory()
     start, cpu_start = time.perf_counter(), time.process_time()
     if method == 'plain':
         metrics = retrieval_metrics(features, labels, ranks)
