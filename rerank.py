@@ -21,6 +21,7 @@ import torch
 
 from neighbours import chunk_bounds, top_k, unit_rows
 from runtime import UserError
+from utils import parse_extra
 
 METHODS = ('aqe', 'dba', 'kreciprocal')
 PAIR_BUDGET = 2 ** 23  # (query, item) pairs of the Jaccard step held at once
@@ -300,9 +301,10 @@ def first_of_each(rows, cols, distance, queries, length):
 # the retrieval metrics of re-ranked lists
 
 def rerank_metrics(features, labels, ranks, method, gallery_features=None, gallery_labels=None,
-                   **params):
+                   extra=(), **params):
     """utils.retrieval_metrics' Recall@K, MAP@R and R-Precision of the lists method re-ranks
-    (reranked_lists, with params), as fractions; the lists are as long as the metrics read."""
+    (reranked_lists, with params), as fractions, and the precision@k and map@k that extra names
+    (an MRR would need each whole list: left out); the lists are as long as the metrics read."""
     labels = torch.as_tensor(labels)
     symmetric = gallery_features is None
     features = torch.as_tensor(features).float()
@@ -311,17 +313,20 @@ def rerank_metrics(features, labels, ranks, method, gallery_features=None, galle
     classes, counts = item_labels.unique(return_counts=True)
     found = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
     r = torch.where(classes[found] == labels, counts[found], 0) - int(symmetric)  # (N,)
-    length = max(max(ranks), int(r.max()))
+    ranked = len(items) - int(symmetric)  # the items a query ranks, which caps a k
+    extra = [(name, k) for name, k in parse_extra(extra) if k is not None]
+    length = max([max(ranks), int(r.max())] + [min(k, ranked) for _, k in extra])
     leave_out = torch.arange(len(features)) if symmetric else None
     lists = reranked_lists(method, features, features if symmetric else items, length,
                            leave_out, **params)  # (N, L)
     same = (item_labels[lists.clamp(min=0)] == labels[:, None]) & (lists >= 0)  # (N, L)
-    return list_metrics(same, r, ranks)
+    return list_metrics(same, r, ranks, extra, ranked)
 
 
-def list_metrics(same, r, ranks):
+def list_metrics(same, r, ranks, extra=(), ranked=None):
     """Recall@K, MAP@R and R-Precision from same (N, L), whether each query's i-th item is of its
-    class, and r (N,) its R (utils.retrieval_metrics' definitions)."""
+    class, and r (N,) its R, and the (precision@k or map@k name, k) pairs of extra, k capped at
+    ranked, the items a query ranks (utils.retrieval_metrics' definitions)."""
     has_r = r > 0
     metrics = {f'recall@{k}': (same[:, :k].any(1) & has_r).double().mean().item() for k in ranks}
     i = torch.arange(1, same.size(1) + 1)  # (L,)
@@ -331,4 +336,13 @@ def list_metrics(same, r, ranks):
     metrics['map@r'] = ap[has_r].double().mean().item() if has_r.any() else math.nan
     rp = within.sum(1).double() / r.clamp(min=1)
     metrics['r_precision'] = rp[has_r].double().mean().item() if has_r.any() else math.nan
+    for name, k in extra:
+        k = min(k, same.size(1) if ranked is None else ranked)
+        found = same[:, :k]  # (N, k) hits among the k nearest
+        if name.startswith('precision@'):
+            value = found.sum(1).double()
+        else:
+            value = (found.cumsum(1).double() / i[:k] * found).sum(1)
+        value = value / r.clamp(min=1, max=k)
+        metrics[name] = value[has_r].mean().item() if has_r.any() else math.nan
     return metrics

@@ -568,14 +568,21 @@ def resume(args, prefix, model, loss_criterion, optimizer, scheduler, columns, r
 def metric_columns(args, ranks):
     """The metrics an evaluated split records, in the statistics CSV's order: the retrieval ones,
     the ranking ones --metrics names (precision@K, map@K, mrr), NMI and AMI when it names either,
-    and with --rerank the seed's retrieval ones re-ranked."""
+    and with --rerank the retrieval ones and the named precision@K and map@K re-ranked."""
     retrieval = [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']
     clustering = list(CLUSTERING) if set(args.metrics.split(',')) & set(CLUSTERING) else []
-    reranked = [f'{RERANKED}{metric}' for metric in retrieval] if args.rerank else []
+    reranked = ([f'{RERANKED}{metric}' for metric in retrieval + reranked_extra(args)]
+                if args.rerank else [])
     return retrieval + ranked_metrics(args) + clustering + reranked
 
 
 RERANKED = 'rerank_'  # the prefix of the re-ranked figures' columns: never mixed with the plain
+
+
+def reranked_extra(args):
+    """The ranking metrics --metrics names that re-ranked lists give too: all but mrr, which would
+    need each query's whole list."""
+    return [name for name in ranked_metrics(args) if name != 'mrr']
 
 
 def evaluate(splits, features, ranks, args):
@@ -594,7 +601,8 @@ def evaluate(splits, features, ranks, args):
             metrics[split].update(clustering_metrics(features[split], labels))
         if args.rerank:
             reranked = rerank.rerank_metrics(features[split], labels, ranks, args.rerank,
-                                             **searched, **rerank.params(args))
+                                             **searched, extra=reranked_extra(args),
+                                             **rerank.params(args))
             metrics[split].update({RERANKED + key: value for key, value in reranked.items()})
     return metrics
 
