@@ -146,7 +146,7 @@ def analyse(data_base, k, num_queries, reranking=None):
         )
     retrieval = [f'recall@{rank}' for rank in ranks] + ['map@r', 'r_precision']
     metrics = {key: metrics[key] for key in retrieval + named_extra(data_base)}
-    if {'nmi', 'ami'} & set(str(data_base.run.get('metrics') or '').split(',')):
+    if {'nmi', 'ami'} & set(named_metrics(data_base)):
         print('clustering the test embeddings for NMI and AMI')
         metrics.update(clustering_metrics(queries, labels))  # as train.py: of the queries
     reranked = None
@@ -200,10 +200,14 @@ def analyse(data_base, k, num_queries, reranking=None):
     }
 
 
+def named_metrics(data_base):
+    """The metrics the run's --metrics named (none for a run older than the flag)."""
+    return str(data_base.run.get('metrics') or '').split(',')
+
+
 def named_extra(data_base):
     """The ranking metrics (precision@K, map@K, mrr) the run's --metrics named, in its order."""
-    return [name for name in str(data_base.run.get('metrics') or '').split(',')
-            if ranked_metric(name)]
+    return [name for name in named_metrics(data_base) if ranked_metric(name)]
 
 
 @contextlib.contextmanager
