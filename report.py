@@ -154,8 +154,7 @@ def analyse(data_base, k, num_queries, reranking=None):
         method, params = reranking
         print(f're-ranking the lists by {method}')
         reranked = rerank.rerank_metrics(queries, labels, ranks, method, *gallery, **params,
-                                         extra=[name for name in named_extra(data_base)
-                                                if name != 'mrr'])
+                                         extra=named_extra(data_base))
     with progress_bar('nearest neighbours') as progress:
         # searching the test set itself, each query is left out of its own list
         own = torch.arange(len(queries)) if split == 'test' else None

@@ -34,7 +34,7 @@ import pandas as pd
 
 from model import check_backbone
 from runtime import ArgumentParser, UserError, atomic_path, pyplot, run_main, save_figure
-from utils import DATA_NAMES, IMAGE_SIZE, check_loss_name, index_path, one_of
+from utils import DATA_NAMES, IMAGE_SIZE, check_loss_name, index_path, one_of, ranked_metric
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED_BACKBONES = ('resnet50', 'inception', 'googlenet')  # the tables', in the README's order
@@ -223,8 +223,7 @@ def extra_label(key):
 
 def is_extra(key):
     """Whether a statistics column's metric (without test_) is one of EXTRA's figures."""
-    kind, _, k = key.partition('@')
-    return key in EXTRA or (kind in ('precision', 'map') and k.isdigit())
+    return key in EXTRA or ranked_metric(key)
 
 
 def extra_columns(runs):

@@ -321,13 +321,19 @@ def rerank_metrics(features, labels, ranks, method, gallery_features=None, galle
     found = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
     r = torch.where(classes[found] == labels, counts[found], 0) - int(symmetric)  # (N,)
     ranked = len(items) - int(symmetric)  # the items a query ranks, which caps a k
-    extra = [(name, k) for name, k in parse_extra(extra) if k is not None]
+    extra = parse_extra(list_extra(extra))
     length = max([max(ranks), int(r.max())] + [min(k, ranked) for _, k in extra])
     leave_out = torch.arange(len(features)) if symmetric else None
     lists = reranked_lists(method, features, features if symmetric else items, length,
                            leave_out, **params)  # (N, L)
     same = (item_labels[lists.clamp(min=0)] == labels[:, None]) & (lists >= 0)  # (N, L)
     return list_metrics(same, r, ranks, extra, ranked)
+
+
+def list_extra(names):
+    """The extra metrics of names (utils.retrieval_metrics') that re-ranked lists give: precision@k
+    and map@k; not mrr, which would need each query's whole list."""
+    return [name for name, k in parse_extra(names) if k is not None]
 
 
 def list_metrics(same, r, ranks, extra=(), ranked=None):

@@ -571,18 +571,12 @@ def metric_columns(args, ranks):
     and with --rerank the retrieval ones and the named precision@K and map@K re-ranked."""
     retrieval = [f'recall@{k}' for k in ranks] + ['map@r', 'r_precision']
     clustering = list(CLUSTERING) if set(args.metrics.split(',')) & set(CLUSTERING) else []
-    reranked = ([f'{RERANKED}{metric}' for metric in retrieval + reranked_extra(args)]
-                if args.rerank else [])
+    reranked = (retrieval + rerank.list_extra(ranked_metrics(args))) if args.rerank else []
+    reranked = [f'{RERANKED}{metric}' for metric in reranked]
     return retrieval + ranked_metrics(args) + clustering + reranked
 
 
 RERANKED = 'rerank_'  # the prefix of the re-ranked figures' columns: never mixed with the plain
-
-
-def reranked_extra(args):
-    """The ranking metrics --metrics names that re-ranked lists give too: all but mrr, which would
-    need each query's whole list."""
-    return [name for name in ranked_metrics(args) if name != 'mrr']
 
 
 def evaluate(splits, features, ranks, args):
@@ -601,7 +595,7 @@ def evaluate(splits, features, ranks, args):
             metrics[split].update(clustering_metrics(features[split], labels))
         if args.rerank:
             reranked = rerank.rerank_metrics(features[split], labels, ranks, args.rerank,
-                                             **searched, extra=reranked_extra(args),
+                                             **searched, extra=ranked_metrics(args),
                                              **rerank.params(args))
             metrics[split].update({RERANKED + key: value for key, value in reranked.items()})
     return metrics
